@@ -1,0 +1,180 @@
+"""Cache keys, records and the ``CacheManager`` protocol.
+
+A cache key names "the output ``output`` of an op whose cache digest is ``digest``,
+fed by inputs whose keys are ``deps``". A key without deps is a *root key*: its
+storage ID is derived from its digest alone (:func:`root_key`). A key with deps has
+no intrinsic ID: each cache manager discovers it by following links from the
+dependency keys (two builds whose inputs' keys are linked converge on the same
+stored ID), or mints a random one when it saves a result. That per-manager ID is
+memoized on the key (``CacheKey.ids``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from ._digest import digest_of
+
+if TYPE_CHECKING:
+    from ._result import Result
+
+__all__ = [
+    "CacheInfoLink",
+    "CacheKey",
+    "CacheKeyWithSelector",
+    "CacheManager",
+    "CacheRecord",
+    "ExportableCacheKey",
+    "root_key",
+]
+
+_RANDOM_PREFIX = "random:"
+
+
+def root_key(digest: str, output: int) -> str:
+    """The storage ID of a key without deps: a digest of ``"<digest>@<output>"``.
+
+    A digest with a ``random:`` prefix names a session-local source; its key keeps
+    the prefix so that it can be recognised and never exported.
+    """
+    out = digest_of(f"{digest}@{output}".encode())
+    if digest.startswith(_RANDOM_PREFIX):
+        return _RANDOM_PREFIX + out.removeprefix("sha256:")
+    return out
+
+
+class CacheKey:
+    """A cache key. ``id`` is the root-key ID for keys without deps; for keys with
+    deps it is only a label and each manager finds the storage ID through links.
+
+    ``vertex`` is the digest of the vertex that produced the key (for debugging and
+    export), ``deps[i]`` the alternative keys of input *i*, each with its selector.
+    """
+
+    __slots__ = ("deps", "digest", "id", "ids", "index_ids", "output", "vertex")
+
+    def __init__(
+        self,
+        digest: str,
+        vertex: str,
+        output: int,
+        deps: list[list[CacheKeyWithSelector]] | None = None,
+        *,
+        id: str | None = None,
+    ) -> None:
+        self.id: str = id if id is not None else root_key(digest, output)
+        self.digest = digest
+        self.vertex = vertex
+        self.output = output
+        self.deps: list[list[CacheKeyWithSelector]] = deps if deps is not None else []
+        # storage ID of this key in each manager that resolved it, keyed by manager
+        self.ids: dict[object, str] = {}
+        # IDs of this key in the solver's live edge index
+        self.index_ids: list[str] = []
+
+    def clone(self) -> CacheKey:
+        """A copy with the same ID, digest and manager IDs, and no deps."""
+        k = CacheKey(self.digest, self.vertex, self.output, id=self.id)
+        k.ids = dict(self.ids)
+        return k
+
+    def __repr__(self) -> str:
+        return f"CacheKey({self.id[:19]}, digest={self.digest[:19]}, output={self.output})"
+
+
+class ExportableCacheKey:
+    """A cache key together with what can export the records behind it."""
+
+    __slots__ = ("exporter", "key")
+
+    def __init__(self, key: CacheKey, exporter: object | None = None) -> None:
+        self.key = key
+        self.exporter = exporter
+
+    @property
+    def id(self) -> str:
+        return self.key.id
+
+    @property
+    def digest(self) -> str:
+        return self.key.digest
+
+    @property
+    def output(self) -> int:
+        return self.key.output
+
+    def __repr__(self) -> str:
+        return f"Exportable{self.key!r}"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheKeyWithSelector:
+    """One alternative key of an input, with the selector of the link it takes."""
+
+    key: ExportableCacheKey
+    selector: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheInfoLink:
+    """The label of a link between two keys: input ``input`` of an op with cache
+    digest ``digest`` and output ``output``, reached through ``selector``."""
+
+    input: int
+    output: int
+    digest: str
+    selector: str | None = None
+
+
+@dataclass(slots=True, eq=False)
+class CacheRecord:
+    """One stored result for a key, in one manager."""
+
+    id: str
+    manager: CacheManager
+    key: CacheKey
+    created_at: float
+    priority: int = 0
+
+
+@runtime_checkable
+class CacheManager(Protocol):
+    """A cache of results by key.
+
+    ``save`` keeps its own handle (``result.clone()``) until the record is released
+    or the manager is closed; ``load`` returns a new handle that the caller owns.
+    Managers are told apart by ``id``.
+    """
+
+    @property
+    def id(self) -> str: ...
+
+    async def query(
+        self, deps: Sequence[CacheKeyWithSelector], input: int, digest: str, output: int
+    ) -> list[CacheKey]:
+        """Keys linked from any of ``deps`` (keys of input ``input``) by an op with
+        ``digest``/``output``. With no deps, the root key if it is known. Also links
+        every given dep key to every key found, so alternatives stay connected."""
+        ...
+
+    async def records(self, key: CacheKey) -> list[CacheRecord]:
+        """The stored results of ``key`` whose values still exist."""
+        ...
+
+    async def load(self, record: CacheRecord) -> Result:
+        """A new handle on the record's result; the caller owns it."""
+        ...
+
+    async def save(self, key: CacheKey, result: Result, created_at: float) -> ExportableCacheKey:
+        """Store ``result`` under ``key`` (and link the key to its deps)."""
+        ...
+
+    async def release(self, result_id: str) -> None:
+        """Forget a stored result everywhere, cascading to keys left empty."""
+        ...
+
+    async def close(self) -> None:
+        """Release every handle the manager holds. Idempotent."""
+        ...
