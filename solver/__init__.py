@@ -1,0 +1,48 @@
+"""An async solver engine for content-addressed build graphs.
+
+Describe work as vertices (each with a digest covering its whole input
+subgraph), let ``resolve_op`` turn each vertex into an :class:`Op`, and build
+edges with a :class:`Job` of a :class:`Solver`. Identical work runs once however
+many jobs ask for it; results are cached by key and reference-counted.
+"""
+
+from ._cache import (
+    CacheInfoLink as CacheInfoLink,
+    CacheKey as CacheKey,
+    CacheKeyWithSelector as CacheKeyWithSelector,
+    CacheManager as CacheManager,
+    CacheRecord as CacheRecord,
+    ExportableCacheKey as ExportableCacheKey,
+)
+from ._cachemanager import (
+    CombinedCacheManager as CombinedCacheManager,
+    InMemoryCacheManager as InMemoryCacheManager,
+    KeyedCacheManager as KeyedCacheManager,
+)
+from ._digest import digest_of as digest_of
+from ._errors import (
+    DoubleReleaseError as DoubleReleaseError,
+    InternalError as InternalError,
+    SlowCacheError as SlowCacheError,
+    SolveError as SolveError,
+)
+from ._graph import Edge as Edge, Vertex as Vertex, VertexOptions as VertexOptions
+from ._op import (
+    Builder as Builder,
+    CacheMap as CacheMap,
+    CacheMapDep as CacheMapDep,
+    ComputeDigest as ComputeDigest,
+    Op as Op,
+    ResolveOp as ResolveOp,
+)
+from ._progress import ProgressEvent as ProgressEvent
+from ._refs import (
+    CachedResultWithKeys as CachedResultWithKeys,
+    SharedCachedResult as SharedCachedResult,
+    SharedResult as SharedResult,
+    split_result_proxy as split_result_proxy,
+)
+from ._result import CachedResult as CachedResult, Result as Result, ResultProxy as ResultProxy
+from ._solver import Job as Job, Solver as Solver
+
+__version__ = "0.1.0"

@@ -1,0 +1,871 @@
+"""The state machine of one active edge (one output of one active vertex).
+
+After BuildKit's ``solver/edge.go``. An edge moves through four states:
+
+``initial`` -> ``cache-fast`` -> ``cache-slow`` -> ``complete``
+
+* cache-fast: the keys computed from definitions (cache maps) are known;
+* cache-slow: content ("slow") keys of the inputs have been considered too, so
+  every key this edge can have is known;
+* complete: a result exists, loaded from a cache record or executed.
+
+A failure is kept apart in ``err``. Requesters (build callers and parent edges)
+ask for a desired state; the edge asks its inputs only for as much as it needs:
+an input is asked for cache-fast first, pushed further only when its keys could
+still lead to a match, and inputs whose definition keys already matched compute
+their content keys last (the "two-phase" order). A record found for a key is
+loaded only when a requester wants ``complete``, and then the inputs are not
+needed at all, which is why a cached 1000-vertex graph loads a single record.
+
+Every method runs on the dispatcher (see ``_scheduler.py``); only the cache calls
+await.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._cache import CacheKey, CacheKeyWithSelector, CacheRecord, ExportableCacheKey
+from ._errors import SolveError
+from ._graph import Edge, Vertex
+from ._refs import CachedResultWithKeys, SharedCachedResult
+from ._scheduler import (
+    CACHE_FAST,
+    CACHE_SLOW,
+    COMPLETE,
+    INITIAL,
+    STATE_NAMES,
+    Canceled,
+    EdgeRequest,
+    Pipe,
+    Scheduler,
+    logger,
+)
+
+if TYPE_CHECKING:
+    from ._cache import CacheManager
+    from ._index import EdgeIndex
+    from ._op import CacheMap
+    from ._result import Result
+    from ._sharedop import SharedOp
+
+__all__ = ["ActiveEdge", "best_record"]
+
+
+def best_record(records: Sequence[CacheRecord]) -> CacheRecord:
+    """Newest first; on equal time, lower priority first (BuildKit's tie-break)."""
+    return min(records, key=lambda r: (-r.created_at, r.priority))
+
+
+class _Dep:
+    """What an edge knows about one of its inputs."""
+
+    __slots__ = (
+        "cache_map",
+        "err",
+        "index",
+        "key_map",
+        "keys",
+        "req",
+        "result",
+        "slow_cache_complete",
+        "slow_cache_found_key",
+        "slow_cache_key",
+        "slow_cache_req",
+        "state",
+    )
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.req: Pipe | None = None
+        self.state = INITIAL
+        self.result: SharedCachedResult | None = None
+        self.cache_map: CacheMap | None = None
+        self.keys: list[ExportableCacheKey] = []
+        # candidate keys of the parent reachable from this input, by ID
+        self.key_map: dict[str, CacheKey] = {}
+        self.slow_cache_req: Pipe | None = None
+        self.slow_cache_complete = False
+        self.slow_cache_found_key = False
+        self.slow_cache_key: ExportableCacheKey | None = None
+        self.err: BaseException | None = None
+
+
+def _with_selector(
+    keys: Sequence[ExportableCacheKey], selector: str | None
+) -> list[CacheKeyWithSelector]:
+    return [CacheKeyWithSelector(k, selector) for k in keys]
+
+
+class ActiveEdge:
+    """One output of one active vertex, shared by every job that loaded it."""
+
+    __slots__ = (
+        "all_deps_completed",
+        "all_deps_completed_cache_fast",
+        "all_deps_completed_cache_slow",
+        "all_deps_state_cache_slow",
+        "cache_map",
+        "cache_map_digests",
+        "cache_map_done",
+        "cache_map_index",
+        "cache_map_req",
+        "cache_records",
+        "cache_records_loaded",
+        "commit_keys",
+        "dep_requests",
+        "deps",
+        "edge",
+        "err",
+        "exec_cache_load",
+        "exec_req",
+        "failed",
+        "has_active_outgoing",
+        "ignore_cache",
+        "index",
+        "key_map",
+        "keys",
+        "keys_did_change",
+        "no_cache_match_possible",
+        "op",
+        "owner",
+        "releaser_count",
+        "result",
+        "secondary_exporters",
+        "state",
+    )
+
+    def __init__(self, edge: Edge, op: SharedOp, index: EdgeIndex) -> None:
+        self.edge = edge
+        self.op = op
+        self.index = index
+        self.ignore_cache = edge.vertex.options.ignore_cache
+        # the state every requester sees
+        self.state = INITIAL
+        self.result: SharedCachedResult | None = None
+        self.cache_map: CacheMap | None = None
+        self.keys: list[ExportableCacheKey] = []
+
+        self.dep_requests: dict[Pipe, _Dep] = {}
+        self.deps: list[_Dep] | None = None
+        self.cache_map_req: Pipe | None = None
+        self.cache_map_done = False
+        self.cache_map_index = 0
+        self.cache_map_digests: list[str] = []
+        self.exec_req: Pipe | None = None
+        self.exec_cache_load = False
+        self.commit_keys: list[CacheKey] = []
+        self.err: BaseException | None = None
+        self.cache_records: dict[str, CacheRecord] = {}
+        self.cache_records_loaded: set[str] = set()
+        self.key_map: set[str] = set()
+
+        self.no_cache_match_possible = False
+        self.all_deps_completed_cache_fast = False
+        self.all_deps_completed_cache_slow = False
+        self.all_deps_state_cache_slow = False
+        self.all_deps_completed = False
+        self.has_active_outgoing = False
+
+        self.releaser_count = 0
+        self.owner: ActiveEdge | None = None
+        self.keys_did_change = False
+        self.secondary_exporters: list[tuple[int, CacheKeyWithSelector]] = []
+        self.failed = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<ActiveEdge {self.edge.vertex.name!r}[{self.edge.index}] "
+            f"{STATE_NAMES[self.state]}{' failed' if self.err else ''}>"
+        )
+
+    # -- ownership ---------------------------------------------------------------
+    def take_ownership(self, old: ActiveEdge) -> None:
+        """Called when ``old`` is merged into this edge."""
+        self.releaser_count += old.releaser_count + 1
+        old.owner = self
+        old.release_result()
+
+    def release(self) -> None:
+        if self.releaser_count > 0:
+            self.releaser_count -= 1
+            return
+        self.release_result()
+
+    def release_result(self) -> None:
+        self.index.release(self)
+        if self.result is not None:
+            result, self.result = self.result, None
+            self.op.release_later(result)
+
+    def add_secondary_exporters(self, src: ActiveEdge) -> None:
+        if src.deps is None or src.cache_map is None:
+            return
+        for i, d in enumerate(src.deps):
+            sel = src.cache_map.deps[i].selector if i < len(src.cache_map.deps) else None
+            for k in d.keys:
+                self.secondary_exporters.append((i, CacheKeyWithSelector(k, sel)))
+            if d.slow_cache_key is not None:
+                self.secondary_exporters.append((i, CacheKeyWithSelector(d.slow_cache_key)))
+            if d.result is not None:
+                for dk in d.result.cache_keys:
+                    self.secondary_exporters.append((i, CacheKeyWithSelector(dk, sel)))
+
+    # -- helpers -----------------------------------------------------------------
+    def is_complete(self) -> bool:
+        return self.err is not None or self.result is not None
+
+    def is_dep(self, other: ActiveEdge) -> bool:
+        return _is_dep(self.edge.vertex, other.edge.vertex.digest, {})
+
+    def _selector(self, i: int) -> str | None:
+        assert self.cache_map is not None
+        return self.cache_map.deps[i].selector
+
+    def _slow_fn(self, d: _Dep) -> Any:
+        if self.cache_map is None:
+            return None
+        return self.cache_map.deps[d.index].compute_digest
+
+    def _cache(self) -> CacheManager:
+        return self.op.cache()
+
+    def commit_options(self) -> tuple[list[CacheKey], list[Result]]:
+        """The keys an exec result is saved under, and the inputs it is given."""
+        assert self.cache_map is not None
+        vtx = self.edge.vertex.digest
+        out = self.edge.index
+        if not self.deps:
+            return [CacheKey(d, vtx, out) for d in self.cache_map_digests], []
+        inputs: list[list[CacheKeyWithSelector]] = []
+        results: list[Result] = []
+        for i, d in enumerate(self.deps):
+            assert d.result is not None
+            sel = self._selector(i)
+            alts = [CacheKeyWithSelector(k, sel) for k in d.result.cache_keys]
+            if d.slow_cache_key is not None:
+                alts.append(CacheKeyWithSelector(d.slow_cache_key))
+            inputs.append(alts)
+            results.append(d.result)
+        return [CacheKey(self.cache_map.digest, vtx, out, inputs)], results
+
+    def finish_incoming(self, req: Pipe) -> None:
+        err = self.err
+        if req.canceled and err is None:
+            err = Canceled("canceled")
+        req.finalize(self, err)
+
+    def update_incoming(self, req: Pipe) -> None:
+        req.update(self)
+
+    async def probe_cache(self, d: _Dep, dep_keys: list[CacheKeyWithSelector]) -> bool:
+        """Ask the cache which keys of this edge ``dep_keys`` lead to."""
+        if not dep_keys or self.ignore_cache:
+            return False
+        assert self.cache_map is not None
+        try:
+            keys = await self._cache().query(
+                dep_keys, d.index, self.cache_map.digest, self.edge.index
+            )
+        except Exception as exc:
+            self.err = self.err or _wrap(exc, "error on cache query", self.edge.vertex)
+            return False
+        found = False
+        for k in keys:
+            k.vertex = self.edge.vertex.digest
+            if k.id not in d.key_map:
+                d.key_map[k.id] = k
+                found = True
+        return found
+
+    def check_dep_match_possible(self, d: _Dep) -> None:
+        has_slow = self._slow_fn(d) is not None
+        if (
+            not self.no_cache_match_possible
+            and (
+                (not d.slow_cache_found_key and d.slow_cache_complete and has_slow)
+                or (not has_slow and d.state >= CACHE_SLOW)
+            )
+            and not d.key_map
+        ):
+            self.no_cache_match_possible = True
+
+    def all_deps_have_keys(self, matching: bool) -> bool:
+        if self.cache_map is None:
+            return False
+        assert self.deps is not None
+        for d in self.deps:
+            empty = not d.key_map if matching else not d.keys
+            if empty and d.slow_cache_key is None and d.result is None:
+                return False
+        return True
+
+    def current_index_key(self) -> CacheKey | None:
+        """The key used to find an equal live edge, once every input has a key."""
+        if self.cache_map is None:
+            return None
+        deps = self.deps or []
+        keys: list[list[CacheKeyWithSelector]] = []
+        for i, d in enumerate(deps):
+            if not d.keys and d.result is None:
+                return None
+            sel = self._selector(i)
+            alts = [CacheKeyWithSelector(k, sel) for k in d.keys]
+            if d.result is not None:
+                alts.extend(CacheKeyWithSelector(rk, sel) for rk in d.result.cache_keys)
+                if d.slow_cache_key is not None:
+                    alts.append(CacheKeyWithSelector(ExportableCacheKey(d.slow_cache_key.key)))
+            keys.append(alts)
+        return CacheKey(self.cache_map.digest, self.edge.vertex.digest, self.edge.index, keys)
+
+    def skip_phase2_slow_cache(self, dep: _Dep) -> bool:
+        assert self.deps is not None
+        is_phase1 = False
+        for d in self.deps:
+            if (
+                (not d.slow_cache_complete and self._slow_fn(d) is not None)
+                or d.state < CACHE_SLOW
+            ) and not d.key_map:
+                is_phase1 = True
+                break
+        return (
+            is_phase1
+            and not dep.slow_cache_complete
+            and self._slow_fn(dep) is not None
+            and bool(dep.key_map)
+        )
+
+    def skip_phase2_fast_cache(self, dep: _Dep) -> bool:
+        assert self.deps is not None
+        is_phase1 = False
+        for d in self.deps:
+            if self.cache_map is None or (
+                not d.key_map
+                and (
+                    (not d.slow_cache_complete and self._slow_fn(d) is not None)
+                    or (d.state < COMPLETE and self._slow_fn(d) is None)
+                )
+            ):
+                is_phase1 = True
+                break
+        return is_phase1 and bool(dep.key_map)
+
+    # -- the step ----------------------------------------------------------------
+    async def unpark(
+        self, incoming: list[Pipe], updates: list[Pipe], all_pipes: list[Pipe], s: Scheduler
+    ) -> None:
+        """One state-machine step. It must leave an open outgoing request while any
+        incoming request is open, and none once every incoming request is done."""
+        await self.process_updates(updates)
+
+        desired, done = self.respond_to_incoming(incoming, all_pipes)
+        if done:
+            return
+
+        cache_map_req = False
+        if self.cache_map_req is None and (self.cache_map is None or not self.cache_records):
+            self.cache_map_req = s.new_func_pipe(self)
+            self.op.request_cache_map(self.cache_map_req, self.cache_map_index)
+            cache_map_req = True
+
+        if self.exec_req is None and desired == COMPLETE and self.exec_if_possible(s):
+            return
+
+        if self.exec_req is None:
+            added = self.create_input_requests(desired, s, False)
+            if not added and not self.has_active_outgoing and not cache_map_req:
+                logger.error(
+                    "scheduling error: leaving incoming open, forcing solve of %r", self
+                )
+                self.create_input_requests(desired, s, True)
+
+    def mark_failed(self, s: Scheduler, err: BaseException) -> None:
+        self.err = err
+        if not self.failed:
+            self.failed = True
+            s.postpone(self)
+
+    async def process_updates(self, updates: list[Pipe]) -> None:
+        dep_changed = False
+        for upt in updates:
+            if await self.process_update(upt):
+                dep_changed = True
+        if dep_changed:
+            await self.recalc_current_state()
+
+    async def process_update(self, upt: Pipe) -> bool:
+        if upt is self.cache_map_req and upt.completed:
+            await self.process_cache_map_req()
+            return True
+        if upt is self.exec_req and upt.completed:
+            await self.process_exec_req()
+            return True
+        d = self.dep_requests.get(upt)
+        if d is not None:
+            return await self.process_dep_req(d)
+        if self.deps is not None:
+            for i, d in enumerate(self.deps):
+                if upt is d.slow_cache_req and upt.completed:
+                    await self.process_dep_slow_cache_req(i, d)
+                    return True
+        return False
+
+    async def recalc_current_state(self) -> None:
+        deps = self.deps or []
+        new_keys: dict[str, CacheKey] = {}
+        for i, d in enumerate(deps):
+            if i == 0:
+                for kid, k in d.key_map.items():
+                    if kid not in self.key_map:
+                        new_keys[kid] = k
+            else:
+                for kid in list(new_keys):
+                    if kid not in d.key_map:
+                        del new_keys[kid]
+            if not new_keys:
+                break
+        self.key_map.update(new_keys)
+
+        for r in new_keys.values():
+            assert self.cache_map is not None
+            merged = r.clone()
+            merged.deps = []
+            for i, d in enumerate(deps):
+                sel = self._selector(i)
+                if d.result is not None:
+                    alts = [CacheKeyWithSelector(dk, sel) for dk in d.result.cache_keys]
+                    if d.slow_cache_key is not None:
+                        alts.append(CacheKeyWithSelector(d.slow_cache_key))
+                else:
+                    alts = [CacheKeyWithSelector(k, sel) for k in d.keys]
+                merged.deps.append(alts)
+            try:
+                records = await self._cache().records(merged)
+            except Exception:
+                logger.exception("error receiving cache records")
+                continue
+            for rec in records:
+                if rec.id not in self.cache_records_loaded:
+                    self.cache_records[rec.id] = rec
+            self.keys.append(ExportableCacheKey(merged, records))
+
+        if self.cache_map is None:
+            return
+        all_fast = True
+        all_slow = True
+        all_state_slow = True
+        all_completed = True
+        st_low = INITIAL
+        st_high = CACHE_SLOW
+        for d in deps:
+            fn = self._slow_fn(d)
+            slow_incomplete = fn is not None and (
+                d.state == CACHE_SLOW or (d.state == COMPLETE and not d.slow_cache_complete)
+            )
+            if d.state > st_low and not d.key_map and not slow_incomplete:
+                st_low = min(d.state, CACHE_SLOW)
+            effective = d.state
+            if slow_incomplete and d.state in (CACHE_SLOW, COMPLETE):
+                effective = CACHE_FAST
+            st_high = min(st_high, effective)
+            if slow_incomplete or d.state < COMPLETE:
+                all_completed = False
+            if d.state < CACHE_FAST:
+                all_fast = False
+            if slow_incomplete or d.state < CACHE_SLOW:
+                all_slow = False
+            if d.state < CACHE_SLOW and not d.key_map:
+                all_state_slow = False
+        self.state = max(self.state, st_low, st_high)
+        if not self.cache_map_done and not self.keys:
+            self.state = INITIAL
+
+        done = self.cache_map_done
+        self.all_deps_completed_cache_fast = done and all_fast
+        self.all_deps_completed_cache_slow = done and all_slow
+        self.all_deps_state_cache_slow = done and all_state_slow
+        self.all_deps_completed = done and all_completed
+
+        if self.all_deps_state_cache_slow and self.cache_records and self.state == CACHE_FAST:
+            open_keys: set[str] = set()
+            for d in deps:
+                fn = self._slow_fn(d)
+                slow_incomplete = fn is not None and (
+                    d.state == CACHE_SLOW or (d.state == COMPLETE and not d.slow_cache_complete)
+                )
+                if not slow_incomplete:
+                    open_dep_keys = {k for k in d.key_map if k not in self.key_map}
+                    if open_keys:
+                        open_keys &= open_dep_keys
+                    else:
+                        open_keys = open_dep_keys
+                    if not open_keys:
+                        self.state = CACHE_SLOW
+
+    async def process_cache_map_req(self) -> None:
+        upt = self.cache_map_req
+        assert upt is not None
+        if upt.err is not None:
+            self.cache_map_req = None
+            if not upt.canceled_status and self.err is None:
+                self.err = upt.err
+            return
+        cache_map, done = upt.value
+        self.cache_map = cache_map
+        self.cache_map_done = done
+        self.cache_map_index += 1
+        vertex = self.edge.vertex
+        if len(cache_map.deps) != len(vertex.inputs):
+            self.err = self.err or SolveError(
+                f"invalid cache map of {vertex.name!r}: {len(cache_map.deps)} deps "
+                f"for {len(vertex.inputs)} inputs",
+                vertex=vertex.digest,
+                vertex_name=vertex.name,
+            )
+            self.cache_map = None
+            self.cache_map_req = None
+            return
+        if not vertex.inputs:
+            self.cache_map_digests.append(cache_map.digest)
+            if not self.ignore_cache:
+                cache = self._cache()
+                try:
+                    keys = await cache.query([], 0, cache_map.digest, self.edge.index)
+                except Exception:
+                    logger.exception("invalid query response")
+                else:
+                    for k in keys:
+                        k.vertex = vertex.digest
+                        try:
+                            records = await cache.records(k)
+                        except Exception:
+                            logger.exception("error receiving cache records")
+                            continue
+                        for rec in records:
+                            self.cache_records[rec.id] = rec
+                        self.keys.append(ExportableCacheKey(k, records))
+            self.state = CACHE_SLOW
+        self.ensure_deps_initialized()
+        if self.all_deps_have_keys(False):
+            self.keys_did_change = True
+        assert self.deps is not None
+        for i, d in enumerate(self.deps):
+            await self.probe_cache(d, _with_selector(d.keys, self._selector(i)))
+            self.check_dep_match_possible(d)
+        if not self.cache_map_done:
+            self.cache_map_req = None
+
+    async def process_exec_req(self) -> None:
+        upt = self.exec_req
+        assert upt is not None
+        if upt.err is not None:
+            self.exec_req = None
+            if self.exec_cache_load:
+                for rid in self.cache_records_loaded:
+                    self.cache_records.pop(rid, None)
+            elif not upt.canceled_status and self.err is None:
+                self.err = upt.err
+            return
+        value = upt.take()
+        if self.exec_cache_load:
+            cached = value
+        else:
+            try:
+                cached = await self._commit(value)
+            except Exception as exc:
+                self.exec_req = None
+                if self.err is None:
+                    self.err = _wrap(exc, "failed to save the result", self.edge.vertex)
+                return
+        self.result = SharedCachedResult(cached)
+        self.state = COMPLETE
+        # Publish the committed keys in the advertised key list too: a consumer
+        # that subscribes after this edge completed must see them, or it would
+        # find no match and run again (BuildKit #4674). Not for cache loads (the
+        # record's key is there already) nor for ignore-cache edges (consumers
+        # must not match through an input that was forced to run).
+        if not self.exec_cache_load and not self.ignore_cache:
+            self.keys.extend(self.result.cache_keys)
+
+    async def _commit(self, outputs: Sequence[Result]) -> CachedResultWithKeys:
+        """Save this edge's output under its commit keys; release the other outputs."""
+        index = self.edge.index
+        if len(outputs) <= index:
+            for r in outputs:
+                self.op.release_later(r)
+            raise SolveError(
+                f"invalid response from exec: need output {index} but "
+                f"{len(outputs)} results received",
+                vertex=self.edge.vertex.digest,
+                vertex_name=self.edge.vertex.name,
+            )
+        res = outputs[index]
+        for i, r in enumerate(outputs):
+            if i != index:
+                self.op.release_later(r)
+        cache = self._cache()
+        now = time.time()
+        exported: list[ExportableCacheKey] = []
+        try:
+            for key in self.commit_keys:
+                exported.append(await cache.save(key, res, now))
+        except BaseException:
+            self.op.release_later(res)
+            raise
+        keys = [ExportableCacheKey(k, exported) for k in self.commit_keys]
+        return CachedResultWithKeys(res, keys)
+
+    async def process_dep_req(self, d: _Dep) -> bool:
+        upt = d.req
+        assert upt is not None
+        dep_changed = False
+        if not upt.canceled_status and upt.completed and upt.err is not None:
+            if self.err is None:
+                self.err = upt.err
+            d.err = upt.err
+        st = upt.value
+        if st is None:
+            return False
+        assert isinstance(st, ActiveEdge)
+        if len(d.keys) < len(st.keys):
+            if self.cache_map is not None:
+                new_keys = st.keys[len(d.keys) :]
+                await self.probe_cache(d, _with_selector(new_keys, self._selector(d.index)))
+                d.keys = list(st.keys)
+                if self.all_deps_have_keys(False):
+                    self.keys_did_change = True
+            dep_changed = True
+        if d.state != COMPLETE and st.state == COMPLETE:
+            self.keys_did_change = True
+        recheck = st.state != d.state
+        # take the input's whole visible state, as it is now
+        d.state = st.state
+        d.result = st.result
+        d.cache_map = st.cache_map
+        if len(d.keys) != len(st.keys):
+            d.keys = list(st.keys)
+        if recheck and self.cache_map is not None:
+            self.check_dep_match_possible(d)
+            dep_changed = True
+        return dep_changed
+
+    async def process_dep_slow_cache_req(self, index: int, d: _Dep) -> None:
+        upt = d.slow_cache_req
+        assert upt is not None
+        if upt.err is not None:
+            d.slow_cache_req = None
+            if not upt.canceled_status and self.err is None:
+                self.err = upt.err
+            return
+        if d.slow_cache_complete:
+            return
+        digest = upt.value
+        assert self.cache_map is not None
+        if self._slow_fn(d) is not None and digest:
+            k = CacheKey(digest, "", -1)
+            d.slow_cache_key = ExportableCacheKey(k)
+            slow = CacheKeyWithSelector(d.slow_cache_key)
+            assert d.result is not None
+            sel = self._selector(index)
+            def_keys = [CacheKeyWithSelector(dk, sel) for dk in d.result.cache_keys]
+            d.slow_cache_found_key = await self.probe_cache(d, [slow])
+            # link the definition keys to the content key
+            if not self.ignore_cache:
+                try:
+                    await self._cache().query(
+                        [*def_keys, slow], d.index, self.cache_map.digest, self.edge.index
+                    )
+                except Exception:
+                    logger.exception("error linking a content key")
+        d.slow_cache_complete = True
+        self.keys_did_change = True
+        self.check_dep_match_possible(d)
+
+    def respond_to_incoming(self, incoming: list[Pipe], all_pipes: list[Pipe]) -> tuple[int, bool]:
+        all_can_complete = True
+        desired = self.state
+        all_canceled = True
+        if not self.is_complete():
+            for req in incoming:
+                if not req.canceled:
+                    all_canceled = False
+                    r = req.request
+                    assert r is not None
+                    if desired < r.desired:
+                        desired = r.desired
+                        if (
+                            self.has_active_outgoing
+                            or r.desired == COMPLETE
+                            or r.current_keys == len(self.keys)
+                        ):
+                            all_can_complete = False
+        if (
+            not all_canceled
+            and self.state < COMPLETE
+            and not self.keys
+            and self.has_active_outgoing
+        ):
+            all_can_complete = False
+
+        if all_can_complete and self.has_active_outgoing:
+            for p in all_pipes:
+                p.cancel()
+            leave_open: Pipe | None = None
+            for req in incoming:
+                if not req.canceled:
+                    leave_open = req
+                    break
+            for req in incoming:
+                if leave_open is None or leave_open is req:
+                    leave_open = req
+                    continue
+                self.finish_incoming(req)
+            return desired, True
+
+        if all_can_complete and not self.has_active_outgoing:
+            for req in incoming:
+                self.finish_incoming(req)
+            return desired, True
+
+        for req in incoming:
+            r = req.request
+            assert r is not None
+            if req.canceled:
+                self.finish_incoming(req)
+            elif not self.has_active_outgoing and self.state >= r.desired:
+                self.finish_incoming(req)
+            elif not (
+                r.current_state == self.state
+                and r.current_result is self.result
+                and r.current_cache_map is self.cache_map
+                and r.current_keys == len(self.keys)
+            ):
+                self.update_incoming(req)
+        return desired, False
+
+    def create_input_requests(self, desired: int, s: Scheduler, force: bool) -> bool:
+        self.ensure_deps_initialized()
+        assert self.deps is not None
+        added = False
+        for d in self.deps:
+            want = self.desired_state_dep(d, desired, force)
+            if d.state < want:
+                added = self.create_outgoing_request(d, want, s) or added
+            added = self.compute_cache_key_from_dep(d, s) or added
+        return added
+
+    def ensure_deps_initialized(self) -> None:
+        if self.deps is None:
+            self.dep_requests = {}
+            self.deps = [_Dep(i) for i in range(len(self.edge.vertex.inputs))]
+
+    def desired_state_dep(self, d: _Dep, desired: int, force: bool) -> int:
+        if self.no_cache_match_possible or force:
+            return COMPLETE
+        if d.state == INITIAL and desired > d.state:
+            return CACHE_FAST
+        if d.state == CACHE_FAST and desired > d.state:
+            if (
+                (self.all_deps_completed_cache_fast and not self.keys)
+                or not d.key_map
+                or self.all_deps_have_keys(True)
+            ) and (not self.skip_phase2_fast_cache(d) and self.cache_map is not None):
+                return CACHE_SLOW
+            return d.state
+        if self.cache_map is not None and d.state == CACHE_SLOW and desired == COMPLETE:
+            if (
+                not d.key_map
+                or self.all_deps_completed_cache_slow
+                or (not self.skip_phase2_fast_cache(d) and self._slow_fn(d) is not None)
+            ) and not self.cache_records:
+                if not d.key_map or not self.skip_phase2_slow_cache(d):
+                    return COMPLETE
+            return d.state
+        if (
+            self.cache_map is not None
+            and d.state == CACHE_SLOW
+            and self._slow_fn(d) is not None
+            and desired == CACHE_SLOW
+        ):
+            if not d.key_map or not self.skip_phase2_slow_cache(d):
+                return COMPLETE
+            return d.state
+        return d.state
+
+    def create_outgoing_request(self, d: _Dep, want: int, s: Scheduler) -> bool:
+        if d.req is not None and not d.req.completed:
+            assert d.req.request is not None
+            if d.req.request.desired == want:
+                return False
+            d.req.cancel()
+        req = s.new_input_request(
+            self,
+            self.edge.vertex.inputs[d.index],
+            EdgeRequest(want, d.state, d.result, d.cache_map, len(d.keys)),
+        )
+        self.dep_requests[req] = d
+        d.req = req
+        return True
+
+    def compute_cache_key_from_dep(self, d: _Dep, s: Scheduler) -> bool:
+        if d.state != COMPLETE or d.slow_cache_req is not None or self.cache_map is None:
+            return False
+        fn = self._slow_fn(d)
+        if fn is None:
+            return False
+        assert d.result is not None
+        d.slow_cache_req = s.new_func_pipe(self)
+        self.op.request_slow_cache(d.slow_cache_req, d.index, fn, d.result)
+        return True
+
+    def exec_if_possible(self, s: Scheduler) -> bool:
+        if self.cache_records:
+            if self.keys_did_change:
+                s.postpone(self)
+                return True
+            rec = best_record(list(self.cache_records.values()))
+            self.cache_records_loaded.add(rec.id)
+            self.exec_req = s.new_func_pipe(self)
+            self.exec_cache_load = True
+            self.op.request_load(self.exec_req, rec)
+            for req in list(self.dep_requests):
+                req.cancel()
+            return True
+        if self.all_deps_completed:
+            if self.keys_did_change:
+                s.postpone(self)
+                return True
+            self.commit_keys, inputs = self.commit_options()
+            self.exec_req = s.new_func_pipe(self)
+            self.exec_cache_load = False
+            self.op.request_exec(self.exec_req, inputs)
+            return True
+        return False
+
+
+def _is_dep(vertex: Vertex, digest: str, seen: dict[int, bool]) -> bool:
+    """Whether the vertex with ``digest`` is ``vertex`` or one of its ancestors.
+
+    Iterative with a memo, so deep chains neither recurse nor revisit."""
+    stack = [vertex]
+    while stack:
+        v = stack.pop()
+        if v.digest == digest:
+            return True
+        for inp in v.inputs:
+            key = id(inp.vertex)
+            if key not in seen:
+                seen[key] = True
+                stack.append(inp.vertex)
+    return False
+
+
+def _wrap(exc: BaseException, prefix: str, vertex: Vertex) -> SolveError:
+    if isinstance(exc, SolveError):
+        return exc
+    err = SolveError(f"{prefix}: {exc}", vertex=vertex.digest, vertex_name=vertex.name)
+    err.__cause__ = exc
+    return err
+

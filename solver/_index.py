@@ -1,0 +1,163 @@
+"""The live edge index: which active edge owns which cache key right now.
+
+It mirrors the key/link graph of the cache (see ``_cache.py``) for *live* edges
+only, so that two edges whose keys turn out equal find each other and merge, and
+equal work behind different vertex digests runs once. Root keys use their
+``root_key`` as item ID; a deeper key is found by intersecting the links from
+every input's index IDs, exactly as a cache manager matches stored keys.
+
+Items are garbage-collected when they have no edge and no links. All methods run
+on the event loop from the scheduler, so there is no lock.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import TYPE_CHECKING
+
+from ._cache import CacheInfoLink, CacheKey, root_key
+
+if TYPE_CHECKING:
+    from ._edge import ActiveEdge
+
+__all__ = ["EdgeIndex"]
+
+
+class _Item:
+    __slots__ = ("deps", "edge", "links")
+
+    def __init__(self) -> None:
+        self.edge: ActiveEdge | None = None
+        self.links: dict[CacheInfoLink, set[str]] = {}
+        self.deps: set[str] = set()
+
+
+class EdgeIndex:
+    """Index of live edges by cache key. ``load_or_store`` is O(links of the key)."""
+
+    __slots__ = ("_back_refs", "_items")
+
+    def __init__(self) -> None:
+        self._items: dict[str, _Item] = {}
+        self._back_refs: dict[ActiveEdge, set[str]] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def release(self, edge: ActiveEdge) -> None:
+        """Drop every slot ``edge`` owns; items left with no edge and no links go."""
+        for item_id in self._back_refs.pop(edge, ()):
+            item = self._items.get(item_id)
+            if item is None:
+                continue
+            item.edge = None
+            if not item.links:
+                self._drop(item_id, item)
+
+    def _drop(self, item_id: str, item: _Item) -> None:
+        del self._items[item_id]
+        for dep_id in item.deps:
+            self._release_link(dep_id, item_id)
+
+    def _release_link(self, item_id: str, target: str) -> None:
+        item = self._items.get(item_id)
+        if item is None:
+            return
+        for link in list(item.links):
+            targets = item.links[link]
+            targets.discard(target)
+            if not targets:
+                del item.links[link]
+        if item.edge is None and not item.links:
+            self._drop(item_id, item)
+
+    def load_or_store(self, key: CacheKey, edge: ActiveEdge) -> ActiveEdge | None:
+        """Return another live edge that owns ``key``, or store ``edge`` as its owner.
+
+        An ignore-cache edge takes over the slot of a normal one instead of joining it.
+        """
+        ids = self._all_matches(key)
+        old_id: str | None = None
+        old: ActiveEdge | None = None
+        for item_id in ids:
+            item = self._items.get(item_id)
+            if item is not None and item.edge is not edge and item.edge is not None:
+                old_id, old = item_id, item.edge
+        if old is not None and old_id is not None and (old.ignore_cache or not edge.ignore_cache):
+            self._enforce_linked(old_id, key)
+            return old
+
+        item_id = ids[0] if ids else secrets.token_hex(16)
+        self._enforce_linked(item_id, key)
+        self._items[item_id].edge = edge
+        self._back_refs.setdefault(edge, set()).add(item_id)
+        return None
+
+    def _enforce_linked(self, item_id: str, key: CacheKey) -> None:
+        main = self._items.get(item_id)
+        if main is None:
+            main = self._items[item_id] = _Item()
+        for i, alternatives in enumerate(key.deps):
+            for dep in alternatives:
+                dep_key = dep.key.key
+                self._enforce_index_id(dep_key)
+                link = CacheInfoLink(i, key.output, key.digest, dep.selector)
+                for dep_id in dep_key.index_ids:
+                    item = self._items.get(dep_id)
+                    if item is not None:
+                        item.links.setdefault(link, set()).add(item_id)
+                        main.deps.add(dep_id)
+
+    def _enforce_index_id(self, key: CacheKey) -> None:
+        if key.index_ids:
+            return
+        matches = self._all_matches(key)
+        key.index_ids = matches if matches else [secrets.token_hex(16)]
+        for item_id in key.index_ids:
+            self._enforce_linked(item_id, key)
+
+    def _all_matches(self, key: CacheKey) -> list[str]:
+        deps = key.deps
+        if not deps:
+            return [root_key(key.digest, key.output)]
+        for alternatives in deps:
+            for dep in alternatives:
+                self._enforce_index_id(dep.key.key)
+
+        items = self._items
+        matches: set[str] = set()
+        for i, alternatives in enumerate(deps):
+            if i == 0:
+                for dep in alternatives:
+                    link = CacheInfoLink(i, key.output, key.digest, dep.selector)
+                    for dep_id in dep.key.key.index_ids:
+                        item = items.get(dep_id)
+                        if item is not None:
+                            matches.update(item.links.get(link, ()))
+                continue
+            if not matches:
+                break
+            for m in list(matches):
+                found = False
+                for dep in alternatives:
+                    link = CacheInfoLink(i, key.output, key.digest, dep.selector)
+                    for dep_id in dep.key.key.index_ids:
+                        item = items.get(dep_id)
+                        if item is not None and m in item.links.get(link, ()):
+                            found = True
+                            break
+                    if found:
+                        break
+                if not found:
+                    matches.discard(m)
+        return list(matches)
+
+    def _check(self) -> None:
+        """Assert the internal invariants (tests call this)."""
+        for edge, ids in self._back_refs.items():
+            for item_id in ids:
+                item = self._items.get(item_id)
+                assert item is None or item.edge is None or item.edge is edge
+        for item_id, item in self._items.items():
+            for targets in item.links.values():
+                assert targets, f"empty link set left on {item_id}"

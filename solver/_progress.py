@@ -1,0 +1,97 @@
+"""Progress: what each vertex is doing, as a stream of events per job.
+
+Every active vertex keeps the events it emitted (so a job that joins a shared
+vertex late still sees what happened before it came) and forwards new ones to
+every job that uses it, including jobs that reach it through a nested build or a
+merge. A job reads its events with ``Job.status()``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Final
+
+import anyio
+
+__all__ = ["CACHED", "COMPLETED", "ERROR", "LOG", "STARTED", "JobProgress", "ProgressEvent"]
+
+STARTED: Final = "started"
+COMPLETED: Final = "completed"
+CACHED: Final = "cached"
+ERROR: Final = "error"
+LOG: Final = "log"
+
+
+@dataclass(frozen=True, slots=True)
+class ProgressEvent:
+    """One thing that happened to one vertex.
+
+    ``status`` is one of ``"started"``, ``"completed"``, ``"cached"`` (the result
+    came from a cache), ``"error"`` (``error`` holds the message) or ``"log"``
+    (``data`` holds output bytes from ``stream``: 1 for stdout, 2 for stderr).
+    ``timestamp`` is ``time.time()`` when it happened.
+    """
+
+    vertex: str
+    name: str
+    status: str
+    timestamp: float
+    error: str | None = None
+    data: bytes = b""
+    stream: int = 0
+
+
+def make_event(
+    vertex: str,
+    name: str,
+    status: str,
+    error: BaseException | str | None = None,
+    data: bytes = b"",
+    stream: int = 0,
+) -> ProgressEvent:
+    text = None if error is None else (str(error) or type(error).__name__)
+    return ProgressEvent(vertex, name, status, time.time(), text, data, stream)
+
+
+class JobProgress:
+    """The event buffer of one job; read it with :meth:`events`."""
+
+    __slots__ = ("_buffer", "_closed", "_wakeup")
+
+    def __init__(self) -> None:
+        self._buffer: list[ProgressEvent] = []
+        self._closed = False
+        self._wakeup: anyio.Event | None = None
+
+    def put(self, event: ProgressEvent) -> None:
+        if self._closed:
+            return
+        self._buffer.append(event)
+        if self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
+
+    def close(self) -> None:
+        self._closed = True
+        if self._wakeup is not None:
+            self._wakeup.set()
+            self._wakeup = None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def events(self) -> AsyncIterator[ProgressEvent]:
+        """Every event so far, then new ones until the job is discarded."""
+        pos = 0
+        while True:
+            while pos < len(self._buffer):
+                yield self._buffer[pos]
+                pos += 1
+            if self._closed:
+                return
+            if self._wakeup is None:
+                self._wakeup = anyio.Event()
+            await self._wakeup.wait()

@@ -1,0 +1,401 @@
+"""One op per active vertex, with its async work run once and shared.
+
+After BuildKit's ``sharedOp`` + ``util/flightcontrol``. The three kinds of work an
+op does (``cache_map(i)``, ``exec``, and each input's ``compute_digest``) run at
+most once per active vertex, whichever edges ask:
+
+* A request is a :class:`~solver._scheduler.Pipe`. The first request for a piece
+  of work starts one task for it (a *call*); later requests join the call as
+  waiters. No task exists per waiter.
+* When a waiter cancels and other live waiters remain, it is answered
+  "cancelled" at once and the work goes on. When the last live waiter cancels,
+  the call's cancel scope is cancelled and that waiter is answered with whatever
+  the work ends with, only once it has stopped.
+* Outcomes are memoized for the life of the active vertex, so every edge and job
+  sharing it sees the same result or the same error. An outcome caused by
+  cancellation is never memoized: the next request runs the work again. A
+  request that arrives while a cancelled call is still winding down waits for it
+  to end and then asks again (BuildKit's flightcontrol retry, without the
+  backoff: the call's end is an event, not a poll).
+
+Exec outputs are kept as :class:`SharedResult` owners; every waiter receives its
+own counter-sharing handles, so an output is released once, after the op's
+owner and every consumer's handle are released.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._cache import CacheManager, CacheRecord, ExportableCacheKey
+from ._errors import SlowCacheError, SolveError
+from ._op import CacheMap, ComputeDigest, Op
+from ._progress import CACHED, COMPLETED, ERROR, STARTED
+from ._refs import CachedResultWithKeys, SharedResult
+from ._scheduler import CANCELED, Pipe
+
+if TYPE_CHECKING:
+    from ._result import Result
+    from ._solver import VertexState
+
+__all__ = ["SharedOp"]
+
+
+class _Call:
+    __slots__ = ("cancel_requested", "key", "retry", "scope", "waiters")
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.waiters: list[Pipe] = []
+        self.retry: list[tuple[Pipe, Callable[[], None]]] = []
+        self.scope: anyio.CancelScope | None = None
+        self.cancel_requested = False
+
+
+class SharedOp:
+    """The op of one active vertex and the memo of its work."""
+
+    __slots__ = (
+        "_calls",
+        "_op",
+        "_op_err",
+        "cache_done",
+        "cache_err",
+        "cache_res",
+        "exec_done",
+        "exec_err",
+        "exec_res",
+        "released",
+        "slow_err",
+        "slow_res",
+        "state",
+    )
+
+    def __init__(self, state: VertexState) -> None:
+        self.state = state
+        self._op: Op | None = None
+        self._op_err: SolveError | None = None
+        self._calls: dict[str, _Call] = {}
+        self.cache_res: list[CacheMap] = []
+        self.cache_done = False
+        self.cache_err: BaseException | None = None
+        self.exec_res: list[SharedResult] | None = None
+        self.exec_done = False
+        self.exec_err: BaseException | None = None
+        self.slow_res: dict[int, str] = {}
+        self.slow_err: dict[int, SolveError] = {}
+        self.released = False
+
+    # -- what edges use ------------------------------------------------------------
+    def cache(self) -> CacheManager:
+        return self.state.combined_cache()
+
+    def release_later(self, result: Any) -> None:
+        self.state.solver.release_later(result)
+
+    def get_op(self) -> Op:
+        if self._op is None:
+            if self._op_err is not None:
+                raise self._op_err
+            st = self.state
+            try:
+                self._op = st.solver.resolve_op(st.vtx, st.builder)
+            except Exception as exc:
+                self._op_err = self._error(exc, "failed to resolve op")
+                raise self._op_err from None
+        return self._op
+
+    def _error(self, exc: BaseException, prefix: str | None) -> SolveError:
+        if isinstance(exc, SolveError):
+            return exc
+        v = self.state.vtx
+        text = str(exc) or type(exc).__name__
+        msg = f"{prefix}: {text}" if prefix else f"{v.name}: {text}"
+        err = SolveError(msg, vertex=v.digest, vertex_name=v.name)
+        err.__cause__ = exc
+        return err
+
+    # -- cache maps ---------------------------------------------------------------
+    def request_cache_map(self, pipe: Pipe, index: int) -> None:
+        if index < len(self.cache_res):
+            pipe.finalize((self.cache_res[index], self.cache_done), None)
+            return
+        if self.cache_err is not None:
+            pipe.finalize(None, self.cache_err)
+            return
+        if self.cache_done:
+            pipe.finalize(None, SolveError(f"cache map {index} asked after the last one"))
+            return
+        self._join(f"cachemap-{index}", pipe, lambda: self.request_cache_map(pipe, index),
+                   lambda: self._cache_map_work(index))
+
+    async def _cache_map_work(self, index: int) -> Callable[[Pipe], None]:
+        op = self.get_op()
+        st = self.state
+        root = not st.vtx.inputs
+        if root:
+            st.emit(STARTED)
+        try:
+            cm, done = await op.cache_map(len(self.cache_res))
+            if not isinstance(cm, CacheMap):
+                raise SolveError(f"cache_map returned {type(cm).__name__}, not CacheMap")
+        except BaseException as exc:
+            if root:
+                st.emit(ERROR, exc)
+            raise
+        if root:
+            st.emit(COMPLETED)
+        self.cache_res.append(cm)
+        self.cache_done = bool(done)
+        value = (cm, self.cache_done)
+        return lambda p: p.finalize(value, None)
+
+    # -- exec ---------------------------------------------------------------------
+    def request_exec(self, pipe: Pipe, inputs: Sequence[Result]) -> None:
+        if self.exec_done:
+            if self.exec_err is not None:
+                pipe.finalize(None, self.exec_err)
+            else:
+                self._deliver_exec(pipe)
+            return
+        self._join("exec", pipe, lambda: self.request_exec(pipe, inputs),
+                   lambda: self._exec_work(inputs))
+
+    def _deliver_exec(self, pipe: Pipe) -> None:
+        assert self.exec_res is not None
+        pipe.finalize([r.clone() for r in self.exec_res], None, owned=True)
+
+    async def _exec_work(self, inputs: Sequence[Result]) -> Callable[[Pipe], None]:
+        op = self.get_op()
+        st = self.state
+        acquire = getattr(op, "acquire", None)
+        cm: contextlib.AbstractAsyncContextManager[Any]
+        cm = acquire() if acquire is not None else contextlib.nullcontext()
+        try:
+            await cm.__aenter__()
+        except Exception as exc:
+            raise self._error(exc, "acquire op resources") from None
+        try:
+            st.emit(STARTED)
+            try:
+                outputs = list(await op.exec(inputs))
+            except BaseException as exc:
+                st.emit(ERROR, exc)
+                raise
+            st.emit(COMPLETED)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await cm.__aexit__(None, None, None)
+        if self.released:
+            for r in outputs:
+                self.release_later(r)
+            raise SolveError("the vertex was released while it ran")
+        self.exec_res = [SharedResult(r) for r in outputs]
+        self.exec_done = True
+        return self._deliver_exec
+
+    # -- content keys ---------------------------------------------------------------
+    def request_slow_cache(
+        self, pipe: Pipe, index: int, fn: ComputeDigest, res: SharedResult
+    ) -> None:
+        if index in self.slow_res:
+            pipe.finalize(self.slow_res[index], None)
+            return
+        if index in self.slow_err:
+            pipe.finalize(None, self.slow_err[index])
+            return
+        self._join(f"slow-{index}", pipe, lambda: self.request_slow_cache(pipe, index, fn, res),
+                   lambda: self._slow_work(index, fn, res))
+
+    async def _slow_work(
+        self, index: int, fn: ComputeDigest, res: SharedResult
+    ) -> Callable[[Pipe], None]:
+        # Hold the input for as long as its key is computed; on failure the
+        # hold becomes the handle the error carries.
+        held = res.clone()
+        try:
+            digest = await fn(held)
+            if not isinstance(digest, str) or not digest:
+                raise SolveError(f"compute_digest returned {digest!r}, not a digest")
+        except BaseException as exc:
+            if not isinstance(exc, Exception) or self.released:
+                self.release_later(held)
+                raise
+            v = self.state.vtx
+            err = SlowCacheError(
+                f"failed to compute cache key: {exc}",
+                index=index,
+                result=held,
+                vertex=v.digest,
+                vertex_name=v.name,
+            )
+            err.__cause__ = exc
+            self.state.emit(ERROR, err)
+            self.slow_err[index] = err
+            raise err from exc
+        self.release_later(held)
+        self.slow_res[index] = digest
+        return lambda p: p.finalize(digest, None)
+
+    # -- cache loads ------------------------------------------------------------------
+    def request_load(self, pipe: Pipe, record: CacheRecord) -> None:
+        self.state.solver.spawn(self._load, pipe, record)
+
+    async def _load(self, pipe: Pipe, record: CacheRecord) -> None:
+        value: Any = None
+        err: BaseException | None = None
+        with anyio.CancelScope() as scope:
+            pipe.on_cancel = scope.cancel
+            if pipe.canceled:
+                scope.cancel()
+            try:
+                res = await self.cache().load(record)
+                value = CachedResultWithKeys(res, [ExportableCacheKey(record.key, record)])
+                self.state.emit(CACHED)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:
+                err = exc
+        pipe.on_cancel = None
+        if value is not None:
+            pipe.finalize(value, None, owned=True)
+        elif scope.cancel_called or not isinstance(err, Exception):
+            pipe.finalize(None, CANCELED)
+        else:
+            assert err is not None
+            pipe.finalize(None, self._error(err, "failed to load cache"))
+
+    # -- the shared call ------------------------------------------------------------
+    def _join(
+        self,
+        key: str,
+        pipe: Pipe,
+        reissue: Callable[[], None],
+        work: Callable[[], Awaitable[Callable[[Pipe], None]]],
+    ) -> None:
+        if self.released:
+            pipe.finalize(None, SolveError("the vertex was released (its jobs were discarded)"))
+            return
+        call = self._calls.get(key)
+        if call is not None and call.cancel_requested:
+            call.retry.append((pipe, reissue))
+            pipe.on_cancel = lambda: self._drop_retry(call, pipe)
+            return
+        if call is None:
+            call = self._calls[key] = _Call(key)
+            self.state.solver.spawn(self._run, call, work)
+        call.waiters.append(pipe)
+        pipe.on_cancel = lambda: self._drop(call, pipe)
+
+    def _drop_retry(self, call: _Call, pipe: Pipe) -> None:
+        call.retry = [(p, r) for p, r in call.retry if p is not pipe]
+        pipe.finalize(None, CANCELED)
+
+    def _drop(self, call: _Call, pipe: Pipe) -> None:
+        if any(not w.canceled for w in call.waiters):
+            call.waiters.remove(pipe)
+            pipe.on_cancel = None
+            pipe.finalize(None, CANCELED)
+            return
+        # the last one: stop the work; this waiter is answered when it has stopped
+        call.cancel_requested = True
+        if call.scope is not None:
+            call.scope.cancel()
+
+    async def _run(
+        self, call: _Call, work: Callable[[], Awaitable[Callable[[Pipe], None]]]
+    ) -> None:
+        deliver: Callable[[Pipe], None] | None = None
+        err: BaseException | None = None
+        cancelled = False
+        try:
+            with anyio.CancelScope() as scope:
+                call.scope = scope
+                if call.cancel_requested:
+                    scope.cancel()
+                try:
+                    deliver = await work()
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as exc:
+                    err = exc
+            # An outcome reached while cancellation was asked for is never kept.
+            cancelled = err is not None and (scope.cancel_called or self.released)
+            if err is not None and not cancelled and not isinstance(err, Exception):
+                # A cancellation exception the op raised by itself is an ordinary
+                # failure, unless the solver itself is being torn down.
+                try:
+                    await anyio.lowlevel.checkpoint_if_cancelled()
+                except BaseException:
+                    cancelled = True
+                    raise
+        finally:
+            call.scope = None
+            self._finish(call, deliver, err, cancelled)
+
+    def _finish(
+        self,
+        call: _Call,
+        deliver: Callable[[Pipe], None] | None,
+        err: BaseException | None,
+        cancelled: bool,
+    ) -> None:
+        if self._calls.get(call.key) is call:
+            del self._calls[call.key]
+        failure: BaseException | None = None
+        if cancelled or (deliver is None and err is None):
+            failure = CANCELED
+        elif err is not None:
+            failure = self._error(err, self._prefix(call.key))
+            self._memoize_error(call.key, failure)
+        for w in call.waiters:
+            w.on_cancel = None
+            if failure is not None:
+                w.finalize(None, failure)
+            else:
+                assert deliver is not None
+                deliver(w)
+        for p, reissue in call.retry:
+            p.on_cancel = None
+            if p.canceled:
+                p.finalize(None, CANCELED)
+            else:
+                reissue()
+
+    @staticmethod
+    def _prefix(key: str) -> str | None:
+        if key.startswith("cachemap"):
+            return "failed to load cache key"
+        if key.startswith("slow"):
+            return "failed to compute cache key"
+        return None
+
+    def _memoize_error(self, key: str, err: SolveError) -> None:
+        if key.startswith("cachemap"):
+            self.cache_err = err
+        elif key == "exec":
+            self.exec_done = True
+            self.exec_err = err
+        # content-key errors are memoized where they are made (they own a handle)
+
+    # -- end of life ----------------------------------------------------------------
+    def release(self) -> None:
+        """Release the exec outputs and error handles; the vertex is gone."""
+        self.released = True
+        for call in list(self._calls.values()):
+            if call.scope is not None:
+                call.scope.cancel()
+            call.cancel_requested = True
+        if self.exec_res is not None:
+            for r in self.exec_res:
+                self.release_later(r)
+            self.exec_res = None
+        for err in self.slow_err.values():
+            if isinstance(err, SlowCacheError):
+                self.release_later(err.result)
+        self.slow_err.clear()
+

@@ -1,0 +1,530 @@
+"""The solver: active vertices shared by jobs, and the public ``Solver``/``Job``.
+
+After BuildKit's ``solver/jobs.go``.
+
+* Loading a vertex for a job makes it *active*: one :class:`VertexState` per
+  vertex digest, shared by every live job that loaded that digest. Loading visits
+  inputs first and rewrites each vertex into a canonical :class:`LoadedVertex`
+  whose inputs point at the shared states' vertices.
+* Ignore-cache: an ignore-cache vertex never joins a normal run of its digest; it
+  gets its own state under a derived key. A normal request may join an
+  ignore-cache run.
+* A state lives while any job or parent state (a nested build) refers to it;
+  ``Job.discard`` removes the job everywhere and deletes what is left
+  unreferenced, releasing the edges' results and the op's outputs.
+* When the scheduler merges an edge into an equal one, the jobs of the merged
+  state are added to the target, its ancestors and merged inputs, so the target
+  outlives every job that reaches it (BuildKit's "inconsistent graph state" fix).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskGroup
+
+from ._cache import CacheManager
+from ._cachemanager import CombinedCacheManager, InMemoryCacheManager
+from ._digest import digest_of
+from ._edge import ActiveEdge
+from ._errors import SolveError
+from ._graph import Edge, Vertex, VertexOptions
+from ._index import EdgeIndex
+from ._op import Builder, Op, ResolveOp
+from ._progress import JobProgress, ProgressEvent, make_event
+from ._scheduler import Scheduler
+from ._sharedop import SharedOp
+
+if TYPE_CHECKING:
+    from ._result import CachedResult
+
+__all__ = ["Job", "LoadedVertex", "Solver", "VertexState"]
+
+logger = logging.getLogger("solver")
+
+
+class LoadedVertex:
+    """The canonical vertex of an active state: inputs point at shared vertices."""
+
+    __slots__ = ("_inputs", "digest", "orig")
+
+    def __init__(self, orig: Vertex, digest: str, inputs: Sequence[Edge]) -> None:
+        self.orig = orig
+        self.digest = digest
+        self._inputs = tuple(inputs)
+
+    @property
+    def inputs(self) -> Sequence[Edge]:
+        return self._inputs
+
+    @property
+    def name(self) -> str:
+        return self.orig.name
+
+    @property
+    def options(self) -> VertexOptions:
+        return self.orig.options
+
+    @property
+    def sys(self) -> object:
+        return self.orig.sys
+
+    def __repr__(self) -> str:
+        return f"<Vertex {self.name!r} {self.digest[:19]}>"
+
+
+class _SubBuilder:
+    """The builder an op gets: nested builds belong to the op's vertex."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: VertexState) -> None:
+        self.state = state
+
+    async def build(self, edge: Edge) -> CachedResult:
+        return await self.state.solver._sub_build(edge, self.state)
+
+
+class VertexState:
+    """One active vertex, shared by every job that loaded its digest."""
+
+    __slots__ = (
+        "builder",
+        "children",
+        "edges",
+        "history",
+        "jobs",
+        "key",
+        "main_cache",
+        "op",
+        "orig_digest",
+        "parents",
+        "solver",
+        "sources",
+        "vtx",
+        "watchers",
+        "_combined",
+    )
+
+    def __init__(self, solver: Solver, key: str, vtx: LoadedVertex, orig_digest: str) -> None:
+        self.solver = solver
+        self.key = key
+        self.vtx = vtx
+        self.orig_digest = orig_digest
+        self.jobs: set[Job] = set()
+        self.parents: set[str] = set()
+        self.children: set[str] = set()
+        self.edges: dict[int, ActiveEdge] = {}
+        self.op: SharedOp | None = None
+        self.main_cache = solver._cache
+        self.sources: dict[str, CacheManager] = {}
+        self._combined: CacheManager | None = None
+        self.builder = _SubBuilder(self)
+        # progress: events so far, and the jobs that see them
+        self.history: list[ProgressEvent] = []
+        self.watchers: set[JobProgress] = set()
+
+    def __repr__(self) -> str:
+        return f"<VertexState {self.vtx.name!r} jobs={len(self.jobs)}>"
+
+    def combined_cache(self) -> CacheManager:
+        if self._combined is None:
+            if not self.sources:
+                self._combined = self.main_cache
+            else:
+                managers = [self.main_cache, *self.sources.values()]
+                self._combined = CombinedCacheManager(managers, self.main_cache)
+        return self._combined
+
+    def add_source(self, cache: CacheManager) -> None:
+        if cache.id != self.main_cache.id and cache.id not in self.sources:
+            self.sources[cache.id] = cache
+            self._combined = None
+
+    def get_edge(self, index: int) -> ActiveEdge:
+        e = self.edges.get(index)
+        if e is not None:
+            while e.owner is not None:
+                e = e.owner
+            return e
+        if self.op is None:
+            self.op = SharedOp(self)
+        e = ActiveEdge(Edge(self.vtx, index), self.op, self.solver._index)
+        self.edges[index] = e
+        return e
+
+    def set_edge(self, index: int, target: ActiveEdge, target_state: VertexState | None) -> None:
+        e = self.edges.get(index)
+        if e is not None:
+            while e.owner is not None:
+                e = e.owner
+            if e is target:
+                return
+        else:
+            if self.op is None:
+                self.op = SharedOp(self)
+            e = ActiveEdge(Edge(self.vtx, index), self.op, self.solver._index)
+            self.edges[index] = e
+        target.take_ownership(e)
+        if target_state is not None:
+            target_state.add_jobs(self)
+            for w in self.watchers:
+                target_state.watch(w)
+
+    def add_jobs(self, src: VertexState) -> None:
+        """Add ``src``'s jobs here, to every input, and to merged inputs."""
+        actives = self.solver._actives
+        seen: set[int] = set()
+        stack: list[VertexState] = [self]
+        while stack:
+            st = stack.pop()
+            if id(st) in seen:
+                continue
+            seen.add(id(st))
+            st.jobs.update(src.jobs)
+            for inp in st.vtx.inputs:
+                inp_state = actives.get(inp.vertex.digest)
+                if inp_state is None:
+                    logger.error("input vertex not found while adding jobs")
+                    continue
+                stack.append(inp_state)
+                merged = inp_state.edges.get(inp.index)
+                if merged is None:
+                    continue
+                while merged.owner is not None:
+                    merged = merged.owner
+                mdigest = merged.edge.vertex.digest
+                if mdigest != inp.vertex.digest:
+                    mstate = actives.get(mdigest)
+                    if mstate is None:
+                        logger.error("merged input vertex not found while adding jobs")
+                        continue
+                    stack.append(mstate)
+
+    # progress
+    def watch(self, progress: JobProgress) -> None:
+        if progress not in self.watchers:
+            self.watchers.add(progress)
+            for ev in self.history:
+                progress.put(ev)
+
+    def emit(self, status: str, error: BaseException | str | None = None) -> None:
+        ev = make_event(self.vtx.digest, self.vtx.name, status, error)
+        self.history.append(ev)
+        for w in self.watchers:
+            w.put(ev)
+
+    def log(self, data: bytes, stream: int = 1) -> None:
+        """Emit output of the running op (1 = stdout, 2 = stderr)."""
+        ev = make_event(self.vtx.digest, self.vtx.name, "log", None, data, stream)
+        self.history.append(ev)
+        for w in self.watchers:
+            w.put(ev)
+
+    def release(self) -> None:
+        for e in self.edges.values():
+            while e.owner is not None:
+                e = e.owner
+            e.release()
+        if self.op is not None:
+            self.op.release()
+
+
+class Job:
+    """One client's build request. Create it with :meth:`Solver.new_job`.
+
+    A job keeps every vertex it loaded active until :meth:`discard`. A discarded
+    job can still build; it is discarded again by its next discard.
+    """
+
+    __slots__ = ("_progress", "id", "solver")
+
+    def __init__(self, solver: Solver, id: str) -> None:
+        self.solver = solver
+        self.id = id
+        self._progress = JobProgress()
+
+    def __repr__(self) -> str:
+        return f"<Job {self.id}>"
+
+    async def build(self, edge: Edge) -> CachedResult:
+        """Solve ``edge`` and return a new handle on its result; the caller owns it.
+
+        Raises :class:`SolveError` if any vertex fails. Cancelling the caller
+        cancels only this caller; shared work goes on while another job waits.
+        """
+        s = self.solver
+        s._check_open()
+        if self._progress.closed:
+            self._progress = JobProgress()
+        v = s._load(edge.vertex, None, self)
+        return await s._scheduler.build(Edge(v, edge.index))
+
+    async def discard(self) -> None:
+        """Release every vertex this job keeps active (shared ones stay for others)."""
+        self.solver._discard(self)
+        await anyio.lowlevel.checkpoint()
+
+    def status(self) -> AsyncIterator[ProgressEvent]:
+        """Progress events of every vertex this job uses, until it is discarded."""
+        return self._progress.events()
+
+
+class Solver:
+    """The engine. Use it as an async context manager: it owns the task group in
+    which shared work runs.
+
+    ``resolve_op(vertex, builder)`` turns a vertex into its :class:`Op`.
+    ``default_cache`` is the main cache (an :class:`InMemoryCacheManager` the
+    solver makes, and closes, when not given; one passed in is the caller's).
+    ``frontends`` maps names to frontends for :meth:`solve`.
+    """
+
+    def __init__(
+        self,
+        resolve_op: ResolveOp | None = None,
+        default_cache: CacheManager | None = None,
+        frontends: Mapping[str, object] | None = None,
+    ) -> None:
+        if resolve_op is None:
+            raise SolveError(
+                "Solver() without resolve_op needs the built-in worker (solver.worker), "
+                "which this version does not ship yet: pass resolve_op=your_function"
+            )
+        self.resolve_op: Callable[[Vertex, Builder], Op] = resolve_op
+        self._owns_cache = default_cache is None
+        self._cache: CacheManager = (
+            default_cache if default_cache is not None else InMemoryCacheManager()
+        )
+        self.frontends = dict(frontends or {})
+        self._actives: dict[str, VertexState] = {}
+        self._jobs: dict[str, Job] = {}
+        self._index = EdgeIndex()
+        self._scheduler = Scheduler(self)
+        self._tg: TaskGroup | None = None
+        self._closed = False
+        self._job_added = anyio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Solver jobs={len(self._jobs)} active={len(self._actives)}>"
+
+    @property
+    def default_cache(self) -> CacheManager:
+        return self._cache
+
+    # -- lifetime --------------------------------------------------------------------
+    async def __aenter__(self) -> Solver:
+        if self._tg is not None or self._closed:
+            raise SolveError("a Solver can be entered only once")
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        tg.start_soon(self._scheduler.run)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        tg = self._tg
+        assert tg is not None
+        try:
+            for job in list(self._jobs.values()):
+                self._discard(job)
+            self._jobs.clear()
+            self._closed = True
+            self._scheduler.close()
+            tg.cancel_scope.cancel()
+        finally:
+            result = await tg.__aexit__(*exc_info)
+            self._tg = None
+            if self._owns_cache:
+                with anyio.CancelScope(shield=True):
+                    await self._cache.close()
+        return result
+
+    def _check_open(self) -> None:
+        if self._tg is None:
+            raise SolveError("the Solver is not running: use it as `async with Solver(...)`")
+
+    def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        assert self._tg is not None
+        self._tg.start_soon(fn, *args)
+
+    def release_later(self, result: Any) -> None:
+        """Release a handle in the background; the release is shielded."""
+        if self._tg is None:
+            raise SolveError("release after the solver closed")
+        self._tg.start_soon(_release, result)
+
+    # -- jobs ------------------------------------------------------------------------
+    def new_job(self, id: str | None = None) -> Job:
+        """Start a job. ``id`` defaults to a random one; an ID in use is an error."""
+        self._check_open()
+        if id is None:
+            id = secrets.token_hex(8)
+        if id in self._jobs:
+            raise SolveError(f"job ID {id} exists")
+        job = Job(self, id)
+        self._jobs[id] = job
+        self._job_added.set()
+        self._job_added = anyio.Event()
+        return job
+
+    async def get_job(self, id: str, timeout: float = 6.0) -> Job:
+        """The job with ``id``, waiting up to ``timeout`` seconds for it to appear."""
+        with anyio.move_on_after(timeout):
+            while True:
+                job = self._jobs.get(id)
+                if job is not None:
+                    await anyio.lowlevel.checkpoint()
+                    return job
+                await self._job_added.wait()
+        raise SolveError(f"no such job {id}")
+
+    def _discard(self, job: Job) -> None:
+        for key, st in list(self._actives.items()):
+            if job in st.jobs:
+                st.jobs.discard(job)
+                self._delete_if_unreferenced(key, st)
+            st.watchers.discard(job._progress)
+        job._progress.close()
+
+    def _delete_if_unreferenced(self, key: str, st: VertexState) -> None:
+        stack = [(key, st)]
+        while stack:
+            k, s = stack.pop()
+            if s.jobs or s.parents or self._actives.get(k) is not s:
+                continue
+            for child_key in s.children:
+                child = self._actives.get(child_key)
+                if child is not None:
+                    child.parents.discard(k)
+                    stack.append((child_key, child))
+            s.release()
+            del self._actives[k]
+
+    # -- the edge factory (for the scheduler) ------------------------------------------
+    def get_edge(self, edge: Edge) -> ActiveEdge | None:
+        st = self._actives.get(edge.vertex.digest)
+        if st is None:
+            return None
+        return st.get_edge(edge.index)
+
+    def set_edge(self, edge: Edge, target: ActiveEdge) -> None:
+        st = self._actives.get(edge.vertex.digest)
+        if st is None:
+            return
+        target_state = self._actives.get(target.edge.vertex.digest)
+        st.set_edge(edge.index, target, target_state)
+
+    def has_owner(self, target: Edge, owner: Edge) -> bool:
+        st = self._actives.get(target.vertex.digest)
+        if st is None:
+            return False
+        owners = [e.owner.edge for e in st.edges.values() if e.owner is not None]
+        seen: set[str] = set()
+        while owners:
+            nxt: list[Edge] = []
+            for e in owners:
+                d = e.vertex.digest
+                if d in seen:
+                    continue
+                seen.add(d)
+                s = self._actives.get(d)
+                if s is None:
+                    continue
+                if s.vtx.digest == owner.vertex.digest:
+                    return True
+                nxt.extend(x.owner.edge for x in s.edges.values() if x.owner is not None)
+            owners = nxt
+        return False
+
+    # -- loading -----------------------------------------------------------------------
+    async def _sub_build(self, edge: Edge, parent: VertexState) -> CachedResult:
+        v = self._load(edge.vertex, parent, None)
+        return await self._scheduler.build(Edge(v, edge.index))
+
+    def _load(self, root: Vertex, parent: VertexState | None, job: Job | None) -> LoadedVertex:
+        """Make ``root`` and its inputs active for ``job`` (or as a nested build of
+        ``parent``); inputs first, iteratively, so deep graphs never recurse."""
+        memo: dict[int, LoadedVertex] = {}
+        stack: list[tuple[Vertex, bool]] = [(root, False)]
+        while stack:
+            v, expanded = stack.pop()
+            if id(v) in memo:
+                continue
+            if not expanded:
+                stack.append((v, True))
+                for inp in reversed(v.inputs):
+                    if id(inp.vertex) not in memo:
+                        stack.append((inp.vertex, False))
+                continue
+            memo[id(v)] = self._load_one(v, memo, parent, job)
+        return memo[id(root)]
+
+    def _load_one(
+        self,
+        v: Vertex,
+        memo: dict[int, LoadedVertex],
+        parent: VertexState | None,
+        job: Job | None,
+    ) -> LoadedVertex:
+        inputs = [Edge(memo[id(e.vertex)], e.index) for e in v.inputs]
+        digest = v.digest
+        options = v.options
+        ignore_key = digest_of(f"{digest}-ignorecache".encode())
+        st = self._actives.get(ignore_key)
+        if st is None:
+            key = digest
+            existing = self._actives.get(digest)
+            if (
+                existing is not None
+                and not existing.vtx.options.ignore_cache
+                and options.ignore_cache
+            ):
+                key = ignore_key
+            st = self._actives.get(key)
+            if st is None:
+                st = VertexState(self, key, LoadedVertex(v, key, inputs), digest)
+                self._actives[key] = st
+        for cache in options.cache_sources:
+            st.add_source(cache)
+        if job is not None:
+            st.jobs.add(job)
+        if parent is not None and parent.key not in st.parents:
+            st.parents.add(parent.key)
+            parent.children.add(st.key)
+            for cache in parent.sources.values():
+                st.add_source(cache)
+        self._connect_progress(st)
+        return st.vtx
+
+    def _connect_progress(self, st: VertexState) -> None:
+        seen: set[str] = set()
+        stack = [st]
+        while stack:
+            src = stack.pop()
+            if src.key in seen:
+                continue
+            seen.add(src.key)
+            for j in src.jobs:
+                st.watch(j._progress)
+            for p in src.parents:
+                ps = self._actives.get(p)
+                if ps is not None:
+                    stack.append(ps)
+
+    # -- introspection (tests and debugging) ---------------------------------------------
+    def _state_jobs(self, digest: str) -> set[str] | None:
+        st = self._actives.get(digest)
+        return None if st is None else {j.id for j in st.jobs}
+
+
+async def _release(result: Any) -> None:
+    with anyio.CancelScope(shield=True):
+        try:
+            await result.release()
+        except Exception:
+            logger.exception("failed to release %r", result)
