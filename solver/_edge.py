@@ -736,13 +736,17 @@ class ActiveEdge:
                 self.finish_incoming(req)
             elif not self.has_active_outgoing and self.state >= r.desired:
                 self.finish_incoming(req)
-            elif not (
-                r.current_state == self.state
-                and r.current_result is self.result
-                and r.current_cache_map is self.cache_map
-                and r.current_keys == len(self.keys)
-            ):
-                self.update_incoming(req)
+            else:
+                now = (self.state, self.result, self.cache_map, len(self.keys))
+                seen = r.seen
+                if (
+                    seen[0] != now[0]
+                    or seen[1] is not now[1]
+                    or seen[2] is not now[2]
+                    or seen[3] != now[3]
+                ):
+                    r.seen = now
+                    self.update_incoming(req)
         return desired, False
 
     def create_input_requests(self, desired: int, s: Scheduler, force: bool) -> bool:

@@ -62,7 +62,14 @@ CANCELED: Final = Canceled("canceled")
 class EdgeRequest:
     """What a requester wants from an edge, and what it has already seen."""
 
-    __slots__ = ("current_cache_map", "current_keys", "current_result", "current_state", "desired")
+    __slots__ = (
+        "current_cache_map",
+        "current_keys",
+        "current_result",
+        "current_state",
+        "desired",
+        "seen",
+    )
 
     def __init__(
         self,
@@ -77,6 +84,14 @@ class EdgeRequest:
         self.current_result = current_result
         self.current_cache_map = current_cache_map
         self.current_keys = current_keys
+        # (state, result, cache map, number of keys) the requester last received:
+        # an update that would repeat it is not sent.
+        self.seen: tuple[int, object, object, int] = (
+            current_state,
+            current_result,
+            current_cache_map,
+            current_keys,
+        )
 
 
 class Pipe:

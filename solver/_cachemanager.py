@@ -1,0 +1,475 @@
+"""Cache managers: a manager over a key storage and a result storage, the in-memory
+default cache, and the combination of a main cache with imported ones.
+
+How a manager names keys. A root key (no deps) is stored under ``key.id``, the digest
+of its op digest and output. A key with deps has no name of its own in storage: the
+manager follows the links ``dep key --{input, output, digest, selector}--> ?`` from
+the keys of its inputs. A stored ID that every input reaches (through at least one of
+its alternative keys) is the key's ID; when there is none, the manager mints a random
+ID, and :meth:`KeyedCacheManager.save` links every dep key to it so that the next
+build with equal inputs finds it. The ID a manager settles on is memoized on the key
+object (``key.ids[manager]``), so a key keeps one ID per manager for its lifetime.
+
+BuildKit intersects, for inputs after the first, the links of *each* alternative key
+(an input's alternatives must then all be linked); we take the union over an input's
+alternatives for every input, and intersect across inputs. Alternatives are names
+for one input value, so any of them reaching a stored key is enough; the result is
+that fewer random IDs are minted for keys whose newest alternative (a slow key, say)
+has not been linked yet.
+
+Concurrency. Each storage call is atomic and the sequences a manager runs on top of
+them only add links or results, so interleaved queries converge on the same graph.
+``save`` holds a lock so that two saves of equal keys do not both mint an ID before
+either has linked its one. The lock is taken without a checkpoint when it is free,
+and over the in-memory storages nothing awaits while holding it (so it is never
+contended), so the in-memory manager's ``query``, ``records``, ``load`` and ``save``
+never checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._cache import (
+    CacheInfoLink,
+    CacheKey,
+    CacheKeyWithSelector,
+    CacheManager,
+    CacheRecord,
+    ExportableCacheKey,
+    root_key,
+)
+from ._cachestorage import (
+    CacheKeyStorage,
+    InMemoryCacheStorage,
+    InMemoryResultStorage,
+    NotFoundError,
+    ResultStorage,
+)
+from ._digest import digest_of
+from ._errors import SolveError
+
+if TYPE_CHECKING:
+    from ._result import Result
+
+__all__ = [
+    "CombinedCacheManager",
+    "InMemoryCacheManager",
+    "KeyedCacheManager",
+    "best_record",
+]
+
+_logger = logging.getLogger("solver")
+
+
+def _new_id() -> str:
+    return secrets.token_hex(16)
+
+
+def _dep_links(key: CacheKey) -> Iterator[tuple[CacheKey, CacheInfoLink]]:
+    """Each alternative dep key of ``key`` with the link from it to ``key``."""
+    for i, alternatives in enumerate(key.deps):
+        for dep in alternatives:
+            yield dep.key.key, CacheInfoLink(i, key.output, key.digest, dep.selector)
+
+
+@dataclass(slots=True, eq=False)
+class _LinkFrame:
+    # one key of the post-order walk in KeyedCacheManager._ensure_persistent_key
+    id: str
+    deps: Iterator[tuple[CacheKey, CacheInfoLink]]
+    # the link from the dep being made persistent to this key, added once it is
+    link_after: tuple[str, CacheInfoLink] | None = None
+
+
+class KeyedCacheManager:
+    """A :class:`~solver.CacheManager` over a :class:`CacheKeyStorage` (the key graph)
+    and a :class:`ResultStorage` (the results), with BuildKit's semantics.
+
+    The manager owns both storages: :meth:`close` closes them. The constructor does
+    not look at the storages; a caller opening storages that outlive the process
+    should use :meth:`open`, which also drops key records whose results are gone.
+
+    ``query`` returns new keys whose ``id`` is this manager's storage ID and whose
+    ``ids`` memo already holds it. In the complexities below, a *step* is one storage
+    call.
+    """
+
+    def __init__(self, id: str, storage: CacheKeyStorage, results: ResultStorage) -> None:
+        self._id = id
+        self._storage = storage
+        self._results = results
+        self._save_lock = anyio.Lock()
+
+    @staticmethod
+    async def open(id: str, storage: CacheKeyStorage, results: ResultStorage) -> KeyedCacheManager:
+        """A manager over storages that may hold records from an earlier run.
+
+        Runs :meth:`release_unreferenced` first, so that results deleted while no
+        manager was running (a pruned worker cache) are no longer offered.
+        O(keys + results) steps.
+        """
+        manager = KeyedCacheManager(id, storage, results)
+        await manager.release_unreferenced()
+        return manager
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} id={self._id!r} storage={self._storage!r}>"
+
+    @property
+    def id(self) -> str:
+        """The manager's ID; two managers with equal IDs are the same cache."""
+        return self._id
+
+    @property
+    def storage(self) -> CacheKeyStorage:
+        """The key storage (for inspection and tests)."""
+        return self._storage
+
+    @property
+    def results(self) -> ResultStorage:
+        """The result storage (for inspection and tests)."""
+        return self._results
+
+    async def query(
+        self, deps: Sequence[CacheKeyWithSelector], input: int, digest: str, output: int
+    ) -> list[CacheKey]:
+        """The stored keys that an op with ``digest`` produced on output ``output``
+        when fed any of ``deps`` (alternative keys of input ``input``); with no deps,
+        the root key of ``digest``/``output`` if it is stored.
+
+        Every dep key that does not yet link to a key found is linked to it, so all
+        alternatives of an input lead to the same stored keys from then on.
+        O(deps x keys found) steps.
+        """
+        links: list[tuple[str, CacheInfoLink, set[str]]] = []
+        found: dict[str, CacheKey] = {}
+        for dep in deps:
+            dep_id = await self._get_id(dep.key.key)
+            link = CacheInfoLink(input, output, digest, dep.selector)
+            targets = await self._storage.walk_links(dep_id, link)
+            links.append((dep_id, link, set(targets)))
+            for target in targets:
+                if target not in found:
+                    found[target] = self._new_key(target, digest, output)
+        for target in found:
+            for dep_id, link, reached in links:
+                if target not in reached:
+                    await self._storage.add_link(dep_id, link, target)
+        if not deps:
+            id = root_key(digest, output)
+            if not await self._storage.exists(id):
+                return []
+            return [self._new_key(id, digest, output)]
+        return list(found.values())
+
+    async def records(self, key: CacheKey) -> list[CacheRecord]:
+        """The results stored under ``key`` that the result storage still has, as
+        records of this manager with priority 0. Results it no longer has are
+        released from the key storage on the way. O(results) steps."""
+        id = await self._get_id(key)
+        records: list[CacheRecord] = []
+        for result in await self._storage.walk_results(id):
+            if await self._results.exists(result.id):
+                records.append(CacheRecord(result.id, self, key, result.created_at))
+            else:
+                await self._storage.release(result.id)
+        return records
+
+    async def load(self, record: CacheRecord) -> Result:
+        """A new handle on the record's result, which the caller owns.
+
+        ``record`` must come from this manager's :meth:`records`. Raises
+        :class:`NotFoundError` if the result was released since. O(1) steps.
+        """
+        stored = await self._storage.load(await self._get_id(record.key), record.id)
+        return await self._results.load(stored)
+
+    async def save(self, key: CacheKey, result: Result, created_at: float) -> ExportableCacheKey:
+        """Store ``result`` under ``key`` and link every dep key to it, recursively,
+        so that :meth:`query` finds it from the keys of its inputs.
+
+        The result storage keeps its own handle; ``result`` is still the caller's.
+        If the save fails or is cancelled before the result is stored under a key,
+        the stored handle is released again. The returned key has no exporter.
+        O(keys of the dep graph not yet linked) steps.
+        """
+        try:
+            # no checkpoint when the lock is free (anyio's acquire() always has one)
+            self._save_lock.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._save_lock.acquire()
+        try:
+            stored = await self._results.save(result, created_at)
+            try:
+                await self._storage.add_result(await self._get_id(key), stored)
+                await self._ensure_persistent_key(key)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._forget_if_unreferenced(stored.id)
+                raise
+        finally:
+            self._save_lock.release()
+        return ExportableCacheKey(key)
+
+    async def _forget_if_unreferenced(self, result_id: str) -> None:
+        try:
+            if not await self._storage.walk_ids_by_result(result_id):
+                await self._results.release(result_id)
+        except Exception:
+            # the save's own error is what the caller needs to see
+            _logger.exception("cleaning up after a failed cache save of %s", result_id)
+
+    async def release(self, result_id: str) -> None:
+        """Forget ``result_id``: remove it from every key (deleting keys left empty,
+        see :class:`CacheKeyStorage`) and release the stored handle. O(cascade)."""
+        await self._storage.release(result_id)
+        await self._results.release(result_id)
+
+    async def release_unreferenced(self) -> None:
+        """Release from the key storage every result the result storage no longer
+        has (deleted by a prune, or while no manager was running). O(keys +
+        results) steps."""
+        seen: set[str] = set()
+        for id in await self._storage.walk():
+            for result in await self._storage.walk_results(id):
+                if result.id in seen:
+                    continue
+                seen.add(result.id)
+                if not await self._results.exists(result.id):
+                    await self._storage.release(result.id)
+
+    async def close(self) -> None:
+        """Release every stored handle and close both storages. Idempotent."""
+        try:
+            await self._results.close()
+        finally:
+            await self._storage.close()
+
+    def _new_key(self, id: str, digest: str, output: int) -> CacheKey:
+        key = CacheKey(digest, "", output, id=id)
+        key.ids[self] = id
+        return key
+
+    async def _get_id(self, key: CacheKey) -> str:
+        """This manager's storage ID of ``key``, memoized on the key."""
+        memo = key.ids.get(self)
+        if memo is not None:
+            return memo
+        # Resolve the unresolved part of the dep graph bottom-up, without recursion:
+        # a key's ID needs the IDs of its deps.
+        for k in self._unresolved_post_order(key):
+            if self in k.ids:
+                continue
+            id = await self._id_from_deps(k) if k.deps else k.id
+            # first writer wins, should two tasks resolve the same key at once
+            k.ids.setdefault(self, id)
+        return key.ids[self]
+
+    def _unresolved_post_order(self, key: CacheKey) -> list[CacheKey]:
+        order: list[CacheKey] = []
+        seen = {id(key)}
+        stack: list[tuple[CacheKey, Iterator[tuple[CacheKey, CacheInfoLink]]]] = [
+            (key, _dep_links(key))
+        ]
+        while stack:
+            k, deps = stack[-1]
+            for dep, _ in deps:
+                if self not in dep.ids and id(dep) not in seen:
+                    seen.add(id(dep))
+                    stack.append((dep, _dep_links(dep)))
+                    break
+            else:
+                stack.pop()
+                order.append(k)
+        return order
+
+    async def _id_from_deps(self, key: CacheKey) -> str:
+        # A stored ID reached from every input, through any of its alternatives; the
+        # first found, in link order, if several are. The deps are resolved already
+        # (post-order), so the key.ids[self] lookups cannot fail.
+        matches: dict[str, None] | None = None
+        for i, alternatives in enumerate(key.deps):
+            reached: dict[str, None] = {}
+            for dep in alternatives:
+                link = CacheInfoLink(i, key.output, key.digest, dep.selector)
+                for target in await self._storage.walk_links(dep.key.key.ids[self], link):
+                    reached[target] = None
+            matches = reached if matches is None else {t: None for t in matches if t in reached}
+            if not matches:
+                break
+        return next(iter(matches)) if matches else _new_id()
+
+    async def _ensure_persistent_key(self, key: CacheKey) -> None:
+        # A post-order walk with an explicit stack (a deep chain of new keys must not
+        # hit the recursion limit). The link dep -> key is added only after the dep's
+        # own links exist: an existing link is taken to mean "everything below is
+        # linked", so an interrupted save must never leave one too early.
+        stack = [_LinkFrame(await self._get_id(key), _dep_links(key))]
+        while stack:
+            frame = stack[-1]
+            if frame.link_after is not None:
+                dep_id, link = frame.link_after
+                frame.link_after = None
+                await self._storage.add_link(dep_id, link, frame.id)
+            step = next(frame.deps, None)
+            if step is None:
+                stack.pop()
+                continue
+            dep, link = step
+            dep_id = await self._get_id(dep)
+            if not await self._storage.has_link(dep_id, link, frame.id):
+                frame.link_after = (dep_id, link)
+                stack.append(_LinkFrame(dep_id, _dep_links(dep)))
+
+
+class InMemoryCacheManager(KeyedCacheManager):
+    """The solver's default cache: results kept in memory for the manager's lifetime.
+
+    ``InMemoryCacheManager()`` gets a random ID; pass ``id`` to name it. It behaves
+    as any :class:`~solver.CacheManager`:
+
+    - ``save(key, result, created_at)`` keeps its own handle (``result.clone()``, one
+      per result ID) until the result is released or the manager is closed;
+    - ``load(record)`` returns a new handle that the caller owns;
+    - ``close()`` releases every handle it keeps, exactly once; it is idempotent, and
+      using the manager afterwards raises :class:`anyio.ClosedResourceError`.
+
+    ``query``, ``records``, ``load`` and ``save`` never checkpoint and cost
+    dictionary operations only: O(deps x keys found), O(records), O(1), and
+    O(links added) respectively.
+    """
+
+    def __init__(self, id: str | None = None) -> None:
+        super().__init__(
+            id if id is not None else _new_id(), InMemoryCacheStorage(), InMemoryResultStorage()
+        )
+
+
+class CombinedCacheManager:
+    """The main cache together with extra cache sources (imports), seen as one.
+
+    - ``id`` is the digest of the members' IDs joined with commas.
+    - ``query`` asks every member and merges the keys by ID, preferring the main
+      cache's key object.
+    - ``records(key)`` asks the members that have resolved ``key`` (those in
+      ``key.ids``; none gives ``[]``) and gives the main cache's records
+      priority 1, the others 0. A result ID known to several members is reported
+      once, as the main cache's record if it has one.
+    - ``load(record)`` loads through the member the record belongs to; a record from
+      another member is saved into the main cache under the record's key, so that an
+      imported result becomes local. For the main cache to find it again from the
+      keys of its inputs, that key must carry its deps (as the keys the solver asks
+      records for do); a key without deps is saved as a root key. A record whose
+      result is gone raises :class:`~solver.SolveError` ("failed to load deleted
+      cache").
+    - ``save`` and ``release`` go to the main cache only.
+    - ``close()`` closes nothing: the members belong to whoever made them.
+
+    Members with equal IDs are all asked: telling caches apart by ID is the solver's
+    job, not this class's. Members are asked one after the other; the complexities
+    are the sums of the members'.
+    """
+
+    def __init__(self, managers: Sequence[CacheManager], main: CacheManager) -> None:
+        if not any(m is main for m in managers):
+            raise ValueError("the main cache must be one of the managers")
+        self._managers = tuple(managers)
+        self._main = main
+        self._id = digest_of(",".join(m.id for m in self._managers).encode())
+
+    def __repr__(self) -> str:
+        members = len(self._managers)
+        return f"<CombinedCacheManager id={self._id!r} main={self._main.id!r} members={members}>"
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def main(self) -> CacheManager:
+        """The cache that ``save`` writes to and imports are copied into."""
+        return self._main
+
+    @property
+    def managers(self) -> tuple[CacheManager, ...]:
+        """Every member, the main cache included, in the order given."""
+        return self._managers
+
+    async def query(
+        self, deps: Sequence[CacheKeyWithSelector], input: int, digest: str, output: int
+    ) -> list[CacheKey]:
+        """See the class docstring."""
+        keys: dict[str, CacheKey] = {}
+        for manager in self._managers:
+            for key in await manager.query(deps, input, digest, output):
+                if key.id not in keys or manager is self._main:
+                    keys[key.id] = key
+        return list(keys.values())
+
+    async def records(self, key: CacheKey) -> list[CacheRecord]:
+        """See the class docstring."""
+        records: dict[str, CacheRecord] = {}
+        for manager in self._managers:
+            if manager not in key.ids:
+                continue
+            is_main = manager is self._main
+            for record in await manager.records(key):
+                if is_main:
+                    record.priority = 1
+                if record.id not in records or is_main:
+                    records[record.id] = record
+        return list(records.values())
+
+    async def load(self, record: CacheRecord) -> Result:
+        """See the class docstring. The handle returned is the caller's; the main
+        cache keeps its own when it imports the result."""
+        manager = self._member(record.manager)
+        try:
+            result = await manager.load(record)
+        except NotFoundError as exc:
+            raise SolveError("failed to load deleted cache") from exc
+        if manager is not self._main:
+            try:
+                await self._main.save(record.key, result, record.created_at)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await result.release()
+                raise
+        return result
+
+    async def save(self, key: CacheKey, result: Result, created_at: float) -> ExportableCacheKey:
+        """Saves into the main cache."""
+        return await self._main.save(key, result, created_at)
+
+    async def release(self, result_id: str) -> None:
+        """Releases from the main cache."""
+        await self._main.release(result_id)
+
+    async def close(self) -> None:
+        """Does nothing: the members are not this object's to close."""
+
+    def _member(self, manager: CacheManager) -> CacheManager:
+        # Look the record's manager up among the members rather than calling through
+        # the record: only the objects this cache was given are ever called.
+        for member in self._managers:
+            if member is manager:
+                return member
+        raise ValueError(f"record of {manager!r}, which is not a member of {self!r}")
+
+
+def best_record(records: Iterable[CacheRecord]) -> CacheRecord | None:
+    """The record to load among ``records``: the newest (``created_at``), and among
+    equally new ones the lowest ``priority``, then the first given. ``None`` if
+    there are none. O(n).
+
+    As in BuildKit, equal timestamps put priority-0 (imported) records before the
+    main cache's priority-1 records.
+    """
+    return min(records, key=lambda r: (-r.created_at, r.priority), default=None)
