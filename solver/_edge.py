@@ -732,9 +732,7 @@ class ActiveEdge:
         for req in incoming:
             r = req.request
             assert r is not None
-            if req.canceled:
-                self.finish_incoming(req)
-            elif not self.has_active_outgoing and self.state >= r.desired:
+            if req.canceled or (not self.has_active_outgoing and self.state >= r.desired):
                 self.finish_incoming(req)
             else:
                 now = (self.state, self.result, self.cache_map, len(self.keys))
@@ -783,9 +781,8 @@ class ActiveEdge:
                 not d.key_map
                 or self.all_deps_completed_cache_slow
                 or (not self.skip_phase2_fast_cache(d) and self._slow_fn(d) is not None)
-            ) and not self.cache_records:
-                if not d.key_map or not self.skip_phase2_slow_cache(d):
-                    return COMPLETE
+            ) and not self.cache_records and (not d.key_map or not self.skip_phase2_slow_cache(d)):
+                return COMPLETE
             return d.state
         if (
             self.cache_map is not None

@@ -52,7 +52,7 @@ COMPLETE: Final = 3
 STATE_NAMES: Final = ("initial", "cache-fast", "cache-slow", "complete")
 
 
-class Canceled(Exception):  # noqa: N818 - mirrors the domain word
+class Canceled(Exception):
     """A request was answered with "cancelled" (internal; never reaches users)."""
 
 
@@ -110,14 +110,14 @@ class Pipe:
         "on_cancel",
         "on_send",
         "owned",
+        "recv_version",
         "request",
+        "scheduler",
         "send_canceled",
         "send_completed",
         "send_err",
         "send_value",
         "send_version",
-        "recv_version",
-        "scheduler",
         "source",
         "target",
         "value",

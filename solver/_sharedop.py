@@ -83,7 +83,7 @@ class SharedOp:
         self.cache_res: list[CacheMap] = []
         self.cache_done = False
         self.cache_err: BaseException | None = None
-        self.exec_res: list[SharedResult] | None = None
+        self.exec_res: list[SharedResult[Any]] | None = None
         self.exec_done = False
         self.exec_err: BaseException | None = None
         self.slow_res: dict[int, str] = {}
@@ -135,20 +135,9 @@ class SharedOp:
 
     async def _cache_map_work(self, index: int) -> Callable[[Pipe], None]:
         op = self.get_op()
-        st = self.state
-        root = not st.vtx.inputs
-        if root:
-            st.emit(STARTED)
-        try:
-            cm, done = await op.cache_map(len(self.cache_res))
-            if not isinstance(cm, CacheMap):
-                raise SolveError(f"cache_map returned {type(cm).__name__}, not CacheMap")
-        except BaseException as exc:
-            if root:
-                st.emit(ERROR, exc)
-            raise
-        if root:
-            st.emit(COMPLETED)
+        cm, done = await op.cache_map(len(self.cache_res))
+        if not isinstance(cm, CacheMap):
+            raise SolveError(f"cache_map returned {type(cm).__name__}, not CacheMap")
         self.cache_res.append(cm)
         self.cache_done = bool(done)
         value = (cm, self.cache_done)
@@ -200,7 +189,7 @@ class SharedOp:
 
     # -- content keys ---------------------------------------------------------------
     def request_slow_cache(
-        self, pipe: Pipe, index: int, fn: ComputeDigest, res: SharedResult
+        self, pipe: Pipe, index: int, fn: ComputeDigest, res: SharedResult[Any][Any]
     ) -> None:
         if index in self.slow_res:
             pipe.finalize(self.slow_res[index], None)
@@ -212,7 +201,7 @@ class SharedOp:
                    lambda: self._slow_work(index, fn, res))
 
     async def _slow_work(
-        self, index: int, fn: ComputeDigest, res: SharedResult
+        self, index: int, fn: ComputeDigest, res: SharedResult[Any]
     ) -> Callable[[Pipe], None]:
         # Hold the input for as long as its key is computed; on failure the
         # hold becomes the handle the error carries.

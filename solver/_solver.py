@@ -35,7 +35,7 @@ from ._errors import SolveError
 from ._graph import Edge, Vertex, VertexOptions
 from ._index import EdgeIndex
 from ._op import Builder, Op, ResolveOp
-from ._progress import JobProgress, ProgressEvent, make_event
+from ._progress import CACHED, STARTED, JobProgress, ProgressEvent, make_event
 from ._scheduler import Scheduler
 from ._sharedop import SharedOp
 
@@ -93,6 +93,7 @@ class VertexState:
     """One active vertex, shared by every job that loaded its digest."""
 
     __slots__ = (
+        "_combined",
         "builder",
         "children",
         "edges",
@@ -107,7 +108,6 @@ class VertexState:
         "sources",
         "vtx",
         "watchers",
-        "_combined",
     )
 
     def __init__(self, solver: Solver, key: str, vtx: LoadedVertex, orig_digest: str) -> None:
@@ -213,10 +213,27 @@ class VertexState:
                 progress.put(ev)
 
     def emit(self, status: str, error: BaseException | str | None = None) -> None:
+        if status in (STARTED, CACHED):
+            self._mark_inputs_cached()
         ev = make_event(self.vtx.digest, self.vtx.name, status, error)
         self.history.append(ev)
         for w in self.watchers:
             w.put(ev)
+
+    def _mark_inputs_cached(self) -> None:
+        # An input that never ran by the time its consumer starts was not needed:
+        # its consumer's key matched. Show it as cached (BuildKit's vertexStream).
+        actives = self.solver._actives
+        stack = [inp.vertex.digest for inp in self.vtx.inputs]
+        while stack:
+            st = actives.get(stack.pop())
+            if st is None or st.history:
+                continue
+            ev = make_event(st.vtx.digest, st.vtx.name, CACHED)
+            st.history.append(ev)
+            for w in st.watchers:
+                w.put(ev)
+            stack.extend(inp.vertex.digest for inp in st.vtx.inputs)
 
     def log(self, data: bytes, stream: int = 1) -> None:
         """Emit output of the running op (1 = stdout, 2 = stderr)."""
