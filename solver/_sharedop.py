@@ -106,7 +106,7 @@ class SharedOp:
                 self._op = st.solver.resolve_op(st.vtx, st.builder)
             except Exception as exc:
                 self._op_err = self._error(exc, "failed to resolve op")
-                raise self._op_err from None
+                raise self._op_err from exc
         return self._op
 
     def _error(self, exc: BaseException, prefix: str | None) -> SolveError:

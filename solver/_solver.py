@@ -343,7 +343,7 @@ class Solver:
         tg.start_soon(self._scheduler.run)
         return self
 
-    async def __aexit__(self, *exc_info: Any) -> bool | None:
+    async def __aexit__(self, *exc_info: Any) -> None:
         tg = self._tg
         assert tg is not None
         try:
@@ -354,12 +354,15 @@ class Solver:
             self._scheduler.close()
             tg.cancel_scope.cancel()
         finally:
-            result = await tg.__aexit__(*exc_info)
-            self._tg = None
-            if self._owns_cache:
-                with anyio.CancelScope(shield=True):
-                    await self._cache.close()
-        return result
+            # The body's own exception (if any) propagates unchanged: it is not
+            # handed to the task group, which would wrap it in an ExceptionGroup.
+            try:
+                await tg.__aexit__(None, None, None)
+            finally:
+                self._tg = None
+                if self._owns_cache:
+                    with anyio.CancelScope(shield=True):
+                        await self._cache.close()
 
     def _check_open(self) -> None:
         if self._tg is None:

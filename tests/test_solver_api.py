@@ -1,0 +1,331 @@
+"""Behaviour of the public API that BuildKit's ported scenarios do not pin down:
+error surfacing, progress, the solver's lifetime, op parallelism limits."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import anyio
+import pytest
+from harness import (
+    DummyResult,
+    TestVertex,
+    VtxOpt,
+    blocking_function,
+    resolve_op,
+    unwrap,
+    vtx,
+)
+
+from solver import (
+    Edge,
+    InMemoryCacheManager,
+    ProgressEvent,
+    Result,
+    SolveError,
+    Solver,
+)
+from solver.testing import HandleTracker
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_solver_without_resolve_op_says_why() -> None:
+    with pytest.raises(SolveError, match="built-in worker"):
+        Solver()
+
+
+async def test_deep_failure_is_one_solve_error_with_the_op_exception(
+    handle_tracker: HandleTracker,
+) -> None:
+    """An exec failure four levels down surfaces as one SolveError whose message
+    has the op's text and whose __cause__ is the op's own exception."""
+    boom = ValueError("disk on fire")
+
+    async def fail() -> None:
+        raise boom
+
+    leaf = vtx(name="leaf", exec_pre_func=fail)
+    top = leaf
+    for i in range(3):
+        top = vtx(name=f"level{i}", inputs=[Edge(top)])
+    with anyio.fail_after(10):
+        async with Solver(resolve_op=resolve_op) as s:
+            job = s.new_job()
+            with pytest.raises(SolveError) as info:
+                await job.build(Edge(top))
+            assert not isinstance(info.value, BaseExceptionGroup)
+            assert "disk on fire" in str(info.value)
+            assert info.value.__cause__ is boom
+            assert info.value.vertex_name == "leaf"
+            # a second job asking again gets the same memoized failure
+            job2 = s.new_job()
+            with pytest.raises(SolveError) as info2:
+                await job2.build(Edge(top))
+            assert info2.value is not info.value
+            assert info2.value.__cause__ is boom
+
+
+async def test_cache_map_failure_is_wrapped(handle_tracker: HandleTracker) -> None:
+    async def fail() -> None:
+        raise RuntimeError("no key for you")
+
+    v = vtx(name="v", cache_pre_func=fail)
+    with anyio.fail_after(10):
+        async with Solver(resolve_op=resolve_op) as s:
+            with pytest.raises(SolveError, match="failed to load cache key: no key for you"):
+                await s.new_job().build(Edge(v))
+
+
+async def test_resolve_op_failure(handle_tracker: HandleTracker) -> None:
+    def bad(vertex: object, builder: object) -> TestVertex:
+        raise LookupError("unknown op kind")
+
+    with anyio.fail_after(10):
+        async with Solver(resolve_op=bad) as s:  # type: ignore[arg-type]
+            with pytest.raises(SolveError, match="unknown op kind") as info:
+                await s.new_job().build(Edge(vtx()))
+            assert isinstance(info.value.__cause__, LookupError)
+
+
+async def test_exec_returning_too_few_outputs(handle_tracker: HandleTracker) -> None:
+    class NoOutputs(TestVertex):
+        async def exec(self, inputs: Sequence[Result]) -> Sequence[Result]:
+            return []
+
+    with anyio.fail_after(10):
+        async with Solver(resolve_op=resolve_op) as s:
+            with pytest.raises(SolveError, match="need output 0 but 0 results"):
+                await s.new_job().build(Edge(NoOutputs(VtxOpt())))
+
+
+async def test_job_ids_and_lifetime_errors() -> None:
+    s = Solver(resolve_op=resolve_op)
+    with pytest.raises(SolveError, match="not running"):
+        s.new_job()
+    async with s:
+        s.new_job(id="a")
+        with pytest.raises(SolveError, match="job ID a exists"):
+            s.new_job(id="a")
+        assert (await s.get_job("a")).id == "a"
+        with pytest.raises(SolveError, match="no such job"):
+            await s.get_job("missing", timeout=0.01)
+    with pytest.raises(SolveError):
+        async with s:
+            pass
+
+
+async def test_get_job_waits_for_registration() -> None:
+    async with Solver(resolve_op=resolve_op) as s:
+        found: list[str] = []
+
+        async def waiter() -> None:
+            found.append((await s.get_job("late")).id)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(waiter)
+            await anyio.wait_all_tasks_blocked()
+            s.new_job(id="late")
+        assert found == ["late"]
+
+
+async def test_results_outlive_the_solver(handle_tracker: HandleTracker) -> None:
+    """A build result is the caller's: valid after the solver exits, released once."""
+    counter = [0]
+    from harness import CountedResult
+
+    v = vtx(result=CountedResult("kept", counter))
+    cache = InMemoryCacheManager()
+    async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
+        res = await s.new_job().build(Edge(v))
+    assert unwrap(res) == "kept"
+    assert counter[0] == 0  # the caller still holds it (the cache holds a clone too)
+    await res.release()
+    assert counter[0] == 1
+    await cache.close()
+    assert counter[0] == 2  # the cache's own clone
+
+
+async def test_leaving_the_solver_cancels_work_and_answers_builds(
+    handle_tracker: HandleTracker,
+) -> None:
+    """Work in flight is cancelled on exit; a build waiting on it gets an error,
+    not a hang."""
+    started = anyio.Event()
+    cancelled: list[bool] = []
+
+    async def block() -> None:
+        started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            cancelled.append(True)
+
+    v = vtx(exec_pre_func=block)
+    errors: list[BaseException] = []
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            async with Solver(resolve_op=resolve_op) as s:
+                job = s.new_job()
+
+                async def build() -> None:
+                    try:
+                        await job.build(Edge(v))
+                    except SolveError as exc:
+                        errors.append(exc)
+
+                tg.start_soon(build)
+                await started.wait()
+    assert cancelled == [True]
+    assert len(errors) == 1
+    assert "closed" in str(errors[0]) or "cancelled" in str(errors[0])
+
+
+async def test_progress_events(handle_tracker: HandleTracker) -> None:
+    """started/completed per exec; a cached rebuild shows every vertex cached;
+    a failure shows an error event."""
+    a = vtx(name="a", cache_key_seed="a", value="A")
+    b = vtx(name="b", cache_key_seed="b", inputs=[Edge(a)], value="B")
+
+    async def collect(job_events: AsyncIterator[ProgressEvent], out: list[ProgressEvent]) -> None:
+        async for ev in job_events:
+            out.append(ev)
+
+    with anyio.fail_after(10):
+        async with Solver(resolve_op=resolve_op) as s:
+            events: list[ProgressEvent] = []
+            job = s.new_job()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(collect, job.status(), events)
+                res = await job.build(Edge(b))
+                await res.release()
+                await job.discard()
+            seen = [(e.name, e.status) for e in events]
+            assert seen == [
+                ("a", "started"),
+                ("a", "completed"),
+                ("b", "started"),
+                ("b", "completed"),
+            ]
+
+            events = []
+            a2 = vtx(name="a2", cache_key_seed="a", value="A")
+            b2 = vtx(name="b2", cache_key_seed="b", inputs=[Edge(a2)], value="B")
+            job = s.new_job()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(collect, job.status(), events)
+                res = await job.build(Edge(b2))
+                await res.release()
+                await job.discard()
+            assert sorted((e.name, e.status) for e in events) == [
+                ("a2", "cached"),
+                ("b2", "cached"),
+            ]
+
+            async def fail() -> None:
+                raise RuntimeError("nope")
+
+            events = []
+            c = vtx(name="c", exec_pre_func=fail)
+            job = s.new_job()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(collect, job.status(), events)
+                with pytest.raises(SolveError):
+                    await job.build(Edge(c))
+                await job.discard()
+            assert [(e.name, e.status, e.error) for e in events] == [
+                ("c", "started", None),
+                ("c", "error", "nope"),
+            ]
+
+
+async def test_late_joiner_sees_earlier_progress(handle_tracker: HandleTracker) -> None:
+    """A job that joins a shared vertex mid-flight replays what already happened."""
+    gate = anyio.Event()
+    entered = anyio.Event()
+
+    async def hold() -> None:
+        entered.set()
+        await gate.wait()
+
+    v = vtx(name="shared", exec_pre_func=hold, value="x")
+    with anyio.fail_after(10):
+        async with Solver(resolve_op=resolve_op) as s:
+            j1, j2 = s.new_job(), s.new_job()
+            results: list[str] = []
+
+            async def build(job: object) -> None:
+                res = await job.build(Edge(v))  # type: ignore[attr-defined]
+                results.append(unwrap(res))
+                await res.release()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(build, j1)
+                await entered.wait()
+                tg.start_soon(build, j2)
+                await anyio.wait_all_tasks_blocked()
+                gate.set()
+            assert results == ["x", "x"]
+            await j2.discard()
+            statuses = [e.status async for e in j2.status()]
+            assert statuses == ["started", "completed"]
+            await j1.discard()
+
+
+class LimitedVertex(TestVertex):
+    """A vertex whose op limits how many execs run at once (``Op.acquire``)."""
+
+    def __init__(self, limiter: anyio.CapacityLimiter, running: list[int], opt: VtxOpt):
+        super().__init__(opt)
+        self.limiter = limiter
+        self.running = running
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[None]:
+        async with self.limiter:
+            yield
+
+    async def exec(self, inputs: Sequence[Result]) -> Sequence[Result]:
+        self.running[0] += 1
+        self.running[1] = max(self.running[1], self.running[0])
+        try:
+            await anyio.sleep(0.01)
+        finally:
+            self.running[0] -= 1
+        return [DummyResult(self.name)]
+
+
+@pytest.mark.parametrize("limit", [1, 4])
+async def test_acquire_limits_parallelism(limit: int, handle_tracker: HandleTracker) -> None:
+    """BuildKit's testParallelism: Op.acquire serialises execs when the limit is 1
+    and lets independent builds run together otherwise."""
+    limiter = anyio.CapacityLimiter(limit)
+    running = [0, 0]
+    verts = [LimitedVertex(limiter, running, VtxOpt(name=f"p{i}")) for i in range(4)]
+    with anyio.fail_after(10):
+        async with Solver(resolve_op=resolve_op) as s:
+
+            async def build(v: TestVertex) -> None:
+                res = await s.new_job().build(Edge(v))
+                assert unwrap(res) == v.name
+                await res.release()
+
+            async with anyio.create_task_group() as tg:
+                for v in verts:
+                    tg.start_soon(build, v)
+    assert running[1] == (1 if limit == 1 else 4)
+
+
+async def test_parallel_inputs_run_concurrently(handle_tracker: HandleTracker) -> None:
+    """Independent inputs' execs overlap (a barrier of 3 would deadlock otherwise)."""
+    barrier = blocking_function(3)
+    inputs = [Edge(vtx(exec_pre_func=barrier, value=str(i))) for i in range(3)]
+    top = vtx(inputs=inputs, value="top")
+    counters = top.setup_call_counters()
+    with anyio.fail_after(10):
+        async with Solver(resolve_op=resolve_op) as s:
+            res = await s.new_job().build(Edge(top))
+            assert unwrap(res) == "top"
+            await res.release()
+    assert (counters.cache, counters.exec) == (4, 4)
