@@ -165,18 +165,17 @@ async def test_leaving_the_solver_cancels_work_and_answers_builds(
     v = vtx(exec_pre_func=block)
     errors: list[BaseException] = []
     with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            async with Solver(resolve_op=resolve_op) as s:
-                job = s.new_job()
+        async with anyio.create_task_group() as tg, Solver(resolve_op=resolve_op) as s:
+            job = s.new_job()
 
-                async def build() -> None:
-                    try:
-                        await job.build(Edge(v))
-                    except SolveError as exc:
-                        errors.append(exc)
+            async def build() -> None:
+                try:
+                    await job.build(Edge(v))
+                except SolveError as exc:
+                    errors.append(exc)
 
-                tg.start_soon(build)
-                await started.wait()
+            tg.start_soon(build)
+            await started.wait()
     assert cancelled == [True]
     assert len(errors) == 1
     assert "closed" in str(errors[0]) or "cancelled" in str(errors[0])
