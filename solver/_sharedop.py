@@ -189,7 +189,7 @@ class SharedOp:
 
     # -- content keys ---------------------------------------------------------------
     def request_slow_cache(
-        self, pipe: Pipe, index: int, fn: ComputeDigest, res: SharedResult[Any][Any]
+        self, pipe: Pipe, index: int, fn: ComputeDigest, res: SharedResult[Any]
     ) -> None:
         if index in self.slow_res:
             pipe.finalize(self.slow_res[index], None)
