@@ -19,9 +19,10 @@ After BuildKit's ``solver/jobs.go``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -282,9 +283,14 @@ class Job:
         return await s._scheduler.build(Edge(v, edge.index))
 
     async def discard(self) -> None:
-        """Release every vertex this job keeps active (shared ones stay for others)."""
-        self.solver._discard(self)
-        await anyio.lowlevel.checkpoint()
+        """Release every vertex this job keeps active (shared ones stay for others).
+
+        When it returns, the results it released have been released (a release
+        that has begun finishes even if the caller is cancelled)."""
+        s = self.solver
+        with s._collect_releases() as pending:
+            s._discard(self)
+        await s._release_all(pending)
 
     def status(self) -> AsyncIterator[ProgressEvent]:
         """Progress events of every vertex this job uses, until it is discarded."""
@@ -325,6 +331,7 @@ class Solver:
         self._tg: TaskGroup | None = None
         self._closed = False
         self._job_added = anyio.Event()
+        self._collecting: list[Any] | None = None
 
     def __repr__(self) -> str:
         return f"<Solver jobs={len(self._jobs)} active={len(self._actives)}>"
@@ -373,10 +380,32 @@ class Solver:
         self._tg.start_soon(fn, *args)
 
     def release_later(self, result: Any) -> None:
-        """Release a handle in the background; the release is shielded."""
+        """Release a handle in the background; the release is shielded.
+
+        Inside ``_collect_releases`` the handle is collected instead, for the
+        caller to release inline (``Job.discard`` does this)."""
+        if self._collecting is not None:
+            self._collecting.append(result)
+            return
         if self._tg is None:
             raise SolveError("release after the solver closed")
         self._tg.start_soon(_release, result)
+
+    @contextlib.contextmanager
+    def _collect_releases(self) -> Iterator[list[Any]]:
+        outer = self._collecting
+        pending: list[Any] = []
+        self._collecting = pending
+        try:
+            yield pending
+        finally:
+            self._collecting = outer
+
+    async def _release_all(self, pending: list[Any]) -> None:
+        with anyio.CancelScope(shield=True):
+            for result in pending:
+                await _release(result)
+        await anyio.lowlevel.checkpoint_if_cancelled()
 
     # -- jobs ------------------------------------------------------------------------
     def new_job(self, id: str | None = None) -> Job:
