@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from ._digest import digest_of
 
@@ -117,10 +117,11 @@ class CacheKeyWithSelector:
     selector: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class CacheInfoLink:
+class CacheInfoLink(NamedTuple):
     """The label of a link between two keys: input ``input`` of an op with cache
-    digest ``digest`` and output ``output``, reached through ``selector``."""
+    digest ``digest`` and output ``output``, reached through ``selector``.
+
+    A named tuple: links are made and hashed on the hot path."""
 
     input: int
     output: int

@@ -39,6 +39,7 @@ from ._op import Builder, Op, ResolveOp
 from ._progress import CACHED, STARTED, JobProgress, ProgressEvent, make_event
 from ._scheduler import Scheduler
 from ._sharedop import SharedOp
+from ._workpool import WorkPool
 
 if TYPE_CHECKING:
     from ._result import CachedResult
@@ -329,6 +330,7 @@ class Solver:
         self._index = EdgeIndex()
         self._scheduler = Scheduler(self)
         self._tg: TaskGroup | None = None
+        self._pool: WorkPool | None = None
         self._closed = False
         self._job_added = anyio.Event()
         self._collecting: list[Any] | None = None
@@ -347,6 +349,7 @@ class Solver:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
+        self._pool = WorkPool(tg)
         tg.start_soon(self._scheduler.run)
         return self
 
@@ -376,8 +379,9 @@ class Solver:
             raise SolveError("the Solver is not running: use it as `async with Solver(...)`")
 
     def spawn(self, fn: Callable[..., Any], *args: Any) -> None:
-        assert self._tg is not None
-        self._tg.start_soon(fn, *args)
+        """Run a unit of engine work (it handles its own errors and cancellation)."""
+        assert self._pool is not None
+        self._pool.submit(fn, *args)
 
     def release_later(self, result: Any) -> None:
         """Release a handle in the background; the release is shielded.
