@@ -68,6 +68,7 @@ class _Dep:
         "index",
         "key_map",
         "keys",
+        "loading_record",
         "req",
         "result",
         "slow_cache_complete",
@@ -127,6 +128,7 @@ class ActiveEdge:
         "index",
         "key_map",
         "keys",
+        "loading_record",
         "keys_did_change",
         "no_cache_match_possible",
         "op",
@@ -160,6 +162,7 @@ class ActiveEdge:
         self.err: BaseException | None = None
         self.cache_records: dict[str, CacheRecord] = {}
         self.cache_records_loaded: set[str] = set()
+        self.loading_record = ""
         self.key_map: set[str] = set()
 
         self.no_cache_match_possible = False
@@ -563,8 +566,13 @@ class ActiveEdge:
         if upt.err is not None:
             self.exec_req = None
             if self.exec_cache_load:
-                for rid in self.cache_records_loaded:
-                    self.cache_records.pop(rid, None)
+                if isinstance(upt.err, Canceled):
+                    # A cancelled load is not a failed one: the record stays a
+                    # candidate, or the cancellation would be remembered.
+                    self.cache_records_loaded.discard(self.loading_record)
+                else:
+                    for rid in self.cache_records_loaded:
+                        self.cache_records.pop(rid, None)
             elif not upt.canceled_status and self.err is None:
                 self.err = upt.err
             return
@@ -828,6 +836,7 @@ class ActiveEdge:
                 return True
             rec = best_record(list(self.cache_records.values()))
             self.cache_records_loaded.add(rec.id)
+            self.loading_record = rec.id
             self.exec_req = s.new_func_pipe(self)
             self.exec_cache_load = True
             self.op.request_load(self.exec_req, rec)

@@ -390,6 +390,8 @@ class Scheduler:
 
     # -- the entry point of a build ---------------------------------------------
     async def build(self, edge: Edge) -> CachedResult:
+        # A caller cancelled before it starts asks for nothing.
+        await anyio.lowlevel.checkpoint_if_cancelled()
         e = self.factory.get_edge(edge)
         if e is None:
             raise InternalError(f"invalid request {edge!r} for build")

@@ -278,6 +278,7 @@ class Job:
         """
         s = self.solver
         s._check_open()
+        await anyio.lowlevel.checkpoint_if_cancelled()
         if self._progress.closed:
             self._progress = JobProgress()
         v = s._load(edge.vertex, None, self)
