@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._cache import CacheKey, CacheKeyWithSelector, CacheRecord, ExportableCacheKey
+from ._cachemanager import best_record
 from ._errors import SolveError
 from ._graph import Edge, Vertex
 from ._refs import CachedResultWithKeys, SharedCachedResult
@@ -51,12 +52,7 @@ if TYPE_CHECKING:
     from ._result import Result
     from ._sharedop import SharedOp
 
-__all__ = ["ActiveEdge", "best_record"]
-
-
-def best_record(records: Sequence[CacheRecord]) -> CacheRecord:
-    """Newest first; on equal time, lower priority first (BuildKit's tie-break)."""
-    return min(records, key=lambda r: (-r.created_at, r.priority))
+__all__ = ["ActiveEdge"]
 
 
 class _Dep:
@@ -834,7 +830,8 @@ class ActiveEdge:
             if self.keys_did_change:
                 s.postpone(self)
                 return True
-            rec = best_record(list(self.cache_records.values()))
+            rec = best_record(self.cache_records.values())
+            assert rec is not None
             self.cache_records_loaded.add(rec.id)
             self.loading_record = rec.id
             self.exec_req = s.new_func_pipe(self)

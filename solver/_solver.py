@@ -237,13 +237,6 @@ class VertexState:
                 w.put(ev)
             stack.extend(inp.vertex.digest for inp in st.vtx.inputs)
 
-    def log(self, data: bytes, stream: int = 1) -> None:
-        """Emit output of the running op (1 = stdout, 2 = stderr)."""
-        ev = make_event(self.vtx.digest, self.vtx.name, "log", None, data, stream)
-        self.history.append(ev)
-        for w in self.watchers:
-            w.put(ev)
-
     def release(self) -> None:
         for e in self.edges.values():
             while e.owner is not None:
