@@ -403,6 +403,9 @@ class ActiveEdge:
             return True
         d = self.dep_requests.get(upt)
         if d is not None:
+            if upt.completed:
+                # a finished request sends nothing more
+                del self.dep_requests[upt]
             return await self.process_dep_req(d)
         if self.deps is not None:
             for i, d in enumerate(self.deps):
@@ -622,6 +625,8 @@ class ActiveEdge:
         return CachedResultWithKeys(res, keys)
 
     async def process_dep_req(self, d: _Dep) -> bool:
+        # As BuildKit does: an update on any of this input's requests (a stale one
+        # included) is read through the input's current request.
         upt = d.req
         assert upt is not None
         dep_changed = False
