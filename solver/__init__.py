@@ -19,6 +19,21 @@ from ._cachemanager import (
     InMemoryCacheManager as InMemoryCacheManager,
     KeyedCacheManager as KeyedCacheManager,
 )
+from ._definition import (
+    DEFINITION_VERSION as DEFINITION_VERSION,
+    Definition as Definition,
+    DefinitionError as DefinitionError,
+    DefinitionVertex as DefinitionVertex,
+    JSONValue as JSONValue,
+    Node as Node,
+    NodeOutput as NodeOutput,
+    OpDef as OpDef,
+    OpMetadata as OpMetadata,
+    OutputRef as OutputRef,
+    canonical_json as canonical_json,
+    node as node,
+    op_digest as op_digest,
+)
 from ._digest import digest_of as digest_of
 from ._errors import (
     DoubleReleaseError as DoubleReleaseError,
@@ -34,6 +49,13 @@ from ._op import (
     ComputeDigest as ComputeDigest,
     Op as Op,
     ResolveOp as ResolveOp,
+)
+from ._opkind import (
+    OpContext as OpContext,
+    OpFactory as OpFactory,
+    OpKind as OpKind,
+    OpKindRegistry as OpKindRegistry,
+    default_op_kinds as default_op_kinds,
 )
 from ._progress import ProgressEvent as ProgressEvent
 from ._refs import (
