@@ -65,6 +65,7 @@ from ._refs import (
     split_result_proxy as split_result_proxy,
 )
 from ._result import CachedResult as CachedResult, Result as Result, ResultProxy as ResultProxy
+from ._solve import SolveRequest as SolveRequest, SolveResult as SolveResult
 from ._solver import Job as Job, Solver as Solver
 
 __version__ = "0.1.0"

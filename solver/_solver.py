@@ -30,15 +30,18 @@ from anyio.abc import TaskGroup
 
 from ._cache import CacheManager
 from ._cachemanager import CombinedCacheManager, InMemoryCacheManager
+from ._definition import Definition, OpDef
 from ._digest import digest_of
 from ._edge import ActiveEdge
 from ._errors import SolveError
 from ._graph import Edge, Vertex, VertexOptions
 from ._index import EdgeIndex
 from ._op import Builder, Op, ResolveOp
+from ._opkind import OpKindRegistry, default_op_kinds
 from ._progress import CACHED, STARTED, JobProgress, ProgressEvent, make_event
 from ._scheduler import Scheduler
 from ._sharedop import SharedOp
+from ._solve import SolveRequest, SolveResult
 from ._workpool import WorkPool
 
 if TYPE_CHECKING:
@@ -296,9 +299,11 @@ class Solver:
     """The engine. Use it as an async context manager: it owns the task group in
     which shared work runs.
 
-    ``resolve_op(vertex, builder)`` turns a vertex into its :class:`Op`.
-    ``default_cache`` is the main cache (an :class:`InMemoryCacheManager` the
-    solver makes, and closes, when not given; one passed in is the caller's).
+    ``resolve_op(vertex, builder)`` turns a vertex of your own into its
+    :class:`Op`. Vertices made from a :class:`Definition` are resolved through
+    ``op_kinds`` (the registry of op kinds; :data:`default_op_kinds` when not
+    given). ``default_cache`` is the main cache (an :class:`InMemoryCacheManager`
+    the solver makes, and closes, when not given; one passed in is the caller's).
     ``frontends`` maps names to frontends for :meth:`solve`.
     """
 
@@ -307,13 +312,17 @@ class Solver:
         resolve_op: ResolveOp | None = None,
         default_cache: CacheManager | None = None,
         frontends: Mapping[str, object] | None = None,
+        *,
+        op_kinds: OpKindRegistry | None = None,
     ) -> None:
-        if resolve_op is None:
+        if resolve_op is None and op_kinds is None:
             raise SolveError(
-                "Solver() without resolve_op needs the built-in worker (solver.worker), "
-                "which this version does not ship yet: pass resolve_op=your_function"
+                "Solver() without resolve_op or op_kinds needs the built-in worker "
+                "(solver.worker), which this version does not ship yet: pass "
+                "resolve_op=your_function, or op_kinds=a registry of your op kinds"
             )
-        self.resolve_op: Callable[[Vertex, Builder], Op] = resolve_op
+        self._user_resolve_op = resolve_op
+        self.op_kinds: OpKindRegistry = op_kinds if op_kinds is not None else default_op_kinds
         self._owns_cache = default_cache is None
         self._cache: CacheManager = (
             default_cache if default_cache is not None else InMemoryCacheManager()
@@ -331,6 +340,47 @@ class Solver:
 
     def __repr__(self) -> str:
         return f"<Solver jobs={len(self._jobs)} active={len(self._actives)}>"
+
+    def resolve_op(self, vertex: Vertex, builder: Builder) -> Op:
+        """The op of ``vertex``: through ``op_kinds`` for definition vertices,
+        through the ``resolve_op`` given to the solver for any other."""
+        if isinstance(vertex.sys, OpDef):
+            return self.op_kinds.resolve_op(vertex, builder)
+        if self._user_resolve_op is None:
+            raise SolveError(
+                f"vertex {vertex.name!r} is not from a Definition and the solver was "
+                "given no resolve_op"
+            )
+        return self._user_resolve_op(vertex, builder)
+
+    async def solve(self, request: Definition | SolveRequest) -> SolveResult:
+        """Solve a definition (or a request naming one) in a job of its own.
+
+        The definition is validated against ``op_kinds`` before anything runs.
+        The returned :class:`SolveResult` owns the result handles; release it.
+        """
+        self._check_open()
+        if isinstance(request, Definition):
+            request = SolveRequest(definition=request)
+        if request.frontend is not None:
+            if request.frontend not in self.frontends:
+                known = ", ".join(sorted(self.frontends)) or "none"
+                raise SolveError(
+                    f"unknown frontend {request.frontend!r}; frontends given to this "
+                    f"solver: {known}"
+                )
+            raise SolveError("solving through a frontend is not supported by this version")
+        if request.definition is None:
+            raise SolveError("a SolveRequest needs a definition or a frontend")
+        defn = request.definition
+        defn.validate(self.op_kinds)
+        edge = defn.to_vertices(self.op_kinds)
+        job = self.new_job()
+        try:
+            ref = await job.build(edge)
+        finally:
+            await job.discard()
+        return SolveResult(ref=ref)
 
     @property
     def default_cache(self) -> CacheManager:

@@ -1,0 +1,92 @@
+"""The high-level entry: solve a request and hold its results.
+
+``Solver.solve`` takes a :class:`~solver.Definition` (or a :class:`SolveRequest`
+naming one), turns it into engine vertices through the solver's op-kind
+registry, builds its output in a job of its own, and hands back a
+:class:`SolveResult` that owns the result handles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+
+import anyio
+
+from ._definition import Definition
+from ._result import CachedResult
+
+__all__ = ["SolveRequest", "SolveResult"]
+
+
+@dataclass(frozen=True, slots=True)
+class SolveRequest:
+    """What to solve: a ``definition``, or a ``frontend`` by name with its options
+    (``frontend_opts``) and input definitions (``frontend_inputs``)."""
+
+    definition: Definition | None = None
+    frontend: str | None = None
+    frontend_opts: Mapping[str, str] = field(default_factory=dict)
+    frontend_inputs: Mapping[str, Definition] = field(default_factory=dict)
+
+
+class SolveResult:
+    """The results of one solve; it owns their handles.
+
+    ``ref`` is the main result (or ``None``), ``refs`` named results (such as one
+    per platform), ``metadata`` free-form bytes by key. ``release()`` releases
+    every handle it holds exactly once; calling it again does nothing. Use it as
+    an async context manager to release on exit.
+    """
+
+    __slots__ = ("_released", "metadata", "ref", "refs")
+
+    def __init__(
+        self,
+        ref: CachedResult | None = None,
+        refs: Mapping[str, CachedResult] | None = None,
+        metadata: Mapping[str, bytes] | None = None,
+    ) -> None:
+        self.ref = ref
+        self.refs: dict[str, CachedResult] = dict(refs or {})
+        self.metadata: dict[str, bytes] = dict(metadata or {})
+        self._released = False
+
+    def __repr__(self) -> str:
+        state = " released" if self._released else ""
+        return f"<SolveResult ref={self.ref!r} refs={sorted(self.refs)}{state}>"
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    async def release(self) -> None:
+        """Release every handle this result holds (shielded); idempotent."""
+        if self._released:
+            await anyio.lowlevel.checkpoint()
+            return
+        self._released = True
+        handles = [self.ref, *self.refs.values()]
+        with anyio.CancelScope(shield=True):
+            errors: list[BaseException] = []
+            for h in handles:
+                if h is None:
+                    continue
+                try:
+                    await h.release()
+                except Exception as exc:
+                    errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    async def __aenter__(self) -> SolveResult:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.release()

@@ -1,0 +1,125 @@
+"""``Solver.solve``: definitions in, a ``SolveResult`` that owns its handles out."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import anyio
+import pytest
+from harness import resolve_op, unwrap, vtx
+
+from solver import (
+    CacheMap,
+    CacheMapDep,
+    Definition,
+    DefinitionError,
+    Edge,
+    OpContext,
+    OpKindRegistry,
+    Result,
+    SolveError,
+    SolveRequest,
+    Solver,
+    digest_of,
+    node,
+)
+from solver.testing import CountingResult, HandleTracker
+
+pytestmark = pytest.mark.anyio
+
+
+class TextOp:
+    """``test.text`` joins its inputs' text with its own ``text`` payload."""
+
+    def __init__(self, ctx: OpContext, execs: list[str]) -> None:
+        self.text = str(ctx.payload["text"])
+        self.inputs = ctx.inputs
+        self.execs = execs
+
+    async def cache_map(self, index: int) -> tuple[CacheMap, bool]:
+        deps = [CacheMapDep() for _ in range(self.inputs)]
+        return CacheMap(digest_of(f"text:{self.text}".encode()), deps), True
+
+    async def exec(self, inputs: Sequence[Result]) -> Sequence[Result]:
+        self.execs.append(self.text)
+        joined = "".join(str(r.sys) for r in inputs) + self.text
+        return [CountingResult(id=digest_of(joined.encode()), value=joined)]
+
+
+def registry(execs: list[str]) -> OpKindRegistry:
+    kinds = OpKindRegistry()
+    kinds.register("test.text", lambda ctx: TextOp(ctx, execs))
+    return kinds
+
+
+def graph(leaf: str = "a") -> Definition:
+    a = node("test.text", {"text": leaf}, name=f"leaf {leaf}")
+    b = node("test.text", {"text": "b"}, inputs=[a])
+    return Definition.of(node("test.text", {"text": "c"}, inputs=[b]))
+
+
+async def test_solve_then_solve_again_from_cache(handle_tracker: HandleTracker) -> None:
+    execs: list[str] = []
+    with anyio.fail_after(10):
+        async with Solver(op_kinds=registry(execs)) as s:
+            async with await s.solve(graph()) as result:
+                assert result.ref is not None
+                assert result.ref.sys == "abc"
+            assert execs == ["a", "b", "c"]
+            # the round trip through JSON is the same work: all from cache
+            again = Definition.from_json(graph().to_json())
+            async with await s.solve(SolveRequest(definition=again)) as result:
+                assert result.ref is not None
+                assert result.ref.sys == "abc"
+            assert execs == ["a", "b", "c"]
+            # a changed leaf re-runs the leaf and what depends on it
+            async with await s.solve(graph("x")) as result:
+                assert result.ref is not None
+                assert result.ref.sys == "xbc"
+            assert execs == ["a", "b", "c", "x", "b", "c"]
+
+
+async def test_release_is_idempotent(handle_tracker: HandleTracker) -> None:
+    async with Solver(op_kinds=registry([])) as s:
+        result = await s.solve(graph())
+        await result.release()
+        await result.release()
+        assert result.released
+
+
+async def test_invalid_definition_fails_before_anything_runs(
+    handle_tracker: HandleTracker,
+) -> None:
+    execs: list[str] = []
+    bad = Definition.of(node("test.unknown", {}, inputs=[node("test.text", {"text": "a"})]))
+    async with Solver(op_kinds=registry(execs)) as s:
+        with pytest.raises(DefinitionError, match="unknown op kind 'test.unknown'"):
+            await s.solve(bad)
+    assert execs == []
+
+
+async def test_frontend_requests_need_a_known_frontend() -> None:
+    async with Solver(op_kinds=registry([])) as s:
+        with pytest.raises(SolveError, match="unknown frontend 'nope'"):
+            await s.solve(SolveRequest(frontend="nope"))
+        with pytest.raises(SolveError, match="needs a definition"):
+            await s.solve(SolveRequest())
+
+
+async def test_definitions_and_own_vertices_share_one_solver(
+    handle_tracker: HandleTracker,
+) -> None:
+    """A solver with both a resolve_op and op kinds serves both kinds of vertex."""
+    async with Solver(resolve_op=resolve_op, op_kinds=registry([])) as s:
+        res = await s.new_job().build(Edge(vtx(value="own")))
+        assert unwrap(res) == "own"
+        await res.release()
+        async with await s.solve(graph()) as result:
+            assert result.ref is not None
+            assert result.ref.sys == "abc"
+
+
+async def test_own_vertices_need_resolve_op(handle_tracker: HandleTracker) -> None:
+    async with Solver(op_kinds=registry([])) as s:
+        with pytest.raises(SolveError, match="given no resolve_op"):
+            await s.new_job().build(Edge(vtx()))
