@@ -37,7 +37,7 @@ from ._errors import SolveError
 from ._graph import Edge, Vertex, VertexOptions
 from ._index import EdgeIndex
 from ._op import Builder, Op, ResolveOp
-from ._opkind import OpKindRegistry, default_op_kinds
+from ._opkind import OpKindRegistry
 from ._progress import CACHED, STARTED, JobProgress, ProgressEvent, make_event
 from ._scheduler import Scheduler
 from ._sharedop import SharedOp
@@ -299,11 +299,12 @@ class Solver:
     """The engine. Use it as an async context manager: it owns the task group in
     which shared work runs.
 
-    ``resolve_op(vertex, builder)`` turns a vertex of your own into its
-    :class:`Op`. Vertices made from a :class:`Definition` are resolved through
-    ``op_kinds`` (the registry of op kinds; :data:`default_op_kinds` when not
-    given). ``default_cache`` is the main cache (an :class:`InMemoryCacheManager`
-    the solver makes, and closes, when not given; one passed in is the caller's).
+    ``resolve_op(vertex, builder)`` turns a vertex into its :class:`Op`.
+    ``op_kinds``, a registry of op kinds, resolves the vertices made from a
+    :class:`Definition` (and definitions are validated against it); without it,
+    ``resolve_op`` resolves every vertex. ``default_cache`` is the main cache (an
+    :class:`InMemoryCacheManager` the solver makes, and closes, when not given; one
+    passed in is the caller's).
     ``frontends`` maps names to frontends for :meth:`solve`.
     """
 
@@ -322,7 +323,7 @@ class Solver:
                 "resolve_op=your_function, or op_kinds=a registry of your op kinds"
             )
         self._user_resolve_op = resolve_op
-        self.op_kinds: OpKindRegistry = op_kinds if op_kinds is not None else default_op_kinds
+        self.op_kinds = op_kinds
         self._owns_cache = default_cache is None
         self._cache: CacheManager = (
             default_cache if default_cache is not None else InMemoryCacheManager()
@@ -342,9 +343,9 @@ class Solver:
         return f"<Solver jobs={len(self._jobs)} active={len(self._actives)}>"
 
     def resolve_op(self, vertex: Vertex, builder: Builder) -> Op:
-        """The op of ``vertex``: through ``op_kinds`` for definition vertices,
-        through the ``resolve_op`` given to the solver for any other."""
-        if isinstance(vertex.sys, OpDef):
+        """The op of ``vertex``: through ``op_kinds`` for definition vertices when
+        the solver has a registry, through ``resolve_op`` otherwise."""
+        if self.op_kinds is not None and isinstance(vertex.sys, OpDef):
             return self.op_kinds.resolve_op(vertex, builder)
         if self._user_resolve_op is None:
             raise SolveError(
@@ -356,7 +357,8 @@ class Solver:
     async def solve(self, request: Definition | SolveRequest) -> SolveResult:
         """Solve a definition (or a request naming one) in a job of its own.
 
-        The definition is validated against ``op_kinds`` before anything runs.
+        The definition is validated (against ``op_kinds`` when the solver has a
+        registry) before anything runs.
         The returned :class:`SolveResult` owns the result handles; release it.
         """
         self._check_open()

@@ -18,8 +18,8 @@ from solver import (
     OpKindRegistry,
     Result,
     SolveError,
-    SolveRequest,
     Solver,
+    SolveRequest,
     digest_of,
     node,
 )
@@ -93,7 +93,7 @@ async def test_invalid_definition_fails_before_anything_runs(
     execs: list[str] = []
     bad = Definition.of(node("test.unknown", {}, inputs=[node("test.text", {"text": "a"})]))
     async with Solver(op_kinds=registry(execs)) as s:
-        with pytest.raises(DefinitionError, match="unknown op kind 'test.unknown'"):
+        with pytest.raises(DefinitionError, match=r"unknown op kind .test\.unknown."):
             await s.solve(bad)
     assert execs == []
 
