@@ -18,3 +18,4 @@ from ._snapshots import (
     UnsafePathError as UnsafePathError,
     default_root as default_root,
 )
+from ._worker import Worker as Worker, register_builtin_kinds as register_builtin_kinds

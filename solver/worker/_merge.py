@@ -1,0 +1,70 @@
+"""The ``merge`` kind: payload ``{}``; one or more inputs; one output holding the
+union of the inputs' files, applied in input order (a later input wins: its entry
+replaces whatever an earlier one had at that path; directories are merged).
+
+Cache map: a fixed digest; every input takes part as a whole. The first input is
+copied by the store (``new_mutable(base=...)``), the others over it in a worker
+thread; nothing is followed through a symlink.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import anyio
+import anyio.to_thread
+
+from .._definition import JSONValue
+from .._digest import digest_of
+from .._errors import SolveError
+from .._op import CacheMap, CacheMapDep
+from .._opkind import OpContext, OpKindRegistry
+from .._result import Result
+from ._fileops import check_fields, copy_entries, select_tree, snapshot_view
+from ._snapshots import SnapshotRef, SnapshotStore
+
+__all__ = ["register_merge"]
+
+
+def validate_merge(payload: Mapping[str, JSONValue]) -> None:
+    check_fields("merge", "payload", payload, ())
+
+
+def _merge_into(out: str, roots: list[str]) -> None:
+    for root in roots:
+        copy_entries(select_tree(root, what="merge input entry"), out)
+
+
+class MergeOp:
+    def __init__(self, ctx: OpContext, store: SnapshotStore) -> None:
+        if ctx.inputs < 1:
+            raise SolveError("merge op needs at least one input")
+        self.store = store
+        self.inputs = ctx.inputs
+        self.vertex = ctx.vertex.digest
+        self.name = ctx.vertex.name
+
+    async def cache_map(self, index: int) -> tuple[CacheMap, bool]:
+        deps = [CacheMapDep() for _ in range(self.inputs)]
+        return CacheMap(digest_of(b"solver.worker/merge/v1"), deps), True
+
+    async def exec(self, inputs: Sequence[Result]) -> Sequence[Result]:
+        views = [snapshot_view(r, f"input {i} of merge op {self.name!r}")
+                 for i, r in enumerate(inputs)]
+        mutable = await self.store.new_mutable(
+            {"kind": "merge", "vertex": self.vertex, "name": self.name}, base=inputs[0]
+        )
+        try:
+            roots = [os.fspath(v.path) for v in views[1:]]
+            await anyio.to_thread.run_sync(_merge_into, os.fspath(mutable.path), roots)
+            ref: SnapshotRef = await mutable.commit()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await mutable.discard()
+        return [ref]
+
+
+def register_merge(registry: OpKindRegistry, store: SnapshotStore) -> None:
+    """Register the ``merge`` kind, bound to ``store``."""
+    registry.register("merge", lambda ctx: MergeOp(ctx, store), validate=validate_merge)

@@ -1,0 +1,194 @@
+"""The source kinds: ``source.inline`` and ``source.local``.
+
+``source.inline``: ``{"files": [{"path": "dir/a.txt", "data": "...",
+"encoding": "utf-8" | "base64", "mode": 420}, ...]}``. No inputs; one output
+holding those files (missing parent directories are created with mode 0o755; a
+later entry for the same path wins). Cache map digest: the digest of the canonical
+payload, since the content is in the definition.
+
+``source.local``: ``{"path": "/abs/dir", "include": [globs], "exclude": [globs]}``.
+No inputs; one output holding a copy of the selected entries of the host
+directory (symlinks copied as symlinks, never followed; device files, FIFOs and
+sockets refused). Cache map digest: a content digest of exactly the selected
+entries (relative paths, types, permission bits without write bits, file bytes,
+symlink targets), computed in a worker thread, so an unchanged directory is a
+cache hit and a changed file a miss.
+
+Globs are ``fnmatch`` patterns (case-sensitive; ``*`` also matches ``/``) matched
+against each entry's path relative to the directory; an entry is selected when it
+or one of its parent directories matches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+import anyio
+import anyio.to_thread
+
+from .._definition import JSONValue, canonical_json
+from .._digest import digest_of
+from .._errors import SolveError
+from .._op import CacheMap
+from .._opkind import OpContext, OpKindRegistry
+from .._result import Result
+from ._fileops import (
+    FILE_MODE,
+    check_fields,
+    check_globs,
+    check_mode,
+    copy_entries,
+    decode_data,
+    hash_entries,
+    select_tree,
+    write_file,
+)
+from ._paths import resolve_in
+from ._snapshots import SnapshotRef, SnapshotStore
+
+__all__ = ["register_sources"]
+
+_INLINE: Final = "source.inline"
+_LOCAL: Final = "source.local"
+
+
+# -- source.inline ----------------------------------------------------------------------
+
+
+def validate_inline(payload: Mapping[str, JSONValue]) -> None:
+    check_fields(_INLINE, "payload", payload, ("files",))
+    files = payload["files"]
+    if not isinstance(files, Sequence) or isinstance(files, str):
+        raise TypeError(f"{_INLINE} payload: files: must be a list")
+    for i, f in enumerate(files):
+        where = f"files[{i}]"
+        entry = check_fields(_INLINE, where, f, ("path", "data"), ("encoding", "mode"))
+        for name in ("path", "data", "encoding"):
+            if name in entry and not isinstance(entry[name], str):
+                raise ValueError(f"{_INLINE} payload: {where}.{name}: must be a string")
+        if "mode" in entry:
+            check_mode(_INLINE, f"{where}.mode", entry["mode"])
+        decode_data(entry["data"], entry.get("encoding", "utf-8"), f"{_INLINE} payload: {where}")
+
+
+def _write_inline(out: str, files: list[tuple[str, bytes, int]]) -> None:
+    for path, data, mode in files:
+        real = resolve_in(out, path, what=f"{_INLINE} path")
+        if os.path.normpath(real) == os.path.normpath(out):
+            raise SolveError(f"{_INLINE}: {path!r} names the root, not a file")
+        write_file(out, real, data, mode, path)
+
+
+class InlineOp:
+    def __init__(self, ctx: OpContext, store: SnapshotStore) -> None:
+        self.store = store
+        self.payload = ctx.payload
+        self.vertex = ctx.vertex.digest
+        self.name = ctx.vertex.name
+
+    async def cache_map(self, index: int) -> tuple[CacheMap, bool]:
+        return CacheMap(digest_of(b"solver.worker/source.inline/v1\0" +
+                                  canonical_json(self.payload))), True
+
+    async def exec(self, inputs: Sequence[Result]) -> Sequence[Result]:
+        files: list[tuple[str, bytes, int]] = []
+        raw = self.payload.get("files") or []
+        assert isinstance(raw, Sequence)
+        for entry in raw:
+            assert isinstance(entry, Mapping)
+            data = decode_data(str(entry["data"]), str(entry.get("encoding", "utf-8")), _INLINE)
+            mode = entry.get("mode", FILE_MODE)
+            files.append((str(entry["path"]), data, mode if type(mode) is int else FILE_MODE))
+        mutable = await self.store.new_mutable(
+            {"kind": _INLINE, "vertex": self.vertex, "name": self.name}
+        )
+        try:
+            await anyio.to_thread.run_sync(_write_inline, os.fspath(mutable.path), files)
+            ref: SnapshotRef = await mutable.commit()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await mutable.discard()
+        return [ref]
+
+
+# -- source.local --------------------------------------------------------------------------
+
+
+def validate_local(payload: Mapping[str, JSONValue]) -> None:
+    check_fields(_LOCAL, "payload", payload, ("path",), ("include", "exclude"))
+    path = payload["path"]
+    if not isinstance(path, str) or not os.path.isabs(path):
+        raise ValueError(f"{_LOCAL} payload: path: must be an absolute path, got {path!r}")
+    for name in ("include", "exclude"):
+        if name in payload:
+            check_globs(_LOCAL, name, payload[name])
+
+
+def _local_top(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SolveError(f"{_LOCAL}: directory {path!r} does not exist") from None
+    except OSError as exc:
+        raise SolveError(f"{_LOCAL}: cannot read {path!r}: {exc.strerror or exc}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        raise SolveError(f"{_LOCAL}: {path!r} is not a directory")
+    return path
+
+
+def _local_digest(path: str, include: list[str], exclude: list[str]) -> str:
+    top = _local_top(path)
+    h = hashlib.sha256(b"solver.worker/source.local/v1\n")
+    hash_entries(select_tree(top, include, exclude, what=f"{_LOCAL} entry"), h)
+    return "sha256:" + h.hexdigest()
+
+
+def _copy_local(path: str, include: list[str], exclude: list[str], out: str) -> None:
+    top = _local_top(path)
+    copy_entries(select_tree(top, include, exclude, what=f"{_LOCAL} entry"), out)
+
+
+class LocalOp:
+    def __init__(self, ctx: OpContext, store: SnapshotStore) -> None:
+        self.store = store
+        self.vertex = ctx.vertex.digest
+        self.name = ctx.vertex.name
+        self.path = str(ctx.payload["path"])
+        self.include = _strings(ctx.payload.get("include"))
+        self.exclude = _strings(ctx.payload.get("exclude"))
+
+    async def cache_map(self, index: int) -> tuple[CacheMap, bool]:
+        digest = await anyio.to_thread.run_sync(
+            _local_digest, self.path, self.include, self.exclude
+        )
+        return CacheMap(digest), True
+
+    async def exec(self, inputs: Sequence[Result]) -> Sequence[Result]:
+        mutable = await self.store.new_mutable(
+            {"kind": _LOCAL, "vertex": self.vertex, "name": self.name, "path": self.path}
+        )
+        try:
+            await anyio.to_thread.run_sync(
+                _copy_local, self.path, self.include, self.exclude, os.fspath(mutable.path)
+            )
+            ref: SnapshotRef = await mutable.commit()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await mutable.discard()
+        return [ref]
+
+
+def _strings(value: JSONValue) -> list[str]:
+    if not isinstance(value, Sequence) or isinstance(value, str):
+        return []
+    return [str(v) for v in value]
+
+
+def register_sources(registry: OpKindRegistry, store: SnapshotStore) -> None:
+    """Register ``source.inline`` and ``source.local``, bound to ``store``."""
+    registry.register(_INLINE, lambda ctx: InlineOp(ctx, store), validate=validate_inline)
+    registry.register(_LOCAL, lambda ctx: LocalOp(ctx, store), validate=validate_local)
