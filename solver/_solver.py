@@ -299,7 +299,10 @@ class Solver:
     """The engine. Use it as an async context manager: it owns the task group in
     which shared work runs.
 
-    ``resolve_op(vertex, builder)`` turns a vertex into its :class:`Op`.
+    ``Solver()`` with no arguments uses the built-in worker
+    (:class:`solver.worker.Worker` on its default root, honouring
+    ``SOLVER_CACHE_DIR``). ``resolve_op(vertex, builder)`` turns a vertex into its
+    :class:`Op`.
     ``op_kinds``, a registry of op kinds, resolves the vertices made from a
     :class:`Definition` (and definitions are validated against it); without it,
     ``resolve_op`` resolves every vertex. ``default_cache`` is the main cache (an
@@ -316,12 +319,14 @@ class Solver:
         *,
         op_kinds: OpKindRegistry | None = None,
     ) -> None:
+        self._worker: Any = None
         if resolve_op is None and op_kinds is None:
-            raise SolveError(
-                "Solver() without resolve_op or op_kinds needs the built-in worker "
-                "(solver.worker), which this version does not ship yet: pass "
-                "resolve_op=your_function, or op_kinds=a registry of your op kinds"
-            )
+            # The built-in worker, on the default root (imported here: the worker
+            # package builds on this one).
+            from .worker import Worker
+
+            self._worker = Worker()
+            op_kinds = self._worker.op_kinds
         self._user_resolve_op = resolve_op
         self.op_kinds = op_kinds
         self._owns_cache = default_cache is None
@@ -392,6 +397,8 @@ class Solver:
     async def __aenter__(self) -> Solver:
         if self._tg is not None or self._closed:
             raise SolveError("a Solver can be entered only once")
+        if self._worker is not None:
+            await self._worker.open()
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
@@ -416,9 +423,11 @@ class Solver:
                 await tg.__aexit__(None, None, None)
             finally:
                 self._tg = None
-                if self._owns_cache:
-                    with anyio.CancelScope(shield=True):
+                with anyio.CancelScope(shield=True):
+                    if self._owns_cache:
                         await self._cache.close()
+                    if self._worker is not None:
+                        await self._worker.close()
 
     def _check_open(self) -> None:
         if self._tg is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import anyio
 import pytest
@@ -27,13 +28,24 @@ from solver import (
     Solver,
 )
 from solver.testing import HandleTracker
+from solver.worker import State
 
 pytestmark = pytest.mark.anyio
 
 
-async def test_solver_without_resolve_op_says_why() -> None:
-    with pytest.raises(SolveError, match="built-in worker"):
-        Solver()
+async def test_solver_with_no_arguments_uses_the_built_in_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handle_tracker: HandleTracker
+) -> None:
+    """``Solver()`` solves definitions of the built-in kinds on the default root."""
+    monkeypatch.setenv("SOLVER_CACHE_DIR", str(tmp_path))
+    defn = State.inline({"a.txt": "hello"}).mkfile("b.txt", "world").definition()
+    with anyio.fail_after(20):
+        async with Solver() as s, await s.solve(defn) as result:
+            assert result.ref is not None
+            view = result.ref.sys
+            assert await view.read_bytes("a.txt") == b"hello"  # type: ignore[attr-defined]
+            assert await view.read_bytes("b.txt") == b"world"  # type: ignore[attr-defined]
+    assert any(tmp_path.iterdir())  # noqa: ASYNC240 - the store persists there
 
 
 async def test_deep_failure_is_one_solve_error_with_the_op_exception(

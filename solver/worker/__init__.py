@@ -1,11 +1,15 @@
-"""The built-in worker.
+"""The built-in worker: an on-disk snapshot store and the built-in op kinds.
 
-So far this is its on-disk snapshot store: ops write into a
-:class:`MutableSnapshot`, commit it into an immutable snapshot, and hand out
-reference-counted :class:`SnapshotRef` handles (the engine's ``Result``), whose
-``sys`` is a read-only :class:`SnapshotView`.
+Ops write into a :class:`MutableSnapshot`, commit it into an immutable snapshot,
+and hand out reference-counted :class:`SnapshotRef` handles (the engine's
+``Result``), whose ``sys`` is a read-only :class:`SnapshotView`. A
+:class:`Worker` owns a store and an op-kind registry with the built-in kinds
+(``source.inline``, ``source.local``, ``file``, ``merge``, ``exec``);
+:class:`State` (in :mod:`solver.worker.state`) writes definitions that use them.
+`Solver()` with no arguments uses a :class:`Worker` on the default root.
 """
 
+from ._exec import register_exec as register_exec
 from ._snapshots import (
     FileStat as FileStat,
     MutableSnapshot as MutableSnapshot,
@@ -19,3 +23,4 @@ from ._snapshots import (
     default_root as default_root,
 )
 from ._worker import Worker as Worker, register_builtin_kinds as register_builtin_kinds
+from .state import State as State, merge as merge

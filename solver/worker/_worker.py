@@ -7,19 +7,18 @@
             data = await result.ref.sys.read_bytes("a.txt")
 
 ``Worker.op_kinds`` is a fresh :class:`~solver.OpKindRegistry` in which the built-in
-kinds (``source.inline``, ``source.local``, ``file``, ``merge``, and ``exec`` when
-``solver.worker._exec`` is installed) are registered with
+kinds (``source.inline``, ``source.local``, ``file``, ``merge`` and ``exec``) are registered with
 :meth:`~solver.OpKindRegistry.register`, exactly as an application registers its
 own; an application may register more kinds into it.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from types import TracebackType
 
 from .._opkind import OpKindRegistry
+from ._exec import register_exec
 from ._fileops import register_file
 from ._merge import register_merge
 from ._snapshots import SnapshotStore
@@ -29,22 +28,12 @@ __all__ = ["Worker", "register_builtin_kinds"]
 
 
 def register_builtin_kinds(registry: OpKindRegistry, store: SnapshotStore) -> None:
-    """Register the built-in kinds into ``registry``, bound to ``store``.
-
-    ``exec`` is registered by ``solver.worker._exec.register_exec`` when that
-    module exists; when it is missing, ``exec`` is simply not available."""
+    """Register the built-in kinds (``source.inline``, ``source.local``, ``file``,
+    ``merge``, ``exec``) into ``registry``, bound to ``store``."""
     register_sources(registry, store)
     register_file(registry, store)
     register_merge(registry, store)
-    try:
-        module = importlib.import_module("solver.worker._exec")
-    except ModuleNotFoundError as exc:
-        if exc.name != "solver.worker._exec":
-            raise
-        return
-    register = getattr(module, "register_exec", None)
-    if register is not None:
-        register(registry, store)
+    register_exec(registry, store)
 
 
 class Worker:
