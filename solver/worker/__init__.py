@@ -23,4 +23,4 @@ from ._snapshots import (
     default_root as default_root,
 )
 from ._worker import Worker as Worker, register_builtin_kinds as register_builtin_kinds
-from .state import State as State, merge as merge
+from .state import State as State, merge as merge, run as run

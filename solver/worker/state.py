@@ -90,7 +90,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from .._definition import Definition, JSONValue, Node, NodeOutput, node
 
-__all__ = ["State", "merge"]
+__all__ = ["State", "merge", "run"]
 
 
 class State:
@@ -305,3 +305,49 @@ def merge(states: Iterable[State], *, name: str = "") -> State:
 
 
 
+
+
+def run(
+    args: Sequence[str],
+    *,
+    root: State | None = None,
+    mounts: Mapping[str, State] | None = None,
+    readonly: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+    cwd: str = "",
+    name: str = "",
+) -> State:
+    """An ``exec`` op: run ``args`` in a directory laid out from states, and return
+    the state of that directory after the process exits 0.
+
+    ``root`` (default: empty) is the writable tree the process runs in and the
+    result; ``mounts`` maps further paths inside it to states, exposed read-only
+    when listed in ``readonly`` (writable mounts are scratch copies whose changes
+    are dropped). ``cwd`` is relative to the root. The process sees its root in
+    ``$SOLVER_ROOT``."""
+    ro = set(readonly)
+    inputs: list[NodeOutput] = []
+    payload_mounts: list[JSONValue] = []
+
+    def add(state: State | None, dest: str, readonly: bool, output: int | None) -> None:
+        index: JSONValue = None
+        if state is not None and not (state._base is None and not state._actions):
+            index = len(inputs)
+            inputs.append(state.output)
+        payload_mounts.append(
+            {"input": index, "dest": dest, "readonly": readonly, "output": output}
+        )
+
+    add(root, "", False, 0)
+    for dest, state in (mounts or {}).items():
+        add(state, dest, dest in ro, None)
+    unknown = ro - set(mounts or {})
+    if unknown:
+        raise ValueError(f"readonly names paths that are not mounts: {sorted(unknown)}")
+    payload: dict[str, JSONValue] = {
+        "args": list(args),
+        "env": dict(env or {}),
+        "cwd": cwd,
+        "mounts": payload_mounts,
+    }
+    return State.from_node(NodeOutput(node("exec", payload, inputs=inputs, name=name), 0))
