@@ -57,7 +57,7 @@ from ._opkind import (
     OpKindRegistry as OpKindRegistry,
     default_op_kinds as default_op_kinds,
 )
-from ._progress import ProgressEvent as ProgressEvent
+from ._progress import ProgressEvent as ProgressEvent, log_output as log_output
 from ._refs import (
     CachedResultWithKeys as CachedResultWithKeys,
     SharedCachedResult as SharedCachedResult,

@@ -9,13 +9,23 @@ merge. A job reads its events with ``Job.status()``.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Final
 
 import anyio
 
-__all__ = ["CACHED", "COMPLETED", "ERROR", "LOG", "STARTED", "JobProgress", "ProgressEvent"]
+__all__ = [
+    "CACHED",
+    "COMPLETED",
+    "ERROR",
+    "LOG",
+    "STARTED",
+    "JobProgress",
+    "ProgressEvent",
+    "log_output",
+]
 
 STARTED: Final = "started"
 COMPLETED: Final = "completed"
@@ -95,3 +105,20 @@ class JobProgress:
             if self._wakeup is None:
                 self._wakeup = anyio.Event()
             await self._wakeup.wait()
+
+
+# Set by the engine while an op's exec runs: emits a log event for that vertex.
+current_log: ContextVar[Callable[[bytes, int], None] | None] = ContextVar(
+    "solver_current_log", default=None
+)
+
+
+def log_output(data: bytes, stream: int = 1) -> None:
+    """Report output of the op that is running now (1 = stdout, 2 = stderr).
+
+    Called from inside an op's ``exec``, it becomes a ``"log"`` event of that
+    vertex in the status stream of every job that uses it. Elsewhere it does
+    nothing. O(jobs watching the vertex)."""
+    emit = current_log.get()
+    if emit is not None and data:
+        emit(data, stream)

@@ -34,7 +34,7 @@ import anyio
 from ._cache import CacheManager, CacheRecord, ExportableCacheKey
 from ._errors import SlowCacheError, SolveError
 from ._op import CacheMap, ComputeDigest, Op
-from ._progress import CACHED, COMPLETED, ERROR, STARTED
+from ._progress import CACHED, COMPLETED, ERROR, STARTED, current_log
 from ._refs import CachedResultWithKeys, SharedResult
 from ._scheduler import CANCELED, Pipe
 
@@ -168,6 +168,7 @@ class SharedOp:
             await cm.__aenter__()
         except Exception as exc:
             raise self._error(exc, "acquire op resources") from None
+        token = current_log.set(st.log)
         try:
             st.emit(STARTED)
             try:
@@ -177,6 +178,7 @@ class SharedOp:
                 raise
             st.emit(COMPLETED)
         finally:
+            current_log.reset(token)
             with anyio.CancelScope(shield=True):
                 await cm.__aexit__(None, None, None)
         if self.released:

@@ -38,7 +38,7 @@ from ._graph import Edge, Vertex, VertexOptions
 from ._index import EdgeIndex
 from ._op import Builder, Op, ResolveOp
 from ._opkind import OpKindRegistry
-from ._progress import CACHED, STARTED, JobProgress, ProgressEvent, make_event
+from ._progress import CACHED, LOG, STARTED, JobProgress, ProgressEvent, make_event
 from ._scheduler import Scheduler
 from ._sharedop import SharedOp
 from ._solve import SolveRequest, SolveResult
@@ -221,6 +221,13 @@ class VertexState:
         if status in (STARTED, CACHED):
             self._mark_inputs_cached()
         ev = make_event(self.vtx.digest, self.vtx.name, status, error)
+        self.history.append(ev)
+        for w in self.watchers:
+            w.put(ev)
+
+    def log(self, data: bytes, stream: int = 1) -> None:
+        """A ``"log"`` event of this vertex (output of its running op)."""
+        ev = make_event(self.vtx.digest, self.vtx.name, LOG, None, data, stream)
         self.history.append(ev)
         for w in self.watchers:
             w.put(ev)

@@ -556,3 +556,25 @@ async def test_cancellation_kills_a_process_ignoring_sigterm(
                     scope.cancel()
             assert not alive(int(pidfile.read_text()))
             assert await store.usage() == []
+
+
+@pytest.mark.anyio
+async def test_process_output_is_progress_of_its_vertex(
+    tmp_path: Path, handle_tracker: HandleTracker
+) -> None:
+    """stdout and stderr chunks reach every watching job as "log" events."""
+    from solver.worker import Worker, run
+
+    state = run(
+        [sys.executable, "-c", "import sys; print('to out'); print('to err', file=sys.stderr)"],
+        name="talk",
+    )
+    with anyio.fail_after(20):
+        async with Worker(tmp_path / "w") as worker, Solver(op_kinds=worker.op_kinds) as s:
+            job = s.new_job()
+            res = await job.build(state.definition().to_vertices(s.op_kinds))
+            await res.release()
+            await job.discard()
+            logs = [(ev.name, ev.stream, ev.data) async for ev in job.status() if ev.status == "log"]
+    assert ("talk", 1, b"to out\n") in logs
+    assert ("talk", 2, b"to err\n") in logs

@@ -102,6 +102,7 @@ from .._digest import digest_of
 from .._errors import SolveError
 from .._op import CacheMap, CacheMapDep, Op
 from .._opkind import OpContext, OpKindRegistry
+from .._progress import log_output
 from .._result import Result
 from ._snapshots import MutableSnapshot, SnapshotRef, SnapshotStore, SnapshotView
 
@@ -463,6 +464,7 @@ class ExecOp:
                 tail += chunk
                 if len(tail) > STDERR_TAIL:
                     del tail[:-STDERR_TAIL]
+            log_output(chunk, fd)
             if hook is not None:
                 hook(fd, chunk)
 
