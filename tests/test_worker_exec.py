@@ -575,6 +575,8 @@ async def test_process_output_is_progress_of_its_vertex(
             res = await job.build(state.definition().to_vertices(s.op_kinds))
             await res.release()
             await job.discard()
-            logs = [(ev.name, ev.stream, ev.data) async for ev in job.status() if ev.status == "log"]
+            logs = [
+                (ev.name, ev.stream, ev.data) async for ev in job.status() if ev.status == "log"
+            ]
     assert ("talk", 1, b"to out\n") in logs
     assert ("talk", 2, b"to err\n") in logs
