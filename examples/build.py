@@ -6,8 +6,9 @@ upper-cases it and checks the header is there, standing in for a compiler), the
 objects are merged and "linked" by a last process. It builds twice: the second
 build finds every step in the cache (within one process: the cache is in memory).
 
-Run: ``python examples/build.py [--progress plain|quiet]``; the snapshot store
-lives under ``$SOLVER_CACHE_DIR`` (default ``~/.cache/solver-engine``).
+Run: ``python examples/build.py [--progress plain|quiet]``, or through the
+command line: ``solver build examples/build.py --output out/``. The snapshot
+store lives under ``$SOLVER_CACHE_DIR`` (default ``~/.cache/solver-engine``).
 """
 
 from __future__ import annotations
@@ -68,6 +69,11 @@ def graph() -> State:
         readonly=["objs"],
         name="link app",
     )
+
+
+def build() -> State:
+    """The entry point ``solver build examples/build.py`` uses."""
+    return graph()
 
 
 async def build_once(solver: Solver, label: str, show: bool) -> None:

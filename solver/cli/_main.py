@@ -1,0 +1,458 @@
+"""The command line: ``solver build``, ``solver du``, ``solver prune``.
+
+``solver build FILE`` solves a build graph with the built-in worker and can export
+the result. ``FILE`` is either
+
+* a definition JSON document (``Definition.to_json()``; see
+  ``docs/definition-format.md``), read from standard input when ``FILE`` is ``-``;
+* or a Python file (name ending in ``.py``). It is run with ``runpy.run_path``
+  (with ``__name__`` set to ``"__solver_build__"``, so an
+  ``if __name__ == "__main__":`` block does not run) and must define either a
+  top-level ``definition`` (a :class:`~solver.Definition` or a
+  :class:`solver.worker.State`) or a function ``build()`` taking no arguments and
+  returning one of those.
+
+Exit status: 0 on success, 1 when the build (or reading ``FILE``, or an export)
+fails, with a one-paragraph message on stderr and no traceback (the traceback of
+an exception raised by a Python build file is shown, as it is the file's bug),
+2 for bad arguments, 130 when interrupted.
+
+The snapshot store is ``--cache-dir DIR``/snapshots when given, else the worker's
+default (``$SOLVER_CACHE_DIR``/snapshots, else ``~/.cache/solver-engine/snapshots``).
+Progress goes to stderr; stdout carries only data (a tar for ``--output
+type=tar,dest=-``, the tables of ``du`` and ``prune``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import runpy
+import sys
+import time
+import traceback
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import anyio
+
+from .._definition import Definition
+from .._errors import SolveError
+from .._solver import Solver
+from ..worker import SnapshotInfo, SnapshotStore, State, Worker, default_root
+from ..worker._export import export_to_dir, export_to_tar
+from ._progress import make_renderer, run_progress
+
+__all__ = [
+    "BuildFileError",
+    "OutputSpec",
+    "build_definition",
+    "load_definition",
+    "main",
+    "parse_duration",
+    "parse_output",
+]
+
+PROGRESS_MODES = ("auto", "tty", "plain", "json")
+
+
+class BuildFileError(Exception):
+    """``FILE`` could not be read or did not produce a definition."""
+
+
+class _UserCodeError(Exception):
+    """The Python build file raised; ``__cause__`` is its exception."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSpec:
+    """Where ``--output`` sends the result: ``type`` is ``local`` or ``tar``."""
+
+    type: str
+    dest: str
+    overwrite: bool = False
+
+
+def parse_output(text: str) -> OutputSpec:
+    """``DIR``, ``type=local,dest=DIR[,overwrite=true]`` or ``type=tar,dest=FILE``
+    (``dest=-``: stdout). Raises ValueError saying what is wrong."""
+    if "=" not in text:
+        if not text:
+            raise ValueError("--output needs a directory or type=...,dest=...")
+        return OutputSpec("local", text)
+    fields: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"bad --output field {part!r}: expected key=value")
+        if key in fields:
+            raise ValueError(f"--output field {key!r} given twice")
+        fields[key] = value
+    unknown = set(fields) - {"type", "dest", "overwrite"}
+    if unknown:
+        raise ValueError(f"unknown --output field(s): {', '.join(sorted(unknown))}")
+    kind = fields.get("type", "local")
+    if kind not in ("local", "tar"):
+        raise ValueError(f"unknown --output type {kind!r} (expected local or tar)")
+    dest = fields.get("dest", "")
+    if not dest:
+        raise ValueError(f"--output type={kind} needs dest=...")
+    if dest == "-" and kind == "local":
+        raise ValueError("--output type=local cannot write to stdout; use type=tar,dest=-")
+    overwrite_text = fields.get("overwrite", "false").lower()
+    if overwrite_text not in ("true", "false", "1", "0"):
+        raise ValueError(f"--output overwrite must be true or false, not {overwrite_text!r}")
+    if kind == "tar" and "overwrite" in fields:
+        raise ValueError("--output overwrite applies to type=local only")
+    return OutputSpec(kind, dest, overwrite_text in ("true", "1"))
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text`` such as ``24h``, ``1h30m``, ``90s``, ``7d``, ``0``.
+    Raises ValueError."""
+    text = text.strip()
+    if text in ("0", "0.0"):
+        return 0.0
+    pos, total = 0, 0.0
+    while pos < len(text):
+        m = _DURATION.match(text, pos)
+        if m is None:
+            raise ValueError(
+                f"invalid duration {text!r} (expected e.g. 24h, 1h30m, 90s, 7d)"
+            )
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        pos = m.end()
+    if not text:
+        raise ValueError("empty duration")
+    return total
+
+
+def _as_definition(value: object, what: str) -> Definition:
+    if isinstance(value, Definition):
+        return value
+    if isinstance(value, State):
+        return value.definition()
+    raise BuildFileError(
+        f"{what} is a {type(value).__name__}, not a solver.Definition or solver.worker.State"
+    )
+
+
+def load_definition(file: str) -> Definition:
+    """The definition in ``file`` (see the module docs). Raises
+    :class:`BuildFileError`, :class:`~solver.DefinitionError` (a malformed
+    document), or ``_UserCodeError`` (a Python file raised)."""
+    if file == "-":
+        return Definition.from_json(sys.stdin.buffer.read())
+    path = Path(file)
+    if not path.is_file():
+        raise BuildFileError(f"{file}: no such file")
+    if path.suffix == ".py":
+        try:
+            namespace = runpy.run_path(str(path), run_name="__solver_build__")
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            raise _UserCodeError(f"{file} raised {type(exc).__name__}") from exc
+        if "definition" in namespace:
+            return _as_definition(namespace["definition"], f"{file}: 'definition'")
+        build = namespace.get("build")
+        if callable(build):
+            try:
+                value = build()
+            except Exception as exc:
+                raise _UserCodeError(f"{file}: build() raised {type(exc).__name__}") from exc
+            return _as_definition(value, f"{file}: the value build() returned")
+        raise BuildFileError(
+            f"{file} defines neither a top-level 'definition' nor a function 'build()' "
+            "returning a solver.Definition or solver.worker.State"
+        )
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise BuildFileError(f"cannot read {file}: {exc.strerror or exc}") from exc
+    return Definition.from_json(data)
+
+
+@contextlib.asynccontextmanager
+async def open_solver(cache_dir: str | None) -> AsyncIterator[Solver]:
+    """``Solver()`` (the built-in worker on its default root), or one whose worker
+    uses ``cache_dir``/snapshots."""
+    if cache_dir is None:
+        async with Solver() as solver:
+            yield solver
+    else:
+        async with (
+            Worker(Path(cache_dir) / "snapshots") as worker,
+            Solver(op_kinds=worker.op_kinds) as solver,
+        ):
+            yield solver
+
+
+async def build_definition(
+    solver: Solver,
+    defn: Definition,
+    *,
+    progress: str = "plain",
+    progress_out: TextIO | None = None,
+    output: OutputSpec | None = None,
+) -> None:
+    """Solve ``defn`` in a new job of ``solver``, rendering its progress to
+    ``progress_out`` (default stderr), export the result to ``output`` if given,
+    and release everything. Raises :class:`~solver.SolveError` on failure."""
+    defn.validate(solver.op_kinds)
+    out = progress_out if progress_out is not None else sys.stderr
+    renderer = make_renderer(progress, out)
+    job = solver.new_job()
+    failure: BaseException | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_progress, job.status(), renderer)
+        try:
+            edge = defn.to_vertices(solver.op_kinds)
+            result = await job.build(edge)
+            try:
+                if output is not None and output.type == "local":
+                    await export_to_dir(result, output.dest, overwrite=output.overwrite)
+                elif output is not None:
+                    await export_to_tar(result, output.dest)
+            finally:
+                await result.release()
+        except Exception as exc:  # re-raised below, outside the task group
+            failure = exc
+        finally:
+            await job.discard()  # ends the status stream, and so the renderer
+    if failure is not None:
+        raise failure
+
+
+def _error(message: str) -> None:
+    text = " ".join(message.split())
+    sys.stderr.write(f"error: {text}\n")
+    sys.stderr.flush()
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    try:
+        defn = load_definition(args.file)
+    except _UserCodeError as exc:
+        cause = exc.__cause__
+        sys.stderr.write(f"error: {exc}:\n")
+        if cause is not None:
+            traceback.print_exception(cause, file=sys.stderr)
+        return 1
+    except (BuildFileError, SolveError) as exc:
+        _error(f"{args.file}: {exc}" if isinstance(exc, SolveError) else str(exc))
+        return 1
+
+    async def run() -> None:
+        async with open_solver(args.cache_dir) as solver:
+            await build_definition(solver, defn, progress=args.progress, output=args.output)
+
+    try:
+        anyio.run(run)
+    except SolveError as exc:
+        name = exc.vertex_name
+        if name and name not in str(exc):
+            _error(f"building {name!r} failed: {exc}")
+        else:
+            _error(str(exc))
+        return 1
+    return 0
+
+
+def _store_root(cache_dir: str | None) -> Path:
+    return Path(cache_dir) / "snapshots" if cache_dir is not None else default_root()
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def human_age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.0f}s ago"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f}m ago"
+    if seconds < 86400:
+        return f"{seconds / 3600:.0f}h ago"
+    return f"{seconds / 86400:.0f}d ago"
+
+
+def _describe(info: SnapshotInfo) -> str:
+    desc = info.description
+    kind = str(desc.get("kind", "")) if isinstance(desc, dict) else ""
+    name = str(desc.get("name", "")) if isinstance(desc, dict) else ""
+    if not name and isinstance(desc, dict) and isinstance(desc.get("args"), list):
+        name = " ".join(str(a) for a in desc["args"])
+    name = " ".join(name.split())
+    if len(name) > 60:
+        name = name[:59] + "…"
+    if kind and name and name != kind:
+        return f"{kind}: {name}"
+    return kind or name or "-"
+
+
+def format_usage(infos: Sequence[SnapshotInfo], now: float) -> list[str]:
+    """The ``du`` table: one row per snapshot and a total."""
+    rows = [("ID", "SIZE", "LAST USED", "IN USE", "DESCRIPTION")]
+    for info in infos:
+        rows.append(
+            (
+                info.id[:12],
+                human_size(info.size),
+                human_age(now - info.last_used),
+                "yes" if info.in_use else "no",
+                _describe(info),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
+        for r in rows
+    ]
+    total = sum(info.size for info in infos)
+    lines.append(f"Total: {human_size(total)} in {len(infos)} snapshot(s)")
+    return lines
+
+
+def _cmd_du(args: argparse.Namespace) -> int:
+    async def run() -> list[SnapshotInfo]:
+        async with SnapshotStore(_store_root(args.cache_dir)) as store:
+            return await store.usage()
+
+    try:
+        infos = anyio.run(run)
+    except SolveError as exc:
+        _error(str(exc))
+        return 1
+    for line in format_usage(infos, time.time()):
+        print(line)
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    keep_for: float | None = args.keep_duration
+
+    async def run() -> list[SnapshotInfo]:
+        async with SnapshotStore(_store_root(args.cache_dir)) as store:
+            before = {info.id: info for info in await store.usage()}
+            now = time.time()
+
+            def keep(info: SnapshotInfo) -> bool:
+                return keep_for is not None and now - info.last_used < keep_for
+
+            deleted = await store.prune(keep)
+            return [before[sid] for sid in deleted if sid in before]
+
+    try:
+        freed = anyio.run(run)
+    except SolveError as exc:
+        _error(str(exc))
+        return 1
+    for info in freed:
+        print(f"deleted {info.id[:12]}  {human_size(info.size)}  {_describe(info)}")
+    total = sum(info.size for info in freed)
+    print(f"Total: freed {human_size(total)} in {len(freed)} snapshot(s)")
+    return 0
+
+
+def _output_arg(text: str) -> OutputSpec:
+    try:
+        return parse_output(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _duration_arg(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="solver", description="Build graphs with the solver engine's built-in worker."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cache_help = (
+        "snapshot cache directory (snapshots live in DIR/snapshots); default "
+        "$SOLVER_CACHE_DIR, else ~/.cache/solver-engine"
+    )
+
+    b = sub.add_parser(
+        "build",
+        help="solve a definition and optionally export the result",
+        description=(
+            "Solve FILE: a definition JSON file ('-' for stdin), or a Python file (.py) "
+            "defining a top-level 'definition' (a solver.Definition or "
+            "solver.worker.State) or a function build() returning one."
+        ),
+    )
+    b.add_argument("file", metavar="FILE")
+    b.add_argument(
+        "-o",
+        "--output",
+        type=_output_arg,
+        default=None,
+        metavar="SPEC",
+        help="export the result: DIR, type=local,dest=DIR[,overwrite=true] or "
+        "type=tar,dest=FILE (dest=- writes the tar to stdout)",
+    )
+    b.add_argument(
+        "--progress",
+        choices=PROGRESS_MODES,
+        default="auto",
+        help="progress output on stderr (auto: tty on a terminal, else plain)",
+    )
+    b.add_argument("--cache-dir", metavar="DIR", default=None, help=cache_help)
+    b.set_defaults(func=_cmd_build)
+
+    d = sub.add_parser("du", help="list the snapshots in the cache and their sizes")
+    d.add_argument("--cache-dir", metavar="DIR", default=None, help=cache_help)
+    d.set_defaults(func=_cmd_du)
+
+    p = sub.add_parser("prune", help="delete unused snapshots")
+    p.add_argument(
+        "--keep-duration",
+        type=_duration_arg,
+        default=None,
+        metavar="DURATION",
+        help="keep snapshots used within DURATION (e.g. 24h, 1h30m, 7d); "
+        "default: delete every unused snapshot",
+    )
+    p.add_argument("--cache-dir", metavar="DIR", default=None, help=cache_help)
+    p.set_defaults(func=_cmd_prune)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the
+    exit status (argument errors return 2 after printing usage)."""
+    parser = make_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or bad arguments (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        status: int = args.func(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,351 @@
+"""The command line (``python -m solver``), its progress renderers and exports."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from solver import Definition, DefinitionError, SolveError, Solver
+from solver.cli import main
+from solver.cli._main import build_definition, parse_duration, parse_output
+from solver.cli._progress import (
+    JsonRenderer,
+    PlainRenderer,
+    TtyRenderer,
+    VertexView,
+    make_renderer,
+    render_frame,
+)
+from solver.worker import State, Worker, run
+from solver.worker._export import export_to_dir, export_to_tar
+
+PY = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def graph() -> State:
+    src = State.inline({"a.txt": "hello\n", "sub/c.txt": "sea\n"}).with_name("sources")
+    return run(
+        [PY, "-c", "import pathlib; print('made b'); pathlib.Path('b.txt').write_text('bee')"],
+        root=src,
+        name="make b",
+    )
+
+
+def cli(*args: str, cache: Path, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "SOLVER_CACHE_DIR": str(cache)}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [PY, "-m", "solver", *args], env=env, input=stdin, capture_output=True, timeout=60
+    )
+
+
+@pytest.fixture
+def defn_file(tmp_path: Path) -> Path:
+    path = tmp_path / "graph.json"
+    path.write_text(graph().definition().to_json())
+    return path
+
+
+def test_build_json_definition_to_dir(tmp_path: Path, defn_file: Path) -> None:
+    out = tmp_path / "out"
+    r = cli("build", str(defn_file), "--progress", "plain", "--output", str(out),
+            cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    assert (out / "a.txt").read_text() == "hello\n"
+    assert (out / "b.txt").read_text() == "bee"
+    assert (out / "sub" / "c.txt").read_text() == "sea\n"
+    assert os.access(out / "b.txt", os.W_OK)  # the exported files are writable
+    assert r.stdout == b""
+    err = r.stderr.decode()
+    assert "#1 [sources] DONE" in err
+    assert "#2 [make b] | made b" in err
+    assert "#2 [make b] DONE" in err
+    # a non-empty destination is refused
+    r = cli("build", str(defn_file), "--progress", "plain", "--output", f"type=local,dest={out}",
+            cache=tmp_path / "cache")
+    assert r.returncode == 1
+    assert "not empty" in r.stderr.decode()
+    r = cli("build", str(defn_file), "--progress", "plain",
+            "--output", f"type=local,dest={out},overwrite=true", cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+
+
+def test_build_python_file_to_tar(tmp_path: Path) -> None:
+    build_py = tmp_path / "build.py"
+    build_py.write_text(textwrap.dedent("""
+        import sys
+        from solver.worker import State, run
+
+        def build():
+            return State.inline({"x.txt": "ex"}).mkfile("y.txt", "why").with_name("files")
+
+        if __name__ == "__main__":
+            raise SystemExit("must not run")
+    """))
+    tar_path = tmp_path / "out.tar"
+    r = cli("build", str(build_py), "--progress", "plain", "-o", f"type=tar,dest={tar_path}",
+            "--cache-dir", str(tmp_path / "other"), cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(tar_path) as tar:
+        names = sorted(tar.getnames())
+        assert names == ["x.txt", "y.txt"]
+        member = tar.extractfile("y.txt")
+        assert member is not None
+        assert member.read() == b"why"
+    assert (tmp_path / "other" / "snapshots").is_dir()
+    assert not (tmp_path / "cache").exists()
+    # the tar to stdout, and a top-level 'definition'
+    build_py.write_text("from solver.worker import State\n"
+                        "definition = State.inline({'z': 'zed'}).definition()\n")
+    r = cli("build", str(build_py), "--progress", "json", "-o", "type=tar,dest=-",
+            cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(fileobj=io.BytesIO(r.stdout)) as tar:
+        assert tar.getnames() == ["z"]
+
+
+def test_json_progress(tmp_path: Path, defn_file: Path) -> None:
+    r = cli("build", str(defn_file), "--progress", "json", cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stderr.decode().splitlines()]
+    by_name: dict[str, list[str]] = {}
+    for ev in events:
+        assert {"vertex", "name", "status", "timestamp"} <= set(ev)
+        by_name.setdefault(ev["name"], []).append(ev["status"])
+    assert by_name["sources"] == ["started", "completed"]
+    assert by_name["make b"][0] == "started"
+    assert by_name["make b"][-1] == "completed"
+    logs = [ev for ev in events if ev["status"] == "log"]
+    assert logs
+    assert logs[0]["data"] == "made b\n"
+    assert logs[0]["stream"] == 1
+
+
+@pytest.mark.anyio
+async def test_second_build_is_cached(tmp_path: Path) -> None:
+    # The cache is in memory: a second build in the same solver is fully cached.
+    defn = graph().definition()
+    async with Worker(tmp_path / "snapshots") as worker, Solver(op_kinds=worker.op_kinds) as s:
+        first, second = io.StringIO(), io.StringIO()
+        await build_definition(s, defn, progress="json", progress_out=first)
+        await build_definition(s, defn, progress="json", progress_out=second,
+                               output=parse_output(str(tmp_path / "out")))
+    statuses = [json.loads(line)["status"] for line in second.getvalue().splitlines()]
+    assert statuses == ["cached", "cached"]
+    assert "completed" in first.getvalue()
+    assert (tmp_path / "out" / "b.txt").read_text() == "bee"
+
+
+def test_failing_exec(tmp_path: Path) -> None:
+    build_py = tmp_path / "fail.py"
+    build_py.write_text(textwrap.dedent(f"""
+        from solver.worker import State, run
+        definition = run([{PY!r}, "-c", "import sys; print('boom', file=sys.stderr); "
+                          "sys.exit(3)"], root=State.scratch(), name="fail step")
+    """))
+    r = cli("build", str(build_py), "--progress", "plain", "-o", str(tmp_path / "o"),
+            cache=tmp_path / "cache")
+    assert r.returncode == 1
+    err = r.stderr.decode()
+    assert "#1 [fail step] ERROR" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: ")
+    assert "exit code 3" in last
+    assert "boom" in last
+    assert "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_malformed_definition(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"version": 1, "ops": {}, "output": ["nope", 0]}')
+    with pytest.raises(DefinitionError) as info:
+        Definition.from_json(bad.read_text())
+    r = cli("build", str(bad), cache=tmp_path / "cache")
+    assert r.returncode == 1
+    assert str(info.value) in r.stderr.decode()
+    assert "Traceback" not in r.stderr.decode()
+    # also from stdin, and a Python file without a definition
+    r = cli("build", "-", cache=tmp_path / "cache", stdin=b"[1]")
+    assert r.returncode == 1
+    assert b"must be a JSON object" in r.stderr
+    empty = tmp_path / "empty.py"
+    empty.write_text("x = 1\n")
+    r = cli("build", str(empty), cache=tmp_path / "cache")
+    assert r.returncode == 1
+    assert b"neither a top-level 'definition'" in r.stderr
+
+
+def test_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli("frobnicate", cache=tmp_path).returncode == 2
+    assert main(["build"]) == 2
+    assert main(["build", "x.json", "--progress", "fancy"]) == 2
+    assert main(["build", "x.json", "--output", "type=zip,dest=a"]) == 2
+    assert main(["build", "x.json", "--output", "type=tar"]) == 2
+    assert main(["prune", "--keep-duration", "soon"]) == 2
+    assert main(["build", str(tmp_path / "missing.json")]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
+def test_du_and_prune(tmp_path: Path, defn_file: Path) -> None:
+    cache = tmp_path / "cache"
+    assert cli("build", str(defn_file), "--progress", "plain", cache=cache).returncode == 0
+    r = cli("du", cache=cache)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.decode().splitlines()
+    assert lines[0].split()[:2] == ["ID", "SIZE"]
+    assert len(lines) == 4  # header, two snapshots, total
+    assert "source.inline: sources" in lines[1] + lines[2]
+    assert lines[-1].startswith("Total:")
+    assert "2 snapshot(s)" in lines[-1]
+    r = cli("prune", "--keep-duration", "1h", cache=cache)
+    assert r.returncode == 0
+    assert "freed 0B in 0 snapshot(s)" in r.stdout.decode()
+    r = cli("prune", cache=cache)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.decode()
+    assert out.count("deleted ") == 2
+    assert "in 2 snapshot(s)" in out
+    r = cli("du", "--cache-dir", str(cache), cache=tmp_path / "elsewhere")
+    assert r.stdout.decode().splitlines()[-1] == "Total: 0B in 0 snapshot(s)"
+
+
+# -- units -----------------------------------------------------------------------------
+
+
+def test_parse_output_and_duration() -> None:
+    assert parse_output("dir") == parse_output("type=local,dest=dir")
+    assert parse_output("type=tar,dest=-").type == "tar"
+    assert parse_output("type=local,dest=d,overwrite=true").overwrite
+    for bad in ("type=tar", "type=local,dest=-", "dest=a,dest=b", "foo=1,dest=a", "x,dest=a"):
+        with pytest.raises(ValueError):
+            parse_output(bad)
+    assert parse_duration("24h") == 86400
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration("0") == 0
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration("1x")
+
+
+def _ev(vertex: str, name: str, status: str, t: float, **kw: object) -> object:
+    from solver import ProgressEvent
+
+    return ProgressEvent(vertex, name, status, t, **kw)  # type: ignore[arg-type]
+
+
+def test_plain_and_json_renderers() -> None:
+    out = io.StringIO()
+    r = PlainRenderer(out)
+    for ev in [
+        _ev("v1", "one", "started", 10.0),
+        _ev("v1", "one", "log", 10.1, data=b"par", stream=1),
+        _ev("v1", "one", "log", 10.2, data=b"tial\nnext", stream=1),
+        _ev("v1", "one", "completed", 10.3),
+        _ev("v2", "two", "cached", 10.4),
+        _ev("v3", "three", "error", 10.5, error="it\nbroke"),
+    ]:
+        r.handle(ev)  # type: ignore[arg-type]
+    r.close()
+    assert out.getvalue().splitlines() == [
+        "#1 [one] STARTED",
+        "#1 [one] | partial",
+        "#1 | next",
+        "#1 [one] DONE 0.3s",
+        "#2 [two] CACHED",
+        "#3 [three] ERROR it broke",
+    ]
+    out = io.StringIO()
+    JsonRenderer(out).handle(_ev("v", "n", "log", 1.0, data=b"\xffx", stream=2))  # type: ignore[arg-type]
+    assert json.loads(out.getvalue()) == {
+        "vertex": "v", "name": "n", "status": "log", "timestamp": 1.0,
+        "stream": 2, "data": "\ufffdx",
+    }
+    assert isinstance(make_renderer("auto", io.StringIO()), PlainRenderer)  # not a tty
+
+
+def test_tty_frame() -> None:
+    running = VertexView("compile a very long vertex name indeed", started=100.0)
+    running.logs.extend(f"line {i}" for i in range(10))
+    done = VertexView("fetch", status="completed", started=100.0, ended=100.5)
+    cached = VertexView("base", status="cached")
+    failed = VertexView("bad", status="error", error="exit 1")
+    frame = render_frame([cached, done, running, failed], now=102.25, width=40, started=99.0)
+    assert frame == [
+        "[+] Building 3.2s (2/4)",
+        " => [base]  CACHED",
+        " => [fetch]  DONE 0.5s",
+        " => [compile a very long vertex…]  2.2s",
+        "    | line 5",
+        "    | line 6",
+        "    | line 7",
+        "    | line 8",
+        "    | line 9",
+        " => [bad]  ERROR exit 1",
+    ]
+    assert all(len(line) <= 39 for line in frame)
+    # on a short terminal, finished steps are folded away first
+    short = render_frame([cached, done, running], now=102.25, width=40, height=8, started=99.0)
+    assert len(short) < 8
+    assert short[1] == " => (2 finished step(s) not shown)"
+    # the renderer redraws in place
+    out = io.StringIO()
+    tty = TtyRenderer(out)
+    tty.handle(_ev("v", "step", "started", 1.0))  # type: ignore[arg-type]
+    tty.tick(force=True)
+    tty.handle(_ev("v", "step", "completed", 2.0))  # type: ignore[arg-type]
+    tty.close()
+    text = out.getvalue()
+    assert "\x1b[2F" in text  # moved up over the two-line first frame
+    assert " => [step]  DONE 1.0s" in text
+
+
+@pytest.mark.anyio
+async def test_export_functions(tmp_path: Path) -> None:
+    state = State.inline({"d/f.txt": "f"}).mkdir("e")
+    async with (
+        Worker(tmp_path / "snapshots") as worker,
+        Solver(op_kinds=worker.op_kinds) as s,
+        await s.solve(state.definition()) as res,
+    ):
+        ref = res.ref
+        assert ref is not None
+        # the State builder makes no symlinks: add one to a copy of the snapshot
+        mutable = await worker.store.new_mutable(base=ref)
+        os.symlink("d/f.txt", mutable.path / "link")
+        linked = await mutable.commit()
+        try:
+            dest = await export_to_dir(linked, tmp_path / "x" / "y")
+            assert (dest / "link").is_symlink()
+            assert os.readlink(dest / "link") == "d/f.txt"
+            assert (dest / "e").is_dir()
+            assert (dest / "d" / "f.txt").read_text() == "f"
+            with pytest.raises(SolveError, match="not empty"):
+                await export_to_dir(linked, dest)
+            await export_to_dir(linked, dest, overwrite=True)
+            await export_to_tar(linked, tmp_path / "t.tar")
+            with tarfile.open(tmp_path / "t.tar") as tar:
+                assert tar.getnames() == ["d", "d/f.txt", "e", "link"]
+                assert tar.getmember("link").issym()
+        finally:
+            await linked.release()
+
+    class NotASnapshot:
+        id = "x"
+        sys = "just a string"
+
+        async def release(self) -> None: ...
+
+        def clone(self) -> NotASnapshot:
+            return self
+
+    with pytest.raises(SolveError, match="not a snapshot of the built-in worker"):
+        await export_to_dir(NotASnapshot(), tmp_path / "z")
