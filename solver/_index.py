@@ -45,7 +45,8 @@ class EdgeIndex:
         return len(self._items)
 
     def release(self, edge: ActiveEdge) -> None:
-        """Drop every slot ``edge`` owns; items left with no edge and no links go."""
+        """Drop every slot ``edge`` owns; items left with no edge and no links go,
+        and so, in turn, do the items only they linked to (iteratively)."""
         for item_id in self._back_refs.pop(edge, ()):
             item = self._items.get(item_id)
             if item is None:
@@ -55,28 +56,32 @@ class EdgeIndex:
                 self._drop(item_id, item)
 
     def _drop(self, item_id: str, item: _Item) -> None:
-        del self._items[item_id]
-        for dep_id in item.deps:
-            self._release_link(dep_id, item_id)
-
-    def _release_link(self, item_id: str, target: str) -> None:
-        item = self._items.get(item_id)
-        if item is None:
-            return
-        for link in list(item.links):
-            targets = item.links[link]
-            targets.discard(target)
-            if not targets:
-                del item.links[link]
-        if item.edge is None and not item.links:
-            self._drop(item_id, item)
+        items = self._items
+        stack = [(item_id, item)]
+        while stack:
+            iid, it = stack.pop()
+            if items.get(iid) is not it:
+                continue
+            del items[iid]
+            for dep_id in it.deps:
+                dep = items.get(dep_id)
+                if dep is None:
+                    continue
+                for link in list(dep.links):
+                    targets = dep.links[link]
+                    targets.discard(iid)
+                    if not targets:
+                        del dep.links[link]
+                if dep.edge is None and not dep.links:
+                    stack.append((dep_id, dep))
 
     def load_or_store(self, key: CacheKey, edge: ActiveEdge) -> ActiveEdge | None:
         """Return another live edge that owns ``key``, or store ``edge`` as its owner.
 
         An ignore-cache edge takes over the slot of a normal one instead of joining it.
         """
-        ids = self._all_matches(key)
+        self._index_deps(key)
+        ids = self._matches(key)
         old_id: str | None = None
         old: ActiveEdge | None = None
         for item_id in ids:
@@ -84,46 +89,62 @@ class EdgeIndex:
             if item is not None and item.edge is not edge and item.edge is not None:
                 old_id, old = item_id, item.edge
         if old is not None and old_id is not None and (old.ignore_cache or not edge.ignore_cache):
-            self._enforce_linked(old_id, key)
+            self._link(old_id, key)
             return old
 
         item_id = ids[0] if ids else secrets.token_hex(16)
-        self._enforce_linked(item_id, key)
+        self._link(item_id, key)
         self._items[item_id].edge = edge
         self._back_refs.setdefault(edge, set()).add(item_id)
         return None
 
-    def _enforce_linked(self, item_id: str, key: CacheKey) -> None:
+    def _index_deps(self, key: CacheKey) -> None:
+        """Give every key below ``key`` its index IDs, deepest first (iteratively, so
+        a deep chain of keys never recurses)."""
+        order: list[CacheKey] = []
+        seen: set[int] = {id(key)}
+        stack: list[tuple[CacheKey, bool]] = [(key, False)]
+        while stack:
+            k, expanded = stack.pop()
+            if expanded:
+                order.append(k)
+                continue
+            stack.append((k, True))
+            for alternatives in k.deps:
+                for dep in alternatives:
+                    dk = dep.key.key
+                    if not dk.index_ids and id(dk) not in seen:
+                        seen.add(id(dk))
+                        stack.append((dk, False))
+        for k in order:
+            if k is key or k.index_ids:
+                continue
+            matches = self._matches(k)
+            k.index_ids = matches if matches else [secrets.token_hex(16)]
+            for item_id in k.index_ids:
+                self._link(item_id, k)
+
+    def _link(self, item_id: str, key: CacheKey) -> None:
+        """Make ``item_id`` the target of links from each dep key's items (dep keys
+        have their index IDs already)."""
         main = self._items.get(item_id)
         if main is None:
             main = self._items[item_id] = _Item()
         for i, alternatives in enumerate(key.deps):
             for dep in alternatives:
-                dep_key = dep.key.key
-                self._enforce_index_id(dep_key)
                 link = CacheInfoLink(i, key.output, key.digest, dep.selector)
-                for dep_id in dep_key.index_ids:
+                for dep_id in dep.key.key.index_ids:
                     item = self._items.get(dep_id)
                     if item is not None:
                         item.links.setdefault(link, set()).add(item_id)
                         main.deps.add(dep_id)
 
-    def _enforce_index_id(self, key: CacheKey) -> None:
-        if key.index_ids:
-            return
-        matches = self._all_matches(key)
-        key.index_ids = matches if matches else [secrets.token_hex(16)]
-        for item_id in key.index_ids:
-            self._enforce_linked(item_id, key)
-
-    def _all_matches(self, key: CacheKey) -> list[str]:
+    def _matches(self, key: CacheKey) -> list[str]:
+        """IDs of items reachable by links from every input of ``key`` (dep keys
+        have their index IDs already)."""
         deps = key.deps
         if not deps:
             return [root_key(key.digest, key.output)]
-        for alternatives in deps:
-            for dep in alternatives:
-                self._enforce_index_id(dep.key.key)
-
         items = self._items
         matches: set[str] = set()
         for i, alternatives in enumerate(deps):

@@ -340,3 +340,25 @@ async def test_parallel_inputs_run_concurrently(handle_tracker: HandleTracker) -
             assert unwrap(res) == "top"
             await res.release()
     assert (counters.cache, counters.exec) == (4, 4)
+
+
+async def test_deep_chain_never_recurses(handle_tracker: HandleTracker) -> None:
+    """A chain three times deeper than the recursion limit builds, rebuilds from
+    cache and is discarded (loading, key indexing and release cascades are all
+    iterative)."""
+    import sys
+
+    depth = 3 * sys.getrecursionlimit()
+    v = vtx(name="c0", cache_key_seed="c0", value="bottom")
+    for i in range(1, depth):
+        v = vtx(name=f"c{i}", cache_key_seed=f"c{i}", inputs=[Edge(v)], value=f"v{i}")
+    counters = v.setup_call_counters()
+    with anyio.fail_after(120):
+        async with Solver(resolve_op=resolve_op) as s:
+            for expected_execs in (depth, depth):
+                job = s.new_job()
+                res = await job.build(Edge(v))
+                assert unwrap(res) == f"v{depth - 1}"
+                await res.release()
+                await job.discard()
+                assert counters.exec == expected_execs
