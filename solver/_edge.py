@@ -269,7 +269,7 @@ class ActiveEdge:
                 dep_keys, d.index, self.cache_map.digest, self.edge.index
             )
         except Exception as exc:
-            self.err = self.err or _wrap(exc, "error on cache query", self.edge.vertex)
+            self.err = self.err or self.op.wrap_error(exc, "error on cache query")
             return False
         found = False
         for k in keys:
@@ -584,7 +584,7 @@ class ActiveEdge:
             except Exception as exc:
                 self.exec_req = None
                 if self.err is None:
-                    self.err = _wrap(exc, "failed to save the result", self.edge.vertex)
+                    self.err = self.op.wrap_error(exc, "failed to save the result")
                 return
         self.result = SharedCachedResult(cached)
         self.state = COMPLETE
@@ -872,12 +872,4 @@ def _is_dep(vertex: Vertex, digest: str, seen: dict[int, bool]) -> bool:
                 seen[key] = True
                 stack.append(inp.vertex)
     return False
-
-
-def _wrap(exc: BaseException, prefix: str, vertex: Vertex) -> SolveError:
-    if isinstance(exc, SolveError):
-        return exc
-    err = SolveError(f"{prefix}: {exc}", vertex=vertex.digest, vertex_name=vertex.name)
-    err.__cause__ = exc
-    return err
 

@@ -60,16 +60,14 @@ CANCELED: Final = Canceled("canceled")
 
 
 class EdgeRequest:
-    """What a requester wants from an edge, and what it has already seen."""
+    """What a requester wants from an edge, and what it has already seen.
 
-    __slots__ = (
-        "current_cache_map",
-        "current_keys",
-        "current_result",
-        "current_state",
-        "desired",
-        "seen",
-    )
+    ``current_keys`` is how many keys the requester knew when it asked (it never
+    changes: an answer with more keys may complete the request early); ``seen`` is
+    the (state, result, cache map, number of keys) it last received, so an update
+    that would repeat it is not sent."""
+
+    __slots__ = ("current_keys", "desired", "seen")
 
     def __init__(
         self,
@@ -80,12 +78,7 @@ class EdgeRequest:
         current_keys: int = 0,
     ) -> None:
         self.desired = desired
-        self.current_state = current_state
-        self.current_result = current_result
-        self.current_cache_map = current_cache_map
         self.current_keys = current_keys
-        # (state, result, cache map, number of keys) the requester last received:
-        # an update that would repeat it is not sent.
         self.seen: tuple[int, object, object, int] = (
             current_state,
             current_result,

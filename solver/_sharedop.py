@@ -105,11 +105,11 @@ class SharedOp:
             try:
                 self._op = st.solver.resolve_op(st.vtx, st.builder)
             except Exception as exc:
-                self._op_err = self._error(exc, "failed to resolve op")
+                self._op_err = self.wrap_error(exc, "failed to resolve op")
                 raise self._op_err from exc
         return self._op
 
-    def _error(self, exc: BaseException, prefix: str | None) -> SolveError:
+    def wrap_error(self, exc: BaseException, prefix: str | None) -> SolveError:
         if isinstance(exc, SolveError):
             return exc
         v = self.state.vtx
@@ -167,7 +167,7 @@ class SharedOp:
         try:
             await cm.__aenter__()
         except Exception as exc:
-            raise self._error(exc, "acquire op resources") from None
+            raise self.wrap_error(exc, "acquire op resources") from None
         token = current_log.set(st.log)
         try:
             st.emit(STARTED)
@@ -258,7 +258,7 @@ class SharedOp:
             pipe.finalize(None, CANCELED)
         else:
             assert err is not None
-            pipe.finalize(None, self._error(err, "failed to load cache"))
+            pipe.finalize(None, self.wrap_error(err, "failed to load cache"))
 
     # -- the shared call ------------------------------------------------------------
     def _join(
@@ -341,7 +341,7 @@ class SharedOp:
         if cancelled or (deliver is None and err is None):
             failure = CANCELED
         elif err is not None:
-            failure = self._error(err, self._prefix(call.key))
+            failure = self.wrap_error(err, self._prefix(call.key))
             self._memoize_error(call.key, failure)
         for w in call.waiters:
             w.on_cancel = None
