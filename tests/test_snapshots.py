@@ -12,6 +12,7 @@ from typing import TypeVar
 
 import anyio
 import anyio.from_thread
+import anyio.lowlevel
 import anyio.to_thread
 import pytest
 
@@ -859,3 +860,37 @@ async def test_default_root_honours_the_environment(
         assert (tmp_path / "explicit" / "snapshots" / "tmp").is_dir()
     # An explicit argument wins over the environment.
     assert SnapshotStore(tmp_path / "arg").root == tmp_path / "arg"
+
+
+@pytest.mark.anyio
+async def test_delete_listeners_hear_every_deletion_once(
+    store: SnapshotStore, handle_tracker: HandleTracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    heard: list[list[str]] = []
+    order: list[str] = []
+
+    async def broken(ids: object) -> None:
+        order.append("broken")
+        raise RuntimeError("listener broke")
+
+    async def recorder(ids: list[str]) -> None:
+        order.append("recorder")
+        await anyio.lowlevel.checkpoint()
+        heard.append(sorted(ids))
+
+    store.add_delete_listener(broken)
+    store.add_delete_listener(recorder)
+    a = await snapshot_of(store, write_sample)
+    b = await snapshot_of(store, write_sample)
+    c = await snapshot_of(store, write_sample)
+    for ref in (a, b):
+        await ref.release()
+    await store.delete(a.id)
+    assert await store.prune() == [b.id]  # c is in use
+    assert await store.prune() == []  # nothing deleted: no call
+    with pytest.raises(SnapshotInUseError):
+        await store.delete(c.id)
+    await c.release()
+    assert heard == [[a.id], [b.id]]
+    assert order == ["broken", "recorder"] * 2
+    assert "a delete listener" in caplog.text

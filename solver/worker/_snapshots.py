@@ -101,7 +101,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -713,6 +713,7 @@ class SnapshotStore:
         self._lock_fd: int | None = None
         self._busy_count = 0
         self._idle: anyio.Event | None = None
+        self._delete_listeners: list[Callable[[Sequence[str]], Awaitable[None]]] = []
 
     @property
     def root(self) -> Path:
@@ -799,6 +800,24 @@ class SnapshotStore:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    def add_delete_listener(self, listener: Callable[[Sequence[str]], Awaitable[None]]) -> None:
+        """Call ``await listener(ids)`` after :meth:`delete` or :meth:`prune` removed
+        the snapshots ``ids`` (never with an empty list). A persistent cache uses it
+        to release the records whose results were deleted. Listeners run shielded,
+        in the order they were added; one that raises is logged at ERROR and the
+        others still run."""
+        self._delete_listeners.append(listener)
+
+    async def _notify_deleted(self, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        with anyio.CancelScope(shield=True):
+            for listener in self._delete_listeners:
+                try:
+                    await listener(list(ids))
+                except Exception:
+                    _log.exception("a delete listener of %s failed", self._root)
 
     # -- snapshots ------------------------------------------------------------------
 
@@ -901,6 +920,7 @@ class SnapshotStore:
             self._revive(record)
             error = failed[id]
             raise SolveError(f"deleting snapshot {id} failed: {error}") from error
+        await self._notify_deleted([id])
 
     async def prune(self, keep: Callable[[SnapshotInfo], bool] | None = None) -> list[str]:
         """Delete every snapshot that is not in use and not kept; return their ids.
@@ -935,7 +955,9 @@ class SnapshotStore:
             if error is not None:
                 _log.error("pruning snapshot %s failed: %s", record.id, error)
                 self._revive(record)
-        return [record.id for record in doomed if record.id not in failed]
+        deleted = [record.id for record in doomed if record.id not in failed]
+        await self._notify_deleted(deleted)
+        return deleted
 
     # -- internals ----------------------------------------------------------------
 
