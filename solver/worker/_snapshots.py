@@ -5,7 +5,8 @@ snapshot (a fresh working directory, or a copy of an input snapshot), then
 *commits* it: the tree becomes an immutable snapshot with a random id, and the op
 returns a :class:`SnapshotRef`, a reference-counted handle that is the engine's
 :class:`~solver.Result`. The tree stays on disk after its last handle is released
-(it is a cache entry) until :meth:`SnapshotStore.prune` or
+(it is a cache entry) until :meth:`SnapshotStore.prune`,
+:meth:`SnapshotStore.prune_by_policy` (garbage collection, see ``_gc.py``) or
 :meth:`SnapshotStore.delete` removes it; a snapshot with a live handle is never
 removed. A later process opening the same root sees every committed snapshot, so a
 persistent cache can hand results back with :meth:`SnapshotStore.load`.
@@ -54,10 +55,12 @@ with its process, so a crash never leaves the root locked.
 Reference counting
 ------------------
 
-Each snapshot has one in-memory record with a :class:`threading.Lock` and the count
-of live handles (plus short internal pins, e.g. while a copy reads it). A handle
-has its own released flag; both are changed together under the record's lock, so a
-release from any task or thread is exactly-once, and a second release of the same
+Each snapshot has one in-memory record with the count of live handles (plus short
+internal pins, e.g. while a copy reads it). A handle has its own released flag; both
+are changed together under the store's :class:`threading.Lock` (one for all records:
+the critical sections are a few statements, and one lock lets a record move in and
+out of the idle index below in the same step), so a release from any task or thread
+is exactly-once, and a second release of the same
 handle logs at ERROR on the ``solver`` logger, raises
 :class:`~solver.DoubleReleaseError` and changes no count (as in ``solver._refs``,
 whose tracker hook these handles report to). Releasing the last handle only stamps
@@ -65,6 +68,22 @@ whose tracker hook these handles report to). Releasing the last handle only stam
 needs to be shielded. Deletion marks the record *dead* under the same lock only if
 its count is zero, and a dead record can never be acquired again; that is the whole
 protocol that keeps a snapshot with a live handle on disk.
+
+The idle index
+--------------
+
+Garbage collection deletes the least recently used snapshots first. The store keeps
+the *idle* records (count zero, not dead) in a ``SortedKeyList`` ordered by
+``(last_used, id)``, changed incrementally under the lock: a record enters it when
+its count drops to zero (the moment ``last_used`` is stamped, so its key never
+changes while it is in the index), leaves it when it is acquired again (a
+:meth:`SnapshotStore.load`, or a pin while a copy reads it) and when it is claimed for
+deletion, and comes back if the deletion fails. A committed snapshot starts with
+one handle, so it is not idle yet; on open every snapshot is. A prune walks the index
+from the front and stops as soon as the rule is satisfied (or, for a rule with a
+keep duration, at the first snapshot used too recently), so it never sorts and
+never looks at snapshots in use. The store also keeps the sum of all sizes, so a
+space rule with nothing to do costs O(1).
 
 Everything else (the id -> record index, the set of open mutables) is changed only
 on the event loop, between awaits, so it needs no lock. Filesystem work runs in a
@@ -101,19 +120,21 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final, TypeVar, TypeVarTuple
+from typing import Any, Final, Protocol, TypeVar, TypeVarTuple
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
+from sortedcontainers import SortedKeyList  # type: ignore[import-untyped, unused-ignore]
 
 from .. import _refs
 from .._errors import DoubleReleaseError, SolveError
 from .._result import Result
+from ._gc import PrunePolicy, as_rules
 
 if sys.platform != "win32":
     import fcntl
@@ -297,10 +318,26 @@ def default_root() -> Path:
 # -- the record and its handles -------------------------------------------------------
 
 
+class _IdleIndex(Protocol):
+    """What the store uses of its ``SortedKeyList`` of idle records."""
+
+    def add(self, record: _Record, /) -> None: ...
+    def remove(self, record: _Record, /) -> None: ...
+    def update(self, records: Iterable[_Record], /) -> None: ...
+    def __iter__(self) -> Iterator[_Record]: ...
+    def __len__(self) -> int: ...
+
+
+def _idle_order(record: _Record) -> tuple[float, str]:
+    # Only read while the record is in the index, where last_used does not change.
+    return (record.last_used, record.id)
+
+
 class _Record:
     """The in-memory state of one committed snapshot. ``live``, ``dead``,
-    ``last_used`` and ``dirty`` are only changed under ``lock``; ``dead`` never goes
-    back to False except to undo a deletion whose rename failed."""
+    ``last_used`` and ``dirty`` are only changed under ``lock`` (the store's lock,
+    shared by all its records), together with the store's idle index; ``dead``
+    never goes back to False except to undo a deletion whose rename failed."""
 
     __slots__ = (
         "created_at",
@@ -327,7 +364,7 @@ class _Record:
         self.size = meta.size
         self.description = meta.description
         self.parents = meta.parents
-        self.lock = threading.Lock()
+        self.lock = store._lock
         self.live = 0
         self.dead = False
         self.dirty = False
@@ -338,6 +375,8 @@ class _Record:
         with self.lock:
             if self.dead:
                 return False
+            if self.live == 0:
+                self.store._idle_index.remove(self)
             self.live += 1
             return True
 
@@ -346,8 +385,14 @@ class _Record:
         with self.lock:
             self.live -= 1
             if self.live == 0:
-                self.last_used = time.time()
-                self.dirty = True
+                self.became_idle()
+
+    def became_idle(self) -> None:
+        """The last user let go (called under ``lock``): stamp ``last_used`` and
+        enter the store's idle index, whose order it is."""
+        self.last_used = self.store._clock()
+        self.dirty = True
+        self.store._idle_index.add(self)
 
     def meta(self) -> _Meta:
         with self.lock:
@@ -438,8 +483,7 @@ class SnapshotRef:
                 self._released = True
                 record.live -= 1
                 if record.live == 0:
-                    record.last_used = time.time()
-                    record.dirty = True
+                    record.became_idle()
         if not ok:
             raise self._misuse("releasing")
         tracker = _refs._tracker
@@ -621,7 +665,7 @@ class MutableSnapshot:
             raise SolveError(f"cannot commit mutable snapshot {self._id}: it is {self._state}")
         self._state = _COMMITTING
         with store._busy():
-            now = time.time()
+            now = store._clock()
             meta = _Meta(self._id, now, now, 0, self._description, self._parents)
             try:
                 size = await _in_thread(_commit_tree, store._root, meta)
@@ -636,8 +680,9 @@ class MutableSnapshot:
             store._mutables.pop(self._id, None)
             record = _Record(store, meta, store._root / "snapshots" / self._id)
             record.size = size
-            record.live = 1
+            record.live = 1  # in use, so not in the idle index
             store._records[self._id] = record
+            store._used += size
             ref = SnapshotRef(record)
         try:
             await anyio.lowlevel.checkpoint()
@@ -703,11 +748,32 @@ class SnapshotStore:
     and released from any thread, also after the store was closed. Operations other
     than releases and :meth:`MutableSnapshot.discard` raise
     :class:`~solver.SolveError` before :meth:`open` and after :meth:`close`.
+
+    ``clock`` (default :func:`time.time`) stamps ``created_at`` and ``last_used``;
+    ``free_space(root)`` (default: ``shutil.disk_usage(root).free``, run in a worker
+    thread) measures the free bytes for prune rules with ``min_free_space``. Both
+    are there for tests.
     """
 
-    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
+        free_space: Callable[[Path], int] | None = None,
+    ) -> None:
         self._root = (Path(root) if root is not None else default_root()).absolute()
         self._state: str = _NEW
+        self._clock: Callable[[], float] = clock if clock is not None else time.time
+        self._free_space: Callable[[Path], int] = (
+            free_space if free_space is not None else _disk_free
+        )
+        # One lock for every record's count and for the idle index (see _Record).
+        self._lock = threading.Lock()
+        # The snapshots nobody uses (live == 0, not dead), least recently used first.
+        self._idle_index: _IdleIndex = SortedKeyList(key=_idle_order)
+        # The sum of every snapshot's size, in use or not (changed on the loop only).
+        self._used = 0
         self._records: dict[str, _Record] = {}
         self._mutables: dict[str, MutableSnapshot] = {}
         self._lock_fd: int | None = None
@@ -745,6 +811,9 @@ class SnapshotStore:
         snapshots = self._root / "snapshots"
         for meta in metas:
             self._records[meta.id] = _Record(self, meta, snapshots / meta.id)
+        with self._lock:
+            self._idle_index.update(self._records.values())
+        self._used = sum(record.size for record in self._records.values())
         self._state = _STORE_OPEN
         try:
             await anyio.lowlevel.checkpoint()
@@ -776,7 +845,7 @@ class SnapshotStore:
                 mutable._state = _DISCARDED
                 leftovers.append(mutable.path)
             self._mutables.clear()
-            now = time.time()
+            now = self._clock()
             metas = []
             for record in self._records.values():
                 with record.lock:
@@ -905,15 +974,14 @@ class SnapshotStore:
         record = self._records.get(id)
         if record is None:
             raise SnapshotNotFoundError(f"snapshot {id!r} not found in {self._root}")
-        with record.lock:
+        with self._lock:
             live = record.live
             if not live:
-                record.dead = True
+                self._claim(record)
         if live:
             raise SnapshotInUseError(
                 f"cannot delete snapshot {id}: it has {live} live handle(s)"
             )
-        del self._records[id]
         with self._busy():
             failed = await _in_thread(_delete_snapshots, self._root, [id])
         if failed:
@@ -938,26 +1006,59 @@ class SnapshotStore:
         ]
         chosen = [record for record, info in candidates if keep is None or not keep(info)]
         doomed: list[_Record] = []
-        for record in chosen:
-            with record.lock:
-                free = not record.live and not record.dead
-                if free:
-                    record.dead = True
-            if free:
-                del self._records[record.id]
-                doomed.append(record)
+        with self._lock:
+            for record in chosen:
+                if not record.live and not record.dead:
+                    self._claim(record)
+                    doomed.append(record)
         if not doomed:
             return []
         with self._busy():
-            failed = await _in_thread(_delete_snapshots, self._root, [r.id for r in doomed])
-        for record in doomed:
-            error = failed.get(record.id)
-            if error is not None:
-                _log.error("pruning snapshot %s failed: %s", record.id, error)
-                self._revive(record)
-        deleted = [record.id for record in doomed if record.id not in failed]
-        await self._notify_deleted(deleted)
+            return await self._remove(doomed)
+
+    async def prune_by_policy(
+        self, policy: PrunePolicy | Sequence[PrunePolicy]
+    ) -> list[SnapshotInfo]:
+        """Apply a prune policy: its rules in order, each to what the rules before
+        it left (see :mod:`solver.worker._gc` and ``docs/worker.md`` for the
+        semantics). Return what was deleted, in the order it was deleted.
+
+        Only snapshots without a live handle are candidates, least recently used
+        first (the store keeps them in that order as they are used and released,
+        so a rule costs O(log n) per snapshot it deletes plus the idle snapshots it
+        passes over; a rule with nothing to do costs O(1), plus one free-space
+        measure in a worker thread when it has ``min_free_space``). Delete
+        listeners are told after each rule. A snapshot that cannot be removed is
+        logged at ERROR, stays in the store and is not in the result. Like
+        :meth:`delete`, it completes once started.
+        """
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        self._check_open("prune snapshots")
+        rules = as_rules(policy)
+        deleted: list[SnapshotInfo] = []
+        with self._busy():
+            for rule in rules:
+                free: int | None = None
+                if rule.min_free_space:
+                    free = await _in_thread(self._free_space, self._root)
+                doomed = self._select(rule, rule.space_limit(self._used, free))
+                if not doomed:
+                    continue
+                infos = {record.id: record.info() for record in doomed}
+                gone = set(await self._remove(doomed))
+                deleted.extend(infos[sid] for sid in infos if sid in gone)
         return deleted
+
+    @property
+    def used_space(self) -> int:
+        """The total size in bytes of every snapshot (in use or not). O(1)."""
+        return self._used
+
+    async def free_space(self) -> int:
+        """The free bytes on the root's file system (``shutil.disk_usage``, or the
+        store's ``free_space`` function), measured in a worker thread."""
+        self._check_open("measure free space")
+        return await anyio.to_thread.run_sync(self._free_space, self._root)
 
     # -- internals ----------------------------------------------------------------
 
@@ -996,10 +1097,62 @@ class SnapshotStore:
             )
         return record
 
+    def _claim(self, record: _Record) -> None:
+        """Take an idle snapshot out of the store for deletion (under ``_lock``,
+        with ``record.live == 0``): mark it dead, so it can never be acquired
+        again, and drop it from every index."""
+        record.dead = True
+        self._idle_index.remove(record)
+        del self._records[record.id]
+        self._used -= record.size
+
     def _revive(self, record: _Record) -> None:
-        with record.lock:
+        """Undo :meth:`_claim` for a snapshot whose deletion failed."""
+        with self._lock:
             record.dead = False
+            self._idle_index.add(record)
         self._records[record.id] = record
+        self._used += record.size
+
+    def _select(self, rule: PrunePolicy, limit: int | None) -> list[_Record]:
+        """Claim what ``rule`` deletes: idle snapshots, least recently used first,
+        that pass its filters and age, until the used space is within ``limit``
+        (None: no limit)."""
+        if limit is not None and self._used <= limit:
+            return []
+        cutoff = self._clock() - rule.keep_duration if rule.keep_duration else None
+        used = self._used
+        chosen: list[_Record] = []
+        with self._lock:
+            for record in self._idle_index:
+                if limit is not None and used <= limit:
+                    break
+                if cutoff is not None and record.last_used > cutoff:
+                    break  # this one and every later one were used too recently
+                if rule.matches(record.id, record.description):
+                    chosen.append(record)
+                    used -= record.size
+            for record in chosen:
+                self._claim(record)
+        if limit is not None and used > limit:
+            _log.debug(
+                "prune rule %r leaves %d bytes, over its limit of %d (the rest is in use, "
+                "too recent, or filtered out)", rule, used, limit
+            )
+        return chosen
+
+    async def _remove(self, doomed: list[_Record]) -> list[str]:
+        """Delete claimed snapshots from disk, revive those that could not be
+        removed, tell the delete listeners; return the ids deleted."""
+        failed = await _in_thread(_delete_snapshots, self._root, [r.id for r in doomed])
+        for record in doomed:
+            error = failed.get(record.id)
+            if error is not None:
+                _log.error("pruning snapshot %s failed: %s", record.id, error)
+                self._revive(record)
+        deleted = [record.id for record in doomed if record.id not in failed]
+        await self._notify_deleted(deleted)
+        return deleted
 
     def _check(self) -> None:
         """Assert the store's invariants (for tests)."""
@@ -1008,6 +1161,15 @@ class SnapshotStore:
             assert not record.dead, sid
             assert record.live >= 0, (sid, record.live)
             assert record.store is self
+            assert record.lock is self._lock
+        with self._lock:
+            idle = list(self._idle_index)
+            expected = {sid for sid, r in self._records.items() if r.live == 0}
+        assert len(idle) == len(expected), (len(idle), len(expected))
+        assert {record.id for record in idle} == expected
+        keys = [_idle_order(record) for record in idle]
+        assert keys == sorted(keys)
+        assert self._used == sum(record.size for record in self._records.values())
         for sid, mutable in self._mutables.items():
             assert mutable.id == sid
             assert mutable.state in (_OPEN, _COMMITTING), mutable
@@ -1104,6 +1266,10 @@ def _remove_quietly(path: Path) -> None:
     except OSError as exc:
         _log.error("could not remove %s (it is removed when the store is next opened): %s",
                    path, exc)
+
+
+def _disk_free(path: Path) -> int:
+    return shutil.disk_usage(path).free
 
 
 def _make_dir(path: Path) -> None:
