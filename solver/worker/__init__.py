@@ -11,6 +11,7 @@ and hand out reference-counted :class:`SnapshotRef` handles (the engine's
 
 from ._exec import register_exec as register_exec
 from ._export import export_to_dir as export_to_dir, export_to_tar as export_to_tar
+from ._gc import PrunePolicy as PrunePolicy
 from ._snapshots import (
     FileStat as FileStat,
     MutableSnapshot as MutableSnapshot,

@@ -791,6 +791,11 @@ class SnapshotStore:
         """True once :meth:`close` was called."""
         return self._state == _CLOSED
 
+    @property
+    def is_open(self) -> bool:
+        """True between :meth:`open` and :meth:`close`."""
+        return self._state == _STORE_OPEN
+
     # -- lifecycle ----------------------------------------------------------------
 
     async def open(self) -> None:

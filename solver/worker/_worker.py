@@ -14,17 +14,24 @@ own; an application may register more kinds into it.
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Sequence
 from types import TracebackType
+
+import anyio.lowlevel
 
 from .._opkind import OpKindRegistry
 from ._exec import register_exec
 from ._fileops import register_file
+from ._gc import PrunePolicy, as_rules
 from ._merge import register_merge
-from ._snapshots import SnapshotStore
+from ._snapshots import SnapshotInfo, SnapshotStore
 from ._sources import register_sources
 
 __all__ = ["Worker", "register_builtin_kinds"]
+
+_log = logging.getLogger("solver")
 
 
 def register_builtin_kinds(registry: OpKindRegistry, store: SnapshotStore) -> None:
@@ -42,12 +49,53 @@ class Worker:
 
     Open it (``await worker.open()`` or ``async with``) before solving; closing it
     closes the store (snapshots stay on disk for the next process).
+
+    ``gc_policy`` is the prune policy (ordered :class:`PrunePolicy` rules) that
+    :meth:`after_solve` applies; without one there is no automatic garbage
+    collection.
     """
 
-    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str] | None = None,
+        *,
+        gc_policy: PrunePolicy | Sequence[PrunePolicy] | None = None,
+    ) -> None:
         self.store = SnapshotStore(root)
         self.op_kinds = OpKindRegistry()
         register_builtin_kinds(self.op_kinds, self.store)
+        self.gc_policy: tuple[PrunePolicy, ...] = (
+            as_rules(gc_policy) if gc_policy is not None else ()
+        )
+        self._collecting = False
+
+    async def prune(self, policy: PrunePolicy | Sequence[PrunePolicy]) -> list[SnapshotInfo]:
+        """Apply ``policy`` to the store now (:meth:`SnapshotStore.prune_by_policy`);
+        return what was deleted."""
+        return await self.store.prune_by_policy(policy)
+
+    async def after_solve(self) -> None:
+        """Automatic garbage collection: apply :attr:`gc_policy` (nothing when it is
+        empty or the store is not open). Meant to be awaited after each solve; it
+        never raises an error into the caller (a failure is logged at ERROR on the
+        ``solver`` logger), only cancellation. A call while another one is still
+        pruning returns at once. Cheap when nothing needs pruning (see
+        :meth:`SnapshotStore.prune_by_policy`). Always a checkpoint."""
+        if self.gc_policy and not self._collecting and self.store.is_open:
+            self._collecting = True
+            try:
+                deleted = await self.store.prune_by_policy(self.gc_policy)
+            except Exception:
+                _log.exception("automatic garbage collection of %s failed", self.store.root)
+            else:
+                if deleted:
+                    _log.info(
+                        "garbage collection deleted %d snapshot(s), %d bytes, from %s",
+                        len(deleted), sum(info.size for info in deleted), self.store.root,
+                    )
+            finally:
+                self._collecting = False
+        await anyio.lowlevel.checkpoint()
 
     async def open(self) -> None:
         """Open the store (see :meth:`SnapshotStore.open`)."""
