@@ -41,6 +41,12 @@ from ._errors import (
     SlowCacheError as SlowCacheError,
     SolveError as SolveError,
 )
+from ._frontend import (
+    Attestation as Attestation,
+    Bridge as Bridge,
+    Frontend as Frontend,
+    FrontendResult as FrontendResult,
+)
 from ._graph import Edge as Edge, Vertex as Vertex, VertexOptions as VertexOptions
 from ._op import (
     Builder as Builder,

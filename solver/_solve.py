@@ -15,6 +15,7 @@ from types import TracebackType
 import anyio
 
 from ._definition import Definition
+from ._frontend import Attestation
 from ._result import CachedResult
 
 __all__ = ["SolveRequest", "SolveResult"]
@@ -35,22 +36,29 @@ class SolveResult:
     """The results of one solve; it owns their handles.
 
     ``ref`` is the main result (or ``None``), ``refs`` named results (such as one
-    per platform), ``metadata`` free-form bytes by key. ``release()`` releases
-    every handle it holds exactly once; calling it again does nothing. Use it as
-    an async context manager to release on exit.
+    per platform), ``metadata`` free-form bytes by key, ``attestations`` what a
+    frontend attested about its outputs (by output key; an attestation's ``ref`` is
+    a handle of its own). Every handle in it is distinct, even where a frontend
+    returned one value several times. ``release()`` releases every handle it holds
+    exactly once; calling it again does nothing. Use it as an async context manager
+    to release on exit.
     """
 
-    __slots__ = ("_released", "metadata", "ref", "refs")
+    __slots__ = ("_released", "attestations", "metadata", "ref", "refs")
 
     def __init__(
         self,
         ref: CachedResult | None = None,
         refs: Mapping[str, CachedResult] | None = None,
         metadata: Mapping[str, bytes] | None = None,
+        attestations: Mapping[str, list[Attestation[CachedResult]]] | None = None,
     ) -> None:
         self.ref = ref
         self.refs: dict[str, CachedResult] = dict(refs or {})
         self.metadata: dict[str, bytes] = dict(metadata or {})
+        self.attestations: dict[str, list[Attestation[CachedResult]]] = {
+            key: list(atts) for key, atts in (attestations or {}).items()
+        }
         self._released = False
 
     def __repr__(self) -> str:
@@ -68,6 +76,7 @@ class SolveResult:
             return
         self._released = True
         handles = [self.ref, *self.refs.values()]
+        handles.extend(att.ref for atts in self.attestations.values() for att in atts)
         with anyio.CancelScope(shield=True):
             errors: list[BaseException] = []
             for h in handles:

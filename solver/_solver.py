@@ -28,12 +28,14 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import TaskGroup
 
+from ._bridge import SolverBridge, to_solve_result
 from ._cache import CacheManager
 from ._cachemanager import CombinedCacheManager, InMemoryCacheManager
 from ._definition import Definition, OpDef
 from ._digest import digest_of
 from ._edge import ActiveEdge
 from ._errors import SolveError
+from ._frontend import Frontend
 from ._graph import Edge, Vertex, VertexOptions
 from ._index import EdgeIndex
 from ._op import Builder, Op, ResolveOp
@@ -322,7 +324,7 @@ class Solver:
         self,
         resolve_op: ResolveOp | None = None,
         default_cache: CacheManager | None = None,
-        frontends: Mapping[str, object] | None = None,
+        frontends: Mapping[str, Frontend] | None = None,
         *,
         op_kinds: OpKindRegistry | None = None,
     ) -> None:
@@ -340,7 +342,7 @@ class Solver:
         self._cache: CacheManager = (
             default_cache if default_cache is not None else InMemoryCacheManager()
         )
-        self.frontends = dict(frontends or {})
+        self.frontends: dict[str, Frontend] = dict(frontends or {})
         self._actives: dict[str, VertexState] = {}
         self._jobs: dict[str, Job] = {}
         self._index = EdgeIndex()
@@ -366,35 +368,54 @@ class Solver:
             )
         return self._user_resolve_op(vertex, builder)
 
-    async def solve(self, request: Definition | SolveRequest) -> SolveResult:
-        """Solve a definition (or a request naming one) in a job of its own.
+    async def solve(
+        self, request: Definition | SolveRequest, *, job: Job | None = None
+    ) -> SolveResult:
+        """Solve a definition, or a request naming one or naming a frontend.
 
-        The definition is validated (against ``op_kinds`` when the solver has a
-        registry) before anything runs.
-        The returned :class:`SolveResult` owns the result handles; release it.
+        A definition is validated (against ``op_kinds`` when the solver has a
+        registry) before anything runs, and its output is built. A frontend (one of
+        ``frontends``, by name) is called with a bridge
+        (:class:`~solver.Bridge`), its ``frontend_opts`` and ``frontend_inputs``;
+        every ref it returns is evaluated, and the :class:`SolveResult` holds one
+        new handle per occurrence (the frontend's own result is released).
+
+        Everything is built in ``job`` when given (the caller keeps it, to read its
+        :meth:`Job.status`, and discards it), else in a job of its own that is
+        discarded before this returns. The returned :class:`SolveResult` owns the
+        result handles; release it.
         """
         self._check_open()
         if isinstance(request, Definition):
             request = SolveRequest(definition=request)
         if request.frontend is not None:
-            if request.frontend not in self.frontends:
-                known = ", ".join(sorted(self.frontends)) or "none"
-                raise SolveError(
-                    f"unknown frontend {request.frontend!r}; frontends given to this "
-                    f"solver: {known}"
-                )
-            raise SolveError("solving through a frontend is not supported by this version")
-        if request.definition is None:
+            self._frontend(request.frontend)
+        elif request.definition is None:
             raise SolveError("a SolveRequest needs a definition or a frontend")
-        defn = request.definition
-        defn.validate(self.op_kinds)
-        edge = defn.to_vertices(self.op_kinds)
-        job = self.new_job()
+        else:
+            request.definition.validate(self.op_kinds)
+        own_job = job is None
+        if job is None:
+            job = self.new_job()
         try:
-            ref = await job.build(edge)
+            if request.frontend is not None:
+                bridge = SolverBridge(self, job)
+                return await to_solve_result(await bridge.solve(request))
+            assert request.definition is not None
+            edge = request.definition.to_vertices(self.op_kinds)
+            return SolveResult(ref=await job.build(edge))
         finally:
-            await job.discard()
-        return SolveResult(ref=ref)
+            if own_job:
+                await job.discard()
+
+    def _frontend(self, name: str) -> Frontend:
+        frontend = self.frontends.get(name)
+        if frontend is None:
+            known = ", ".join(sorted(self.frontends)) or "none"
+            raise SolveError(
+                f"unknown frontend {name!r}; frontends given to this solver: {known}"
+            )
+        return frontend
 
     @property
     def default_cache(self) -> CacheManager:
