@@ -20,6 +20,7 @@ from solver._cachestorage import (
     ResultStorage,
 )
 from solver._digest import digest_of
+from solver._sqlitestorage import SQLiteCacheStorage
 from solver.testing import CountingResult, HandleTracker
 
 StorageFactory = Callable[[Path], Awaitable[CacheKeyStorage]]
@@ -29,9 +30,14 @@ async def _in_memory(_: Path) -> CacheKeyStorage:
     return InMemoryCacheStorage()
 
 
+async def _sqlite(tmp_path: Path) -> CacheKeyStorage:
+    return await SQLiteCacheStorage.open(tmp_path / "cache.db")
+
+
 # Every CacheKeyStorage implementation, by test id; a new store is one more entry.
 STORAGE_FACTORIES: dict[str, StorageFactory] = {
     "memory": _in_memory,
+    "sqlite": _sqlite,
 }
 
 
