@@ -49,8 +49,11 @@ should be, which only makes pruning by age a little eager.
 
 The lock file makes the root single-owner: cleaning ``tmp/`` on open and pruning are
 only safe when no other store (in this process or another) works in the same root.
-A second open of a root that is open elsewhere fails at once. The ``flock`` dies
-with its process, so a crash never leaves the root locked.
+A second open of a root that is open in this process fails at once (waiting could
+never end); one that another process holds waits for it (polling ``flock`` with
+``LOCK_NB``, so the wait is cancellable), logging once, for ``lock_timeout``
+seconds (``None``: as long as it takes). The ``flock`` dies with its process, so a
+crash never leaves the root locked.
 
 Reference counting
 ------------------
@@ -739,9 +742,10 @@ class SnapshotStore:
     :func:`default_root`); nothing happens on disk until :meth:`open` (or
     ``async with``), which creates the root, takes an exclusive lock on it, removes
     leftovers of a crashed process and loads every snapshot's metadata. One store
-    at a time may have a root open; a second open fails with
-    :class:`~solver.SolveError`. :meth:`close` keeps every snapshot on disk for the
-    next process.
+    at a time may have a root open: a second open in this process fails with
+    :class:`~solver.SolveError`; one in another process waits until the root is
+    free, up to ``lock_timeout`` seconds (``None``, the default: no limit; ``0``:
+    fail at once). :meth:`close` keeps every snapshot on disk for the next process.
 
     All methods run on the event loop that opened the store; their file system work
     runs in worker threads. Snapshot handles (:class:`SnapshotRef`) may be cloned
@@ -761,8 +765,10 @@ class SnapshotStore:
         *,
         clock: Callable[[], float] | None = None,
         free_space: Callable[[Path], int] | None = None,
+        lock_timeout: float | None = None,
     ) -> None:
         self._root = (Path(root) if root is not None else default_root()).absolute()
+        self._lock_timeout = lock_timeout
         self._state: str = _NEW
         self._clock: Callable[[], float] = clock if clock is not None else time.time
         self._free_space: Callable[[Path], int] = (
@@ -802,13 +808,15 @@ class SnapshotStore:
         """Create and lock the root, clean up after a crashed process, and load the
         snapshots' metadata. Removes everything in ``tmp/``, and every snapshot
         whose metadata is missing or corrupt (logged at WARNING on the ``solver``
-        logger). Raises :class:`~solver.SolveError` if the root is open in another
-        store, or if this store was opened before. O(number of snapshots)."""
+        logger). Waits while another process has the root open (see the class
+        docstring). Raises :class:`~solver.SolveError` if the root is open in another
+        store of this process, if the wait timed out, or if this store was opened
+        before. O(number of snapshots)."""
         if self._state != _NEW:
             raise SolveError(f"snapshot store at {self._root} was already opened")
         self._state = _OPENING
         try:
-            fd, metas = await _in_thread(_open_root, self._root)
+            fd, metas = await self._open_root_when_free()
         except BaseException:
             self._state = _NEW
             raise
@@ -825,6 +833,29 @@ class SnapshotStore:
         except BaseException:
             await self.close()
             raise
+
+    async def _open_root_when_free(self) -> tuple[int | None, list[_Meta]]:
+        timeout = self._lock_timeout
+        deadline = None if timeout is None else anyio.current_time() + timeout
+        delay = 0.01
+        while True:
+            try:
+                return await _in_thread(_open_root, self._root)
+            except _HeldElsewhereError as exc:
+                now = anyio.current_time()
+                if deadline is not None and now >= deadline:
+                    if timeout:
+                        raise SolveError(
+                            f"gave up after {timeout:g} s waiting for the lock on the "
+                            f"snapshot store at {self._root}, held by another process"
+                        ) from None
+                    raise SolveError(str(exc)) from None
+                if delay == 0.01:
+                    _log.warning(
+                        "waiting for the cache lock on %s held by another process", self._root
+                    )
+                await anyio.sleep(delay if deadline is None else min(delay, deadline - now))
+                delay = min(delay * 2, 0.5)
 
     async def close(self) -> None:
         """Close the store; idempotent, never a cancel point.
@@ -1407,17 +1438,32 @@ def _delete_snapshots(root: Path, ids: list[str]) -> dict[str, OSError]:
     return failed
 
 
+class _HeldElsewhereError(SolveError):
+    """Another process holds the root's lock."""
+
+
+# The lock files (by device and inode) this process holds: a second open here is
+# refused at once instead of waiting for a lock that only this process can free.
+_held_roots: set[tuple[int, int]] = set()
+_held_roots_lock = threading.Lock()
+
+
 def _lock_root(root: Path) -> int | None:
     if sys.platform == "win32":  # no flock(); the root is not protected there
         return None
     fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SolveError(
-            f"the snapshot store at {root} is already open (in this or another process)"
-        ) from None
+        st = os.fstat(fd)
+        with _held_roots_lock:
+            if (st.st_dev, st.st_ino) in _held_roots:
+                raise SolveError(f"the snapshot store at {root} is already open in this process")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _HeldElsewhereError(
+                    f"the snapshot store at {root} is already open in another process"
+                ) from None
+            _held_roots.add((st.st_dev, st.st_ino))
     except BaseException:
         os.close(fd)
         raise
@@ -1426,7 +1472,10 @@ def _lock_root(root: Path) -> int | None:
 
 def _unlock_root(fd: int | None) -> None:
     if fd is not None:
-        os.close(fd)  # closing the only descriptor releases the flock
+        st = os.fstat(fd)
+        with _held_roots_lock:
+            _held_roots.discard((st.st_dev, st.st_ino))
+            os.close(fd)  # closing the only descriptor releases the flock
 
 
 def _open_root(root: Path) -> tuple[int | None, list[_Meta]]:
