@@ -73,5 +73,6 @@ from ._refs import (
 from ._result import CachedResult as CachedResult, Result as Result, ResultProxy as ResultProxy
 from ._solve import SolveRequest as SolveRequest, SolveResult as SolveResult
 from ._solver import Job as Job, Solver as Solver
+from ._sqlitestorage import SQLiteCacheStorage as SQLiteCacheStorage
 
 __version__ = "0.1.0"

@@ -48,6 +48,7 @@ from ._workpool import WorkPool
 
 if TYPE_CHECKING:
     from ._result import CachedResult
+    from .worker import Worker
 
 __all__ = ["Job", "LoadedVertex", "Solver", "VertexState"]
 
@@ -317,6 +318,11 @@ class Solver:
     ``resolve_op`` resolves every vertex. ``default_cache`` is the main cache (an
     :class:`InMemoryCacheManager` the solver makes, and closes, when not given; one
     passed in is the caller's).
+    ``worker``, an open :class:`solver.worker.Worker` (the caller's: the solver
+    neither opens nor closes it), supplies ``op_kinds`` and ``default_cache`` when
+    they are not given: its kinds and its persistent cache (:attr:`Worker.cache`);
+    its ``after_solve()`` (automatic garbage collection) runs at the end of every
+    :meth:`solve`.
     ``frontends`` maps names to frontends for :meth:`solve`.
     """
 
@@ -327,14 +333,22 @@ class Solver:
         frontends: Mapping[str, Frontend] | None = None,
         *,
         op_kinds: OpKindRegistry | None = None,
+        worker: Worker | None = None,
     ) -> None:
         self._worker: Any = None
+        # the worker whose after_solve() runs after each solve (the caller's or ours)
+        self._solve_worker: Worker | None = worker
+        if worker is not None:
+            if op_kinds is None:
+                op_kinds = worker.op_kinds
+            if default_cache is None:
+                default_cache = worker.cache
         if resolve_op is None and op_kinds is None:
             # The built-in worker, on the default root (imported here: the worker
             # package builds on this one).
             from .worker import Worker
 
-            self._worker = Worker()
+            self._worker = self._solve_worker = Worker()
             op_kinds = self._worker.op_kinds
         self._user_resolve_op = resolve_op
         self.op_kinds = op_kinds
@@ -407,6 +421,17 @@ class Solver:
         finally:
             if own_job:
                 await job.discard()
+            await self._after_solve()
+
+    async def _after_solve(self) -> None:
+        worker = self._solve_worker
+        if worker is None:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await worker.after_solve()
+            except Exception:
+                logger.exception("after_solve() of %r failed", worker)
 
     def _frontend(self, name: str) -> Frontend:
         frontend = self.frontends.get(name)

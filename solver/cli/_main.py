@@ -183,17 +183,13 @@ def load_definition(file: str) -> Definition:
 
 @contextlib.asynccontextmanager
 async def open_solver(cache_dir: str | None) -> AsyncIterator[Solver]:
-    """``Solver()`` (the built-in worker on its default root), or one whose worker
-    uses ``cache_dir``/snapshots."""
-    if cache_dir is None:
-        async with Solver() as solver:
-            yield solver
-    else:
-        async with (
-            Worker(Path(cache_dir) / "snapshots") as worker,
-            Solver(op_kinds=worker.op_kinds) as solver,
-        ):
-            yield solver
+    """A solver over the built-in worker on ``cache_dir``/snapshots (default: the
+    worker's default root) and its persistent cache, so that building again
+    executes nothing that was built before. Waits while another process has the
+    cache directory open."""
+    root = Path(cache_dir) / "snapshots" if cache_dir is not None else None
+    async with Worker(root) as worker, Solver(worker=worker) as solver:
+        yield solver
 
 
 async def build_definition(

@@ -2,9 +2,13 @@
 
 ::
 
-    async with Worker(root) as worker, Solver(op_kinds=worker.op_kinds) as solver:
+    async with Worker(root) as worker, Solver(worker=worker) as solver:
         async with await solver.solve(state.definition()) as result:
             data = await result.ref.sys.read_bytes("a.txt")
+
+``Solver(worker=worker)`` uses the worker's op kinds and its persistent cache
+(:attr:`Worker.cache`), so a later process opening the same root executes nothing it
+has built before.
 
 ``Worker.op_kinds`` is a fresh :class:`~solver.OpKindRegistry` in which the built-in
 kinds (``source.inline``, ``source.local``, ``file``, ``merge`` and ``exec``) are registered with
@@ -21,7 +25,10 @@ from types import TracebackType
 
 import anyio.lowlevel
 
+from .._cachemanager import KeyedCacheManager
+from .._errors import SolveError
 from .._opkind import OpKindRegistry
+from ._cacheresults import open_worker_cache
 from ._exec import register_exec
 from ._fileops import register_file
 from ._gc import PrunePolicy, as_rules
@@ -48,7 +55,12 @@ class Worker:
     :func:`~solver.worker.default_root`) and the op kinds that use it.
 
     Open it (``await worker.open()`` or ``async with``) before solving; closing it
-    closes the store (snapshots stay on disk for the next process).
+    closes the store (snapshots stay on disk for the next process). Opening also
+    opens the worker's persistent cache, :attr:`cache` (``cache.db`` in the store's
+    root); closing closes it.
+
+    ``lock_timeout`` is how long :meth:`open` waits while another process has the
+    root open (``None``: as long as it takes; see :class:`SnapshotStore`).
 
     ``gc_policy`` is the prune policy (ordered :class:`PrunePolicy` rules) that
     :meth:`after_solve` applies; without one there is no automatic garbage
@@ -60,14 +72,29 @@ class Worker:
         root: str | os.PathLike[str] | None = None,
         *,
         gc_policy: PrunePolicy | Sequence[PrunePolicy] | None = None,
+        lock_timeout: float | None = None,
     ) -> None:
-        self.store = SnapshotStore(root)
+        self.store = SnapshotStore(root, lock_timeout=lock_timeout)
         self.op_kinds = OpKindRegistry()
         register_builtin_kinds(self.op_kinds, self.store)
         self.gc_policy: tuple[PrunePolicy, ...] = (
             as_rules(gc_policy) if gc_policy is not None else ()
         )
         self._collecting = False
+        self._cache: KeyedCacheManager | None = None
+
+    @property
+    def cache(self) -> KeyedCacheManager:
+        """The persistent cache: cache records in ``<store root>/cache.db``, results
+        in the store (see :mod:`solver.worker._cacheresults`). Available once the
+        worker is open; it is the worker's (closed by :meth:`close`). Pass the worker
+        to :class:`~solver.Solver` (``Solver(worker=worker)``) to use it."""
+        if self._cache is None:
+            raise SolveError(
+                f"the worker at {self.store.root} is not open: its cache is opened with it "
+                "('async with Worker(...)' or 'await worker.open()')"
+            )
+        return self._cache
 
     async def prune(self, policy: PrunePolicy | Sequence[PrunePolicy]) -> list[SnapshotInfo]:
         """Apply ``policy`` to the store now (:meth:`SnapshotStore.prune_by_policy`);
@@ -98,12 +125,23 @@ class Worker:
         await anyio.lowlevel.checkpoint()
 
     async def open(self) -> None:
-        """Open the store (see :meth:`SnapshotStore.open`)."""
+        """Open the store (see :meth:`SnapshotStore.open`), then the persistent cache
+        beside it, releasing the records of snapshots deleted since it was last
+        open."""
         await self.store.open()
+        try:
+            self._cache = await open_worker_cache(self.store)
+        except BaseException:
+            await self.store.close()
+            raise
 
     async def close(self) -> None:
-        """Close the store; idempotent."""
-        await self.store.close()
+        """Close the cache, then the store; idempotent."""
+        try:
+            if self._cache is not None:
+                await self._cache.close()
+        finally:
+            await self.store.close()
 
     async def __aenter__(self) -> Worker:
         await self.open()
