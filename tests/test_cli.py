@@ -9,13 +9,15 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import time
 from pathlib import Path
 
+import anyio
 import pytest
 
 from solver import Definition, DefinitionError, SolveError, Solver
 from solver.cli import main
-from solver.cli._main import build_definition, parse_duration, parse_output
+from solver.cli._main import build_definition, parse_duration, parse_output, parse_size
 from solver.cli._progress import (
     JsonRenderer,
     PlainRenderer,
@@ -24,7 +26,7 @@ from solver.cli._progress import (
     make_renderer,
     render_frame,
 )
-from solver.worker import State, Worker, run
+from solver.worker import SnapshotStore, State, Worker, run
 from solver.worker._export import export_to_dir, export_to_tar
 
 PY = sys.executable
@@ -203,8 +205,10 @@ def test_du_and_prune(tmp_path: Path, defn_file: Path) -> None:
     assert r.returncode == 0, r.stderr
     lines = r.stdout.decode().splitlines()
     assert lines[0].split()[:2] == ["ID", "SIZE"]
-    assert len(lines) == 4  # header, two snapshots, total
+    assert len(lines) == 8  # header, two snapshots, blank, kinds header, two kinds, total
     assert "source.inline: sources" in lines[1] + lines[2]
+    assert lines[5].split()[:2] == ["exec", "1"]
+    assert lines[6].split()[:2] == ["source.inline", "1"]
     assert lines[-1].startswith("Total:")
     assert "2 snapshot(s)" in lines[-1]
     r = cli("prune", "--keep-duration", "1h", cache=cache)
@@ -216,7 +220,132 @@ def test_du_and_prune(tmp_path: Path, defn_file: Path) -> None:
     assert out.count("deleted ") == 2
     assert "in 2 snapshot(s)" in out
     r = cli("du", "--cache-dir", str(cache), cache=tmp_path / "elsewhere")
-    assert r.stdout.decode().splitlines()[-1] == "Total: 0B in 0 snapshot(s)"
+    assert r.stdout.decode().splitlines()[-1].startswith("Total: 0B in 0 snapshot(s); ")
+
+
+def seed_cache(cache: Path, specs: list[tuple[str, str, int, float]]) -> dict[str, str]:
+    """Commit one snapshot per (kind, name, size, age in seconds) into the cache at
+    ``cache``, each last used ``age`` seconds ago; return name -> id."""
+
+    async def seed() -> dict[str, str]:
+        now = time.time()
+        clock = [now]
+        made: dict[str, str] = {}
+        async with SnapshotStore(cache / "snapshots", clock=lambda: clock[0]) as store:
+            for kind, name, size, age in specs:
+                clock[0] = now - age
+                async with await store.new_mutable({"kind": kind, "name": name}) as m:
+                    (m.path / "data").write_bytes(b"x" * size)
+                    ref = await m.commit()
+                await ref.release()
+                made[name] = ref.id
+        return made
+
+    return anyio.run(seed)
+
+
+SEED = [
+    ("source.local", "src", 100, 86400.0),  # a day ago: the least recently used
+    ("exec", "compile", 300, 3 * 3600.0),
+    ("exec", "link", 200, 2 * 3600.0),
+]
+
+
+def test_du_shows_lru_order_kinds_and_formats(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    made = seed_cache(cache, SEED)
+    assert main(["du", "--cache-dir", str(cache)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[1:4]] == [
+        made["src"][:12], made["compile"][:12], made["link"][:12]
+    ]
+    assert lines[1].split()[1:5] == ["100B", "1d", "ago", "no"]
+    assert lines[1].endswith("source.local: src")
+    assert lines[2].split()[1:4] == ["300B", "3h", "ago"]
+    assert lines[4] == ""
+    assert lines[5].split() == ["KIND", "SNAPSHOTS", "SIZE", "IN", "USE"]
+    assert lines[6].split() == ["exec", "2", "500B", "0B"]
+    assert lines[7].split() == ["source.local", "1", "100B", "0B"]
+    assert lines[8].startswith("Total: 600B in 3 snapshot(s); ")
+    assert lines[8].endswith(" free on the cache's file system")
+
+    assert main(["du", "--verbose", "--cache-dir", str(cache)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["ID", "SIZE", "LAST", "USED"]
+    assert "CREATED" in lines[0]
+    assert lines[1].split()[0] == made["src"]  # the full id
+
+    assert main(["du", "--format", "json", "--cache-dir", str(cache)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [s["id"] for s in doc["snapshots"]] == [made["src"], made["compile"], made["link"]]
+    assert doc["snapshots"][0]["kind"] == "source.local"
+    assert doc["snapshots"][1]["label"] == "compile"
+    assert doc["snapshots"][1]["in_use"] is False
+    assert doc["kinds"] == {
+        "exec": {"snapshots": 2, "size": 500, "in_use": 0},
+        "source.local": {"snapshots": 1, "size": 100, "in_use": 0},
+    }
+    assert doc["total"] == {"snapshots": 3, "size": 600, "in_use": 0}
+    assert isinstance(doc["free"], int)
+    assert main(["du", "--format", "yaml"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("flags", "deleted"),
+    [
+        ([], ["src", "compile", "link"]),
+        (["--all"], ["src", "compile", "link"]),
+        (["--keep-duration", "150m"], ["src", "compile"]),
+        (["--keep-duration", "2d"], []),
+        (["--max-used-space", "0.5kB"], ["src"]),
+        (["--max-used-space", "200"], ["src", "compile"]),
+        (["--max-used-space", "1GiB"], []),
+        (["--filter", "kind=exec"], ["compile", "link"]),
+        (["--filter", "description~=^li"], ["link"]),
+        (["--filter", "kind==exec,description==compile", "--filter", "kind=source.local"],
+         ["src", "compile"]),
+        (["--all", "--filter", "kind!=exec"], ["src"]),
+        (["--min-free-space", "1000000TB", "--reserved-space", "200B"], ["src", "compile"]),
+        (["--min-free-space", "1B"], []),
+        (["--reserved-space", "300"], ["src", "compile"]),
+        (["--keep-duration", "150m", "--max-used-space", "1"], ["src", "compile"]),
+    ],
+)
+def test_prune_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], deleted: list[str]
+) -> None:
+    cache = tmp_path / "cache"
+    made = seed_cache(cache, SEED)
+    assert main(["prune", *flags, "--cache-dir", str(cache)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in lines[:-1]] == [made[name][:12] for name in deleted]
+    assert all(line.startswith("deleted ") for line in lines[:-1])
+    sizes = {"src": 100, "compile": 300, "link": 200}
+    freed = sum(sizes[name] for name in deleted)
+    assert lines[-1] == (
+        f"Total: freed {freed}B in {len(deleted)} snapshot(s); {600 - freed}B left"
+    )
+
+
+def test_prune_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = str(tmp_path / "cache")
+    for flags, message in [
+        (["--max-used-space", "10XB"], "invalid size '10XB'"),
+        (["--min-free-space=-1GB"], "invalid size '-1GB'"),
+        (["--reserved-space", ""], "invalid size ''"),
+        (["--keep-duration", "soon"], "invalid duration 'soon'"),
+        (["--filter", "kin=exec"], "unknown field 'kin'"),
+        (["--filter", "kind"], "expected FIELD==VALUE"),
+        (["--filter", "description~=("], "bad regular expression"),
+        (["--all", "--max-used-space", "1GB"], "cannot be combined with --max-used-space"),
+        (["--all", "--keep-duration", "1h", "--reserved-space", "1"],
+         "cannot be combined with --keep-duration, --reserved-space"),
+    ]:
+        assert main(["prune", *flags, "--cache-dir", cache]) == 2, flags
+        assert message in capsys.readouterr().err, flags
+    assert not (tmp_path / "cache").exists()  # nothing was opened
 
 
 # -- units -----------------------------------------------------------------------------
@@ -234,6 +363,17 @@ def test_parse_output_and_duration() -> None:
     assert parse_duration("0") == 0
     with pytest.raises(ValueError, match="invalid duration"):
         parse_duration("1x")
+    assert parse_size("4096") == 4096
+    assert parse_size("10GB") == 10 * 10**9
+    assert parse_size("10gb") == parse_size("10G") == parse_size(" 10 GB ") == 10**10
+    assert parse_size("512MiB") == 512 * 2**20
+    assert parse_size("1.5k") == 1500
+    assert parse_size("2KiB") == 2048
+    assert parse_size("1TiB") == 2**40
+    assert parse_size("0") == 0
+    for bad in ("", "GB", "-1GB", "10XB", "1e3", "1,5G", "1.2.3"):
+        with pytest.raises(ValueError, match="invalid size"):
+            parse_size(bad)
 
 
 def _ev(vertex: str, name: str, status: str, t: float, **kw: object) -> object:

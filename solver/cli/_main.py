@@ -21,12 +21,17 @@ The snapshot store is ``--cache-dir DIR``/snapshots when given, else the worker'
 default (``$SOLVER_CACHE_DIR``/snapshots, else ``~/.cache/solver-engine/snapshots``).
 Progress goes to stderr; stdout carries only data (a tar for ``--output
 type=tar,dest=-``, the tables of ``du`` and ``prune``).
+
+``solver du`` lists the snapshots (least recently used first), their totals per op
+kind and the free space; ``solver prune`` applies one prune rule built from its
+flags (see ``docs/worker.md``, "Garbage collection").
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import re
 import runpy
 import sys
@@ -42,8 +47,9 @@ import anyio
 from .._definition import Definition
 from .._errors import SolveError
 from .._solver import Solver
-from ..worker import SnapshotInfo, SnapshotStore, State, Worker, default_root
+from ..worker import PrunePolicy, SnapshotInfo, SnapshotStore, State, Worker, default_root
 from ..worker._export import export_to_dir, export_to_tar
+from ..worker._gc import snapshot_kind, snapshot_label
 from ._progress import make_renderer, run_progress
 
 __all__ = [
@@ -54,6 +60,7 @@ __all__ = [
     "main",
     "parse_duration",
     "parse_output",
+    "parse_size",
 ]
 
 PROGRESS_MODES = ("auto", "tty", "plain", "json")
@@ -133,6 +140,29 @@ def parse_duration(text: str) -> float:
     if not text:
         raise ValueError("empty duration")
     return total
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)")
+_SIZE_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6,
+    "g": 10**9, "gb": 10**9, "t": 10**12, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in ``text`` such as ``10GB``, ``512MiB``, ``1.5G``, ``4096``: SI units
+    (``kB``, ``MB``, ``GB``, ``TB``, or just ``k``, ``M``, ``G``, ``T``) are powers
+    of 1000, IEC units (``KiB``, ``MiB``, ``GiB``, ``TiB``) powers of 1024; case does
+    not matter. Raises ValueError."""
+    m = _SIZE.fullmatch(text.strip())
+    unit = _SIZE_UNITS.get(m.group(2).lower()) if m is not None else None
+    if m is None or unit is None:
+        raise ValueError(
+            f"invalid size {text!r} (expected e.g. 10GB, 512MiB, 1.5G or a number of bytes)"
+        )
+    return round(float(m.group(1)) * unit)
 
 
 def _as_definition(value: object, what: str) -> Definition:
@@ -286,81 +316,169 @@ def human_age(seconds: float) -> str:
     return f"{seconds / 86400:.0f}d ago"
 
 
-def _describe(info: SnapshotInfo) -> str:
-    desc = info.description
-    kind = str(desc.get("kind", "")) if isinstance(desc, dict) else ""
-    name = str(desc.get("name", "")) if isinstance(desc, dict) else ""
-    if not name and isinstance(desc, dict) and isinstance(desc.get("args"), list):
-        name = " ".join(str(a) for a in desc["args"])
-    name = " ".join(name.split())
-    if len(name) > 60:
-        name = name[:59] + "…"
+def _describe(info: SnapshotInfo, width: int | None = 60) -> str:
+    kind = snapshot_kind(info.description)
+    name = snapshot_label(info.description)
+    if width is not None and len(name) > width:
+        name = name[: width - 1] + "…"
     if kind and name and name != kind:
         return f"{kind}: {name}"
     return kind or name or "-"
 
 
-def format_usage(infos: Sequence[SnapshotInfo], now: float) -> list[str]:
-    """The ``du`` table: one row per snapshot and a total."""
-    rows = [("ID", "SIZE", "LAST USED", "IN USE", "DESCRIPTION")]
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns two spaces apart; the last column is not padded."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True))
+        + "  " + row[-1]
+        for row in rows
+    ]
+
+
+def _lru_order(infos: Sequence[SnapshotInfo]) -> list[SnapshotInfo]:
+    return sorted(infos, key=lambda info: (info.last_used, info.id))
+
+
+def _per_kind(infos: Sequence[SnapshotInfo]) -> dict[str, tuple[int, int, int]]:
+    """Kind -> (snapshots, bytes, bytes in use), kinds sorted by name."""
+    kinds: dict[str, tuple[int, int, int]] = {}
     for info in infos:
-        rows.append(
-            (
-                info.id[:12],
+        kind = snapshot_kind(info.description) or "-"
+        count, size, in_use = kinds.get(kind, (0, 0, 0))
+        kinds[kind] = (count + 1, size + info.size, in_use + (info.size if info.in_use else 0))
+    return dict(sorted(kinds.items()))
+
+
+def format_usage(
+    infos: Sequence[SnapshotInfo], now: float, *, free: int | None = None, verbose: bool = False
+) -> list[str]:
+    """The ``du`` report: one row per snapshot, least recently used first (the
+    order in which pruning deletes), then the totals per op kind and overall."""
+    lines: list[str] = []
+    if infos:
+        head = ["ID", "SIZE", "LAST USED", "IN USE", "DESCRIPTION"]
+        if verbose:
+            head.insert(3, "CREATED")
+        rows = [head]
+        for info in _lru_order(infos):
+            row = [
+                info.id if verbose else info.id[:12],
                 human_size(info.size),
                 human_age(now - info.last_used),
                 "yes" if info.in_use else "no",
-                _describe(info),
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
-        for r in rows
-    ]
+                _describe(info, None if verbose else 60),
+            ]
+            if verbose:
+                row.insert(3, human_age(now - info.created_at))
+            rows.append(row)
+        lines += _table(rows)
+        lines.append("")
+        kinds = [["KIND", "SNAPSHOTS", "SIZE", "IN USE"]]
+        for kind, (count, size, in_use) in _per_kind(infos).items():
+            kinds.append([kind, str(count), human_size(size), human_size(in_use)])
+        lines += _table(kinds)
     total = sum(info.size for info in infos)
-    lines.append(f"Total: {human_size(total)} in {len(infos)} snapshot(s)")
+    in_use_total = sum(info.size for info in infos if info.in_use)
+    summary = f"Total: {human_size(total)} in {len(infos)} snapshot(s)"
+    if in_use_total:
+        summary += f", {human_size(in_use_total)} in use"
+    if free is not None:
+        summary += f"; {human_size(free)} free on the cache's file system"
+    lines.append(summary)
     return lines
 
 
+def usage_json(infos: Sequence[SnapshotInfo], *, free: int | None = None) -> str:
+    """The ``du --format json`` document (see ``docs/worker.md``)."""
+    doc = {
+        "snapshots": [
+            {
+                "id": info.id,
+                "size": info.size,
+                "created_at": info.created_at,
+                "last_used": info.last_used,
+                "in_use": info.in_use,
+                "kind": snapshot_kind(info.description),
+                "label": snapshot_label(info.description),
+                "description": info.description,
+                "parents": list(info.parents),
+            }
+            for info in _lru_order(infos)
+        ],
+        "kinds": {
+            kind: {"snapshots": count, "size": size, "in_use": in_use}
+            for kind, (count, size, in_use) in _per_kind(infos).items()
+        },
+        "total": {
+            "snapshots": len(infos),
+            "size": sum(info.size for info in infos),
+            "in_use": sum(info.size for info in infos if info.in_use),
+        },
+        "free": free,
+    }
+    return json.dumps(doc, indent=2, sort_keys=True)
+
+
 def _cmd_du(args: argparse.Namespace) -> int:
-    async def run() -> list[SnapshotInfo]:
+    async def run() -> tuple[list[SnapshotInfo], int | None]:
         async with SnapshotStore(_store_root(args.cache_dir)) as store:
-            return await store.usage()
+            infos = await store.usage()
+            try:
+                free: int | None = await store.free_space()
+            except OSError:
+                free = None
+            return infos, free
 
     try:
-        infos = anyio.run(run)
+        infos, free = anyio.run(run)
     except SolveError as exc:
         _error(str(exc))
         return 1
-    for line in format_usage(infos, time.time()):
+    if args.format == "json":
+        print(usage_json(infos, free=free))
+        return 0
+    for line in format_usage(infos, time.time(), free=free, verbose=args.verbose):
         print(line)
     return 0
 
 
+_LIMIT_FLAGS = ("keep_duration", "max_used_space", "min_free_space", "reserved_space")
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
-    keep_for: float | None = args.keep_duration
+    limits = [name for name in _LIMIT_FLAGS if getattr(args, name) is not None]
+    if args.all and limits:
+        given = ", ".join("--" + name.replace("_", "-") for name in limits)
+        _error(f"--all deletes every unused snapshot; it cannot be combined with {given}")
+        return 2
+    try:
+        policy = PrunePolicy(
+            keep_duration=args.keep_duration or 0.0,
+            max_used_space=args.max_used_space or 0,
+            min_free_space=args.min_free_space or 0,
+            reserved_space=args.reserved_space or 0,
+            filters=tuple(args.filter),
+        )
+    except (TypeError, ValueError) as exc:
+        _error(str(exc))
+        return 2
 
-    async def run() -> list[SnapshotInfo]:
+    async def run() -> tuple[list[SnapshotInfo], int]:
         async with SnapshotStore(_store_root(args.cache_dir)) as store:
-            before = {info.id: info for info in await store.usage()}
-            now = time.time()
-
-            def keep(info: SnapshotInfo) -> bool:
-                return keep_for is not None and now - info.last_used < keep_for
-
-            deleted = await store.prune(keep)
-            return [before[sid] for sid in deleted if sid in before]
+            deleted = await store.prune_by_policy(policy)
+            return deleted, store.used_space
 
     try:
-        freed = anyio.run(run)
-    except SolveError as exc:
+        freed, left = anyio.run(run)
+    except (SolveError, OSError) as exc:
         _error(str(exc))
         return 1
     for info in freed:
         print(f"deleted {info.id[:12]}  {human_size(info.size)}  {_describe(info)}")
     total = sum(info.size for info in freed)
-    print(f"Total: freed {human_size(total)} in {len(freed)} snapshot(s)")
+    print(f"Total: freed {human_size(total)} in {len(freed)} snapshot(s); "
+          f"{human_size(left)} left")
     return 0
 
 
@@ -376,6 +494,21 @@ def _duration_arg(text: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _filter_arg(text: str) -> str:
+    try:
+        PrunePolicy(filters=(text,))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return text
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -416,19 +549,52 @@ def make_parser() -> argparse.ArgumentParser:
     b.add_argument("--cache-dir", metavar="DIR", default=None, help=cache_help)
     b.set_defaults(func=_cmd_build)
 
-    d = sub.add_parser("du", help="list the snapshots in the cache and their sizes")
+    d = sub.add_parser(
+        "du",
+        help="list the snapshots in the cache, their sizes and totals per op kind",
+        description="List the snapshots in the cache, least recently used (first to be "
+        "pruned) first, with totals per op kind.",
+    )
+    d.add_argument("-v", "--verbose", action="store_true",
+                   help="full ids and descriptions, and when each snapshot was made")
+    d.add_argument("--format", choices=("table", "json"), default="table",
+                   help="table (default) or a JSON document")
     d.add_argument("--cache-dir", metavar="DIR", default=None, help=cache_help)
     d.set_defaults(func=_cmd_du)
 
-    p = sub.add_parser("prune", help="delete unused snapshots")
+    p = sub.add_parser(
+        "prune",
+        help="delete unused snapshots",
+        description="Delete unused snapshots, least recently used first. Without limits, "
+        "every unused snapshot that passes the filters is deleted; with space limits, "
+        "only as many as needed. SIZE: 10GB, 512MiB, 1.5G or bytes.",
+    )
     p.add_argument(
         "--keep-duration",
         type=_duration_arg,
         default=None,
         metavar="DURATION",
-        help="keep snapshots used within DURATION (e.g. 24h, 1h30m, 7d); "
-        "default: delete every unused snapshot",
+        help="keep snapshots used within DURATION (e.g. 24h, 1h30m, 7d)",
     )
+    p.add_argument("--max-used-space", type=_size_arg, default=None, metavar="SIZE",
+                   help="delete until the cache uses at most SIZE")
+    p.add_argument("--min-free-space", type=_size_arg, default=None, metavar="SIZE",
+                   help="delete until SIZE is free on the cache's file system")
+    p.add_argument("--reserved-space", type=_size_arg, default=None, metavar="SIZE",
+                   help="never delete below SIZE used (alone: delete down to SIZE)")
+    p.add_argument(
+        "--filter",
+        type=_filter_arg,
+        action="append",
+        default=[],
+        metavar="FILTER",
+        help="only snapshots matching FILTER: kind=exec, kind!=source.local, "
+        "description~=REGEX, id=ID; ',' joins conditions that must all hold; "
+        "repeated --filter: any may match",
+    )
+    p.add_argument("--all", action="store_true",
+                   help="delete every unused snapshot (that passes --filter); the default "
+                   "when no limit is given; not with --keep-duration or space limits")
     p.add_argument("--cache-dir", metavar="DIR", default=None, help=cache_help)
     p.set_defaults(func=_cmd_prune)
     return parser
