@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 from ._digest import digest_of
 
 if TYPE_CHECKING:
+    from ._cacheexport import CacheExportOptions, CacheExportTarget
     from ._result import Result
 
 __all__ = [
     "CacheInfoLink",
     "CacheKey",
     "CacheKeyWithSelector",
+    "CacheExporter",
     "CacheManager",
     "CacheRecord",
     "ExportableCacheKey",
@@ -84,12 +86,27 @@ class CacheKey:
         return f"CacheKey({self.id[:19]}, digest={self.digest[:19]}, output={self.output})"
 
 
+class CacheExporter(Protocol):
+    """What can export the chain of cache records behind a key (BuildKit's
+    ``CacheExporter``); see :mod:`solver._cacheexport`."""
+
+    async def export_to(
+        self, target: CacheExportTarget, options: CacheExportOptions
+    ) -> list[object]:
+        """Add the records behind the key to ``target``; return the target's
+        records for the key itself (empty if it was not exported)."""
+        ...
+
+
 class ExportableCacheKey:
-    """A cache key together with what can export the records behind it."""
+    """A cache key together with what can export the records behind it.
+
+    ``exporter`` is ``None`` for a key that has no records of its own yet (an
+    exporter then walks its deps only)."""
 
     __slots__ = ("exporter", "key")
 
-    def __init__(self, key: CacheKey, exporter: object | None = None) -> None:
+    def __init__(self, key: CacheKey, exporter: CacheExporter | None = None) -> None:
         self.key = key
         self.exporter = exporter
 

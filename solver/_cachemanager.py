@@ -45,6 +45,7 @@ from ._cache import (
     ExportableCacheKey,
     root_key,
 )
+from ._cacheexport import KeyExporter
 from ._cachestorage import (
     CacheKeyStorage,
     InMemoryCacheStorage,
@@ -197,7 +198,9 @@ class KeyedCacheManager:
 
         The result storage keeps its own handle; ``result`` is still the caller's.
         If the save fails or is cancelled before the result is stored under a key,
-        the stored handle is released again. The returned key has no exporter.
+        the stored handle is released again. The returned key's exporter
+        (:class:`~solver._cacheexport.KeyExporter`) exports the chain behind the
+        new record; making it is all the export work a save does.
         O(keys of the dep graph not yet linked) steps.
         """
         try:
@@ -216,7 +219,15 @@ class KeyedCacheManager:
                 raise
         finally:
             self._save_lock.release()
-        return ExportableCacheKey(key)
+        return ExportableCacheKey(
+            key, KeyExporter(key, record=CacheRecord(stored.id, self, key, stored.created_at))
+        )
+
+    async def storage_id(self, key: CacheKey) -> str:
+        """This manager's storage ID of ``key`` (found through links from its deps,
+        or minted), memoized on the key. O(unresolved keys of its dep graph)
+        steps."""
+        return await self._get_id(key)
 
     async def _forget_if_unreferenced(self, result_id: str) -> None:
         try:

@@ -27,7 +27,14 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._cache import CacheKey, CacheKeyWithSelector, CacheRecord, ExportableCacheKey
+from ._cache import (
+    CacheExporter,
+    CacheKey,
+    CacheKeyWithSelector,
+    CacheRecord,
+    ExportableCacheKey,
+)
+from ._cacheexport import KeyExporter, MergedExporter
 from ._cachemanager import best_record
 from ._errors import SolveError
 from ._graph import Edge, Vertex
@@ -451,7 +458,7 @@ class ActiveEdge:
             for rec in records:
                 if rec.id not in self.cache_records_loaded:
                     self.cache_records[rec.id] = rec
-            self.keys.append(ExportableCacheKey(merged, records))
+            self.keys.append(ExportableCacheKey(merged, KeyExporter(merged, records)))
 
         if self.cache_map is None:
             return
@@ -547,7 +554,7 @@ class ActiveEdge:
                             continue
                         for rec in records:
                             self.cache_records[rec.id] = rec
-                        self.keys.append(ExportableCacheKey(k, records))
+                        self.keys.append(ExportableCacheKey(k, KeyExporter(k, records)))
             self.state = CACHE_SLOW
         self.ensure_deps_initialized()
         if self.all_deps_have_keys(False):
@@ -578,6 +585,9 @@ class ActiveEdge:
         value = upt.take()
         if self.exec_cache_load:
             cached = value
+            for k in cached.cache_keys:
+                if isinstance(k.exporter, KeyExporter):
+                    k.exporter.secondary = self.secondary_exporters
         else:
             try:
                 cached = await self._commit(value)
@@ -614,14 +624,20 @@ class ActiveEdge:
                 self.op.release_later(r)
         cache = self._cache()
         now = time.time()
-        exported: list[ExportableCacheKey] = []
+        exporters: list[CacheExporter] = []
         try:
             for key in self.commit_keys:
-                exported.append(await cache.save(key, res, now))
+                exporter = (await cache.save(key, res, now)).exporter
+                if isinstance(exporter, KeyExporter):
+                    # merges into this edge add inputs to the record (read at export)
+                    exporter.secondary = self.secondary_exporters
+                if exporter is not None:
+                    exporters.append(exporter)
         except BaseException:
             self.op.release_later(res)
             raise
-        keys = [ExportableCacheKey(k, exported) for k in self.commit_keys]
+        merged = MergedExporter(exporters)
+        keys = [ExportableCacheKey(k, merged) for k in self.commit_keys]
         return CachedResultWithKeys(res, keys)
 
     async def process_dep_req(self, d: _Dep) -> bool:

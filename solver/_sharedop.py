@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._cache import CacheManager, CacheRecord, ExportableCacheKey
+from ._cacheexport import KeyExporter
 from ._errors import SlowCacheError, SolveError
 from ._op import CacheMap, ComputeDigest, Op
 from ._progress import CACHED, COMPLETED, ERROR, STARTED, current_log
@@ -245,7 +246,10 @@ class SharedOp:
                 scope.cancel()
             try:
                 res = await self.cache().load(record)
-                value = CachedResultWithKeys(res, [ExportableCacheKey(record.key, record)])
+                key = record.key
+                value = CachedResultWithKeys(
+                    res, [ExportableCacheKey(key, KeyExporter(key, record=record))]
+                )
                 self.state.emit(CACHED)
             except (KeyboardInterrupt, SystemExit):
                 raise
