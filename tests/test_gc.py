@@ -682,3 +682,58 @@ async def test_concurrent_after_solve_calls_prune_once(
                 tg.start_soon(worker.after_solve)
         assert len(calls) == 1
         assert set(calls[0]) == made
+
+
+@pytest.mark.anyio
+async def test_solver_with_a_worker_collects_after_every_solve(
+    tmp_path: Path, anyio_backend: str, handle_tracker: HandleTracker
+) -> None:
+    """``Solver(worker=...)`` runs the worker's policy at the end of each solve. Its
+    persistent cache names snapshots without holding them, so what the policy
+    deletes is gone at once, its records with it; what is in use stays."""
+    runs = tmp_path / "runs.txt"
+    make_b = (
+        "import pathlib, sys; pathlib.Path(sys.argv[1]).open('a').write('run\\n'); "
+        "pathlib.Path('b.txt').write_text('bee')"
+    )
+    src = State.inline({"a.txt": "hello\n"}).with_name("sources")
+    defn = run([PY, "-c", make_b, str(runs)], root=src, name="make b").definition()
+
+    def kinds(usage: Sequence[SnapshotInfo]) -> list[str]:
+        return sorted(snapshot_kind(info.description) for info in usage)
+
+    sources_only = [PrunePolicy(filters=("kind==source.inline",))]
+    with anyio.fail_after(60):
+        async with (
+            Worker(tmp_path / "w", gc_policy=sources_only) as worker,
+            Solver(worker=worker) as solver,
+        ):
+            # 1: both steps run; the source's snapshot, idle once the job is
+            # discarded, is pruned before solve() returns.
+            async with await solver.solve(defn) as result:
+                assert kinds(await worker.store.usage()) == ["exec"]
+                assert await result.ref.sys.read_bytes("b.txt") == b"bee"
+            assert runs.read_text() == "run\n"
+            # 2: the exec's record and snapshot were kept: a cache hit, nothing
+            # runs (the source's record went with its snapshot, and is not needed).
+            async with await solver.solve(defn) as result:
+                assert await result.ref.sys.read_bytes("b.txt") == b"bee"
+                kept = result.ref.id
+            assert runs.read_text() == "run\n"
+            assert kinds(await worker.store.usage()) == ["exec"]
+            # 3: a policy deleting everything unused: the result is in use while
+            # the caller holds it, so it survives the solve's own GC.
+            worker.gc_policy = (PrunePolicy(),)
+            async with await solver.solve(defn) as result:
+                assert result.ref.id == kept
+                assert await result.ref.sys.read_bytes("b.txt") == b"bee"
+            assert [info.id for info in await worker.store.usage()] == [kept]
+            # Released, it goes at the next GC, and its record with it: the
+            # next solve runs the exec again (and its GC cleans up after it).
+            await worker.after_solve()
+            assert await worker.store.usage() == []
+            async with await solver.solve(defn) as result:
+                assert result.ref.id != kept
+                assert await result.ref.sys.read_bytes("b.txt") == b"bee"
+                assert kinds(await worker.store.usage()) == ["exec"]
+            assert runs.read_text() == "run\nrun\n"
