@@ -82,7 +82,7 @@ def compile_build(
     arguments (default: the file's defaults)."""
     effective = dict(buildfile.args if args is None else args)
     target = build.target
-    prefix = f"[{target.name}] " + (f"{buildfile.name}: " if buildfile.name else "")
+    prefix = f"{buildfile.name} {target.name}: " if buildfile.name else f"{target.name}: "
     tree = State.scratch()
     if buildfile.copies and context is None:
         raise BuildfileError(

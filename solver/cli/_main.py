@@ -12,6 +12,11 @@ the result. ``FILE`` is either
   :class:`solver.worker.State`) or a function ``build()`` taking no arguments and
   returning one of those.
 
+With ``--frontend buildfile`` (in process) or ``--frontend gateway --opt
+source=CMD`` (a frontend program), ``FILE`` is a build context directory or a
+build file in one, built by that frontend with its ``--opt KEY=VALUE`` options
+(see :mod:`solver.cli._frontends` and ``docs/buildfile.md``).
+
 Exit status: 0 on success, 1 when the build (or reading ``FILE``, or an export)
 fails, with a one-paragraph message on stderr and no traceback (the traceback of
 an exception raised by a Python build file is shown, as it is the file's bug),
@@ -50,6 +55,7 @@ from .._solver import Solver
 from ..worker import PrunePolicy, SnapshotInfo, SnapshotStore, State, Worker, default_root
 from ..worker._export import export_to_dir, export_to_tar
 from ..worker._gc import snapshot_kind, snapshot_label
+from ._frontends import add_frontend_arguments, cmd_build_frontend
 from ._progress import make_renderer, run_progress
 
 __all__ = [
@@ -265,6 +271,8 @@ def _error(message: str) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
+    if args.frontend is not None or args.opt or args.allow_frontend_source:
+        return cmd_build_frontend(args, open_solver)
     try:
         defn = load_definition(args.file)
     except _UserCodeError as exc:
@@ -547,6 +555,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="progress output on stderr (auto: tty on a terminal, else plain)",
     )
     b.add_argument("--cache-dir", metavar="DIR", default=None, help=cache_help)
+    add_frontend_arguments(b)
     b.set_defaults(func=_cmd_build)
 
     d = sub.add_parser(

@@ -1,0 +1,341 @@
+"""``solver build --frontend NAME``: build through a frontend, and export its
+results.
+
+Frontends. ``buildfile`` runs the example frontend (``frontends.buildfile``) in
+this process, through a :class:`frontends.forwarder.Forwarder`; ``gateway``
+runs the frontend program named by ``--opt source=CMD`` as a subprocess through
+a :class:`frontends.gateway.Gateway`. The gateway runs only the built-in
+program, :data:`BUILTIN_SOURCES` (the buildfile frontend as a program), and the
+command lines given with ``--allow-frontend-source``. The CLI is an application
+of both packages: it loads ``frontends`` when a frontend is asked for, so the
+library ``solver`` itself never imports it.
+
+Inputs. ``FILE`` is a build context directory, or a file in one. A directory
+is the input ``context``; a file adds the input ``buildfile`` (a tree holding
+that file alone) and the option ``filename`` (its name). Both are
+``source.local`` trees, so an unchanged directory is a cache hit.
+
+Export (``--output``). A result with named refs (``refs``, such as one per
+platform) is exported to a directory, one subdirectory per key (``/`` in a key
+becomes ``_``: ``out/linux_amd64/``), and the attestations of each key to
+``DIR/<subdirectory>.attestations.json`` (see ``docs/buildfile.md``,
+"Command line"); the main ``ref`` is then not exported again. A result with
+only a main ref is exported as by a plain build (a directory or a tar). A tar
+takes one result: a result with several named refs must go to a directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import importlib
+import json
+import sys
+import traceback
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+
+from .._definition import Definition
+from .._errors import SolveError
+from .._frontend import Attestation, Frontend
+from .._result import CachedResult
+from .._solve import SolveRequest, SolveResult
+from .._solver import Solver
+from ..worker import State
+from ..worker._export import export_to_dir, export_to_tar
+from ._progress import make_renderer, run_progress
+
+if TYPE_CHECKING:
+    from ._main import OutputSpec
+
+__all__ = [
+    "BUILTIN_SOURCES",
+    "FRONTENDS",
+    "add_frontend_arguments",
+    "build_with_frontend",
+    "cmd_build_frontend",
+    "export_frontend_result",
+    "frontend_request_parts",
+    "make_frontend",
+    "output_dir_name",
+]
+
+#: The frontends ``--frontend`` accepts.
+FRONTENDS: Final = ("buildfile", "gateway")
+
+#: The frontend programs the gateway runs without ``--allow-frontend-source``.
+BUILTIN_SOURCES: Final = ("python -m frontends.buildfile",)
+
+OpenSolver = Callable[[str | None], contextlib.AbstractAsyncContextManager[Solver]]
+
+
+def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``build`` flags of this module: ``--frontend``, ``--opt``,
+    ``--allow-frontend-source``."""
+    parser.add_argument(
+        "--frontend",
+        choices=FRONTENDS,
+        default=None,
+        help="build FILE (a build context directory, or a build file in one) with a "
+        "frontend: buildfile (in process) or gateway (the program --opt source=CMD)",
+    )
+    parser.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a frontend option, e.g. platforms=linux/amd64,linux/arm64 or "
+        "build-arg:NAME=VALUE (repeatable)",
+    )
+    parser.add_argument(
+        "--allow-frontend-source",
+        action="append",
+        default=[],
+        metavar="CMD",
+        help="let the gateway run frontend program CMD too (repeatable; built in: "
+        + ", ".join(repr(s) for s in BUILTIN_SOURCES) + ")",
+    )
+
+
+def parse_opts(items: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` items as a dict. Raises ValueError for an item without ``=``,
+    an empty key, or a key given twice."""
+    opts: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--opt {item!r}: expected KEY=VALUE")
+        if key in opts:
+            raise ValueError(f"--opt {key!r} is given twice")
+        opts[key] = value
+    return opts
+
+
+def frontend_request_parts(
+    path: str, opts: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, Definition]]:
+    """The options and inputs for building ``path`` (see the module docs): ``opts``
+    plus ``filename`` for a file. Raises ValueError when ``path`` does not exist,
+    or is a file while ``opts`` names another ``filename``."""
+    p = Path(path).absolute()
+    out = dict(opts)
+    if p.is_dir():
+        return out, {"context": State.local(p, name="build context").definition()}
+    if not p.is_file():
+        raise ValueError(f"{path}: no such file or directory")
+    if out.setdefault("filename", p.name) != p.name:
+        raise ValueError(
+            f"{path} is a file, and --opt filename={out['filename']} names another; give "
+            "the directory instead"
+        )
+    # A bracket in the name would be a glob character: match it literally.
+    literal = "".join(f"[{c}]" if c in "[]*?" else c for c in p.name)
+    inputs = {
+        "context": State.local(p.parent, name="build context").definition(),
+        "buildfile": State.local(p.parent, include=[literal], name="build file").definition(),
+    }
+    return out, inputs
+
+
+def make_frontend(name: str, allowed_sources: Sequence[str] = ()) -> Frontend:
+    """The frontend ``--frontend name`` runs (``frontends`` is imported here)."""
+    if name == "buildfile":
+        forwarder: Any = importlib.import_module("frontends.forwarder")
+        buildfile: Any = importlib.import_module("frontends.buildfile")
+        frontend: Frontend = forwarder.Forwarder(buildfile.build)
+        return frontend
+    if name == "gateway":
+        gateway: Any = importlib.import_module("frontends.gateway")
+        frontend = gateway.Gateway(allowed_sources=[*BUILTIN_SOURCES, *allowed_sources])
+        return frontend
+    raise ValueError(f"unknown frontend {name!r}; known: {', '.join(FRONTENDS)}")
+
+
+def output_dir_name(key: str) -> str:
+    """The subdirectory a ref under ``key`` is exported to: ``/`` (and ``\\``)
+    become ``_``. Raises :class:`~solver.SolveError` for a key that would not be
+    a plain name."""
+    name = key.replace("/", "_").replace("\\", "_")
+    if name in ("", ".", "..") or "\0" in name:
+        raise SolveError(f"cannot export the ref under key {key!r}: not usable as a directory")
+    return name
+
+
+def _meta_text(value: bytes) -> str | dict[str, str]:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return {"base64": base64.b64encode(value).decode("ascii")}
+
+
+def _snapshot_id(ref: CachedResult) -> object:
+    return getattr(ref.sys, "id", None)
+
+
+async def export_frontend_result(
+    result: SolveResult, dest: str, *, tar: bool = False, overwrite: bool = False
+) -> None:
+    """Export ``result`` (see the module docs) to directory ``dest``, or as a tar
+    to ``dest`` when ``tar``. Raises :class:`~solver.SolveError`."""
+    if not result.refs:
+        if result.ref is None:
+            raise SolveError("the frontend returned no result to export")
+        if tar:
+            await export_to_tar(result.ref, dest)
+        else:
+            await export_to_dir(result.ref, dest, overwrite=overwrite)
+        return
+    if tar:
+        if len(result.refs) != 1:
+            keys = ", ".join(result.refs)
+            raise SolveError(
+                f"the frontend returned {len(result.refs)} refs ({keys}); a tar holds one: "
+                "export them to a directory (one subdirectory per key)"
+            )
+        await export_to_tar(next(iter(result.refs.values())), dest)
+        return
+    root = await anyio.to_thread.run_sync(_export_root, dest, overwrite)
+    names: dict[str, str] = {}
+    for key in result.refs:
+        name = output_dir_name(key)
+        if name in names.values():
+            raise SolveError(f"refs {key!r} and another key would both be exported to {name!r}")
+        names[key] = name
+    by_snapshot: dict[object, str] = {}
+    for key, ref in result.refs.items():
+        await export_to_dir(ref, root / names[key], overwrite=overwrite)
+        by_snapshot.setdefault(_snapshot_id(ref), names[key])
+    for key, atts in result.attestations.items():
+        name = names.get(key) or output_dir_name(key)
+        docs = [
+            await _attestation_doc(att, i, name, root, result.refs.get(key), by_snapshot,
+                                   overwrite)
+            for i, att in enumerate(atts)
+        ]
+        text = json.dumps(docs, indent=2, sort_keys=True) + "\n"
+        target = root / f"{name}.attestations.json"
+        await anyio.to_thread.run_sync(_write_file, target, text, overwrite)
+
+
+def _export_root(dest: str, overwrite: bool) -> Path:
+    root = Path(dest).absolute()
+    if root.is_dir() and any(root.iterdir()) and not overwrite:
+        raise SolveError(
+            f"cannot export to {root}: the directory is not empty (use overwrite to "
+            "replace its entries)"
+        )
+    return root
+
+
+def _write_file(target: Path, text: str, overwrite: bool) -> None:
+    if target.exists() and not overwrite:
+        raise SolveError(f"cannot write {target}: it exists (use overwrite)")
+    target.write_text(text, encoding="utf-8")
+
+
+async def _attestation_doc(
+    att: Attestation[CachedResult],
+    index: int,
+    name: str,
+    root: Path,
+    own: CachedResult | None,
+    by_snapshot: Mapping[object, str],
+    overwrite: bool,
+) -> dict[str, object]:
+    ref_dir: str | None = None
+    if att.ref is not None:
+        snapshot = _snapshot_id(att.ref)
+        if own is not None and snapshot == _snapshot_id(own):
+            ref_dir = name
+        elif snapshot is not None and snapshot in by_snapshot:
+            ref_dir = by_snapshot[snapshot]
+        else:  # points at a result that is not an output: export it next to them
+            ref_dir = f"{name}.attestation-{index}"
+            await export_to_dir(att.ref, root / ref_dir, overwrite=overwrite)
+    return {
+        "kind": att.kind,
+        "ref": ref_dir,
+        "path": att.path,
+        "file": f"{ref_dir}/{att.path.lstrip('/')}" if ref_dir is not None and att.path else None,
+        "metadata": {k: _meta_text(v) for k, v in sorted(att.metadata.items())},
+    }
+
+
+async def build_with_frontend(
+    solver: Solver,
+    request: SolveRequest,
+    *,
+    progress: str = "plain",
+    output: OutputSpec | None = None,
+) -> None:
+    """Solve ``request`` (naming a frontend of ``solver``) in a new job whose
+    progress is rendered to stderr, export the result to ``output`` if given,
+    and release everything. Raises :class:`~solver.SolveError`."""
+    if output is not None and output.type not in ("local", "tar"):
+        raise SolveError(f"--output type={output.type} is not supported with --frontend")
+    renderer = make_renderer(progress, sys.stderr)
+    job = solver.new_job()
+    failure: BaseException | None = None
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run_progress, job.status(), renderer)
+        try:
+            async with await solver.solve(request, job=job) as result:
+                if output is not None:
+                    await export_frontend_result(
+                        result, output.dest, tar=output.type == "tar", overwrite=output.overwrite
+                    )
+        except Exception as exc:  # re-raised below, outside the task group
+            failure = exc
+        finally:
+            await job.discard()  # ends the status stream, and so the renderer
+    if failure is not None:
+        raise failure
+
+
+def _error(message: str) -> None:
+    sys.stderr.write(f"error: {' '.join(message.split())}\n")
+    sys.stderr.flush()
+
+
+def cmd_build_frontend(args: argparse.Namespace, open_solver: OpenSolver) -> int:
+    """``solver build --frontend ...``: the exit status (see ``solver.cli``)."""
+    if args.frontend is None:
+        _error("--opt and --allow-frontend-source need --frontend")
+        return 2
+    try:
+        opts, inputs = frontend_request_parts(args.file, parse_opts(args.opt))
+    except ValueError as exc:
+        _error(str(exc))
+        return 1
+    try:
+        frontend = make_frontend(args.frontend, args.allow_frontend_source)
+    except ImportError as exc:
+        sys.stderr.write(f"error: cannot load frontend {args.frontend!r}:\n")
+        traceback.print_exception(exc, file=sys.stderr)
+        return 1
+    request = SolveRequest(frontend=args.frontend, frontend_opts=opts, frontend_inputs=inputs)
+
+    async def run() -> None:
+        async with _solver_with(open_solver(args.cache_dir), args.frontend, frontend) as solver:
+            await build_with_frontend(solver, request, progress=args.progress,
+                                      output=args.output)
+
+    try:
+        anyio.run(run)
+    except SolveError as exc:
+        _error(str(exc))
+        return 1
+    return 0
+
+
+@contextlib.asynccontextmanager
+async def _solver_with(
+    opened: contextlib.AbstractAsyncContextManager[Solver], name: str, frontend: Frontend
+) -> AsyncIterator[Solver]:
+    async with opened as solver:
+        solver.frontends[name] = frontend
+        yield solver
