@@ -489,3 +489,29 @@ async def test_export_functions(tmp_path: Path) -> None:
 
     with pytest.raises(SolveError, match="not a snapshot of the built-in worker"):
         await export_to_dir(NotASnapshot(), tmp_path / "z")
+
+
+def test_prune_releases_the_cache_records_of_what_it_deletes(
+    tmp_path: Path, defn_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from solver._sqlitestorage import SQLiteCacheStorage
+
+    cache = tmp_path / "cache"
+    assert cli("build", str(defn_file), "--progress", "plain", cache=cache).returncode == 0
+
+    async def result_ids() -> set[str]:
+        storage = await SQLiteCacheStorage.open(cache / "snapshots" / "cache.db")
+        try:
+            return set(await storage.result_ids())
+        finally:
+            await storage.close()
+
+    before = anyio.run(result_ids)
+    assert len(before) == 2  # the source's and the exec's records
+    assert main(["prune", "--filter", "kind=source.inline", "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "in 1 snapshot(s)" in out
+    after = anyio.run(result_ids)
+    assert len(after) == 1
+    assert after < before
+    assert next(iter(before - after))[:12] in out  # the record of the deleted snapshot

@@ -473,9 +473,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         return 2
 
     async def run() -> tuple[list[SnapshotInfo], int]:
-        async with SnapshotStore(_store_root(args.cache_dir)) as store:
-            deleted = await store.prune_by_policy(policy)
-            return deleted, store.used_space
+        # The whole worker, so that its persistent cache drops the records of what
+        # is deleted at once (its delete listener), not at its next open.
+        async with Worker(_store_root(args.cache_dir)) as worker:
+            deleted = await worker.prune(policy)
+            return deleted, worker.store.used_space
 
     try:
         freed, left = anyio.run(run)
