@@ -151,6 +151,12 @@ class Pipe:
 
     def finalize(self, value: object, err: BaseException | None, *, owned: bool = False) -> None:
         if self.send_completed:
+            if self.scheduler._closed:
+                # Closing answered every open request; an edge that answers its
+                # request later (its work ended with the solver) is too late.
+                if owned and err is None:
+                    self.scheduler.factory.release_later(value)
+                return
             raise InternalError("a request was answered twice")
         self.send_value = value
         self.send_err = err

@@ -112,8 +112,9 @@ _TABLES: Final = frozenset({"meta", "results", "links"})
 
 # SQLite's primary result codes that mean "this file is not a usable database".
 _CORRUPT_CODES: Final = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
-# ... and those that mean "this file cannot be opened or read" (moved aside only when
-# the file exists: a missing directory is a configuration error, not a bad file).
+# ... and those that mean "this file cannot be opened or read". Either way only a
+# regular file is moved aside: a directory in the way, or a missing parent, is a
+# configuration error, not a bad file.
 _UNREADABLE_CODES: Final = frozenset({sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM})
 
 
@@ -461,7 +462,12 @@ def _open_or_replace(
     name: str | os.PathLike[str],
 ) -> tuple[Path, sqlite3.Connection, str]:
     path = Path(name).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SolveError(
+            f"cannot create the directory of the cache database {path}: {exc}"
+        ) from exc
     try:
         return (path, *_open_database(path))
     except (sqlite3.DatabaseError, _UnusableDatabase) as exc:
@@ -483,13 +489,15 @@ def _open_or_replace(
 
 
 def _is_bad_file(path: Path, exc: BaseException) -> bool:
+    if not path.is_file():  # a directory in the way is the user's to sort out
+        return False
     if isinstance(exc, _UnusableDatabase):
         return True
     code = getattr(exc, "sqlite_errorcode", None)
     if not isinstance(code, int):
         return False
     primary = code & 0xFF
-    return primary in _CORRUPT_CODES or (primary in _UNREADABLE_CODES and path.exists())
+    return primary in _CORRUPT_CODES or primary in _UNREADABLE_CODES
 
 
 def _open_database(path: Path) -> tuple[sqlite3.Connection, str]:
