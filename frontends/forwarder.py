@@ -226,6 +226,26 @@ class ForwarderClient:
             raise SolveError("the frontend session is over: its client can no longer be used")
 
 
+def build_function_error(exc: Exception) -> SolveError:
+    """The :class:`~solver.SolveError` for an exception a build function raised.
+
+    An exception group (from the function's own task group) is described by its
+    leaves, so the caller reads the real failures, never a nested group."""
+    if isinstance(exc, BaseExceptionGroup):
+        leaves: list[BaseException] = []
+        stack: list[BaseException] = [exc]
+        while stack:
+            e = stack.pop()
+            if isinstance(e, BaseExceptionGroup):
+                stack.extend(reversed(e.exceptions))
+            else:
+                leaves.append(e)
+        detail = "; ".join(str(leaf) or type(leaf).__name__ for leaf in leaves)
+    else:
+        detail = str(exc) or type(exc).__name__
+    return SolveError(f"frontend build function failed: {detail}")
+
+
 class Forwarder:
     """A :class:`solver.Frontend` that runs ``build(client)`` in process.
 
@@ -259,7 +279,7 @@ class Forwarder:
             except SolveError:
                 raise
             except Exception as exc:
-                raise SolveError(f"frontend build function failed: {exc!r}") from exc
+                raise build_function_error(exc) from exc
             result = client.to_frontend_result(built)
             failed = False
             return result

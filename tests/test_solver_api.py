@@ -362,3 +362,31 @@ async def test_deep_chain_never_recurses(handle_tracker: HandleTracker) -> None:
                 await res.release()
                 await job.discard()
                 assert counters.exec == expected_execs
+
+
+@pytest.mark.anyio
+async def test_leaving_the_solver_with_a_build_in_flight_is_clean(
+    handle_tracker: HandleTracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Closing answers the open request; the edge's own late answer is dropped
+    (it used to be logged as "a request was answered twice")."""
+    from frontend_support import Ops, text
+
+    ops = Ops()
+    errors: list[str] = []
+
+    async def build(s: Solver) -> None:
+        try:
+            await s.solve(text("a", "g", kind="test.gate"))
+        except SolveError as exc:
+            errors.append(str(exc))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg, Solver(op_kinds=ops.registry()) as s:
+            tg.start_soon(build, s)
+            await ops.start_signal("g").wait()
+    assert errors == ["the solver was closed"]
+    assert ops.cancelled == ["g"]
+    assert "InternalError" not in caplog.text
+    assert "answered twice" not in caplog.text
+    assert ops.live_values() == []
