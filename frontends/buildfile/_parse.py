@@ -16,8 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from solver import SolveError
-
+from ._errors import BuildfileError
 from ._platforms import Platform, parse_platforms
 
 __all__ = [
@@ -40,10 +39,6 @@ RESERVED_ENV: Final = frozenset(
 )
 
 _ENV_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-class BuildfileError(SolveError):
-    """The build file (or an option given to the frontend) is not valid."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from solver import SolveError
+from ._errors import BuildfileError
 
 __all__ = ["ALIASES", "FAMILIES", "Platform", "PlatformBuild", "group_platforms", "parse_platforms"]
 
@@ -91,15 +91,15 @@ class Platform:
     @classmethod
     def parse(cls, text: str) -> Platform:
         """The known platform ``text`` names (normalised through :data:`ALIASES`).
-        Raises :class:`~solver.SolveError` naming the known platforms (and the
+        Raises :class:`BuildfileError` naming the known platforms (and the
         closest one, for a likely typo)."""
         name = text.strip().lower()
         name = ALIASES.get(name, name)
         if name not in _RANK:
             known = sorted(_RANK)
-            close = difflib.get_close_matches(name, [*known, *ALIASES], n=1)
+            close = difflib.get_close_matches(name, [*known, *ALIASES], n=1, cutoff=0.85)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise SolveError(
+            raise BuildfileError(
                 f"unknown platform {text!r}{hint}; known platforms: {', '.join(known)}"
             )
         os_, arch, *rest = name.split("/")
@@ -116,13 +116,13 @@ def parse_platforms(items: Iterable[str], where: str) -> list[Platform]:
             continue
         try:
             platform = Platform.parse(item)
-        except SolveError as exc:
-            raise SolveError(f"{where}: {exc}") from None
+        except BuildfileError as exc:
+            raise BuildfileError(f"{where}: {exc}") from None
         if platform in platforms:
-            raise SolveError(f"{where}: platform {platform.name!r} is given twice")
+            raise BuildfileError(f"{where}: platform {platform.name!r} is given twice")
         platforms.append(platform)
     if not platforms:
-        raise SolveError(f"{where}: no platforms given")
+        raise BuildfileError(f"{where}: no platforms given")
     return platforms
 
 
