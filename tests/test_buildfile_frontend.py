@@ -24,10 +24,18 @@ from frontends.buildfile import (
     parse_platforms,
 )
 from frontends.forwarder import Forwarder
-from solver import Definition, Frontend, SolveError, Solver, SolveRequest, SolveResult
+from solver import (
+    Definition,
+    Frontend,
+    Result,
+    SolveError,
+    Solver,
+    SolveRequest,
+    SolveResult,
+)
 from solver.cli import main
 from solver.testing import HandleTracker
-from solver.worker import State, Worker
+from solver.worker import SnapshotView, State, Worker
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "buildfile"
@@ -86,14 +94,18 @@ def request(
     )
 
 
+def view(ref: Result) -> SnapshotView:
+    files = ref.sys
+    assert isinstance(files, SnapshotView)
+    return files
+
+
 async def text_of(result: SolveResult, key: str, path: str) -> str:
-    data: bytes = await result.refs[key].sys.read_bytes(path)
-    return data.decode()
+    return (await view(result.refs[key]).read_bytes(path)).decode()
 
 
-def snapshot(ref: object) -> str:
-    snapshot_id: str = ref.sys.id  # type: ignore[attr-defined]
-    return snapshot_id
+def snapshot(ref: Result) -> str:
+    return view(ref).id
 
 
 # -- the build file --------------------------------------------------------------------------
@@ -255,7 +267,7 @@ async def test_attestation_points_at_the_output(
                 assert snapshot(att.ref) == snapshot(result.refs[key])
                 assert att.metadata["platform"] == key.encode()
                 assert att.metadata["build-platform"] == b"linux/386"
-                record = json.loads(await att.ref.sys.read_bytes(att.path))
+                record = json.loads(await view(att.ref).read_bytes(att.path))
                 assert record["platform"] == "linux/386"
                 assert record["serves"] == ["linux/386", "linux/amd64/v2"]
                 assert record["version"] == "2.0.1"

@@ -5,8 +5,9 @@ Frontends. ``buildfile`` runs the example frontend (``frontends.buildfile``) in
 this process, through a :class:`frontends.forwarder.Forwarder`; ``gateway``
 runs the frontend program named by ``--opt source=CMD`` as a subprocess through
 a :class:`frontends.gateway.Gateway`. The gateway runs only the built-in
-program, :data:`BUILTIN_SOURCES` (the buildfile frontend as a program), and the
-command lines given with ``--allow-frontend-source``. The CLI is an application
+program, :data:`BUILTIN_SOURCES` (the buildfile frontend as a program, run with
+the Python that runs the CLI), and the command lines given with
+``--allow-frontend-source``. The CLI is an application
 of both packages: it loads ``frontends`` when a frontend is asked for, so the
 library ``solver`` itself never imports it.
 
@@ -31,6 +32,7 @@ import base64
 import contextlib
 import importlib
 import json
+import shlex
 import sys
 import traceback
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -57,6 +59,7 @@ __all__ = [
     "FRONTENDS",
     "add_frontend_arguments",
     "build_with_frontend",
+    "builtin_source",
     "cmd_build_frontend",
     "export_frontend_result",
     "frontend_request_parts",
@@ -68,7 +71,17 @@ __all__ = [
 FRONTENDS: Final = ("buildfile", "gateway")
 
 #: The frontend programs the gateway runs without ``--allow-frontend-source``.
+#: ``python`` in them means the Python that runs the command line.
 BUILTIN_SOURCES: Final = ("python -m frontends.buildfile",)
+
+
+def builtin_source(source: str) -> str:
+    """The command line the gateway runs for ``source``: a built-in program with
+    ``python`` replaced by this interpreter (``sys.executable``); any other
+    source as it is."""
+    if source in BUILTIN_SOURCES:
+        return shlex.join([sys.executable, *shlex.split(source)[1:]])
+    return source
 
 OpenSolver = Callable[[str | None], contextlib.AbstractAsyncContextManager[Solver]]
 
@@ -150,7 +163,8 @@ def make_frontend(name: str, allowed_sources: Sequence[str] = ()) -> Frontend:
         return frontend
     if name == "gateway":
         gateway: Any = importlib.import_module("frontends.gateway")
-        frontend = gateway.Gateway(allowed_sources=[*BUILTIN_SOURCES, *allowed_sources])
+        allowed = [builtin_source(s) for s in BUILTIN_SOURCES]
+        frontend = gateway.Gateway(allowed_sources=[*allowed, *allowed_sources])
         return frontend
     raise ValueError(f"unknown frontend {name!r}; known: {', '.join(FRONTENDS)}")
 
@@ -311,6 +325,8 @@ def cmd_build_frontend(args: argparse.Namespace, open_solver: OpenSolver) -> int
     except ValueError as exc:
         _error(str(exc))
         return 1
+    if args.frontend == "gateway" and "source" in opts:
+        opts["source"] = builtin_source(opts["source"])
     try:
         frontend = make_frontend(args.frontend, args.allow_frontend_source)
     except ImportError as exc:
