@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shlex
 import shutil
+import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
+import anyio
 import pytest
 
 from frontends import BuildResult, Client
@@ -24,6 +27,7 @@ from frontends.buildfile import (
     parse_platforms,
 )
 from frontends.forwarder import Forwarder
+from frontends.gateway import Gateway, InProcessGateway
 from solver import (
     Definition,
     Frontend,
@@ -233,7 +237,7 @@ async def test_compatible_platforms_share_one_reference(
                 DEMO.replace("{log}", str(log)).encode()
             ).digest.encode()
     # the shared build ran once; the other family once
-    assert sorted(log.read_text().split()) == ["linux/386", "linux/arm64"]
+    assert sorted((await anyio.Path(log).read_text()).split()) == ["linux/386", "linux/arm64"]
     # every handle (refs, attestation refs, proxies and their halves, the cache's
     # copies) was released, once
     assert handle_tracker.live == []
@@ -373,6 +377,38 @@ async def test_a_failing_step_fails_the_build_and_releases_everything(
     assert handle_tracker.double_releases == []
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("through", ["forwarder", "gateway protocol"])
+async def test_cancelled_while_a_step_runs_releases_everything(
+    tmp_path: Path, handle_tracker: HandleTracker, through: str
+) -> None:
+    text = DEMO + '\n[[step]]\nname = "wait"\nrun = "echo ready; sleep 60"\n'
+    frontend = Forwarder(build) if through == "forwarder" else InProcessGateway(build)
+    async with open_solver(tmp_path, buildfile=frontend) as solver:
+        job = solver.new_job()
+        req = request(demo_context(tmp_path / "log", text), platforms="linux/amd64,linux/arm64")
+        outcome: list[object] = []
+
+        async def solve(scope: anyio.CancelScope) -> None:
+            with scope:
+                outcome.append(await solver.solve(req, job=job))
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                scope = anyio.CancelScope()
+                tg.start_soon(solve, scope)
+                async for event in job.status():
+                    if event.status == "log" and event.data.startswith(b"ready"):
+                        assert event.name.endswith(": wait")
+                        scope.cancel()  # one step is running: cancel the whole solve
+                        break
+        assert outcome == []
+        assert scope.cancelled_caught
+        await job.discard()
+    assert handle_tracker.live == []
+    assert handle_tracker.double_releases == []
+
+
 # -- the command line -----------------------------------------------------------------------
 
 
@@ -449,3 +485,79 @@ def test_cli_one_platform_to_a_tar(
     with tarfile.open(dest) as tar:
         assert "bin/hello" in tar.getnames()
 
+
+
+# -- through the gateway ---------------------------------------------------------------------
+
+PROGRAM = shlex.join([sys.executable, "-m", "frontends.buildfile"])
+
+
+async def check_three_platforms(result: SolveResult, log: Path) -> None:
+    assert list(result.refs) == ["linux/amd64", "linux/386", "linux/arm64"]
+    amd64, i386, arm64 = result.refs.values()
+    assert snapshot(amd64) == snapshot(i386) != snapshot(arm64)
+    assert await text_of(result, "linux/amd64", "out/info.txt") == (
+        "world 2.0.1 linux/386 386\nalpha\n"
+    )
+    for key, ref in result.refs.items():
+        (att,) = result.attestations[key]
+        assert att.ref is not None
+        assert snapshot(att.ref) == snapshot(ref)
+        record = json.loads(await view(att.ref).read_bytes(att.path))
+        assert record["platform"] == ("linux/arm64" if key == "linux/arm64" else "linux/386")
+    assert result.metadata["buildfile.version"] == b"2.0.1"
+    assert sorted((await anyio.Path(log).read_text()).split()) == ["linux/386", "linux/arm64"]
+
+
+@pytest.mark.anyio
+async def test_through_the_gateway_protocol_in_process(
+    tmp_path: Path, handle_tracker: HandleTracker
+) -> None:
+    log = tmp_path / "runs.log"
+    async with open_solver(tmp_path, buildfile=InProcessGateway(build)) as solver:
+        req = request(demo_context(log), platforms="linux/amd64,linux/386,linux/arm64")
+        async with await solver.solve(req) as result:
+            await check_three_platforms(result, log)
+    assert handle_tracker.live == []
+    assert handle_tracker.released_count == handle_tracker.created_count
+
+
+@pytest.mark.anyio
+async def test_through_the_gateway_program(
+    tmp_path: Path, handle_tracker: HandleTracker
+) -> None:
+    log = tmp_path / "runs.log"
+    gateway = Gateway(allowed_sources=[PROGRAM])
+    async with open_solver(tmp_path, gateway=gateway) as solver:
+        req = request(demo_context(log), "gateway", source=PROGRAM,
+                      platforms="linux/amd64,linux/386,linux/arm64")
+        async with await solver.solve(req) as result:
+            await check_three_platforms(result, log)
+        # the program's own errors come back with their message
+        bad = request(demo_context(log, "[[step]]\ncomand = 'x'\n"), "gateway", source=PROGRAM)
+        with pytest.raises(SolveError, match=r"\[\[step\]\] #1: unknown key 'comand'"):
+            await solver.solve(bad)
+    assert handle_tracker.live == []
+    assert handle_tracker.released_count == handle_tracker.created_count
+
+
+def test_cli_builds_through_the_gateway(
+    tmp_path: Path, example: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    args = ["build", "--frontend", "gateway", "--opt", "platforms=linux/amd64,linux/386",
+            str(example), "--progress", "plain", "--cache-dir", str(tmp_path / "cache")]
+    assert main([*args, "--opt", "source=python -m frontends.buildfile",
+                 "--output", str(out)]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "linux_386", "linux_386.attestations.json", "linux_amd64",
+        "linux_amd64.attestations.json",
+    ]
+    assert "(linux/386)" in (out / "linux_amd64" / "bin" / "hello").read_text()
+    assert "hello linux/386: test] | Hello from hello 1.4.2 (linux/386)" in err
+    # only the built-in program, and those allowed on the command line
+    assert main([*args, "--opt", f"source={PROGRAM} --x"]) == 1
+    assert "is not allowed; allowed sources: " in capsys.readouterr().err
+    assert main([*args, "--opt", f"source={PROGRAM} --x",
+                 "--allow-frontend-source", f"{PROGRAM} --x"]) == 0, capsys.readouterr().err
