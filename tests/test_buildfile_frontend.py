@@ -156,6 +156,7 @@ def test_parse_reads_every_section() -> None:
         ("[[file]]\npath = 'a'\ncontent = ''\nmode = 0o17777\n",
          r"\[\[file\]\] #1 key 'mode': must be from 0o0 to 0o7777, got 0o17777"),
         ("copy = 1\n", r"'copy' must be an array of tables \(\[\[copy\]\]\), got an integer"),
+        ("args = 1\n", r"Buildfile\.toml: \[args\]: must be a table, got an integer"),
         ("[output]\npaths = []\n", r"\[output\] key 'paths': must name at least one path"),
     ],
 )

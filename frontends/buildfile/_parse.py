@@ -99,14 +99,17 @@ def _type_name(value: object) -> str:
 class _Reader:
     """Checks one table: known keys, typed values; errors name ``where``."""
 
-    def __init__(self, filename: str, where: str, table: object, known: tuple[str, ...]) -> None:
+    def __init__(
+        self, filename: str, where: str, table: object, known: tuple[str, ...] | None
+    ) -> None:
+        """``known`` None: any key (a table of names)."""
         self.filename = filename
         self.where = where
         if not isinstance(table, dict):
             raise self.error(f"must be a table, got {_type_name(table)}")
         self.table: dict[str, Any] = table
-        unknown = [key for key in table if key not in known]
-        if unknown:
+        unknown = [key for key in table if known is not None and key not in known]
+        if known is not None and unknown:
             raise self.error(
                 f"unknown key {unknown[0]!r}; known keys: {', '.join(sorted(known))}"
             )
@@ -204,11 +207,10 @@ def parse(data: bytes, filename: str = "Buildfile.toml") -> Buildfile:
         platforms = tuple(parse_platforms(platform_names, f"{filename}: [build] key 'platforms'"))
     version_file = build.string("version-file", "", empty=True)
 
-    args = _Reader(filename, "[args]", doc.get("args", {}), tuple(doc.get("args", {})))
-    arg_values = args.env(None, "build argument")
-    env = _Reader(filename, "[env]", doc.get("env", {}), tuple(doc.get("env", {}))).env(
-        None, "environment variable"
+    arg_values = _Reader(filename, "[args]", doc.get("args", {}), None).env(
+        None, "build argument"
     )
+    env = _Reader(filename, "[env]", doc.get("env", {}), None).env(None, "environment variable")
 
     copies: list[CopySpec] = []
     for i, item in enumerate(_array_of_tables(filename, top.table, "copy"), 1):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import glob
 import importlib
 import json
 import shlex
@@ -145,11 +146,11 @@ def frontend_request_parts(
             f"{path} is a file, and --opt filename={out['filename']} names another; give "
             "the directory instead"
         )
-    # A bracket in the name would be a glob character: match it literally.
-    literal = "".join(f"[{c}]" if c in "[]*?" else c for c in p.name)
     inputs = {
         "context": State.local(p.parent, name="build context").definition(),
-        "buildfile": State.local(p.parent, include=[literal], name="build file").definition(),
+        "buildfile": State.local(
+            p.parent, include=[glob.escape(p.name)], name="build file"
+        ).definition(),
     }
     return out, inputs
 
