@@ -7,12 +7,22 @@ many jobs ask for it; results are cached by key and reference-counted.
 """
 
 from ._cache import (
+    CacheExporter as CacheExporter,
     CacheInfoLink as CacheInfoLink,
     CacheKey as CacheKey,
     CacheKeyWithSelector as CacheKeyWithSelector,
     CacheManager as CacheManager,
     CacheRecord as CacheRecord,
     ExportableCacheKey as ExportableCacheKey,
+)
+from ._cacheexport import (
+    CacheExportOptions as CacheExportOptions,
+    CacheExportResult as CacheExportResult,
+    CacheExportTarget as CacheExportTarget,
+    CacheLink as CacheLink,
+    KeyExporter as KeyExporter,
+    MergedExporter as MergedExporter,
+    export_cache as export_cache,
 )
 from ._cachemanager import (
     CombinedCacheManager as CombinedCacheManager,
@@ -48,6 +58,18 @@ from ._frontend import (
     FrontendResult as FrontendResult,
 )
 from ._graph import Edge as Edge, Vertex as Vertex, VertexOptions as VertexOptions
+from ._localcache import (
+    CacheBlob as CacheBlob,
+    CacheBlobCodec as CacheBlobCodec,
+    CacheExportError as CacheExportError,
+    CacheImportError as CacheImportError,
+    LocalCacheExport as LocalCacheExport,
+    LocalCacheExportStats as LocalCacheExportStats,
+    LocalCacheImport as LocalCacheImport,
+    LocalCacheSource as LocalCacheSource,
+    export_local_cache as export_local_cache,
+    open_local_cache as open_local_cache,
+)
 from ._op import (
     Builder as Builder,
     CacheMap as CacheMap,

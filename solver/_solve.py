@@ -8,9 +8,10 @@ registry, builds its output in a job of its own, and hands back a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -18,18 +19,31 @@ from ._definition import Definition
 from ._frontend import Attestation
 from ._result import CachedResult
 
+if TYPE_CHECKING:
+    from ._cache import CacheManager
+    from ._localcache import LocalCacheExport, LocalCacheImport
+
 __all__ = ["SolveRequest", "SolveResult"]
 
 
 @dataclass(frozen=True, slots=True)
 class SolveRequest:
     """What to solve: a ``definition``, or a ``frontend`` by name with its options
-    (``frontend_opts``) and input definitions (``frontend_inputs``)."""
+    (``frontend_opts``) and input definitions (``frontend_inputs``).
+
+    For a definition, ``cache_imports`` are extra caches to look results up in:
+    :class:`~solver.LocalCacheImport` (a cache directory, opened for this solve
+    and closed after it) or any :class:`~solver.CacheManager` (the caller's);
+    ``cache_exports`` (:class:`~solver.LocalCacheExport`) write the result's cache
+    to directories once it is built. See ``docs/cache-format.md``.
+    """
 
     definition: Definition | None = None
     frontend: str | None = None
     frontend_opts: Mapping[str, str] = field(default_factory=dict)
     frontend_inputs: Mapping[str, Definition] = field(default_factory=dict)
+    cache_imports: Sequence[LocalCacheImport | CacheManager] = ()
+    cache_exports: Sequence[LocalCacheExport] = ()
 
 
 class SolveResult:

@@ -38,6 +38,7 @@ from ._errors import SolveError
 from ._frontend import Frontend
 from ._graph import Edge, Vertex, VertexOptions
 from ._index import EdgeIndex
+from ._localcache import build_with_caches
 from ._op import Builder, Op, ResolveOp
 from ._opkind import OpKindRegistry
 from ._progress import CACHED, LOG, STARTED, JobProgress, ProgressEvent, make_event
@@ -404,6 +405,8 @@ class Solver:
             request = SolveRequest(definition=request)
         if request.frontend is not None:
             self._frontend(request.frontend)
+            if request.cache_imports or request.cache_exports:
+                raise SolveError("cache imports and exports apply to definition requests only")
         elif request.definition is None:
             raise SolveError("a SolveRequest needs a definition or a frontend")
         else:
@@ -417,7 +420,9 @@ class Solver:
                 return await to_solve_result(await bridge.solve(request))
             assert request.definition is not None
             edge = request.definition.to_vertices(self.op_kinds)
-            return SolveResult(ref=await job.build(edge))
+            imports, exports = request.cache_imports, request.cache_exports
+            ref = await build_with_caches(job, edge, imports, exports, self._solve_worker)
+            return SolveResult(ref=ref)
         finally:
             if own_job:
                 await job.discard()

@@ -13,9 +13,18 @@ lands on the wrong record fails.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
+import json
+import logging
+import re
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
+import anyio
 import pytest
 
 from solver import (
@@ -33,11 +42,21 @@ from solver._cacheexport import (
     CacheLink,
     KeyExporter,
     MergedExporter,
+    export_cache,
 )
 from solver._cachestorage import InMemoryCacheStorage
+from solver._localcache import (
+    CacheImportError,
+    LocalCacheExportStats,
+    LocalCacheSource,
+    export_local_cache,
+    open_local_cache,
+    with_cache_sources,
+)
 from solver.testing import HandleTracker
 from tests.harness import (
     DummyResult,
+    TestVertex,
     TrackingCacheManager,
     digest_from_result,
     resolve_op,
@@ -420,4 +439,273 @@ async def test_cache_err_not_found(handle_tracker: HandleTracker) -> None:
             rec("const-3"): (0, 0),
             rec("sum-1-2"): (0, 2),
         }
+    await cm.close()
+
+
+# -- the local cache format, with the test harness's results -----------------------------
+
+
+class DummyCodec:
+    """Packs a DummyResult as JSON; counts unpacks."""
+
+    media_type = "application/x-dummy-result"
+
+    def __init__(self) -> None:
+        self.packed = 0
+        self.unpacked = 0
+
+    async def pack(self, result: Result, path: Path) -> str | None:
+        sys = result.sys
+        if not isinstance(sys, DummyResult):
+            return None
+        data = json.dumps([sys.value, sys.int_value]).encode()
+        await anyio.Path(path).write_bytes(data)
+        self.packed += 1
+        return "sha256:" + hashlib.sha256(data).hexdigest()
+
+    async def unpack(self, path: Path) -> Result:
+        value, int_value = json.loads(await anyio.Path(path).read_bytes())
+        self.unpacked += 1
+        return DummyResult(value, int_value)
+
+
+def sum_graph(leaf: int = 5) -> tuple[Edge, TestVertex]:
+    """Test 24's graph, sum(1) <- [sum(2) <- const 3, const leaf]: new vertex objects
+    (new names) with the same cache keys each call."""
+    top = vtx_sum(1, inputs=[Edge(vtx_sum(2, inputs=[Edge(vtx_const(3))])), Edge(vtx_const(leaf))])
+    return Edge(top), top
+
+
+async def build_and_export(dest: Path, mode: Literal["min", "max"]) -> LocalCacheExportStats:
+    codec = DummyCodec()
+    cm = InMemoryCacheManager()
+    async with Solver(resolve_op=resolve_op, default_cache=cm) as s:
+        edge, _ = sum_graph()
+        j = s.new_job()
+        res = await j.build(edge)
+        assert unwrap_int(res) == 11
+        stats = await export_local_cache(res, dest, codec, mode=mode)
+        await res.release()
+        await j.discard()
+    await cm.close()
+    assert codec.packed == stats.packed
+    return stats
+
+
+async def build_imported(
+    src: Path, edge: Edge, codec: DummyCodec | None = None
+) -> tuple[int, LocalCacheSource]:
+    """Build ``edge`` on an empty cache with ``src`` imported; its value, and the
+    (closed) source."""
+    codec = codec or DummyCodec()
+    cm = InMemoryCacheManager()
+    source = await open_local_cache(src, codec)
+    try:
+        async with Solver(resolve_op=resolve_op, default_cache=cm) as s:
+            j = s.new_job()
+            res = await j.build(with_cache_sources(edge, [source]))
+            value = unwrap_int(res)
+            await res.release()
+            await j.discard()
+    finally:
+        await source.close()
+        await cm.close()
+    return value, source
+
+
+def index_of(path: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads((path / "index.json").read_text())
+    return doc
+
+
+def blob_files(path: Path) -> set[str]:
+    return {p.name for p in (path / "blobs" / "sha256").iterdir()}
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+async def test_local_export_then_import_hits_every_step(
+    tmp_path: Path, mode: Literal["min", "max"], handle_tracker: HandleTracker
+) -> None:
+    stats = await build_and_export(tmp_path / "cache", mode)
+    # min: the top's result only; max: sum(2)'s too. Roots export no results.
+    results = 1 if mode == "min" else 2
+    assert (stats.records, stats.results, stats.blobs) == (4, results, results)
+    doc = index_of(tmp_path / "cache")
+    assert doc["version"] == 1
+    assert len(doc["records"]) == 4
+    assert blob_files(tmp_path / "cache") == {
+        b["digest"].removeprefix("sha256:") for b in doc["blobs"]
+    }
+
+    edge, top = sum_graph()
+    counters = top.setup_call_counters()
+    value, source = await build_imported(tmp_path / "cache", edge)
+    assert value == 11
+    assert counters.exec == 0
+    assert counters.cache == 4
+    assert source.unpacked == 1  # only the top record was loaded
+
+
+@pytest.mark.parametrize(("mode", "execs", "unpacked"), [("min", 4, 0), ("max", 2, 1)])
+async def test_local_import_changed_leaf_reruns_its_dependants(
+    tmp_path: Path, mode: Literal["min", "max"], execs: int, unpacked: int
+) -> None:
+    await build_and_export(tmp_path / "cache", mode)
+    edge, top = sum_graph(leaf=6)
+    counters = top.setup_call_counters()
+    value, source = await build_imported(tmp_path / "cache", edge)
+    assert value == 12
+    # max: const 6 and the top run, sum(2) is loaded from the import; min has no
+    # intermediate results, so its whole branch runs too
+    assert counters.exec == execs
+    assert source.unpacked == unpacked
+
+
+async def test_local_export_replaces_the_index_and_drops_stale_blobs(tmp_path: Path) -> None:
+    dest = tmp_path / "cache"
+    first = await build_and_export(dest, "max")
+    before = blob_files(dest)
+    assert len(before) == 2
+    (dest / "blobs" / "sha256" / ".tmp-leftover").write_bytes(b"debris")
+    # a new build exported in min mode over it: its top result has the same
+    # content, so the same blob; sum(2)'s blob and the debris go
+    second = await build_and_export(dest, "min")
+    after = blob_files(dest)
+    assert len(after) == 1
+    assert after < before
+    assert (first.removed, second.removed) == (0, 2)
+    assert index_of(dest)["blobs"][0]["digest"].removeprefix("sha256:") in after
+
+
+async def test_local_reexport_of_an_imported_result_copies_its_blob(tmp_path: Path) -> None:
+    await build_and_export(tmp_path / "a", "min")
+    codec = DummyCodec()
+    cm = InMemoryCacheManager()
+    source = await open_local_cache(tmp_path / "a", codec)
+    async with Solver(resolve_op=resolve_op, default_cache=cm) as s:
+        edge, _ = sum_graph()
+        j = s.new_job()
+        res = await j.build(with_cache_sources(edge, [source]))
+        stats = await export_local_cache(res, tmp_path / "b", codec, mode="min")
+        await res.release()
+        await j.discard()
+    await source.close()
+    await cm.close()
+    assert codec.unpacked == 1
+    # the main cache took the imported result: it is the best record now, and
+    # packed from there, gives the same bytes
+    assert stats.results == 1
+    assert index_of(tmp_path / "b")["blobs"] == index_of(tmp_path / "a")["blobs"]
+    assert blob_files(tmp_path / "b") == blob_files(tmp_path / "a")
+
+
+async def test_local_import_missing_blob_is_a_clean_miss(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    await build_and_export(tmp_path / "cache", "max")
+    top_blob = index_of(tmp_path / "cache")["records"][-1]["results"][0]["blob"]
+    (tmp_path / "cache" / "blobs" / "sha256" / top_blob.removeprefix("sha256:")).unlink()
+    edge, top = sum_graph()
+    counters = top.setup_call_counters()
+    with caplog.at_level(logging.WARNING, logger="solver"):
+        value, source = await build_imported(tmp_path / "cache", edge)
+    assert value == 11
+    assert counters.exec == 2  # the top ran, on sum(2) loaded from the import
+    assert counters.cache == 4
+    assert source.unpacked == 1
+    assert "1 blob(s) named by the index are missing" in caplog.text
+
+
+async def test_local_import_corrupt_blob_runs_the_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    await build_and_export(tmp_path / "cache", "min")
+    top_blob = index_of(tmp_path / "cache")["records"][-1]["results"][0]["blob"]
+    path = tmp_path / "cache" / "blobs" / "sha256" / top_blob.removeprefix("sha256:")
+    path.write_bytes(b'["tampered", 99]')
+    edge, top = sum_graph()
+    counters = top.setup_call_counters()
+    with caplog.at_level(logging.WARNING, logger="solver"):
+        value, source = await build_imported(tmp_path / "cache", edge)
+    assert value == 11  # not 99: the tampered blob was never unpacked
+    assert counters.exec == 4
+    assert source.unpacked == 0
+    assert f"blob {top_blob} is corrupt: its content has digest" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no cache to import at"),
+        (b"{not json", "is corrupt: it is not JSON"),
+        (b'{"version": 2, "blobs": [], "records": []}', "this library reads version 1"),
+        (b'{"version": 1, "blobs": [], "records": [], "x": 1}', "unknown field(s) x"),
+        (b'{"version": 1, "blobs": []}', "lacks field(s) records"),
+        (
+            b'{"version": 1, "blobs": [], "records": [{"digest": "sha256:'
+            + b"a" * 64
+            + b'", "inputs": [[{"record": 0}]]}]}',
+            "records[0].inputs[0][0].record must be the position of an earlier record",
+        ),
+        (
+            b'{"version": 1, "blobs": [], "records": [{"digest": "sha256:'
+            + b"a" * 64
+            + b'", "results": [{"blob": "sha256:'
+            + b"b" * 64
+            + b'", "created_at": 1}]}]}',
+            "records[0].results[0].blob sha256:" + "b" * 64 + " is not in 'blobs'",
+        ),
+        (b'{"version": 1, "blobs": [], "records": [{"digest": "md5:x"}]}', "records[0].digest"),
+    ],
+)
+async def test_local_import_bad_index(tmp_path: Path, content: bytes | None, message: str) -> None:
+    tmp_path.joinpath("cache").mkdir()
+    if content is not None:
+        tmp_path.joinpath("cache", "index.json").write_bytes(content)
+    with pytest.raises(CacheImportError, match=re.escape(message)):
+        await open_local_cache(tmp_path / "cache", DummyCodec())
+
+
+async def test_local_import_closed_source_is_a_miss(tmp_path: Path) -> None:
+    await build_and_export(tmp_path / "cache", "min")
+    source = await open_local_cache(tmp_path / "cache", DummyCodec())
+    await source.close()
+    await source.close()  # idempotent
+    edge, top = sum_graph()
+    counters = top.setup_call_counters()
+    cm = InMemoryCacheManager()
+    async with Solver(resolve_op=resolve_op, default_cache=cm) as s:
+        j = s.new_job()
+        res = await j.build(with_cache_sources(edge, [source]))
+        assert unwrap_int(res) == 11
+        await res.release()
+        await j.discard()
+    await cm.close()
+    assert counters.exec == 4
+
+
+async def test_export_of_a_deep_chain_does_not_recurse(tmp_path: Path) -> None:
+    depth = 400
+    cm = InMemoryCacheManager()
+    async with Solver(resolve_op=resolve_op, default_cache=cm) as s:
+        edge = Edge(vtx_const(0))
+        for i in range(depth):
+            edge = Edge(vtx_sum(1, inputs=[edge], cache_key_seed=f"chain-{i}"))
+        j = s.new_job()
+        res = await j.build(edge)
+        assert unwrap_int(res) == depth
+        # Leave the exports fewer frames than the chain is deep: a walk that
+        # recursed (at least one frame per level) would raise RecursionError.
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(len(inspect.stack()) + depth // 2)
+        try:
+            target = RecordingTarget()
+            await export_cache(res.cache_keys, target, opts(True))
+            stats = await export_local_cache(res, tmp_path / "cache", DummyCodec(), mode="min")
+        finally:
+            sys.setrecursionlimit(limit)
+        assert target.unique() == depth + 1
+        assert (stats.records, stats.results) == (depth + 1, 1)
+        await res.release()
+        await j.discard()
     await cm.close()

@@ -9,6 +9,10 @@ and hand out reference-counted :class:`SnapshotRef` handles (the engine's
 `Solver()` with no arguments uses a :class:`Worker` on the default root.
 """
 
+from ._cacheblobs import (
+    SNAPSHOT_BLOB_MEDIA_TYPE as SNAPSHOT_BLOB_MEDIA_TYPE,
+    SnapshotBlobCodec as SnapshotBlobCodec,
+)
 from ._exec import register_exec as register_exec
 from ._export import export_to_dir as export_to_dir, export_to_tar as export_to_tar
 from ._gc import PrunePolicy as PrunePolicy
