@@ -421,7 +421,7 @@ class Solver:
             assert request.definition is not None
             edge = request.definition.to_vertices(self.op_kinds)
             imports, exports = request.cache_imports, request.cache_exports
-            ref = await build_with_caches(job, edge, imports, exports, self._solve_worker)
+            ref = await build_with_caches(job, edge, imports, exports, self.worker)
             return SolveResult(ref=ref)
         finally:
             if own_job:
@@ -450,6 +450,12 @@ class Solver:
     @property
     def default_cache(self) -> CacheManager:
         return self._cache
+
+    @property
+    def worker(self) -> Worker | None:
+        """The built-in worker this solver uses (``worker=`` or the one it made for
+        ``Solver()``), if any: local cache imports and exports use its store."""
+        return self._solve_worker
 
     # -- lifetime --------------------------------------------------------------------
     async def __aenter__(self) -> Solver:

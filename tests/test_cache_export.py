@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import io
 import json
 import logging
+import os
 import re
+import subprocess
 import sys
+import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +33,16 @@ import pytest
 
 from solver import (
     CachedResult,
+    Definition,
     Edge,
     InMemoryCacheManager,
+    LocalCacheExport,
+    LocalCacheImport,
+    ProgressEvent,
     Result,
+    SolveError,
     Solver,
+    SolveRequest,
     digest_of,
 )
 from solver._cache import root_key
@@ -53,7 +63,10 @@ from solver._localcache import (
     open_local_cache,
     with_cache_sources,
 )
+from solver.cli import main
+from solver.cli._cacheopts import parse_export_cache, parse_import_cache
 from solver.testing import HandleTracker
+from solver.worker import SnapshotView, State, Worker, merge, run
 from tests.harness import (
     DummyResult,
     TestVertex,
@@ -709,3 +722,265 @@ async def test_export_of_a_deep_chain_does_not_recurse(tmp_path: Path) -> None:
         await res.release()
         await j.discard()
     await cm.close()
+
+
+# -- with the built-in worker -----------------------------------------------------------
+
+PY = sys.executable
+
+
+def worker_graph(log: Path, other: str = "one") -> Definition:
+    """merge([twice <- upper <- inline a.txt, bang <- inline x.txt]); every exec
+    appends its name to ``log``."""
+
+    def step(name: str, script: str, root: State) -> State:
+        code = f"import pathlib; open({str(log)!r}, 'a').write({name!r} + '\\n'); {script}"
+        return run([PY, "-c", code], root=root, name=name)
+
+    src = State.inline({"a.txt": "hello\n"}).with_name("src")
+    upper = step(
+        "upper", "pathlib.Path('b.txt').write_text(pathlib.Path('a.txt').read_text().upper())", src
+    )
+    twice = step(
+        "twice", "pathlib.Path('c.txt').write_text(pathlib.Path('b.txt').read_text() * 2)", upper
+    )
+    leaf = State.inline({"x.txt": other}).with_name("leaf")
+    bang = step(
+        "bang", "pathlib.Path('d.txt').write_text(pathlib.Path('x.txt').read_text() + '!')", leaf
+    )
+    return merge([twice, bang], name="all").definition()
+
+
+def execs(log: Path) -> list[str]:
+    return log.read_text().split() if log.exists() else []
+
+
+async def solve_watched(
+    solver: Solver, request: SolveRequest
+) -> tuple[dict[str, bytes], list[ProgressEvent]]:
+    """Solve ``request`` in a job whose progress is collected; the files c.txt and
+    d.txt of the result, and the events."""
+    events: list[ProgressEvent] = []
+    job = solver.new_job()
+
+    async def collect() -> None:
+        async for ev in job.status():
+            events.append(ev)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(collect)
+        try:
+            async with await solver.solve(request, job=job) as result:
+                assert result.ref is not None
+                view = result.ref.sys
+                assert isinstance(view, SnapshotView)
+                files = {name: await view.read_bytes(name) for name in ("c.txt", "d.txt")}
+        finally:
+            await job.discard()
+    return files, events
+
+
+EXPECTED_FILES = {"c.txt": b"HELLO\nHELLO\n", "d.txt": b"one!"}
+
+
+async def export_from_a_worker(tmp_path: Path) -> Path:
+    """Build the graph once, exporting it to tmp_path/min and tmp_path/max."""
+    log = tmp_path / "execs.log"
+    async with Worker(tmp_path / "first") as worker, Solver(worker=worker) as solver:
+        request = SolveRequest(
+            definition=worker_graph(log),
+            cache_exports=[
+                LocalCacheExport(tmp_path / "min", "min"),
+                LocalCacheExport(tmp_path / "max", "max"),
+            ],
+        )
+        files, _ = await solve_watched(solver, request)
+    assert files == EXPECTED_FILES
+    assert sorted(execs(log)) == ["bang", "twice", "upper"]
+    return log
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+async def test_worker_export_then_import_on_an_empty_cache_hits_every_step(
+    tmp_path: Path, mode: str, handle_tracker: HandleTracker
+) -> None:
+    log = await export_from_a_worker(tmp_path)
+    # the index names one blob (min: the merge) or four (max: the three execs too)
+    assert len(index_of(tmp_path / mode)["blobs"]) == (1 if mode == "min" else 4)
+    fresh = tmp_path / "fresh"
+    async with Worker(fresh) as worker, Solver(worker=worker) as solver:
+        request = SolveRequest(
+            definition=worker_graph(log), cache_imports=[LocalCacheImport(tmp_path / mode)]
+        )
+        files, events = await solve_watched(solver, request)
+        assert files == EXPECTED_FILES
+        assert len(execs(log)) == 3  # nothing ran
+        assert [e.name for e in events if e.status == "started"] == []
+        assert [e.name for e in events if e.status == "cached"][-1] == "all"
+        # only the top result was unpacked: the store holds that one snapshot
+        usage = await worker.store.usage()
+        assert [u.description.get("kind") for u in usage] == ["cache-import"]
+
+        # the import became local: without it, the same solve still runs nothing
+        files, events = await solve_watched(solver, SolveRequest(definition=worker_graph(log)))
+        assert files == EXPECTED_FILES
+        assert len(execs(log)) == 3
+        assert len(await worker.store.usage()) == 1
+
+
+@pytest.mark.parametrize(("mode", "ran"), [("min", ["bang", "twice", "upper"]), ("max", ["bang"])])
+async def test_worker_import_changed_leaf_reruns_only_its_dependants(
+    tmp_path: Path, mode: str, ran: list[str]
+) -> None:
+    log = await export_from_a_worker(tmp_path)
+    async with Worker(tmp_path / "fresh") as worker, Solver(worker=worker) as solver:
+        request = SolveRequest(
+            definition=worker_graph(log, other="two"),
+            cache_imports=[LocalCacheImport(tmp_path / mode)],
+        )
+        files, _ = await solve_watched(solver, request)
+    assert files == {"c.txt": b"HELLO\nHELLO\n", "d.txt": b"two!"}
+    # max: twice comes from the import; only the changed branch and the merge run
+    assert sorted(execs(log)[3:]) == ran
+
+
+async def test_worker_import_refuses_a_blob_that_leaves_the_snapshot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    log = await export_from_a_worker(tmp_path)
+    cache = tmp_path / "min"
+    # swap the one blob for a tar whose member climbs out of the snapshot
+    evil = io.BytesIO()
+    with tarfile.open(fileobj=evil, mode="w") as tar:
+        info = tarfile.TarInfo("../escaped.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    data = evil.getvalue()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    doc = index_of(cache)
+    old = doc["blobs"][0]["digest"]
+    (cache / "blobs" / "sha256" / old.removeprefix("sha256:")).unlink()
+    (cache / "blobs" / "sha256" / digest.removeprefix("sha256:")).write_bytes(data)
+    doc["blobs"][0] = {**doc["blobs"][0], "digest": digest, "size": len(data)}
+    for record in doc["records"]:
+        for result in record.get("results", []):
+            result["blob"] = digest
+    (cache / "index.json").write_text(json.dumps(doc))
+
+    async with Worker(tmp_path / "fresh") as worker, Solver(worker=worker) as solver:
+        with caplog.at_level(logging.WARNING, logger="solver"):
+            files, _ = await solve_watched(
+                solver,
+                SolveRequest(definition=worker_graph(log), cache_imports=[LocalCacheImport(cache)]),
+            )
+    assert files == EXPECTED_FILES
+    assert len(execs(log)) == 6  # the blob was refused: everything ran
+    assert "cannot be unpacked" in caplog.text
+    assert not await anyio.to_thread.run_sync(lambda: list(tmp_path.rglob("escaped.txt")))
+
+
+class NoFrontend:
+    async def solve(self, bridge: object, opts: object, inputs: object) -> object:
+        raise AssertionError("never called")
+
+
+async def test_solve_request_cache_options(tmp_path: Path) -> None:
+    cm = InMemoryCacheManager()
+    frontends: Any = {"x": NoFrontend()}
+    async with Solver(resolve_op=resolve_op, default_cache=cm, frontends=frontends) as solver:
+        # no built-in worker: a local cache needs a codec
+        with pytest.raises(SolveError, match="needs a codec: this solver has no built-in worker"):
+            await solver.solve(
+                SolveRequest(
+                    definition=worker_graph(tmp_path / "log"),
+                    cache_imports=[LocalCacheImport(tmp_path)],
+                )
+            )
+        with pytest.raises(SolveError, match="apply to definition requests only"):
+            await solver.solve(
+                SolveRequest(frontend="x", cache_exports=[LocalCacheExport(tmp_path)])
+            )
+    await cm.close()
+    with pytest.raises(ValueError, match="'min' or 'max'"):
+        LocalCacheExport(tmp_path, "all")  # type: ignore[arg-type]
+
+
+# -- the command line ---------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    return subprocess.run(
+        [PY, "-m", "solver", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_export_then_import_on_an_empty_cache_dir(tmp_path: Path) -> None:
+    log = tmp_path / "execs.log"
+    defn = tmp_path / "graph.json"
+    defn.write_text(worker_graph(log).to_json())
+    cache = tmp_path / "exported"
+    r = cli(
+        "build", str(defn), "--progress", "plain", "--cache-dir", str(tmp_path / "one"),
+        "--export-cache", f"type=local,dest={cache},mode=max",
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"exported the cache to {cache} (mode=max): " in r.stderr
+    assert "4 results, 4 blobs" in r.stderr
+    assert len(execs(log)) == 3
+
+    out = tmp_path / "out"
+    r = cli(
+        "build", str(defn), "--progress", "plain", "--cache-dir", str(tmp_path / "two"),
+        "--import-cache", f"src={tmp_path / 'nothing-here'}",
+        "--import-cache", f"type=local,src={cache}",
+        "--output", str(out),
+    )
+    assert r.returncode == 0, r.stderr
+    assert f"warning: no cache to import at {tmp_path / 'nothing-here'}" in r.stderr
+    assert len(execs(log)) == 3  # every step came from the imported cache
+    assert (out / "c.txt").read_text() == "HELLO\nHELLO\n"
+    assert (out / "d.txt").read_text() == "one!"
+
+    # a corrupt index is an error, not a silent miss
+    (cache / "index.json").write_text('{"version": 1, "records": []}')
+    r = cli(
+        "build", str(defn), "--progress", "plain", "--cache-dir", str(tmp_path / "three"),
+        "--import-cache", f"type=local,src={cache}",
+    )
+    assert r.returncode == 1
+    assert "error: the cache index" in r.stderr
+    assert "is corrupt: the index lacks field(s) blobs" in r.stderr
+    assert len(execs(log)) == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--export-cache", "type=registry,ref=x"], "unknown --export-cache type 'registry'"),
+        (["--export-cache", "dest=x,mode=all"], "--export-cache mode must be min or max"),
+        (["--export-cache", "type=local"], "--export-cache needs dest=DIR"),
+        (["--export-cache", "dest"], "bad --export-cache field 'dest': expected key=value"),
+        (["--export-cache", "dest=a,dest=b"], "--export-cache field 'dest' given twice"),
+        (["--import-cache", "type=local"], "--import-cache needs src=DIR"),
+        (["--import-cache", "src=a,mode=max"], "unknown --import-cache field(s): mode"),
+        (
+            ["--frontend", "buildfile", "--import-cache", "src=a"],
+            "--import-cache and --export-cache apply to definition builds only",
+        ),
+    ],
+)
+def test_cli_bad_cache_specs(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["build", "graph.json", *args]) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+
+
+def test_cli_cache_spec_parsing() -> None:
+    assert parse_export_cache("type=local,dest=d,mode=max") == LocalCacheExport("d", "max")
+    assert parse_export_cache("dest=d") == LocalCacheExport("d", "min")
+    assert parse_import_cache("src=s") == LocalCacheImport("s")

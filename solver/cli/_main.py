@@ -51,10 +51,18 @@ import anyio
 
 from .._definition import Definition
 from .._errors import SolveError
+from .._localcache import (
+    LocalCacheExport,
+    LocalCacheImport,
+    opened_imports,
+    run_exports,
+    with_cache_sources,
+)
 from .._solver import Solver
 from ..worker import PrunePolicy, SnapshotInfo, SnapshotStore, State, Worker, default_root
 from ..worker._export import export_to_dir, export_to_tar
 from ..worker._gc import snapshot_kind, snapshot_label
+from ._cacheopts import add_cache_arguments, existing_imports
 from ._frontends import add_frontend_arguments, cmd_build_frontend
 from ._progress import make_renderer, run_progress
 
@@ -235,31 +243,44 @@ async def build_definition(
     progress: str = "plain",
     progress_out: TextIO | None = None,
     output: OutputSpec | None = None,
+    cache_imports: Sequence[LocalCacheImport] = (),
+    cache_exports: Sequence[LocalCacheExport] = (),
 ) -> None:
     """Solve ``defn`` in a new job of ``solver``, rendering its progress to
     ``progress_out`` (default stderr), export the result to ``output`` if given,
-    and release everything. Raises :class:`~solver.SolveError` on failure."""
+    and release everything. ``cache_imports`` are used while building and
+    ``cache_exports`` written after (a line each on ``progress_out``). Raises
+    :class:`~solver.SolveError` on failure."""
     defn.validate(solver.op_kinds)
     out = progress_out if progress_out is not None else sys.stderr
     renderer = make_renderer(progress, out)
     job = solver.new_job()
     failure: BaseException | None = None
+    exported: list[str] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(run_progress, job.status(), renderer)
         try:
             edge = defn.to_vertices(solver.op_kinds)
-            result = await job.build(edge)
-            try:
-                if output is not None and output.type == "local":
-                    await export_to_dir(result, output.dest, overwrite=output.overwrite)
-                elif output is not None:
-                    await export_to_tar(result, output.dest)
-            finally:
-                await result.release()
+            async with opened_imports(cache_imports, solver.worker) as sources:
+                result = await job.build(with_cache_sources(edge, sources))
+                try:
+                    stats = await run_exports(result, cache_exports, solver.worker)
+                    for spec, st in zip(cache_exports, stats, strict=True):
+                        exported.append(
+                            f"exported the cache to {spec.dest} (mode={spec.mode}): "
+                            f"{st.records} records, {st.results} results, {st.blobs} blobs\n"
+                        )
+                    if output is not None and output.type == "local":
+                        await export_to_dir(result, output.dest, overwrite=output.overwrite)
+                    elif output is not None:
+                        await export_to_tar(result, output.dest)
+                finally:
+                    await result.release()
         except Exception as exc:  # re-raised below, outside the task group
             failure = exc
         finally:
             await job.discard()  # ends the status stream, and so the renderer
+    out.writelines(exported)
     if failure is not None:
         raise failure
 
@@ -272,6 +293,9 @@ def _error(message: str) -> None:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     if args.frontend is not None or args.opt or args.allow_frontend_source:
+        if args.import_cache or args.export_cache:
+            _error("--import-cache and --export-cache apply to definition builds only")
+            return 2
         return cmd_build_frontend(args, open_solver)
     try:
         defn = load_definition(args.file)
@@ -285,9 +309,18 @@ def _cmd_build(args: argparse.Namespace) -> int:
         _error(f"{args.file}: {exc}" if isinstance(exc, SolveError) else str(exc))
         return 1
 
+    imports = existing_imports(args.import_cache)
+
     async def run() -> None:
         async with open_solver(args.cache_dir) as solver:
-            await build_definition(solver, defn, progress=args.progress, output=args.output)
+            await build_definition(
+                solver,
+                defn,
+                progress=args.progress,
+                output=args.output,
+                cache_imports=imports,
+                cache_exports=args.export_cache,
+            )
 
     try:
         anyio.run(run)
@@ -558,6 +591,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--cache-dir", metavar="DIR", default=None, help=cache_help)
     add_frontend_arguments(b)
+    add_cache_arguments(b)
     b.set_defaults(func=_cmd_build)
 
     d = sub.add_parser(
