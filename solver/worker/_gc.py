@@ -53,7 +53,8 @@ BuildKit's ``--filter``. Fields:
 * ``id``: the snapshot id.
 
 Operators: ``==`` (or ``=``) equal, ``!=`` not equal, ``~=`` the regular expression
-matches somewhere in the value (``re.search``).
+matches somewhere in the value (``re.search``). A value cannot contain ``,``;
+spaces around a value are ignored.
 """
 
 from __future__ import annotations
