@@ -53,11 +53,18 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import anyio
 
-from ._cache import CacheExporter, CacheKeyWithSelector, ExportableCacheKey, root_key
+from ._cache import (
+    CacheExporter,
+    CacheKeyWithSelector,
+    CacheManager,
+    CacheRecord,
+    ExportableCacheKey,
+    root_key,
+)
 from ._cachestorage import NotFoundError
 
 if TYPE_CHECKING:
-    from ._cache import CacheKey, CacheRecord
+    from ._cache import CacheKey
     from ._cachemanager import KeyedCacheManager
     from ._cachestorage import CacheKeyStorage, CacheResult
     from ._result import Result
@@ -70,6 +77,7 @@ __all__ = [
     "KeyExporter",
     "MergedExporter",
     "RemoteResultStorage",
+    "SavedKeyExporter",
     "export_cache",
 ]
 
@@ -172,7 +180,7 @@ class KeyExporter:
     happens in :meth:`export_to`.
     """
 
-    __slots__ = ("key", "record", "records", "secondary")
+    __slots__ = ("_record", "key", "records", "secondary")
 
     def __init__(
         self,
@@ -182,8 +190,13 @@ class KeyExporter:
     ) -> None:
         self.key = key
         self.records = records
-        self.record = record
+        self._record = record
         self.secondary: Sequence[tuple[int, CacheKeyWithSelector]] = ()
+
+    @property
+    def record(self) -> CacheRecord | None:
+        """The record the key was saved or loaded as, if any."""
+        return self._record
 
     def __repr__(self) -> str:
         return f"<KeyExporter {self.key!r} records={len(self.records)} record={self.record!r}>"
@@ -196,6 +209,31 @@ class KeyExporter:
         ``resolve_remote`` once per exported result."""
         run = _Run(target)
         return await run.drive(run.exporter_frame(self, _options(options)))
+
+
+class SavedKeyExporter(KeyExporter):
+    """The exporter :meth:`KeyedCacheManager.save <solver.KeyedCacheManager.save>`
+    returns: its record (the result just stored under the key) is made on first
+    use, so that a save costs one small object and nothing more."""
+
+    __slots__ = ("_manager", "_stored")
+
+    def __init__(self, key: CacheKey, manager: CacheManager, stored: CacheResult) -> None:
+        # no super().__init__(): a save is on the hot path
+        self.key = key
+        self.records = ()
+        self._record = None
+        self.secondary = ()
+        self._manager = manager
+        self._stored = stored
+
+    @property
+    def record(self) -> CacheRecord:
+        """The saved record."""
+        if self._record is None:
+            stored = self._stored
+            self._record = CacheRecord(stored.id, self._manager, self.key, stored.created_at)
+        return self._record
 
 
 class MergedExporter:

@@ -45,7 +45,7 @@ from ._cache import (
     ExportableCacheKey,
     root_key,
 )
-from ._cacheexport import KeyExporter
+from ._cacheexport import SavedKeyExporter
 from ._cachestorage import (
     CacheKeyStorage,
     InMemoryCacheStorage,
@@ -199,7 +199,7 @@ class KeyedCacheManager:
         The result storage keeps its own handle; ``result`` is still the caller's.
         If the save fails or is cancelled before the result is stored under a key,
         the stored handle is released again. The returned key's exporter
-        (:class:`~solver._cacheexport.KeyExporter`) exports the chain behind the
+        (:class:`~solver._cacheexport.SavedKeyExporter`) exports the chain behind the
         new record; making it is all the export work a save does.
         O(keys of the dep graph not yet linked) steps.
         """
@@ -219,9 +219,7 @@ class KeyedCacheManager:
                 raise
         finally:
             self._save_lock.release()
-        return ExportableCacheKey(
-            key, KeyExporter(key, record=CacheRecord(stored.id, self, key, stored.created_at))
-        )
+        return ExportableCacheKey(key, SavedKeyExporter(key, self, stored))
 
     async def storage_id(self, key: CacheKey) -> str:
         """This manager's storage ID of ``key`` (found through links from its deps,
