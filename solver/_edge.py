@@ -46,7 +46,6 @@ from ._scheduler import (
     INITIAL,
     STATE_NAMES,
     Canceled,
-    EdgeRequest,
     Pipe,
     Scheduler,
     logger,
@@ -128,6 +127,7 @@ class ActiveEdge:
         "failed",
         "has_active_outgoing",
         "ignore_cache",
+        "incoming",
         "index",
         "key_map",
         "keys",
@@ -135,7 +135,9 @@ class ActiveEdge:
         "loading_record",
         "no_cache_match_possible",
         "op",
+        "outgoing",
         "owner",
+        "queued",
         "releaser_count",
         "result",
         "secondary_exporters",
@@ -174,6 +176,11 @@ class ActiveEdge:
         self.all_deps_state_cache_slow = False
         self.all_deps_completed = False
         self.has_active_outgoing = False
+        # the scheduler's bookkeeping: open requests to and from this edge, and
+        # whether it is waiting to be dispatched
+        self.incoming: list[Pipe] = []
+        self.outgoing: list[Pipe] = []
+        self.queued = False
 
         self.releaser_count = 0
         self.owner: ActiveEdge | None = None
@@ -716,14 +723,12 @@ class ActiveEdge:
             for req in incoming:
                 if not req.canceled:
                     all_canceled = False
-                    r = req.request
-                    assert r is not None
-                    if desired < r.desired:
-                        desired = r.desired
+                    if desired < req.desired:
+                        desired = req.desired
                         if (
                             self.has_active_outgoing
-                            or r.desired == COMPLETE
-                            or r.current_keys == len(self.keys)
+                            or req.desired == COMPLETE
+                            or req.current_keys == len(self.keys)
                         ):
                             all_can_complete = False
         if (
@@ -754,22 +759,24 @@ class ActiveEdge:
                 self.finish_incoming(req)
             return desired, True
 
+        state = self.state
+        result = self.result
+        cache_map = self.cache_map
+        nkeys = len(self.keys)
         for req in incoming:
-            r = req.request
-            assert r is not None
-            if req.canceled or (not self.has_active_outgoing and self.state >= r.desired):
+            if req.canceled or (not self.has_active_outgoing and state >= req.desired):
                 self.finish_incoming(req)
-            else:
-                now = (self.state, self.result, self.cache_map, len(self.keys))
-                seen = r.seen
-                if (
-                    seen[0] != now[0]
-                    or seen[1] is not now[1]
-                    or seen[2] is not now[2]
-                    or seen[3] != now[3]
-                ):
-                    r.seen = now
-                    self.update_incoming(req)
+            elif (
+                req.seen_state != state
+                or req.seen_result is not result
+                or req.seen_cache_map is not cache_map
+                or req.seen_keys != nkeys
+            ):
+                req.seen_state = state
+                req.seen_result = result
+                req.seen_cache_map = cache_map
+                req.seen_keys = nkeys
+                self.update_incoming(req)
         return desired, False
 
     def create_input_requests(self, desired: int, s: Scheduler, force: bool) -> bool:
@@ -822,14 +829,17 @@ class ActiveEdge:
 
     def create_outgoing_request(self, d: _Dep, want: int, s: Scheduler) -> bool:
         if d.req is not None and not d.req.completed:
-            assert d.req.request is not None
-            if d.req.request.desired == want:
+            if d.req.desired == want:
                 return False
             d.req.cancel()
         req = s.new_input_request(
             self,
             self.edge.vertex.inputs[d.index],
-            EdgeRequest(want, d.state, d.result, d.cache_map, len(d.keys)),
+            want,
+            d.state,
+            d.result,
+            d.cache_map,
+            len(d.keys),
         )
         self.dep_requests[req] = d
         d.req = req

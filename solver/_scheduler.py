@@ -6,16 +6,21 @@ Design (after BuildKit's ``solver/scheduler.go``, rewritten for one event loop):
   an exec, a content key, a cache load) is a :class:`Pipe`: a request object with a
   sender side that answers (``update`` / ``finalize``) and a receiver side that may
   ``cancel``. Answering or cancelling only *signals* the edge on the other end:
-  it is put on a FIFO queue, at most once at a time.
-* One dispatcher task pops edges from the queue and calls ``ActiveEdge.unpark``
-  with the pipes that have news. ``unpark`` is a state machine step: it processes
-  updates, answers incoming requests, and opens new outgoing ones. Only the
-  dispatcher mutates edge state, so there are no locks. ``unpark`` may await cache
-  queries (a persistent store answers off the loop); while it does, other tasks can
-  only answer or cancel pipes and enqueue edges.
-* No task exists per edge or per request. Work that really awaits runs in a task
-  per unit of work: one per op call shared by every edge that asked for it (see
-  ``_flight.py``) and one per cache load. A build caller waits on one event.
+  it is put on a FIFO queue, at most once at a time (a flag on the edge).
+* The dispatcher (:meth:`Scheduler.drain`, run by whichever worker of the solver's
+  ``WorkPool`` holds the dispatcher's role) pops edges from the queue and calls
+  ``ActiveEdge.unpark`` with the pipes that have news. ``unpark`` is a state
+  machine step: it processes updates, answers incoming requests, and opens new
+  outgoing ones. Only the dispatcher mutates edge state, so there are no locks.
+  ``unpark`` may await cache queries (a persistent store answers off the loop);
+  while it does, other tasks can only answer or cancel pipes and enqueue edges.
+* No task exists per edge or per request. Work that really awaits (an op call
+  shared by every edge that asked for it, see ``_sharedop.py``, or a cache load)
+  is a unit of work on the pool, run in the dispatcher's own task when it does
+  not block. A build caller waits on one event.
+* Each edge keeps its own lists of incoming and outgoing pipes, so a dispatch
+  looks nothing up. A request pipe carries what the requester wants (``desired``)
+  and what it last received, so an update that would repeat it is not sent.
 * After ``unpark``, two invariants are checked (an edge with open incoming requests
   must have open outgoing work, and one with none must have no open outgoing
   work); a violation fails the edge with an internal error instead of hanging.
@@ -39,8 +44,9 @@ if TYPE_CHECKING:
     from ._edge import ActiveEdge
     from ._graph import Edge
     from ._result import CachedResult
+    from ._workpool import WorkPool
 
-__all__ = ["Canceled", "EdgeRequest", "Pipe", "Scheduler"]
+__all__ = ["Canceled", "Pipe", "Scheduler"]
 
 logger = logging.getLogger("solver")
 
@@ -59,32 +65,10 @@ class Canceled(Exception):
 CANCELED: Final = Canceled("canceled")
 
 
-class EdgeRequest:
-    """What a requester wants from an edge, and what it has already seen.
+class Waiter(Protocol):
+    """What a pipe answered by a unit of work tells when its receiver cancels."""
 
-    ``current_keys`` is how many keys the requester knew when it asked (it never
-    changes: an answer with more keys may complete the request early); ``seen`` is
-    the (state, result, cache map, number of keys) it last received, so an update
-    that would repeat it is not sent."""
-
-    __slots__ = ("current_keys", "desired", "seen")
-
-    def __init__(
-        self,
-        desired: int,
-        current_state: int = INITIAL,
-        current_result: object = None,
-        current_cache_map: object = None,
-        current_keys: int = 0,
-    ) -> None:
-        self.desired = desired
-        self.current_keys = current_keys
-        self.seen: tuple[int, object, object, int] = (
-            current_state,
-            current_result,
-            current_cache_map,
-            current_keys,
-        )
+    def drop(self, pipe: Pipe) -> None: ...
 
 
 class Pipe:
@@ -93,52 +77,70 @@ class Pipe:
     The sender side (``send_*``) is written by whoever answers; the receiver sees
     it only after ``receive()``, so one dispatch works on a consistent snapshot.
     ``canceled`` is the receiver's cancellation, visible to the sender at once.
+
+    A request to an edge also says what the requester wants (``desired``), how
+    many keys it knew when it asked (``current_keys``: an answer with more keys
+    may complete it early) and the (state, result, cache map, number of keys) it
+    last received (``seen_*``), so that an update repeating them is not sent.
     """
 
     __slots__ = (
         "canceled",
         "canceled_status",
         "completed",
+        "current_keys",
+        "desired",
         "err",
-        "on_cancel",
+        "news",
         "on_send",
         "owned",
-        "recv_version",
-        "request",
         "scheduler",
+        "seen_cache_map",
+        "seen_keys",
+        "seen_result",
+        "seen_state",
         "send_canceled",
         "send_completed",
         "send_err",
         "send_value",
-        "send_version",
         "source",
         "target",
         "value",
+        "waiter",
     )
 
     def __init__(
         self,
         scheduler: Scheduler,
-        request: EdgeRequest | None,
         source: ActiveEdge | None,
         target: ActiveEdge | None,
+        desired: int = INITIAL,
+        current_state: int = INITIAL,
+        current_result: object = None,
+        current_cache_map: object = None,
+        current_keys: int = 0,
     ) -> None:
         self.scheduler = scheduler
-        self.request = request
-        self.canceled = False
         self.source = source
         self.target = target
+        self.desired = desired
+        self.current_keys = current_keys
+        self.seen_state = current_state
+        self.seen_result = current_result
+        self.seen_cache_map = current_cache_map
+        self.seen_keys = current_keys
+        self.canceled = False
         self.send_value: Any = None
         self.send_err: BaseException | None = None
         self.send_completed = False
         self.send_canceled = False
-        self.send_version = 0
+        self.news = False
         self.value: Any = None
         self.err: BaseException | None = None
         self.completed = False
         self.canceled_status = False
-        self.recv_version = 0
-        self.on_cancel: Callable[[], None] | None = None
+        # who answers a pipe that has no target edge, told when it is cancelled
+        self.waiter: Waiter | None = None
         self.on_send: Callable[[], None] | None = None
         # Whether ``value`` holds handles that whoever takes the value must release.
         self.owned = False
@@ -146,17 +148,11 @@ class Pipe:
     # sender side
     def update(self, value: object) -> None:
         self.send_value = value
-        self.send_version += 1
+        self.news = True
         self._notify_send()
 
     def finalize(self, value: object, err: BaseException | None, *, owned: bool = False) -> None:
         if self.send_completed:
-            if self.scheduler._closed:
-                # Closing answered every open request; an edge that answers its
-                # request later (its work ended with the solver) is too late.
-                if owned and err is None:
-                    self.scheduler.factory.release_later(value)
-                return
             raise InternalError("a request was answered twice")
         self.send_value = value
         self.send_err = err
@@ -164,7 +160,7 @@ class Pipe:
         self.owned = owned and err is None
         if self.canceled and isinstance(err, Canceled):
             self.send_canceled = True
-        self.send_version += 1
+        self.news = True
         self._notify_send()
 
     def _notify_send(self) -> None:
@@ -175,9 +171,9 @@ class Pipe:
 
     # receiver side
     def receive(self) -> bool:
-        if self.recv_version == self.send_version:
+        if not self.news:
             return False
-        self.recv_version = self.send_version
+        self.news = False
         self.value = self.send_value
         self.err = self.send_err
         self.completed = self.send_completed
@@ -190,8 +186,8 @@ class Pipe:
         self.canceled = True
         if self.target is not None:
             self.scheduler.signal(self.target)
-        elif self.on_cancel is not None:
-            self.on_cancel()
+        elif self.waiter is not None:
+            self.waiter.drop(self)
 
     def take(self) -> Any:
         """Take the received value, and with it the duty to release its handles."""
@@ -217,70 +213,85 @@ class Scheduler:
 
     def __init__(self, factory: EdgeFactory) -> None:
         self.factory = factory
-        self.incoming: dict[ActiveEdge, list[Pipe]] = {}
-        self.outgoing: dict[ActiveEdge, list[Pipe]] = {}
         self._queue: deque[ActiveEdge] = deque()
-        self._queued: set[ActiveEdge] = set()
-        self._wake = anyio.Event()
-        self._sleeping = False
+        # the open requests of build callers (answered when the solver closes)
+        self._builds: set[Pipe] = set()
+        self._pool: WorkPool | None = None
         self._closed = False
 
     # -- queue -------------------------------------------------------------------
-    def signal(self, edge: ActiveEdge) -> None:
-        if edge in self._queued:
-            return
-        self._queued.add(edge)
-        self._queue.append(edge)
-        if self._sleeping:
-            self._sleeping = False
-            self._wake.set()
+    def attach(self, pool: WorkPool) -> None:
+        """Run the dispatcher on ``pool`` (the solver does this when it starts)."""
+        self._pool = pool
 
-    async def run(self) -> None:
-        """The dispatcher loop; runs until cancelled (when the solver closes)."""
+    def signal(self, edge: ActiveEdge) -> None:
+        if edge.queued:
+            return
+        edge.queued = True
+        self._queue.append(edge)
+        pool = self._pool
+        if pool is not None and not pool.dispatching:
+            pool.notify()
+
+    def pending(self) -> bool:
+        """Whether an edge is waiting to be dispatched."""
+        return bool(self._queue)
+
+    async def drain(self) -> None:
+        """Dispatch signalled edges until none is left (the pool calls this in the
+        one worker that holds the dispatcher's role)."""
         queue = self._queue
-        queued = self._queued
-        while True:
-            while queue:
-                edge = queue.popleft()
-                queued.discard(edge)
-                try:
-                    await self._dispatch(edge)
-                except Exception as exc:  # a bug: fail the edge rather than the solver
-                    logger.exception("scheduler error while dispatching %r", edge)
-                    self._fail_open_requests(edge, exc)
-            self._wake = anyio.Event()
-            self._sleeping = True
-            await self._wake.wait()
+        while queue:
+            await self._dispatch_next(queue.popleft())
+
+    async def _dispatch_next(self, edge: ActiveEdge) -> None:
+        # a frame of its own: the last edge dispatched must not stay referenced
+        # by the drain loop (it holds a whole graph)
+        edge.queued = False
+        try:
+            await self._dispatch(edge)
+        except Exception as exc:  # a bug: fail the edge rather than the solver
+            logger.exception("scheduler error while dispatching %r", edge)
+            self._fail_open_requests(edge, exc)
 
     def close(self) -> None:
-        """Answer every open request with "cancelled" (the solver is closing)."""
+        """Answer every open build request with an error (the solver is closing)."""
         self._closed = True
-        for pipes in list(self.incoming.values()):
-            for p in pipes:
-                if not p.send_completed:
-                    p.finalize(None, SolveError("the solver was closed"))
+        for p in list(self._builds):
+            if not p.send_completed:
+                p.finalize(None, SolveError("the solver was closed"))
+                # no dispatch may answer it again
+                target = p.target
+                if target is not None and p in target.incoming:
+                    target.incoming.remove(p)
 
     def _fail_open_requests(self, edge: ActiveEdge, exc: Exception) -> None:
         err = InternalError(f"scheduler error: {exc}")
         err.__cause__ = exc
         edge.err = edge.err or err
-        for p in self.incoming.get(edge, ()):
+        for p in edge.incoming:
             if not p.send_completed:
                 p.finalize(None, edge.err)
-        for p in self.outgoing.get(edge, ()):
+        for p in edge.outgoing:
             p.cancel()
 
     # -- dispatch ----------------------------------------------------------------
     async def _dispatch(self, e: ActiveEdge) -> None:
-        inc = list(self.incoming.get(e, ()))
-        out = list(self.outgoing.get(e, ()))
-        e.has_active_outgoing = False
+        inc = e.incoming
+        out = e.outgoing
+        if inc:
+            inc = inc[:]
+        has_active = False
         updates: list[Pipe] = []
-        for p in out:
-            if p.receive():
-                updates.append(p)
-            if not p.completed:
-                e.has_active_outgoing = True
+        if out:
+            out = out[:]
+            for p in out:
+                if p.news:
+                    p.receive()
+                    updates.append(p)
+                if not p.completed:
+                    has_active = True
+        e.has_active_outgoing = has_active
 
         await e.unpark(inc, updates, out, self)
 
@@ -291,23 +302,25 @@ class Scheduler:
                 p.owned = False
                 self.factory.release_later(p.value)
 
-        open_seen = any(not p.send_completed for p in inc)
-        incoming = self.incoming.get(e)
-        if incoming is not None:
-            still = [p for p in incoming if not p.send_completed]
-            if still:
-                self.incoming[e] = still
-            else:
-                del self.incoming[e]
+        open_seen = False
+        for p in inc:
+            if not p.send_completed:
+                open_seen = True
+                break
+        incoming = e.incoming
+        if incoming:
+            for p in incoming:
+                if p.send_completed:
+                    e.incoming = [p for p in incoming if not p.send_completed]
+                    break
         open_out = False
-        outgoing = self.outgoing.get(e)
-        if outgoing is not None:
-            still_out = [p for p in outgoing if not p.completed]
-            if still_out:
-                self.outgoing[e] = still_out
-                open_out = True
-            else:
-                del self.outgoing[e]
+        outgoing = e.outgoing
+        if outgoing:
+            for p in outgoing:
+                if p.completed:
+                    outgoing = e.outgoing = [p for p in outgoing if not p.completed]
+                    break
+            open_out = bool(outgoing)
 
         if e.keys_did_change:
             k = e.current_index_key()
@@ -320,7 +333,7 @@ class Scheduler:
                 self,
                 InternalError("scheduler error: return leaving incoming open; please report it"),
             )
-        if open_out and e not in self.incoming:
+        if open_out and not e.incoming:
             e.mark_failed(
                 self,
                 InternalError("scheduler error: return leaving outgoing open; please report it"),
@@ -341,33 +354,37 @@ class Scheduler:
     def _merge_to(self, target: ActiveEdge, src: ActiveEdge) -> bool:
         if not target.ignore_cache and src.ignore_cache:
             return False
-        for p in self.incoming.pop(src, ()):
+        moved, src.incoming = src.incoming, []
+        for p in moved:
             p.target = target
-            self.incoming.setdefault(target, []).append(p)
-        for p in self.outgoing.pop(src, ()):
+            target.incoming.append(p)
+        moved, src.outgoing = src.outgoing, []
+        for p in moved:
             p.source = target
-            self.outgoing.setdefault(target, []).append(p)
+            target.outgoing.append(p)
             p.cancel()
         self.signal(target)
         target.add_secondary_exporters(src)
         return True
 
     # -- pipes -------------------------------------------------------------------
-    def new_pipe(self, target: ActiveEdge, source: ActiveEdge | None, req: EdgeRequest) -> Pipe:
-        p = Pipe(self, req, source, target)
-        self.signal(target)
-        if source is not None:
-            self.outgoing.setdefault(source, []).append(p)
-        self.incoming.setdefault(target, []).append(p)
-        return p
-
     def new_func_pipe(self, source: ActiveEdge) -> Pipe:
         """An outgoing request of ``source`` answered by async work, not an edge."""
-        p = Pipe(self, None, source, None)
-        self.outgoing.setdefault(source, []).append(p)
+        p = Pipe(self, source, None)
+        source.outgoing.append(p)
         return p
 
-    def new_input_request(self, source: ActiveEdge, edge: Edge, req: EdgeRequest) -> Pipe:
+    def new_input_request(
+        self,
+        source: ActiveEdge,
+        edge: Edge,
+        desired: int,
+        current_state: int,
+        current_result: object,
+        current_cache_map: object,
+        current_keys: int,
+    ) -> Pipe:
+        """A request of ``source`` to the active edge of its input ``edge``."""
         target = self.factory.get_edge(edge)
         if target is None:
             p = self.new_func_pipe(source)
@@ -379,7 +396,20 @@ class Scheduler:
                 ),
             )
             return p
-        return self.new_pipe(target, source, req)
+        p = Pipe(
+            self,
+            source,
+            target,
+            desired,
+            current_state,
+            current_result,
+            current_cache_map,
+            current_keys,
+        )
+        self.signal(target)
+        source.outgoing.append(p)
+        target.incoming.append(p)
+        return p
 
     def postpone(self, source: ActiveEdge) -> Pipe:
         """A request that is answered at once: it makes the edge dispatch again."""
@@ -397,20 +427,27 @@ class Scheduler:
         if self._closed:
             raise SolveError("the solver was closed")
         done = anyio.Event()
-        p = self.new_pipe(e, None, EdgeRequest(COMPLETE))
+        p = Pipe(self, None, e, COMPLETE)
 
         def on_send() -> None:
             if p.send_completed:
                 done.set()
 
         p.on_send = on_send
+        builds = self._builds
+        builds.add(p)
+        e.incoming.append(p)
+        self.signal(e)
         try:
-            await done.wait()
-        except BaseException:
-            p.cancel()
-            with anyio.CancelScope(shield=True):
+            try:
                 await done.wait()
-            raise
+            except BaseException:
+                p.cancel()
+                with anyio.CancelScope(shield=True):
+                    await done.wait()
+                raise
+        finally:
+            builds.discard(p)
         p.receive()
         if p.err is not None:
             err = p.err

@@ -46,15 +46,62 @@ if TYPE_CHECKING:
 __all__ = ["SharedOp"]
 
 
-class _Call:
-    __slots__ = ("cancel_requested", "key", "retry", "scope", "waiters")
+# kinds of shared work (a call is keyed by its kind and index)
+_CACHE_MAP = 0
+_EXEC = 1
+_SLOW = 2
 
-    def __init__(self, key: str) -> None:
+
+class _Call:
+    """One run of a piece of shared work and the pipes waiting for it."""
+
+    __slots__ = ("args", "cancel_requested", "key", "op", "retry", "scope", "waiters")
+
+    def __init__(self, op: SharedOp, key: tuple[int, int], args: tuple[Any, ...]) -> None:
+        self.op = op
         self.key = key
+        self.args = args
         self.waiters: list[Pipe] = []
-        self.retry: list[tuple[Pipe, Callable[[], None]]] = []
+        self.retry: list[_Retry] = []
         self.scope: anyio.CancelScope | None = None
         self.cancel_requested = False
+
+    def drop(self, pipe: Pipe) -> None:
+        """A waiter cancelled."""
+        self.op._drop(self, pipe)
+
+
+# the prefix of the error message of a failed call, by kind
+_PREFIX = ("failed to load cache key", None, "failed to compute cache key")
+
+
+class _ScopeWaiter:
+    """A cache load's waiter: a cancelled pipe cancels the load."""
+
+    __slots__ = ("scope",)
+
+    def __init__(self, scope: anyio.CancelScope) -> None:
+        self.scope = scope
+
+    def drop(self, pipe: Pipe) -> None:
+        self.scope.cancel()
+
+
+class _Retry:
+    """A request that arrived while a cancelled call was winding down: it asks
+    again (with its own arguments) once the call has ended."""
+
+    __slots__ = ("args", "call", "pipe")
+
+    def __init__(self, call: _Call, pipe: Pipe, args: tuple[Any, ...]) -> None:
+        self.call = call
+        self.pipe = pipe
+        self.args = args
+
+    def drop(self, pipe: Pipe) -> None:
+        call = self.call
+        call.retry = [r for r in call.retry if r.pipe is not pipe]
+        pipe.finalize(None, CANCELED)
 
 
 class SharedOp:
@@ -80,7 +127,7 @@ class SharedOp:
         self.state = state
         self._op: Op | None = None
         self._op_err: SolveError | None = None
-        self._calls: dict[str, _Call] = {}
+        self._calls: dict[tuple[int, int], _Call] = {}
         self.cache_res: list[CacheMap] = []
         self.cache_done = False
         self.cache_err: BaseException | None = None
@@ -131,8 +178,7 @@ class SharedOp:
         if self.cache_done:
             pipe.finalize(None, SolveError(f"cache map {index} asked after the last one"))
             return
-        self._join(f"cachemap-{index}", pipe, lambda: self.request_cache_map(pipe, index),
-                   lambda: self._cache_map_work(index))
+        self._join((_CACHE_MAP, index), pipe, (index,))
 
     async def _cache_map_work(self, index: int) -> Callable[[Pipe], None]:
         op = self.get_op()
@@ -152,8 +198,7 @@ class SharedOp:
             else:
                 self._deliver_exec(pipe)
             return
-        self._join("exec", pipe, lambda: self.request_exec(pipe, inputs),
-                   lambda: self._exec_work(inputs))
+        self._join((_EXEC, 0), pipe, (inputs,))
 
     def _deliver_exec(self, pipe: Pipe) -> None:
         assert self.exec_res is not None
@@ -200,8 +245,7 @@ class SharedOp:
         if index in self.slow_err:
             pipe.finalize(None, self.slow_err[index])
             return
-        self._join(f"slow-{index}", pipe, lambda: self.request_slow_cache(pipe, index, fn, res),
-                   lambda: self._slow_work(index, fn, res))
+        self._join((_SLOW, index), pipe, (index, fn, res))
 
     async def _slow_work(
         self, index: int, fn: ComputeDigest, res: SharedResult[Any]
@@ -241,7 +285,7 @@ class SharedOp:
         value: Any = None
         err: BaseException | None = None
         with anyio.CancelScope() as scope:
-            pipe.on_cancel = scope.cancel
+            pipe.waiter = _ScopeWaiter(scope)
             if pipe.canceled:
                 scope.cancel()
             try:
@@ -255,7 +299,7 @@ class SharedOp:
                 raise
             except BaseException as exc:
                 err = exc
-        pipe.on_cancel = None
+        pipe.waiter = None
         if value is not None:
             pipe.finalize(value, None, owned=True)
         elif scope.cancel_called or not isinstance(err, Exception):
@@ -265,35 +309,42 @@ class SharedOp:
             pipe.finalize(None, self.wrap_error(err, "failed to load cache"))
 
     # -- the shared call ------------------------------------------------------------
-    def _join(
-        self,
-        key: str,
-        pipe: Pipe,
-        reissue: Callable[[], None],
-        work: Callable[[], Awaitable[Callable[[Pipe], None]]],
-    ) -> None:
+    def _join(self, key: tuple[int, int], pipe: Pipe, args: tuple[Any, ...]) -> None:
         if self.released:
             pipe.finalize(None, SolveError("the vertex was released (its jobs were discarded)"))
             return
         call = self._calls.get(key)
         if call is not None and call.cancel_requested:
-            call.retry.append((pipe, reissue))
-            pipe.on_cancel = lambda: self._drop_retry(call, pipe)
+            retry = _Retry(call, pipe, args)
+            call.retry.append(retry)
+            pipe.waiter = retry
             return
         if call is None:
-            call = self._calls[key] = _Call(key)
-            self.state.solver.spawn(self._run, call, work)
+            call = self._calls[key] = _Call(self, key, args)
+            self.state.solver.spawn(self._run, call)
         call.waiters.append(pipe)
-        pipe.on_cancel = lambda: self._drop(call, pipe)
+        pipe.waiter = call
 
-    def _drop_retry(self, call: _Call, pipe: Pipe) -> None:
-        call.retry = [(p, r) for p, r in call.retry if p is not pipe]
-        pipe.finalize(None, CANCELED)
+    def _work(self, call: _Call) -> Awaitable[Callable[[Pipe], None]]:
+        kind = call.key[0]
+        if kind == _CACHE_MAP:
+            return self._cache_map_work(*call.args)
+        if kind == _EXEC:
+            return self._exec_work(*call.args)
+        return self._slow_work(*call.args)
+
+    def _reissue(self, kind: int, pipe: Pipe, args: tuple[Any, ...]) -> None:
+        if kind == _CACHE_MAP:
+            self.request_cache_map(pipe, *args)
+        elif kind == _EXEC:
+            self.request_exec(pipe, *args)
+        else:
+            self.request_slow_cache(pipe, *args)
 
     def _drop(self, call: _Call, pipe: Pipe) -> None:
         if any(not w.canceled for w in call.waiters):
             call.waiters.remove(pipe)
-            pipe.on_cancel = None
+            pipe.waiter = None
             pipe.finalize(None, CANCELED)
             return
         # the last one: stop the work; this waiter is answered when it has stopped
@@ -301,9 +352,7 @@ class SharedOp:
         if call.scope is not None:
             call.scope.cancel()
 
-    async def _run(
-        self, call: _Call, work: Callable[[], Awaitable[Callable[[Pipe], None]]]
-    ) -> None:
+    async def _run(self, call: _Call) -> None:
         deliver: Callable[[Pipe], None] | None = None
         err: BaseException | None = None
         cancelled = False
@@ -313,7 +362,7 @@ class SharedOp:
                 if call.cancel_requested:
                     scope.cancel()
                 try:
-                    deliver = await work()
+                    deliver = await self._work(call)
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except BaseException as exc:
@@ -339,40 +388,34 @@ class SharedOp:
         err: BaseException | None,
         cancelled: bool,
     ) -> None:
-        if self._calls.get(call.key) is call:
-            del self._calls[call.key]
+        key = call.key
+        if self._calls.get(key) is call:
+            del self._calls[key]
         failure: BaseException | None = None
         if cancelled or (deliver is None and err is None):
             failure = CANCELED
         elif err is not None:
-            failure = self.wrap_error(err, self._prefix(call.key))
-            self._memoize_error(call.key, failure)
+            failure = self.wrap_error(err, _PREFIX[key[0]])
+            self._memoize_error(key[0], failure)
         for w in call.waiters:
-            w.on_cancel = None
+            w.waiter = None
             if failure is not None:
                 w.finalize(None, failure)
             else:
                 assert deliver is not None
                 deliver(w)
-        for p, reissue in call.retry:
-            p.on_cancel = None
+        for r in call.retry:
+            p = r.pipe
+            p.waiter = None
             if p.canceled:
                 p.finalize(None, CANCELED)
             else:
-                reissue()
+                self._reissue(key[0], p, r.args)
 
-    @staticmethod
-    def _prefix(key: str) -> str | None:
-        if key.startswith("cachemap"):
-            return "failed to load cache key"
-        if key.startswith("slow"):
-            return "failed to compute cache key"
-        return None
-
-    def _memoize_error(self, key: str, err: SolveError) -> None:
-        if key.startswith("cachemap"):
+    def _memoize_error(self, kind: int, err: SolveError) -> None:
+        if kind == _CACHE_MAP:
             self.cache_err = err
-        elif key == "exec":
+        elif kind == _EXEC:
             self.exec_done = True
             self.exec_err = err
         # content-key errors are memoized where they are made (they own a handle)

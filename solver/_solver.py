@@ -466,8 +466,8 @@ class Solver:
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
-        self._pool = WorkPool(tg)
-        tg.start_soon(self._scheduler.run)
+        self._pool = WorkPool(tg, self._scheduler)
+        self._scheduler.attach(self._pool)
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:

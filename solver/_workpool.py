@@ -1,14 +1,32 @@
-"""An elastic pool of worker tasks for the engine's units of work.
+"""An elastic pool of worker tasks that runs the dispatcher and the units of work.
 
-Starting a task costs several times more than running a coroutine that does
-not block, and most units of work in a build (a cache map, a no-op exec, a
-cache load from memory) do not block. So units are queued, and worker tasks
-take them one at a time. The pool keeps this invariant: whenever a unit is
-waiting in the queue, some worker is free to take it (idle, or started and not
-yet running). A worker that takes a unit while others are queued and no other
-worker is free starts one more before it runs its unit. So a unit that blocks
-never holds up the ones behind it (each blocked unit ends up with a worker of
-its own), and a batch of units that do not block runs on one or two workers.
+Starting a task, or switching to one, costs several times more than running a
+coroutine that does not block, and most units of work in a build (a cache map,
+a no-op exec, a cache load from memory) do not block. So there is no task per
+unit and no task for the dispatcher: a few reused worker tasks take turns at
+two kinds of work.
+
+* *Dispatching*: at most one worker at a time holds the dispatcher's role and
+  runs :meth:`Dispatcher.drain` (the scheduler's loop over signalled edges)
+  until no edge is left. Only the dispatcher mutates edge state.
+* *Units*: ``submit``-ted coroutine functions, taken one at a time, in order.
+
+A worker prefers dispatching (the edges it dispatches batch the answers of the
+units that ran before), then units, then sleeps. A build whose units never block
+therefore runs on one worker with no task switch at all: the dispatcher queues a
+unit, runs it, and dispatches what it answered, in the same task.
+
+The pool keeps this invariant: whenever work is queued (a unit, or an edge with
+no dispatcher running), some worker is free to take it: idle, or started and
+not yet busy. A worker that starts a unit or a dispatch while work is queued
+and no other worker is free starts one more first, and queueing work when no
+worker is free starts one. So a unit that blocks never holds up the work behind
+it (each blocked unit ends up with a worker of its own), and neither does a
+dispatcher that awaits a slow cache query, for units.
+
+The one worker that does everything never waits, so it yields to the event loop
+now and then (every ``_SLICE`` seconds of work), or a large build would hold the
+loop for its whole duration.
 
 Units handle their own errors and cancellation (each opens its own cancel
 scope); a unit that raises anyway is logged and the worker carries on. Workers
@@ -18,38 +36,80 @@ beyond a few idle ones retire.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskGroup
 
-__all__ = ["WorkPool"]
+__all__ = ["Dispatcher", "WorkPool"]
 
 logger = logging.getLogger("solver")
 
 _MAX_IDLE = 2
+# Longest run of work between two yields to the event loop, in seconds.
+_SLICE = 0.005
+
+
+class Dispatcher(Protocol):
+    """What the pool needs of the scheduler."""
+
+    def pending(self) -> bool:
+        """Whether an edge is waiting to be dispatched."""
+        ...
+
+    async def drain(self) -> None:
+        """Dispatch edges until none is waiting."""
+        ...
 
 
 class WorkPool:
-    """Runs ``submit``-ted coroutine functions on a few reused tasks."""
+    """Runs the dispatcher and ``submit``-ted coroutine functions on a few reused
+    tasks of ``tg``. With a ``dispatcher``, call :meth:`notify` when it has work."""
 
-    __slots__ = ("_free", "_queue", "_tg", "_wake", "_workers")
+    __slots__ = (
+        "_dispatcher",
+        "_dispatching",
+        "_free",
+        "_queue",
+        "_tg",
+        "_wake",
+        "_workers",
+    )
 
-    def __init__(self, tg: TaskGroup) -> None:
+    def __init__(self, tg: TaskGroup, dispatcher: Dispatcher | None = None) -> None:
         self._tg = tg
+        self._dispatcher = dispatcher
+        self._dispatching = False
         self._queue: deque[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]]] = deque()
-        self._free = 0  # workers idle or started and not yet running a unit
+        self._free = 0  # workers idle or started and not yet busy
         self._workers = 0
         self._wake: anyio.Event | None = None
+        if dispatcher is not None:
+            self._start_worker()
 
     def __repr__(self) -> str:
-        return f"<WorkPool workers={self._workers} free={self._free} queued={len(self._queue)}>"
+        return (
+            f"<WorkPool workers={self._workers} free={self._free} queued={len(self._queue)}"
+            f"{' dispatching' if self._dispatching else ''}>"
+        )
+
+    @property
+    def dispatching(self) -> bool:
+        """Whether a worker holds the dispatcher's role (it drains every edge
+        signalled meanwhile, so a signal then needs no :meth:`notify`)."""
+        return self._dispatching
 
     def submit(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Queue ``fn(*args)``; it starts no later than a fresh task would."""
         self._queue.append((fn, args))
+        self.notify()
+
+    def notify(self) -> None:
+        """Work was queued: wake a free worker, or start one if none is free."""
         if self._free == 0:
             self._start_worker()
         elif self._wake is not None:
@@ -61,26 +121,58 @@ class WorkPool:
         self._workers += 1
         self._tg.start_soon(self._worker)
 
+    def _more_queued(self) -> bool:
+        d = self._dispatcher
+        return bool(self._queue) or (
+            d is not None and not self._dispatching and d.pending()
+        )
+
     async def _worker(self) -> None:
         queue = self._queue
+        dispatcher = self._dispatcher
+        clock = time.perf_counter
+        since = clock()
         try:
             while True:
-                while queue:
-                    fn, args = queue.popleft()
+                if dispatcher is not None and not self._dispatching and dispatcher.pending():
+                    self._dispatching = True
                     self._free -= 1
-                    if queue and self._free == 0:
+                    if self._free == 0 and queue:
                         self._start_worker()
                     try:
-                        await fn(*args)
-                    except Exception:
-                        logger.exception("a unit of work failed in the engine")
+                        await dispatcher.drain()
                     finally:
+                        self._dispatching = False
                         self._free += 1
-                if self._free > _MAX_IDLE:
-                    return
-                if self._wake is None:
-                    self._wake = anyio.Event()
-                await self._wake.wait()
+                elif queue:
+                    # every unit queued now, before dispatching again: the answers
+                    # of a batch of units are then dispatched together
+                    for _ in range(len(queue)):
+                        if not queue:
+                            break
+                        fn, args = queue.popleft()
+                        self._free -= 1
+                        if self._free == 0 and self._more_queued():
+                            self._start_worker()
+                        try:
+                            await fn(*args)
+                        except Exception:
+                            logger.exception("a unit of work failed in the engine")
+                        finally:
+                            self._free += 1
+                        # what the unit referred to must not outlive it
+                        del fn, args
+                else:
+                    if self._free > _MAX_IDLE:
+                        return
+                    if self._wake is None:
+                        self._wake = anyio.Event()
+                    await self._wake.wait()
+                    since = clock()
+                    continue
+                if clock() - since > _SLICE:
+                    await anyio.lowlevel.checkpoint()
+                    since = clock()
         finally:
             self._free -= 1
             self._workers -= 1
