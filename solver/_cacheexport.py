@@ -34,18 +34,25 @@ What an exporter visits, for one key:
 A record is dropped (``add`` is not called, the key's exporter returns no
 records) when one of its inputs has no exported record: an importer could never
 reach it. A record whose result disappeared from the storage is skipped, not an
-error (BuildKit's TestCacheErrNotFound), and so is one of a closed cache.
+error (BuildKit's TestCacheErrNotFound), and so is one of a closed cache. Any
+other error propagates, from a dependency too (where BuildKit drops the
+dependency): an export that cannot write a result should fail, not produce a
+cache that silently lacks it.
 
 Each exporter and each backlinked storage key is visited once per export run:
 ``add`` may still be called more than once for one digest (through different
 paths), and the target deduplicates. The walk is a loop over an explicit stack of
-generator frames, never Python recursion, so a chain of any depth exports (the
-engine builds 10,000-deep chains).
+generator frames, never Python recursion, so a chain of any depth exports.
+
+Like BuildKit's exporter, and unlike the solver, the walk reads a record through
+the storages of the manager that made it (``record.manager``): its key storage
+(does the record still exist, backlinks) and its result storage (a new handle to
+resolve, released at once). Records of managers of another kind are loaded with
+their ``load(record)``; their backlinks are not walked.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -80,8 +87,6 @@ __all__ = [
     "SavedKeyExporter",
     "export_cache",
 ]
-
-_logger = logging.getLogger("solver")
 
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -301,7 +306,6 @@ class _Done:
 # A frame yields either a child frame (and is sent the child's records back) or,
 # last, a _Done with its own records.
 _Frame = AsyncGenerator["_Frame | _Done", "list[object] | None"]
-_UNSEEN: list[object] = []
 
 
 class _Run:
