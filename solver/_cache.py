@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 from ._digest import digest_of
@@ -35,11 +36,13 @@ __all__ = [
 _RANDOM_PREFIX = "random:"
 
 
+@lru_cache(maxsize=1 << 16)
 def root_key(digest: str, output: int) -> str:
     """The storage ID of a key without deps: a digest of ``"<digest>@<output>"``.
 
     A digest with a ``random:`` prefix names a session-local source; its key keeps
-    the prefix so that it can be recognised and never exported.
+    the prefix so that it can be recognised and never exported. Memoized (the
+    engine asks for the same root keys over and over: one hash each is enough).
     """
     out = digest_of(f"{digest}@{output}".encode())
     if digest.startswith(_RANDOM_PREFIX):
@@ -53,9 +56,12 @@ class CacheKey:
 
     ``vertex`` is the digest of the vertex that produced the key (for debugging and
     export), ``deps[i]`` the alternative keys of input *i*, each with its selector.
+
+    The root-key ID is computed when ``id`` is first read: the engine makes many
+    keys with deps whose label nobody reads.
     """
 
-    __slots__ = ("deps", "digest", "id", "ids", "index_ids", "output", "vertex")
+    __slots__ = ("_id", "deps", "digest", "ids", "index_ids", "output", "vertex")
 
     def __init__(
         self,
@@ -66,19 +72,27 @@ class CacheKey:
         *,
         id: str | None = None,
     ) -> None:
-        self.id: str = id if id is not None else root_key(digest, output)
+        self._id = id
         self.digest = digest
         self.vertex = vertex
         self.output = output
         self.deps: list[list[CacheKeyWithSelector]] = deps if deps is not None else []
         # storage ID of this key in each manager that resolved it, keyed by manager
         self.ids: dict[object, str] = {}
-        # IDs of this key in the solver's live edge index
-        self.index_ids: list[str] = []
+        # IDs of this key in the solver's live edge index (set by the index)
+        self.index_ids: Sequence[str | int] = ()
+
+    @property
+    def id(self) -> str:
+        """The root-key ID (for keys with deps, a label only)."""
+        id = self._id
+        if id is None:
+            id = self._id = root_key(self.digest, self.output)
+        return id
 
     def clone(self) -> CacheKey:
         """A copy with the same ID, digest and manager IDs, and no deps."""
-        k = CacheKey(self.digest, self.vertex, self.output, id=self.id)
+        k = CacheKey(self.digest, self.vertex, self.output, id=self._id)
         k.ids = dict(self.ids)
         return k
 

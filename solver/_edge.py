@@ -61,45 +61,68 @@ if TYPE_CHECKING:
 __all__ = ["ActiveEdge"]
 
 
+# Shared empty containers for the fields most edges never fill: a field starts
+# as one of these and gets its own container on its first write, so an edge
+# costs a few pointers where it would cost a few empty dicts and sets. Never
+# write to them.
+_NO_KEY_MAP: dict[str, CacheKey] = {}
+_NO_RECORDS: dict[str, CacheRecord] = {}
+_NO_IDS: frozenset[str] = frozenset()
+
+
 class _Dep:
     """What an edge knows about one of its inputs."""
 
     __slots__ = (
-        "cache_map",
         "err",
         "index",
         "key_map",
         "keys",
-        "loading_record",
         "req",
         "result",
+        "selector",
         "slow_cache_complete",
         "slow_cache_found_key",
         "slow_cache_key",
         "slow_cache_req",
+        "slow_fn",
         "state",
     )
 
-    def __init__(self, index: int) -> None:
+    def __init__(self, index: int, cache_map: CacheMap | None) -> None:
         self.index = index
         self.req: Pipe | None = None
         self.state = INITIAL
         self.result: SharedCachedResult | None = None
-        self.cache_map: CacheMap | None = None
-        self.keys: list[ExportableCacheKey] = []
+        self.keys: Sequence[ExportableCacheKey] = ()
         # candidate keys of the parent reachable from this input, by ID
-        self.key_map: dict[str, CacheKey] = {}
+        self.key_map: dict[str, CacheKey] = _NO_KEY_MAP
         self.slow_cache_req: Pipe | None = None
         self.slow_cache_complete = False
         self.slow_cache_found_key = False
         self.slow_cache_key: ExportableCacheKey | None = None
         self.err: BaseException | None = None
+        # from the edge's cache map (None while it has none): the selector of
+        # the link from this input and its content-key function
+        self.selector: str | None = None
+        self.slow_fn: Any = None
+        if cache_map is not None:
+            dep = cache_map.deps[index]
+            self.selector = dep.selector
+            self.slow_fn = dep.compute_digest
 
 
 def _with_selector(
     keys: Sequence[ExportableCacheKey], selector: str | None
 ) -> list[CacheKeyWithSelector]:
     return [CacheKeyWithSelector(k, selector) for k in keys]
+
+
+def _slow_incomplete(d: _Dep) -> bool:
+    """Whether an input still owes its content key."""
+    return d.slow_fn is not None and (
+        d.state == CACHE_SLOW or (d.state == COMPLETE and not d.slow_cache_complete)
+    )
 
 
 class ActiveEdge:
@@ -118,7 +141,6 @@ class ActiveEdge:
         "cache_records",
         "cache_records_loaded",
         "commit_keys",
-        "dep_requests",
         "deps",
         "edge",
         "err",
@@ -155,20 +177,19 @@ class ActiveEdge:
         self.cache_map: CacheMap | None = None
         self.keys: list[ExportableCacheKey] = []
 
-        self.dep_requests: dict[Pipe, _Dep] = {}
         self.deps: list[_Dep] | None = None
         self.cache_map_req: Pipe | None = None
         self.cache_map_done = False
         self.cache_map_index = 0
-        self.cache_map_digests: list[str] = []
+        self.cache_map_digests: list[str] | None = None  # root edges only
         self.exec_req: Pipe | None = None
         self.exec_cache_load = False
-        self.commit_keys: list[CacheKey] = []
+        self.commit_keys: Sequence[CacheKey] = ()
         self.err: BaseException | None = None
-        self.cache_records: dict[str, CacheRecord] = {}
-        self.cache_records_loaded: set[str] = set()
+        self.cache_records: dict[str, CacheRecord] = _NO_RECORDS
+        self.cache_records_loaded: set[str] | frozenset[str] = _NO_IDS
         self.loading_record = ""
-        self.key_map: set[str] = set()
+        self.key_map: set[str] | frozenset[str] = _NO_IDS
 
         self.no_cache_match_possible = False
         self.all_deps_completed_cache_fast = False
@@ -185,7 +206,8 @@ class ActiveEdge:
         self.releaser_count = 0
         self.owner: ActiveEdge | None = None
         self.keys_did_change = False
-        self.secondary_exporters: list[tuple[int, CacheKeyWithSelector]] = []
+        # made when first needed: a merge adds to it, a result's exporters read it
+        self.secondary_exporters: list[tuple[int, CacheKeyWithSelector]] | None = None
         self.failed = False
 
     def __repr__(self) -> str:
@@ -213,18 +235,24 @@ class ActiveEdge:
             result, self.result = self.result, None
             self.op.release_later(result)
 
+    def _secondary(self) -> list[tuple[int, CacheKeyWithSelector]]:
+        if self.secondary_exporters is None:
+            self.secondary_exporters = []
+        return self.secondary_exporters
+
     def add_secondary_exporters(self, src: ActiveEdge) -> None:
         if src.deps is None or src.cache_map is None:
             return
+        secondary = self._secondary()
         for i, d in enumerate(src.deps):
             sel = src.cache_map.deps[i].selector if i < len(src.cache_map.deps) else None
             for k in d.keys:
-                self.secondary_exporters.append((i, CacheKeyWithSelector(k, sel)))
+                secondary.append((i, CacheKeyWithSelector(k, sel)))
             if d.slow_cache_key is not None:
-                self.secondary_exporters.append((i, CacheKeyWithSelector(d.slow_cache_key)))
+                secondary.append((i, CacheKeyWithSelector(d.slow_cache_key)))
             if d.result is not None:
                 for dk in d.result.cache_keys:
-                    self.secondary_exporters.append((i, CacheKeyWithSelector(dk, sel)))
+                    secondary.append((i, CacheKeyWithSelector(dk, sel)))
 
     # -- helpers -----------------------------------------------------------------
     def is_complete(self) -> bool:
@@ -233,17 +261,18 @@ class ActiveEdge:
     def is_dep(self, other: ActiveEdge) -> bool:
         return _is_dep(self.edge.vertex, other.edge.vertex.digest, {})
 
-    def _selector(self, i: int) -> str | None:
-        assert self.cache_map is not None
-        return self.cache_map.deps[i].selector
-
-    def _slow_fn(self, d: _Dep) -> Any:
-        if self.cache_map is None:
-            return None
-        return self.cache_map.deps[d.index].compute_digest
-
     def _cache(self) -> CacheManager:
         return self.op.cache()
+
+    def _set_cache_map(self, cache_map: CacheMap | None) -> None:
+        self.cache_map = cache_map
+        for d in self.deps or ():
+            if cache_map is None:
+                d.selector = d.slow_fn = None
+            else:
+                dep = cache_map.deps[d.index]
+                d.selector = dep.selector
+                d.slow_fn = dep.compute_digest
 
     def commit_options(self) -> tuple[list[CacheKey], list[Result]]:
         """The keys an exec result is saved under, and the inputs it is given."""
@@ -251,17 +280,18 @@ class ActiveEdge:
         vtx = self.edge.vertex.digest
         out = self.edge.index
         if not self.deps:
-            return [CacheKey(d, vtx, out) for d in self.cache_map_digests], []
+            return [CacheKey(d, vtx, out) for d in self.cache_map_digests or ()], []
         inputs: list[list[CacheKeyWithSelector]] = []
         results: list[Result] = []
-        for i, d in enumerate(self.deps):
-            assert d.result is not None
-            sel = self._selector(i)
-            alts = [CacheKeyWithSelector(k, sel) for k in d.result.cache_keys]
+        for d in self.deps:
+            result = d.result
+            assert result is not None
+            sel = d.selector
+            alts = [CacheKeyWithSelector(k, sel) for k in result.cache_keys]
             if d.slow_cache_key is not None:
                 alts.append(CacheKeyWithSelector(d.slow_cache_key))
             inputs.append(alts)
-            results.append(d.result)
+            results.append(result)
         return [CacheKey(self.cache_map.digest, vtx, out, inputs)], results
 
     def finish_incoming(self, req: Pipe) -> None:
@@ -269,9 +299,6 @@ class ActiveEdge:
         if req.canceled and err is None:
             err = Canceled("canceled")
         req.finalize(self, err)
-
-    def update_incoming(self, req: Pipe) -> None:
-        req.update(self)
 
     async def probe_cache(self, d: _Dep, dep_keys: list[CacheKeyWithSelector]) -> bool:
         """Ask the cache which keys of this edge ``dep_keys`` lead to."""
@@ -285,24 +312,27 @@ class ActiveEdge:
         except Exception as exc:
             self.err = self.err or self.op.wrap_error(exc, "error on cache query")
             return False
+        if not keys:
+            return False
         found = False
+        vertex = self.edge.vertex.digest
+        key_map = d.key_map
         for k in keys:
-            k.vertex = self.edge.vertex.digest
-            if k.id not in d.key_map:
-                d.key_map[k.id] = k
+            k.vertex = vertex
+            if k.id not in key_map:
+                if key_map is _NO_KEY_MAP:
+                    key_map = d.key_map = {}
+                key_map[k.id] = k
                 found = True
         return found
 
     def check_dep_match_possible(self, d: _Dep) -> None:
-        has_slow = self._slow_fn(d) is not None
-        if (
-            not self.no_cache_match_possible
-            and (
-                (not d.slow_cache_found_key and d.slow_cache_complete and has_slow)
-                or (not has_slow and d.state >= CACHE_SLOW)
-            )
-            and not d.key_map
-        ):
+        if self.no_cache_match_possible or d.key_map:
+            return
+        if d.slow_fn is not None:
+            if not d.slow_cache_found_key and d.slow_cache_complete:
+                self.no_cache_match_possible = True
+        elif d.state >= CACHE_SLOW:
             self.no_cache_match_possible = True
 
     def all_deps_have_keys(self, matching: bool) -> bool:
@@ -319,51 +349,46 @@ class ActiveEdge:
         """The key used to find an equal live edge, once every input has a key."""
         if self.cache_map is None:
             return None
-        deps = self.deps or []
         keys: list[list[CacheKeyWithSelector]] = []
-        for i, d in enumerate(deps):
-            if not d.keys and d.result is None:
+        for d in self.deps or ():
+            result = d.result
+            if not d.keys and result is None:
                 return None
-            sel = self._selector(i)
+            sel = d.selector
             alts = [CacheKeyWithSelector(k, sel) for k in d.keys]
-            if d.result is not None:
-                alts.extend(CacheKeyWithSelector(rk, sel) for rk in d.result.cache_keys)
+            if result is not None:
+                alts.extend([CacheKeyWithSelector(rk, sel) for rk in result.cache_keys])
                 if d.slow_cache_key is not None:
                     alts.append(CacheKeyWithSelector(ExportableCacheKey(d.slow_cache_key.key)))
             keys.append(alts)
-        return CacheKey(self.cache_map.digest, self.edge.vertex.digest, self.edge.index, keys)
-
-    def skip_phase2_slow_cache(self, dep: _Dep) -> bool:
-        assert self.deps is not None
-        is_phase1 = False
-        for d in self.deps:
-            if (
-                (not d.slow_cache_complete and self._slow_fn(d) is not None)
-                or d.state < CACHE_SLOW
-            ) and not d.key_map:
-                is_phase1 = True
-                break
-        return (
-            is_phase1
-            and not dep.slow_cache_complete
-            and self._slow_fn(dep) is not None
-            and bool(dep.key_map)
+        return CacheKey(
+            self.cache_map.digest, self.edge.vertex.digest, self.edge.index, keys
         )
 
-    def skip_phase2_fast_cache(self, dep: _Dep) -> bool:
+    def skip_phase2_slow_cache(self, dep: _Dep) -> bool:
+        if dep.slow_cache_complete or dep.slow_fn is None or not dep.key_map:
+            return False
         assert self.deps is not None
-        is_phase1 = False
         for d in self.deps:
-            if self.cache_map is None or (
-                not d.key_map
-                and (
-                    (not d.slow_cache_complete and self._slow_fn(d) is not None)
-                    or (d.state < COMPLETE and self._slow_fn(d) is None)
-                )
+            if (
+                (not d.slow_cache_complete and d.slow_fn is not None) or d.state < CACHE_SLOW
+            ) and not d.key_map:
+                return True
+        return False
+
+    def skip_phase2_fast_cache(self, dep: _Dep) -> bool:
+        if not dep.key_map:
+            return False
+        if self.cache_map is None:
+            return True
+        assert self.deps is not None
+        for d in self.deps:
+            if not d.key_map and (
+                (d.state < COMPLETE and d.slow_fn is None)
+                or (not d.slow_cache_complete and d.slow_fn is not None)
             ):
-                is_phase1 = True
-                break
-        return is_phase1 and bool(dep.key_map)
+                return True
+        return False
 
     # -- the step ----------------------------------------------------------------
     async def unpark(
@@ -371,7 +396,8 @@ class ActiveEdge:
     ) -> None:
         """One state-machine step. It must leave an open outgoing request while any
         incoming request is open, and none once every incoming request is done."""
-        await self.process_updates(updates)
+        if updates:
+            await self.process_updates(updates)
 
         desired, done = self.respond_to_incoming(incoming, all_pipes)
         if done:
@@ -409,63 +435,56 @@ class ActiveEdge:
             await self.recalc_current_state()
 
     async def process_update(self, upt: Pipe) -> bool:
-        if upt is self.cache_map_req and upt.completed:
+        d = upt.dep
+        if d is not None:
+            deps = self.deps
+            # a request this edge made (not one it inherited in a merge)
+            if deps is not None and d.index < len(deps) and deps[d.index] is d:
+                if upt.completed:
+                    # a finished request sends nothing more
+                    upt.dep = None
+                return await self.process_dep_req(d)
+            return False
+        if not upt.completed:
+            return False
+        if upt is self.cache_map_req:
             await self.process_cache_map_req()
             return True
-        if upt is self.exec_req and upt.completed:
+        if upt is self.exec_req:
             await self.process_exec_req()
             return True
-        d = self.dep_requests.get(upt)
-        if d is not None:
-            if upt.completed:
-                # a finished request sends nothing more
-                del self.dep_requests[upt]
-            return await self.process_dep_req(d)
         if self.deps is not None:
-            for i, d in enumerate(self.deps):
-                if upt is d.slow_cache_req and upt.completed:
-                    await self.process_dep_slow_cache_req(i, d)
+            for d in self.deps:
+                if upt is d.slow_cache_req:
+                    await self.process_dep_slow_cache_req(d)
                     return True
         return False
 
     async def recalc_current_state(self) -> None:
-        deps = self.deps or []
-        new_keys: dict[str, CacheKey] = {}
-        for i, d in enumerate(deps):
-            if i == 0:
-                for kid, k in d.key_map.items():
-                    if kid not in self.key_map:
-                        new_keys[kid] = k
+        deps = self.deps or ()
+        key_map = self.key_map
+        new_keys: dict[str, CacheKey] | None = None
+        first = True
+        for d in deps:
+            dep_keys = d.key_map
+            if first:
+                first = False
+                if not dep_keys:
+                    break
+                new_keys = {kid: k for kid, k in dep_keys.items() if kid not in key_map}
             else:
-                for kid in list(new_keys):
-                    if kid not in d.key_map:
-                        del new_keys[kid]
+                assert new_keys is not None
+                for kid in [kid for kid in new_keys if kid not in dep_keys]:
+                    del new_keys[kid]
             if not new_keys:
                 break
-        self.key_map.update(new_keys)
 
-        for r in new_keys.values():
-            assert self.cache_map is not None
-            merged = r.clone()
-            merged.deps = []
-            for i, d in enumerate(deps):
-                sel = self._selector(i)
-                if d.result is not None:
-                    alts = [CacheKeyWithSelector(dk, sel) for dk in d.result.cache_keys]
-                    if d.slow_cache_key is not None:
-                        alts.append(CacheKeyWithSelector(d.slow_cache_key))
-                else:
-                    alts = [CacheKeyWithSelector(k, sel) for k in d.keys]
-                merged.deps.append(alts)
-            try:
-                records = await self._cache().records(merged)
-            except Exception:
-                logger.exception("error receiving cache records")
-                continue
-            for rec in records:
-                if rec.id not in self.cache_records_loaded:
-                    self.cache_records[rec.id] = rec
-            self.keys.append(ExportableCacheKey(merged, KeyExporter(merged, records)))
+        if new_keys:
+            if key_map is _NO_IDS:
+                key_map = self.key_map = set()
+            assert isinstance(key_map, set)
+            key_map.update(new_keys)
+            await self._add_matched_keys(new_keys, deps)
 
         if self.cache_map is None:
             return
@@ -476,23 +495,20 @@ class ActiveEdge:
         st_low = INITIAL
         st_high = CACHE_SLOW
         for d in deps:
-            fn = self._slow_fn(d)
-            slow_incomplete = fn is not None and (
-                d.state == CACHE_SLOW or (d.state == COMPLETE and not d.slow_cache_complete)
-            )
-            if d.state > st_low and not d.key_map and not slow_incomplete:
-                st_low = min(d.state, CACHE_SLOW)
-            effective = d.state
-            if slow_incomplete and d.state in (CACHE_SLOW, COMPLETE):
-                effective = CACHE_FAST
-            st_high = min(st_high, effective)
-            if slow_incomplete or d.state < COMPLETE:
+            state = d.state
+            slow_incomplete = _slow_incomplete(d)
+            if state > st_low and not d.key_map and not slow_incomplete:
+                st_low = state if state < CACHE_SLOW else CACHE_SLOW
+            effective = CACHE_FAST if slow_incomplete else state
+            if effective < st_high:
+                st_high = effective
+            if slow_incomplete or state < COMPLETE:
                 all_completed = False
-            if d.state < CACHE_FAST:
+            if state < CACHE_FAST:
                 all_fast = False
-            if slow_incomplete or d.state < CACHE_SLOW:
+            if slow_incomplete or state < CACHE_SLOW:
                 all_slow = False
-            if d.state < CACHE_SLOW and not d.key_map:
+            if state < CACHE_SLOW and not d.key_map:
                 all_state_slow = False
         self.state = max(self.state, st_low, st_high)
         if not self.cache_map_done and not self.keys:
@@ -507,11 +523,7 @@ class ActiveEdge:
         if self.all_deps_state_cache_slow and self.cache_records and self.state == CACHE_FAST:
             open_keys: set[str] = set()
             for d in deps:
-                fn = self._slow_fn(d)
-                slow_incomplete = fn is not None and (
-                    d.state == CACHE_SLOW or (d.state == COMPLETE and not d.slow_cache_complete)
-                )
-                if not slow_incomplete:
+                if not _slow_incomplete(d):
                     open_dep_keys = {k for k in d.key_map if k not in self.key_map}
                     if open_keys:
                         open_keys &= open_dep_keys
@@ -519,6 +531,42 @@ class ActiveEdge:
                         open_keys = open_dep_keys
                     if not open_keys:
                         self.state = CACHE_SLOW
+
+    async def _add_matched_keys(
+        self, new_keys: dict[str, CacheKey], deps: Sequence[_Dep]
+    ) -> None:
+        """Every input leads to these stored keys: make them this edge's keys, with
+        the inputs' keys as deps, and take their records as candidates."""
+        for r in new_keys.values():
+            merged = r.clone()
+            alternatives: list[list[CacheKeyWithSelector]] = []
+            for d in deps:
+                sel = d.selector
+                if d.result is not None:
+                    alts = [CacheKeyWithSelector(dk, sel) for dk in d.result.cache_keys]
+                    if d.slow_cache_key is not None:
+                        alts.append(CacheKeyWithSelector(d.slow_cache_key))
+                else:
+                    alts = [CacheKeyWithSelector(k, sel) for k in d.keys]
+                alternatives.append(alts)
+            merged.deps = alternatives
+            try:
+                records = await self._cache().records(merged)
+            except Exception:
+                logger.exception("error receiving cache records")
+                continue
+            self._add_records(records)
+            self.keys.append(ExportableCacheKey(merged, KeyExporter(merged, records)))
+
+    def _add_records(self, records: Sequence[CacheRecord]) -> None:
+        if not records:
+            return
+        if self.cache_records is _NO_RECORDS:
+            self.cache_records = {}
+        loaded = self.cache_records_loaded
+        for rec in records:
+            if rec.id not in loaded:
+                self.cache_records[rec.id] = rec
 
     async def process_cache_map_req(self) -> None:
         upt = self.cache_map_req
@@ -529,49 +577,61 @@ class ActiveEdge:
                 self.err = upt.err
             return
         cache_map, done = upt.value
-        self.cache_map = cache_map
         self.cache_map_done = done
         self.cache_map_index += 1
         vertex = self.edge.vertex
-        if len(cache_map.deps) != len(vertex.inputs):
+        inputs = vertex.inputs
+        if len(cache_map.deps) != len(inputs):
             self.err = self.err or SolveError(
                 f"invalid cache map of {vertex.name!r}: {len(cache_map.deps)} deps "
-                f"for {len(vertex.inputs)} inputs",
+                f"for {len(inputs)} inputs",
                 vertex=vertex.digest,
                 vertex_name=vertex.name,
             )
-            self.cache_map = None
+            self._set_cache_map(None)
             self.cache_map_req = None
             return
-        if not vertex.inputs:
+        self._set_cache_map(cache_map)
+        if not inputs:
+            if self.cache_map_digests is None:
+                self.cache_map_digests = []
             self.cache_map_digests.append(cache_map.digest)
             if not self.ignore_cache:
-                cache = self._cache()
-                try:
-                    keys = await cache.query([], 0, cache_map.digest, self.edge.index)
-                except Exception:
-                    logger.exception("invalid query response")
-                else:
-                    for k in keys:
-                        k.vertex = vertex.digest
-                        try:
-                            records = await cache.records(k)
-                        except Exception:
-                            logger.exception("error receiving cache records")
-                            continue
-                        for rec in records:
-                            self.cache_records[rec.id] = rec
-                        self.keys.append(ExportableCacheKey(k, KeyExporter(k, records)))
+                await self._root_keys(cache_map.digest)
             self.state = CACHE_SLOW
         self.ensure_deps_initialized()
         if self.all_deps_have_keys(False):
             self.keys_did_change = True
         assert self.deps is not None
-        for i, d in enumerate(self.deps):
-            await self.probe_cache(d, _with_selector(d.keys, self._selector(i)))
+        for d in self.deps:
+            if d.keys:
+                await self.probe_cache(d, _with_selector(d.keys, d.selector))
             self.check_dep_match_possible(d)
         if not self.cache_map_done:
             self.cache_map_req = None
+
+    async def _root_keys(self, digest: str) -> None:
+        """The keys (and records) the cache has for this root edge's cache map."""
+        cache = self._cache()
+        try:
+            keys = await cache.query([], 0, digest, self.edge.index)
+        except Exception:
+            logger.exception("invalid query response")
+            return
+        vertex = self.edge.vertex.digest
+        for k in keys:
+            k.vertex = vertex
+            try:
+                records = await cache.records(k)
+            except Exception:
+                logger.exception("error receiving cache records")
+                continue
+            if records:
+                if self.cache_records is _NO_RECORDS:
+                    self.cache_records = {}
+                for rec in records:
+                    self.cache_records[rec.id] = rec
+            self.keys.append(ExportableCacheKey(k, KeyExporter(k, records)))
 
     async def process_exec_req(self) -> None:
         upt = self.exec_req
@@ -582,8 +642,10 @@ class ActiveEdge:
                 if isinstance(upt.err, Canceled):
                     # A cancelled load is not a failed one: the record stays a
                     # candidate, or the cancellation would be remembered.
-                    self.cache_records_loaded.discard(self.loading_record)
-                else:
+                    loaded = self.cache_records_loaded
+                    assert isinstance(loaded, set)
+                    loaded.discard(self.loading_record)
+                elif self.cache_records:
                     for rid in self.cache_records_loaded:
                         self.cache_records.pop(rid, None)
             elif not upt.canceled_status and self.err is None:
@@ -594,7 +656,7 @@ class ActiveEdge:
             cached = value
             for k in cached.cache_keys:
                 if isinstance(k.exporter, KeyExporter):
-                    k.exporter.secondary = self.secondary_exporters
+                    k.exporter.secondary = self._secondary()
         else:
             try:
                 cached = await self._commit(value)
@@ -626,9 +688,10 @@ class ActiveEdge:
                 vertex_name=self.edge.vertex.name,
             )
         res = outputs[index]
-        for i, r in enumerate(outputs):
-            if i != index:
-                self.op.release_later(r)
+        if len(outputs) > 1:
+            for i, r in enumerate(outputs):
+                if i != index:
+                    self.op.release_later(r)
         cache = self._cache()
         now = time.time()
         exporters: list[CacheExporter] = []
@@ -637,7 +700,7 @@ class ActiveEdge:
                 exporter = (await cache.save(key, res, now)).exporter
                 if isinstance(exporter, KeyExporter):
                     # merges into this edge add inputs to the record (read at export)
-                    exporter.secondary = self.secondary_exporters
+                    exporter.secondary = self._secondary()
                 if exporter is not None:
                     exporters.append(exporter)
         except BaseException:
@@ -653,7 +716,7 @@ class ActiveEdge:
         upt = d.req
         assert upt is not None
         dep_changed = False
-        if not upt.canceled_status and upt.completed and upt.err is not None:
+        if upt.err is not None and upt.completed and not upt.canceled_status:
             if self.err is None:
                 self.err = upt.err
             d.err = upt.err
@@ -661,29 +724,30 @@ class ActiveEdge:
         if st is None:
             return False
         assert isinstance(st, ActiveEdge)
-        if len(d.keys) < len(st.keys):
+        st_keys = st.keys
+        if len(d.keys) < len(st_keys):
             if self.cache_map is not None:
-                new_keys = st.keys[len(d.keys) :]
-                await self.probe_cache(d, _with_selector(new_keys, self._selector(d.index)))
-                d.keys = list(st.keys)
+                new_keys = st_keys[len(d.keys) :]
+                await self.probe_cache(d, _with_selector(new_keys, d.selector))
+                d.keys = st_keys[:]
                 if self.all_deps_have_keys(False):
                     self.keys_did_change = True
             dep_changed = True
-        if d.state != COMPLETE and st.state == COMPLETE:
+        state = st.state
+        if state == COMPLETE and d.state != COMPLETE:
             self.keys_did_change = True
-        recheck = st.state != d.state
+        recheck = state != d.state
         # take the input's whole visible state, as it is now
-        d.state = st.state
+        d.state = state
         d.result = st.result
-        d.cache_map = st.cache_map
-        if len(d.keys) != len(st.keys):
-            d.keys = list(st.keys)
+        if len(d.keys) != len(st_keys):
+            d.keys = st_keys[:]
         if recheck and self.cache_map is not None:
             self.check_dep_match_possible(d)
             dep_changed = True
         return dep_changed
 
-    async def process_dep_slow_cache_req(self, index: int, d: _Dep) -> None:
+    async def process_dep_slow_cache_req(self, d: _Dep) -> None:
         upt = d.slow_cache_req
         assert upt is not None
         if upt.err is not None:
@@ -695,12 +759,12 @@ class ActiveEdge:
             return
         digest = upt.value
         assert self.cache_map is not None
-        if self._slow_fn(d) is not None and digest:
+        if d.slow_fn is not None and digest:
             k = CacheKey(digest, "", -1)
             d.slow_cache_key = ExportableCacheKey(k)
             slow = CacheKeyWithSelector(d.slow_cache_key)
             assert d.result is not None
-            sel = self._selector(index)
+            sel = d.selector
             def_keys = [CacheKeyWithSelector(dk, sel) for dk in d.result.cache_keys]
             d.slow_cache_found_key = await self.probe_cache(d, [slow])
             # link the definition keys to the content key
@@ -717,144 +781,142 @@ class ActiveEdge:
 
     def respond_to_incoming(self, incoming: list[Pipe], all_pipes: list[Pipe]) -> tuple[int, bool]:
         all_can_complete = True
-        desired = self.state
+        state = self.state
+        desired = state
         all_canceled = True
-        if not self.is_complete():
+        has_active_outgoing = self.has_active_outgoing
+        if self.err is None and self.result is None:
+            nkeys = len(self.keys)
             for req in incoming:
                 if not req.canceled:
                     all_canceled = False
                     if desired < req.desired:
                         desired = req.desired
                         if (
-                            self.has_active_outgoing
+                            has_active_outgoing
                             or req.desired == COMPLETE
-                            or req.current_keys == len(self.keys)
+                            or req.current_keys == nkeys
                         ):
                             all_can_complete = False
-        if (
-            not all_canceled
-            and self.state < COMPLETE
-            and not self.keys
-            and self.has_active_outgoing
-        ):
+        if not all_canceled and state < COMPLETE and not self.keys and has_active_outgoing:
             all_can_complete = False
 
-        if all_can_complete and self.has_active_outgoing:
-            for p in all_pipes:
-                p.cancel()
-            leave_open: Pipe | None = None
-            for req in incoming:
-                if not req.canceled:
-                    leave_open = req
-                    break
-            for req in incoming:
-                if leave_open is None or leave_open is req:
-                    leave_open = req
-                    continue
-                self.finish_incoming(req)
+        if all_can_complete:
+            if has_active_outgoing:
+                for p in all_pipes:
+                    p.cancel()
+                leave_open: Pipe | None = None
+                for req in incoming:
+                    if not req.canceled:
+                        leave_open = req
+                        break
+                for req in incoming:
+                    if leave_open is None or leave_open is req:
+                        leave_open = req
+                        continue
+                    self.finish_incoming(req)
+            else:
+                for req in incoming:
+                    self.finish_incoming(req)
             return desired, True
 
-        if all_can_complete and not self.has_active_outgoing:
-            for req in incoming:
-                self.finish_incoming(req)
-            return desired, True
-
-        state = self.state
+        # A requester acts on the state, result and keys of its input only, so a
+        # change of the cache map alone is not worth an update (and a dispatch).
         result = self.result
-        cache_map = self.cache_map
         nkeys = len(self.keys)
         for req in incoming:
-            if req.canceled or (not self.has_active_outgoing and state >= req.desired):
+            if req.canceled or (not has_active_outgoing and state >= req.desired):
                 self.finish_incoming(req)
             elif (
                 req.seen_state != state
                 or req.seen_result is not result
-                or req.seen_cache_map is not cache_map
                 or req.seen_keys != nkeys
             ):
                 req.seen_state = state
                 req.seen_result = result
-                req.seen_cache_map = cache_map
                 req.seen_keys = nkeys
-                self.update_incoming(req)
+                req.update(self)
         return desired, False
 
     def create_input_requests(self, desired: int, s: Scheduler, force: bool) -> bool:
         self.ensure_deps_initialized()
         assert self.deps is not None
         added = False
+        cache_map = self.cache_map
         for d in self.deps:
             want = self.desired_state_dep(d, desired, force)
-            if d.state < want:
-                added = self.create_outgoing_request(d, want, s) or added
-            added = self.compute_cache_key_from_dep(d, s) or added
+            if d.state < want and self.create_outgoing_request(d, want, s):
+                added = True
+            if (
+                d.state == COMPLETE
+                and d.slow_fn is not None
+                and d.slow_cache_req is None
+                and cache_map is not None
+            ):
+                self.compute_cache_key_from_dep(d, s)
+                added = True
         return added
 
     def ensure_deps_initialized(self) -> None:
         if self.deps is None:
-            self.dep_requests = {}
-            self.deps = [_Dep(i) for i in range(len(self.edge.vertex.inputs))]
+            cache_map = self.cache_map
+            self.deps = [_Dep(i, cache_map) for i in range(len(self.edge.vertex.inputs))]
 
     def desired_state_dep(self, d: _Dep, desired: int, force: bool) -> int:
         if self.no_cache_match_possible or force:
             return COMPLETE
-        if d.state == INITIAL and desired > d.state:
-            return CACHE_FAST
-        if d.state == CACHE_FAST and desired > d.state:
+        state = d.state
+        if state == INITIAL:
+            return CACHE_FAST if desired > state else state
+        if state == CACHE_FAST and desired > state:
             if (
                 (self.all_deps_completed_cache_fast and not self.keys)
                 or not d.key_map
                 or self.all_deps_have_keys(True)
             ) and (not self.skip_phase2_fast_cache(d) and self.cache_map is not None):
                 return CACHE_SLOW
-            return d.state
-        if self.cache_map is not None and d.state == CACHE_SLOW and desired == COMPLETE:
+            return state
+        if self.cache_map is not None and state == CACHE_SLOW and desired == COMPLETE:
             if (
                 not d.key_map
                 or self.all_deps_completed_cache_slow
-                or (not self.skip_phase2_fast_cache(d) and self._slow_fn(d) is not None)
+                or (not self.skip_phase2_fast_cache(d) and d.slow_fn is not None)
             ) and not self.cache_records and (not d.key_map or not self.skip_phase2_slow_cache(d)):
                 return COMPLETE
-            return d.state
+            return state
         if (
             self.cache_map is not None
-            and d.state == CACHE_SLOW
-            and self._slow_fn(d) is not None
+            and state == CACHE_SLOW
+            and d.slow_fn is not None
             and desired == CACHE_SLOW
         ):
             if not d.key_map or not self.skip_phase2_slow_cache(d):
                 return COMPLETE
-            return d.state
-        return d.state
+            return state
+        return state
 
     def create_outgoing_request(self, d: _Dep, want: int, s: Scheduler) -> bool:
-        if d.req is not None and not d.req.completed:
-            if d.req.desired == want:
+        req = d.req
+        if req is not None and not req.completed:
+            if req.desired == want:
                 return False
-            d.req.cancel()
+            req.cancel()
         req = s.new_input_request(
             self,
             self.edge.vertex.inputs[d.index],
             want,
             d.state,
             d.result,
-            d.cache_map,
             len(d.keys),
         )
-        self.dep_requests[req] = d
+        req.dep = d
         d.req = req
         return True
 
-    def compute_cache_key_from_dep(self, d: _Dep, s: Scheduler) -> bool:
-        if d.state != COMPLETE or d.slow_cache_req is not None or self.cache_map is None:
-            return False
-        fn = self._slow_fn(d)
-        if fn is None:
-            return False
+    def compute_cache_key_from_dep(self, d: _Dep, s: Scheduler) -> None:
         assert d.result is not None
         d.slow_cache_req = s.new_func_pipe(self)
-        self.op.request_slow_cache(d.slow_cache_req, d.index, fn, d.result)
-        return True
+        self.op.request_slow_cache(d.slow_cache_req, d.index, d.slow_fn, d.result)
 
     def exec_if_possible(self, s: Scheduler) -> bool:
         if self.cache_records:
@@ -863,13 +925,26 @@ class ActiveEdge:
                 return True
             rec = best_record(self.cache_records.values())
             assert rec is not None
+            if self.cache_records_loaded is _NO_IDS:
+                self.cache_records_loaded = set()
+            assert isinstance(self.cache_records_loaded, set)
             self.cache_records_loaded.add(rec.id)
             self.loading_record = rec.id
             self.exec_req = s.new_func_pipe(self)
             self.exec_cache_load = True
             self.op.request_load(self.exec_req, rec)
-            for req in list(self.dep_requests):
-                req.cancel()
+            # the inputs are not needed: cancel what this edge asked them for
+            deps = self.deps
+            for p in self.outgoing[:]:
+                d = p.dep
+                if (
+                    d is not None
+                    and not p.completed
+                    and deps is not None
+                    and d.index < len(deps)
+                    and deps[d.index] is d
+                ):
+                    p.cancel()
             return True
         if self.all_deps_completed:
             if self.keys_did_change:

@@ -8,19 +8,30 @@ every input's index IDs, exactly as a cache manager matches stored keys.
 
 Items are garbage-collected when they have no edge and no links. All methods run
 on the event loop from the scheduler, so there is no lock.
+
+The index is on the hot path (every edge is indexed once its inputs have keys,
+and again when they complete), so it is kept lean: item IDs of keys with deps
+are small integers from a counter (never equal to a root key's digest string),
+a link is a plain tuple ``(input, output, digest, selector)`` (equal to, and
+hashed as, the ``CacheInfoLink`` with those fields), and the targets of a link
+and the deps of an item are short lists rather than sets.
 """
 
 from __future__ import annotations
 
-import secrets
+import itertools
 from typing import TYPE_CHECKING
 
-from ._cache import CacheInfoLink, CacheKey, root_key
+from ._cache import CacheKey, root_key
 
 if TYPE_CHECKING:
     from ._edge import ActiveEdge
 
 __all__ = ["EdgeIndex"]
+
+# An item ID: a root key's digest string, or an integer for a key with deps.
+ItemID = str | int
+_Link = tuple[int, int, str, "str | None"]
 
 
 class _Item:
@@ -28,18 +39,20 @@ class _Item:
 
     def __init__(self) -> None:
         self.edge: ActiveEdge | None = None
-        self.links: dict[CacheInfoLink, set[str]] = {}
-        self.deps: set[str] = set()
+        self.links: dict[_Link, list[ItemID]] = {}
+        # items with a link to this one (to drop those links when this one goes)
+        self.deps: list[ItemID] = []
 
 
 class EdgeIndex:
     """Index of live edges by cache key. ``load_or_store`` is O(links of the key)."""
 
-    __slots__ = ("_back_refs", "_items")
+    __slots__ = ("_back_refs", "_ids", "_items")
 
     def __init__(self) -> None:
-        self._items: dict[str, _Item] = {}
-        self._back_refs: dict[ActiveEdge, set[str]] = {}
+        self._items: dict[ItemID, _Item] = {}
+        self._back_refs: dict[ActiveEdge, list[ItemID]] = {}
+        self._ids = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -55,7 +68,7 @@ class EdgeIndex:
             if not item.links:
                 self._drop(item_id, item)
 
-    def _drop(self, item_id: str, item: _Item) -> None:
+    def _drop(self, item_id: ItemID, item: _Item) -> None:
         items = self._items
         stack = [(item_id, item)]
         while stack:
@@ -67,12 +80,14 @@ class EdgeIndex:
                 dep = items.get(dep_id)
                 if dep is None:
                     continue
-                for link in list(dep.links):
-                    targets = dep.links[link]
-                    targets.discard(iid)
-                    if not targets:
-                        del dep.links[link]
-                if dep.edge is None and not dep.links:
+                links = dep.links
+                for link in list(links):
+                    targets = links[link]
+                    if iid in targets:
+                        targets.remove(iid)
+                        if not targets:
+                            del links[link]
+                if dep.edge is None and not links:
                     stack.append((dep_id, dep))
 
     def load_or_store(self, key: CacheKey, edge: ActiveEdge) -> ActiveEdge | None:
@@ -82,25 +97,41 @@ class EdgeIndex:
         """
         self._index_deps(key)
         ids = self._matches(key)
-        old_id: str | None = None
+        items = self._items
+        old_id: ItemID | None = None
         old: ActiveEdge | None = None
         for item_id in ids:
-            item = self._items.get(item_id)
+            item = items.get(item_id)
             if item is not None and item.edge is not edge and item.edge is not None:
                 old_id, old = item_id, item.edge
         if old is not None and old_id is not None and (old.ignore_cache or not edge.ignore_cache):
             self._link(old_id, key)
             return old
 
-        item_id = ids[0] if ids else secrets.token_hex(16)
-        self._link(item_id, key)
-        self._items[item_id].edge = edge
-        self._back_refs.setdefault(edge, set()).add(item_id)
+        item_id = ids[0] if ids else next(self._ids)
+        main = self._link(item_id, key)
+        main.edge = edge
+        refs = self._back_refs.get(edge)
+        if refs is None:
+            self._back_refs[edge] = [item_id]
+        elif item_id not in refs:
+            refs.append(item_id)
         return None
 
     def _index_deps(self, key: CacheKey) -> None:
         """Give every key below ``key`` its index IDs, deepest first (iteratively, so
         a deep chain of keys never recurses)."""
+        # The common case: every dep key is indexed already (it is another live
+        # edge's key, or a key found for it).
+        for alternatives in key.deps:
+            for dep in alternatives:
+                if not dep.key.key.index_ids:
+                    break
+            else:
+                continue
+            break
+        else:
+            return
         order: list[CacheKey] = []
         seen: set[int] = {id(key)}
         stack: list[tuple[CacheKey, bool]] = [(key, False)]
@@ -120,58 +151,74 @@ class EdgeIndex:
             if k is key or k.index_ids:
                 continue
             matches = self._matches(k)
-            k.index_ids = matches if matches else [secrets.token_hex(16)]
+            k.index_ids = matches if matches else (next(self._ids),)
             for item_id in k.index_ids:
                 self._link(item_id, k)
 
-    def _link(self, item_id: str, key: CacheKey) -> None:
+    def _link(self, item_id: ItemID, key: CacheKey) -> _Item:
         """Make ``item_id`` the target of links from each dep key's items (dep keys
-        have their index IDs already)."""
-        main = self._items.get(item_id)
+        have their index IDs already); return its item."""
+        items = self._items
+        main = items.get(item_id)
         if main is None:
-            main = self._items[item_id] = _Item()
+            main = items[item_id] = _Item()
+        output = key.output
+        digest = key.digest
+        main_deps = main.deps
         for i, alternatives in enumerate(key.deps):
             for dep in alternatives:
-                link = CacheInfoLink(i, key.output, key.digest, dep.selector)
+                link = (i, output, digest, dep.selector)
                 for dep_id in dep.key.key.index_ids:
-                    item = self._items.get(dep_id)
+                    item = items.get(dep_id)
                     if item is not None:
-                        item.links.setdefault(link, set()).add(item_id)
-                        main.deps.add(dep_id)
+                        targets = item.links.get(link)
+                        if targets is None:
+                            item.links[link] = [item_id]
+                        elif item_id not in targets:
+                            targets.append(item_id)
+                        if dep_id not in main_deps:
+                            main_deps.append(dep_id)
+        return main
 
-    def _matches(self, key: CacheKey) -> list[str]:
+    def _matches(self, key: CacheKey) -> tuple[ItemID, ...]:
         """IDs of items reachable by links from every input of ``key`` (dep keys
         have their index IDs already)."""
         deps = key.deps
         if not deps:
-            return [root_key(key.digest, key.output)]
+            return (root_key(key.digest, key.output),)
         items = self._items
-        matches: set[str] = set()
+        output = key.output
+        digest = key.digest
+        matches: dict[ItemID, None] = {}
         for i, alternatives in enumerate(deps):
             if i == 0:
                 for dep in alternatives:
-                    link = CacheInfoLink(i, key.output, key.digest, dep.selector)
+                    link = (i, output, digest, dep.selector)
                     for dep_id in dep.key.key.index_ids:
                         item = items.get(dep_id)
                         if item is not None:
-                            matches.update(item.links.get(link, ()))
+                            targets = item.links.get(link)
+                            if targets:
+                                matches.update(dict.fromkeys(targets))
                 continue
             if not matches:
                 break
             for m in list(matches):
                 found = False
                 for dep in alternatives:
-                    link = CacheInfoLink(i, key.output, key.digest, dep.selector)
+                    link = (i, output, digest, dep.selector)
                     for dep_id in dep.key.key.index_ids:
                         item = items.get(dep_id)
-                        if item is not None and m in item.links.get(link, ()):
-                            found = True
-                            break
+                        if item is not None:
+                            targets = item.links.get(link)
+                            if targets and m in targets:
+                                found = True
+                                break
                     if found:
                         break
                 if not found:
-                    matches.discard(m)
-        return list(matches)
+                    del matches[m]
+        return tuple(matches)
 
     def _check(self) -> None:
         """Assert the internal invariants (tests call this)."""
@@ -182,3 +229,4 @@ class EdgeIndex:
         for item_id, item in self._items.items():
             for targets in item.links.values():
                 assert targets, f"empty link set left on {item_id}"
+                assert len(set(targets)) == len(targets), f"duplicate link on {item_id}"

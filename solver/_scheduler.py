@@ -81,7 +81,8 @@ class Pipe:
     A request to an edge also says what the requester wants (``desired``), how
     many keys it knew when it asked (``current_keys``: an answer with more keys
     may complete it early) and the (state, result, cache map, number of keys) it
-    last received (``seen_*``), so that an update repeating them is not sent.
+    last received (``seen_*``: its state, result and number of keys), so that an
+    update repeating them is not sent.
     """
 
     __slots__ = (
@@ -89,13 +90,13 @@ class Pipe:
         "canceled_status",
         "completed",
         "current_keys",
+        "dep",
         "desired",
         "err",
         "news",
         "on_send",
         "owned",
         "scheduler",
-        "seen_cache_map",
         "seen_keys",
         "seen_result",
         "seen_state",
@@ -117,7 +118,6 @@ class Pipe:
         desired: int = INITIAL,
         current_state: int = INITIAL,
         current_result: object = None,
-        current_cache_map: object = None,
         current_keys: int = 0,
     ) -> None:
         self.scheduler = scheduler
@@ -127,7 +127,6 @@ class Pipe:
         self.current_keys = current_keys
         self.seen_state = current_state
         self.seen_result = current_result
-        self.seen_cache_map = current_cache_map
         self.seen_keys = current_keys
         self.canceled = False
         self.send_value: Any = None
@@ -144,6 +143,9 @@ class Pipe:
         self.on_send: Callable[[], None] | None = None
         # Whether ``value`` holds handles that whoever takes the value must release.
         self.owned = False
+        # for a request to an input edge: the requester's record of that input
+        # (``_edge._Dep``), until the answer is complete
+        self.dep: Any = None
 
     # sender side
     def update(self, value: object) -> None:
@@ -153,6 +155,12 @@ class Pipe:
 
     def finalize(self, value: object, err: BaseException | None, *, owned: bool = False) -> None:
         if self.send_completed:
+            if self.scheduler._closed:
+                # Closing answered every open request; an edge that answers its
+                # request later (its work ended with the solver) is too late.
+                if owned and err is None:
+                    self.scheduler.factory.release_later(value)
+                return
             raise InternalError("a request was answered twice")
         self.send_value = value
         self.send_err = err
@@ -218,6 +226,9 @@ class Scheduler:
         self._builds: set[Pipe] = set()
         self._pool: WorkPool | None = None
         self._closed = False
+        # the edge being dispatched, and whether it was signalled meanwhile
+        self._current: ActiveEdge | None = None
+        self._again = False
 
     # -- queue -------------------------------------------------------------------
     def attach(self, pool: WorkPool) -> None:
@@ -226,6 +237,11 @@ class Scheduler:
 
     def signal(self, edge: ActiveEdge) -> None:
         if edge.queued:
+            return
+        if edge is self._current:
+            # the edge being dispatched signalled itself (an answer it got at
+            # once, a postponement): it runs again as soon as this dispatch ends
+            self._again = True
             return
         edge.queued = True
         self._queue.append(edge)
@@ -248,11 +264,18 @@ class Scheduler:
         # a frame of its own: the last edge dispatched must not stay referenced
         # by the drain loop (it holds a whole graph)
         edge.queued = False
+        self._current = edge
         try:
-            await self._dispatch(edge)
+            while True:
+                self._again = False
+                await self._dispatch(edge)
+                if not self._again:
+                    break
         except Exception as exc:  # a bug: fail the edge rather than the solver
             logger.exception("scheduler error while dispatching %r", edge)
             self._fail_open_requests(edge, exc)
+        finally:
+            self._current = None
 
     def close(self) -> None:
         """Answer every open build request with an error (the solver is closing)."""
@@ -381,7 +404,6 @@ class Scheduler:
         desired: int,
         current_state: int,
         current_result: object,
-        current_cache_map: object,
         current_keys: int,
     ) -> Pipe:
         """A request of ``source`` to the active edge of its input ``edge``."""
@@ -403,7 +425,6 @@ class Scheduler:
             desired,
             current_state,
             current_result,
-            current_cache_map,
             current_keys,
         )
         self.signal(target)

@@ -206,14 +206,30 @@ class SharedOp:
 
     async def _exec_work(self, inputs: Sequence[Result]) -> Callable[[Pipe], None]:
         op = self.get_op()
-        st = self.state
         acquire = getattr(op, "acquire", None)
-        cm: contextlib.AbstractAsyncContextManager[Any]
-        cm = acquire() if acquire is not None else contextlib.nullcontext()
-        try:
-            await cm.__aenter__()
-        except Exception as exc:
-            raise self.wrap_error(exc, "acquire op resources") from None
+        if acquire is None:
+            outputs = await self._exec_logged(op, inputs)
+        else:
+            cm: contextlib.AbstractAsyncContextManager[Any] = acquire()
+            try:
+                await cm.__aenter__()
+            except Exception as exc:
+                raise self.wrap_error(exc, "acquire op resources") from None
+            try:
+                outputs = await self._exec_logged(op, inputs)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await cm.__aexit__(None, None, None)
+        if self.released:
+            for r in outputs:
+                self.release_later(r)
+            raise SolveError("the vertex was released while it ran")
+        self.exec_res = [SharedResult(r) for r in outputs]
+        self.exec_done = True
+        return self._deliver_exec
+
+    async def _exec_logged(self, op: Op, inputs: Sequence[Result]) -> list[Result]:
+        st = self.state
         token = current_log.set(st.log)
         try:
             st.emit(STARTED)
@@ -225,15 +241,7 @@ class SharedOp:
             st.emit(COMPLETED)
         finally:
             current_log.reset(token)
-            with anyio.CancelScope(shield=True):
-                await cm.__aexit__(None, None, None)
-        if self.released:
-            for r in outputs:
-                self.release_later(r)
-            raise SolveError("the vertex was released while it ran")
-        self.exec_res = [SharedResult(r) for r in outputs]
-        self.exec_done = True
-        return self._deliver_exec
+        return outputs
 
     # -- content keys ---------------------------------------------------------------
     def request_slow_cache(
