@@ -309,6 +309,14 @@ class GatewaySession:
         except Exception as exc:
             _log.exception("gateway request %s failed", request.type)
             answer = error_reply(request.id, f"{request.type} failed: {exc!r}")
+        except BaseException as exc:
+            if not _error_leaves(exc):
+                raise
+            # Errors raised while this request was being cancelled (a nested
+            # frontend's task group): nobody will read the answer, and letting them
+            # out would turn the session's end into an exception group.
+            _log.debug("gateway request %s failed while cancelled", request.type, exc_info=exc)
+            return
         else:
             answer = reply(request.id, **fields)
         # Free the id first: the program may reuse it as soon as it reads the answer.
@@ -501,6 +509,24 @@ def _unknown(ref_id: str) -> str:
         f"unknown reference {shown!r} (not an ID this frontend session handed out; "
         "IDs are valid only in their own session)"
     )
+
+
+def _error_leaves(exc: BaseException) -> list[Exception]:
+    """The leaves of ``exc`` (flattening exception groups) that are errors, not
+    cancellations; empty when ``exc`` is (only) a cancellation, or holds something
+    that must propagate (``KeyboardInterrupt``, ``SystemExit``)."""
+    cancelled = anyio.get_cancelled_exc_class()
+    errors: list[Exception] = []
+    stack: list[BaseException] = [exc]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, BaseExceptionGroup):
+            stack.extend(reversed(e.exceptions))
+        elif isinstance(e, Exception):
+            errors.append(e)
+        elif not isinstance(e, cancelled):
+            return []
+    return errors
 
 
 async def _release(value: CachedResult) -> None:
@@ -799,9 +825,15 @@ class InProcessGateway:
         async def program() -> None:
             try:
                 status[0] = await self._program(program_end)
-            except Exception as exc:
-                _log.debug("%s crashed", who, exc_info=True)
-                crash.append(f"{type(exc).__name__}: {exc}")
+            except BaseException as exc:
+                errors = _error_leaves(exc)
+                if not errors:
+                    raise
+                # A crash, perhaps while being cancelled (errors from the program's
+                # own task group): it is the program's outcome, never an exception
+                # group escaping the session.
+                _log.debug("%s crashed", who, exc_info=exc)
+                crash.append("; ".join(f"{type(e).__name__}: {e}" for e in errors))
                 status[0] = 1
             finally:
                 with anyio.CancelScope(shield=True):
