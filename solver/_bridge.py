@@ -42,10 +42,14 @@ import anyio.lowlevel
 from . import _refs
 from ._errors import DoubleReleaseError, SolveError
 from ._frontend import Attestation, FrontendResult
+from ._localcache import with_cache_sources
 from ._result import CachedResult, ResultProxy
 from ._solve import SolveRequest, SolveResult
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ._cache import CacheManager
     from ._definition import Definition
     from ._graph import Edge
     from ._solver import Job, Solver
@@ -63,15 +67,24 @@ class SolverBridge:
     """The :class:`~solver.Bridge` a :class:`~solver.Solver` hands to frontends.
 
     Definitions are validated against the solver's op kinds when ``solve`` is
-    called, built lazily in ``job``. A request naming a frontend calls it with a
+    called, built lazily in ``job``, with ``cache_sources`` (a request's cache
+    imports) as extra caches of every vertex. A request naming a frontend calls it with a
     bridge one level deeper and returns its result as is.
     """
 
-    __slots__ = ("_depth", "job", "solver")
+    __slots__ = ("_depth", "cache_sources", "job", "solver")
 
-    def __init__(self, solver: Solver, job: Job, depth: int = 0) -> None:
+    def __init__(
+        self,
+        solver: Solver,
+        job: Job,
+        depth: int = 0,
+        *,
+        cache_sources: Sequence[CacheManager] = (),
+    ) -> None:
         self.solver = solver
         self.job = job
+        self.cache_sources = tuple(cache_sources)
         self._depth = depth
 
     def __repr__(self) -> str:
@@ -92,7 +105,9 @@ class SolverBridge:
                     f"frontend {request.frontend!r} is nested {self._depth} frontends "
                     "deep: does a frontend call itself?"
                 )
-            child = SolverBridge(solver, self.job, self._depth + 1)
+            child = SolverBridge(
+                solver, self.job, self._depth + 1, cache_sources=self.cache_sources
+            )
             result = await frontend.solve(child, request.frontend_opts, request.frontend_inputs)
             if not isinstance(result, FrontendResult):
                 raise SolveError(
@@ -104,7 +119,7 @@ class SolverBridge:
             raise SolveError("a SolveRequest needs a definition or a frontend")
         definition = request.definition
         definition.validate(solver.op_kinds)
-        edge = definition.to_vertices(solver.op_kinds)
+        edge = with_cache_sources(definition.to_vertices(solver.op_kinds), self.cache_sources)
         result = FrontendResult()
         result.set_ref(DefinitionProxy(self, definition, edge))
         return result

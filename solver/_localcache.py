@@ -1001,15 +1001,24 @@ async def opened_imports(
 
 
 async def run_exports(
-    result: CachedResult, exports: Sequence[LocalCacheExport], worker: object | None
+    result: CachedResult | Sequence[CachedResult],
+    exports: Sequence[LocalCacheExport],
+    worker: object | None,
 ) -> list[LocalCacheExportStats]:
-    """Run each export of a solve request on its result."""
+    """Run each export of a solve request on its result (or on all the results of
+    a frontend's solve: their records go into one index per export)."""
+    if isinstance(result, Sequence):
+        source: CachedResult | list[ExportableCacheKey] = [
+            key for r in result for key in r.cache_keys
+        ]
+    else:
+        source = result
     stats = []
     for spec in exports:
         codec = spec.codec or default_codec(worker, f"exporting to {spec.dest}")
         stats.append(
             await export_local_cache(
-                result, spec.dest, codec, mode=spec.mode, export_roots=spec.export_roots
+                source, spec.dest, codec, mode=spec.mode, export_roots=spec.export_roots
             )
         )
     return stats

@@ -38,7 +38,7 @@ from ._errors import SolveError
 from ._frontend import Frontend
 from ._graph import Edge, Vertex, VertexOptions
 from ._index import EdgeIndex
-from ._localcache import build_with_caches
+from ._localcache import build_with_caches, opened_imports, run_exports
 from ._op import Builder, Op, ResolveOp
 from ._opkind import OpKindRegistry
 from ._progress import CACHED, LOG, STARTED, JobProgress, ProgressEvent, make_event
@@ -405,8 +405,6 @@ class Solver:
             request = SolveRequest(definition=request)
         if request.frontend is not None:
             self._frontend(request.frontend)
-            if request.cache_imports or request.cache_exports:
-                raise SolveError("cache imports and exports apply to definition requests only")
         elif request.definition is None:
             raise SolveError("a SolveRequest needs a definition or a frontend")
         else:
@@ -416,8 +414,7 @@ class Solver:
             job = self.new_job()
         try:
             if request.frontend is not None:
-                bridge = SolverBridge(self, job)
-                return await to_solve_result(await bridge.solve(request))
+                return await self._solve_frontend(request, job)
             assert request.definition is not None
             edge = request.definition.to_vertices(self.op_kinds)
             imports, exports = request.cache_imports, request.cache_exports
@@ -427,6 +424,22 @@ class Solver:
             if own_job:
                 await job.discard()
             await self._after_solve()
+
+    async def _solve_frontend(self, request: SolveRequest, job: Job) -> SolveResult:
+        # Imports are cache sources of every definition the frontend solves; the
+        # records of all its distinct results go into each export.
+        async with opened_imports(request.cache_imports, self.worker) as sources:
+            bridge = SolverBridge(self, job, cache_sources=sources)
+            solved = await to_solve_result(await bridge.solve(request))
+            if request.cache_exports:
+                try:
+                    handles = [solved.ref, *solved.refs.values()]
+                    distinct = list({h.id: h for h in handles if h is not None}.values())
+                    await run_exports(distinct, request.cache_exports, self.worker)
+                except BaseException:
+                    await solved.release()
+                    raise
+            return solved
 
     async def _after_solve(self) -> None:
         worker = self._solve_worker

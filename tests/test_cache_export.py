@@ -31,6 +31,8 @@ from typing import Any, Literal
 import anyio
 import pytest
 
+from frontends import BuildResult, Client
+from frontends.forwarder import Forwarder
 from solver import (
     CachedResult,
     Definition,
@@ -896,13 +898,52 @@ async def test_solve_request_cache_options(tmp_path: Path) -> None:
                     cache_imports=[LocalCacheImport(tmp_path)],
                 )
             )
-        with pytest.raises(SolveError, match="apply to definition requests only"):
+        with pytest.raises(SolveError, match="needs a codec: this solver has no built-in worker"):
             await solver.solve(
-                SolveRequest(frontend="x", cache_exports=[LocalCacheExport(tmp_path)])
+                SolveRequest(frontend="x", cache_imports=[LocalCacheImport(tmp_path)])
             )
     await cm.close()
     with pytest.raises(ValueError, match="'min' or 'max'"):
         LocalCacheExport(tmp_path, "all")  # type: ignore[arg-type]
+
+
+async def test_frontend_solve_exports_and_imports_every_result(tmp_path: Path) -> None:
+    """A frontend's results (one value under two keys) go into one export; a
+    frontend solve on an empty cache directory importing it runs nothing."""
+    log = tmp_path / "execs.log"
+
+    async def build(client: Client) -> BuildResult:
+        ref = (await client.solve(SolveRequest(definition=worker_graph(log)))).ref
+        assert ref is not None
+        out = BuildResult()
+        out.add_ref("linux/amd64", ref)
+        out.add_ref("linux/386", ref)
+        return out
+
+    cache = tmp_path / "exported"
+    frontends: Any = {"fw": Forwarder(build)}
+    export = SolveRequest(frontend="fw", cache_exports=[LocalCacheExport(cache, "max")])
+    async with (
+        Worker(tmp_path / "one") as worker,
+        Solver(worker=worker, frontends=frontends) as s,
+        await s.solve(export) as res,
+    ):
+        assert set(res.refs) == {"linux/amd64", "linux/386"}
+    ran = len(execs(log))
+    assert ran == 3
+    assert (cache / "index.json").is_file()
+
+    imported = SolveRequest(frontend="fw", cache_imports=[LocalCacheImport(cache)])
+    async with (
+        Worker(tmp_path / "two") as worker,
+        Solver(worker=worker, frontends=frontends) as s,
+        await s.solve(imported) as res,
+    ):
+        for ref in res.refs.values():
+            view = ref.sys
+            assert isinstance(view, SnapshotView)
+            assert await view.read_bytes("c.txt") == b"HELLO\nHELLO\n"
+    assert len(execs(log)) == ran  # every step came from the imported cache
 
 
 # -- the command line ---------------------------------------------------------------------
@@ -967,10 +1008,6 @@ def test_cli_export_then_import_on_an_empty_cache_dir(tmp_path: Path) -> None:
         (["--export-cache", "dest=a,dest=b"], "--export-cache field 'dest' given twice"),
         (["--import-cache", "type=local"], "--import-cache needs src=DIR"),
         (["--import-cache", "src=a,mode=max"], "unknown --import-cache field(s): mode"),
-        (
-            ["--frontend", "buildfile", "--import-cache", "src=a"],
-            "--import-cache and --export-cache apply to definition builds only",
-        ),
     ],
 )
 def test_cli_bad_cache_specs(

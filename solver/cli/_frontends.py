@@ -50,6 +50,7 @@ from .._solve import SolveRequest, SolveResult
 from .._solver import Solver
 from ..worker import State
 from ..worker._export import export_to_dir, export_to_tar
+from ._cacheopts import existing_imports
 from ._progress import make_renderer, run_progress
 
 if TYPE_CHECKING:
@@ -334,7 +335,13 @@ def cmd_build_frontend(args: argparse.Namespace, open_solver: OpenSolver) -> int
         sys.stderr.write(f"error: cannot load frontend {args.frontend!r}:\n")
         traceback.print_exception(exc, file=sys.stderr)
         return 1
-    request = SolveRequest(frontend=args.frontend, frontend_opts=opts, frontend_inputs=inputs)
+    request = SolveRequest(
+        frontend=args.frontend,
+        frontend_opts=opts,
+        frontend_inputs=inputs,
+        cache_imports=existing_imports(args.import_cache),
+        cache_exports=args.export_cache,
+    )
 
     async def run() -> None:
         async with _solver_with(open_solver(args.cache_dir), args.frontend, frontend) as solver:

@@ -293,9 +293,6 @@ def _error(message: str) -> None:
 
 def _cmd_build(args: argparse.Namespace) -> int:
     if args.frontend is not None or args.opt or args.allow_frontend_source:
-        if args.import_cache or args.export_cache:
-            _error("--import-cache and --export-cache apply to definition builds only")
-            return 2
         return cmd_build_frontend(args, open_solver)
     try:
         defn = load_definition(args.file)
