@@ -68,6 +68,9 @@ __all__ = ["ActiveEdge"]
 _NO_KEY_MAP: dict[str, CacheKey] = {}
 _NO_RECORDS: dict[str, CacheRecord] = {}
 _NO_IDS: frozenset[str] = frozenset()
+# What ``cache_map_req`` and ``exec_req`` hold once answered for good (only its
+# identity is ever used): the answered pipe itself need not be kept.
+_ANSWERED: Pipe = Pipe.__new__(Pipe)
 
 
 class _Dep:
@@ -78,6 +81,7 @@ class _Dep:
         "index",
         "key_map",
         "keys",
+        "nkeys",
         "req",
         "result",
         "selector",
@@ -94,7 +98,10 @@ class _Dep:
         self.req: Pipe | None = None
         self.state = INITIAL
         self.result: SharedCachedResult | None = None
+        # The input's keys this edge has seen: the first ``nkeys`` of the input
+        # edge's own key list (which only grows), shared rather than copied.
         self.keys: Sequence[ExportableCacheKey] = ()
+        self.nkeys = 0
         # candidate keys of the parent reachable from this input, by ID
         self.key_map: dict[str, CacheKey] = _NO_KEY_MAP
         self.slow_cache_req: Pipe | None = None
@@ -110,6 +117,11 @@ class _Dep:
             dep = cache_map.deps[index]
             self.selector = dep.selector
             self.slow_fn = dep.compute_digest
+
+
+def _seen_keys(d: _Dep) -> Sequence[ExportableCacheKey]:
+    keys = d.keys
+    return keys if len(keys) == d.nkeys else keys[: d.nkeys]
 
 
 def _with_selector(
@@ -199,8 +211,8 @@ class ActiveEdge:
         self.has_active_outgoing = False
         # the scheduler's bookkeeping: open requests to and from this edge, and
         # whether it is waiting to be dispatched
-        self.incoming: list[Pipe] = []
-        self.outgoing: list[Pipe] = []
+        self.incoming: list[Pipe] | tuple[()] = ()
+        self.outgoing: list[Pipe] | tuple[()] = ()
         self.queued = False
 
         self.releaser_count = 0
@@ -246,7 +258,7 @@ class ActiveEdge:
         secondary = self._secondary()
         for i, d in enumerate(src.deps):
             sel = src.cache_map.deps[i].selector if i < len(src.cache_map.deps) else None
-            for k in d.keys:
+            for k in _seen_keys(d):
                 secondary.append((i, CacheKeyWithSelector(k, sel)))
             if d.slow_cache_key is not None:
                 secondary.append((i, CacheKeyWithSelector(d.slow_cache_key)))
@@ -340,7 +352,7 @@ class ActiveEdge:
             return False
         assert self.deps is not None
         for d in self.deps:
-            empty = not d.key_map if matching else not d.keys
+            empty = not d.key_map if matching else not d.nkeys
             if empty and d.slow_cache_key is None and d.result is None:
                 return False
         return True
@@ -352,10 +364,10 @@ class ActiveEdge:
         keys: list[list[CacheKeyWithSelector]] = []
         for d in self.deps or ():
             result = d.result
-            if not d.keys and result is None:
+            if not d.nkeys and result is None:
                 return None
             sel = d.selector
-            alts = [CacheKeyWithSelector(k, sel) for k in d.keys]
+            alts = [CacheKeyWithSelector(k, sel) for k in _seen_keys(d)]
             if result is not None:
                 alts.extend([CacheKeyWithSelector(rk, sel) for rk in result.cache_keys])
                 if d.slow_cache_key is not None:
@@ -392,7 +404,11 @@ class ActiveEdge:
 
     # -- the step ----------------------------------------------------------------
     async def unpark(
-        self, incoming: list[Pipe], updates: list[Pipe], all_pipes: list[Pipe], s: Scheduler
+        self,
+        incoming: Sequence[Pipe],
+        updates: Sequence[Pipe],
+        all_pipes: Sequence[Pipe],
+        s: Scheduler,
     ) -> None:
         """One state-machine step. It must leave an open outgoing request while any
         incoming request is open, and none once every incoming request is done."""
@@ -426,7 +442,7 @@ class ActiveEdge:
             self.failed = True
             s.postpone(self)
 
-    async def process_updates(self, updates: list[Pipe]) -> None:
+    async def process_updates(self, updates: Sequence[Pipe]) -> None:
         dep_changed = False
         for upt in updates:
             if await self.process_update(upt):
@@ -547,7 +563,7 @@ class ActiveEdge:
                     if d.slow_cache_key is not None:
                         alts.append(CacheKeyWithSelector(d.slow_cache_key))
                 else:
-                    alts = [CacheKeyWithSelector(k, sel) for k in d.keys]
+                    alts = [CacheKeyWithSelector(k, sel) for k in _seen_keys(d)]
                 alternatives.append(alts)
             merged.deps = alternatives
             try:
@@ -604,11 +620,11 @@ class ActiveEdge:
             self.keys_did_change = True
         assert self.deps is not None
         for d in self.deps:
-            if d.keys:
-                await self.probe_cache(d, _with_selector(d.keys, d.selector))
+            if d.nkeys:
+                await self.probe_cache(d, _with_selector(_seen_keys(d), d.selector))
             self.check_dep_match_possible(d)
-        if not self.cache_map_done:
-            self.cache_map_req = None
+        # done: the answered pipe is not kept, only the fact that there was one
+        self.cache_map_req = _ANSWERED if self.cache_map_done else None
 
     async def _root_keys(self, digest: str) -> None:
         """The keys (and records) the cache has for this root edge's cache map."""
@@ -667,6 +683,7 @@ class ActiveEdge:
                 return
         self.result = SharedCachedResult(cached)
         self.state = COMPLETE
+        self.exec_req = _ANSWERED
         # Publish the committed keys in the advertised key list too: a consumer
         # that subscribes after this edge completed must see them, or it would
         # find no match and run again (BuildKit #4674). Not for cache loads (the
@@ -725,11 +742,12 @@ class ActiveEdge:
             return False
         assert isinstance(st, ActiveEdge)
         st_keys = st.keys
-        if len(d.keys) < len(st_keys):
+        if d.nkeys < len(st_keys):
             if self.cache_map is not None:
-                new_keys = st_keys[len(d.keys) :]
+                new_keys = st_keys[d.nkeys :]
                 await self.probe_cache(d, _with_selector(new_keys, d.selector))
-                d.keys = st_keys[:]
+                d.keys = st_keys
+                d.nkeys = len(st_keys)
                 if self.all_deps_have_keys(False):
                     self.keys_did_change = True
             dep_changed = True
@@ -740,8 +758,9 @@ class ActiveEdge:
         # take the input's whole visible state, as it is now
         d.state = state
         d.result = st.result
-        if len(d.keys) != len(st_keys):
-            d.keys = st_keys[:]
+        if d.nkeys != len(st_keys):
+            d.keys = st_keys
+            d.nkeys = len(st_keys)
         if recheck and self.cache_map is not None:
             self.check_dep_match_possible(d)
             dep_changed = True
@@ -779,7 +798,9 @@ class ActiveEdge:
         self.keys_did_change = True
         self.check_dep_match_possible(d)
 
-    def respond_to_incoming(self, incoming: list[Pipe], all_pipes: list[Pipe]) -> tuple[int, bool]:
+    def respond_to_incoming(
+        self, incoming: Sequence[Pipe], all_pipes: Sequence[Pipe]
+    ) -> tuple[int, bool]:
         all_can_complete = True
         state = self.state
         desired = state
@@ -907,7 +928,7 @@ class ActiveEdge:
             want,
             d.state,
             d.result,
-            len(d.keys),
+            d.nkeys,
         )
         req.dep = d
         d.req = req
@@ -935,7 +956,7 @@ class ActiveEdge:
             self.op.request_load(self.exec_req, rec)
             # the inputs are not needed: cancel what this edge asked them for
             deps = self.deps
-            for p in self.outgoing[:]:
+            for p in self.outgoing:
                 d = p.dep
                 if (
                     d is not None

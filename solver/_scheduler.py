@@ -198,9 +198,12 @@ class Pipe:
             self.waiter.drop(self)
 
     def take(self) -> Any:
-        """Take the received value, and with it the duty to release its handles."""
+        """Take the received value, and with it the duty to release its handles
+        (the pipe lets go of it)."""
         self.owned = False
-        return self.value
+        value = self.value
+        self.value = self.send_value = None
+        return value
 
     def __repr__(self) -> str:
         return (
@@ -285,8 +288,8 @@ class Scheduler:
                 p.finalize(None, SolveError("the solver was closed"))
                 # no dispatch may answer it again
                 target = p.target
-                if target is not None and p in target.incoming:
-                    target.incoming.remove(p)
+                if target is not None:
+                    target.incoming = [q for q in target.incoming if q is not p] or ()
 
     def _fail_open_requests(self, edge: ActiveEdge, exc: Exception) -> None:
         err = InternalError(f"scheduler error: {exc}")
@@ -330,18 +333,19 @@ class Scheduler:
             if not p.send_completed:
                 open_seen = True
                 break
+        # (an edge with no open pipe holds no list)
         incoming = e.incoming
         if incoming:
             for p in incoming:
                 if p.send_completed:
-                    e.incoming = [p for p in incoming if not p.send_completed]
+                    e.incoming = [p for p in incoming if not p.send_completed] or ()
                     break
         open_out = False
         outgoing = e.outgoing
         if outgoing:
             for p in outgoing:
                 if p.completed:
-                    outgoing = e.outgoing = [p for p in outgoing if not p.completed]
+                    outgoing = e.outgoing = [p for p in outgoing if not p.completed] or ()
                     break
             open_out = bool(outgoing)
 
@@ -377,14 +381,14 @@ class Scheduler:
     def _merge_to(self, target: ActiveEdge, src: ActiveEdge) -> bool:
         if not target.ignore_cache and src.ignore_cache:
             return False
-        moved, src.incoming = src.incoming, []
+        moved, src.incoming = src.incoming, ()
         for p in moved:
             p.target = target
-            target.incoming.append(p)
-        moved, src.outgoing = src.outgoing, []
+            _add_incoming(target, p)
+        moved, src.outgoing = src.outgoing, ()
         for p in moved:
             p.source = target
-            target.outgoing.append(p)
+            _add_outgoing(target, p)
             p.cancel()
         self.signal(target)
         target.add_secondary_exporters(src)
@@ -394,7 +398,7 @@ class Scheduler:
     def new_func_pipe(self, source: ActiveEdge) -> Pipe:
         """An outgoing request of ``source`` answered by async work, not an edge."""
         p = Pipe(self, source, None)
-        source.outgoing.append(p)
+        _add_outgoing(source, p)
         return p
 
     def new_input_request(
@@ -428,8 +432,8 @@ class Scheduler:
             current_keys,
         )
         self.signal(target)
-        source.outgoing.append(p)
-        target.incoming.append(p)
+        _add_outgoing(source, p)
+        _add_incoming(target, p)
         return p
 
     def postpone(self, source: ActiveEdge) -> Pipe:
@@ -457,7 +461,7 @@ class Scheduler:
         p.on_send = on_send
         builds = self._builds
         builds.add(p)
-        e.incoming.append(p)
+        _add_incoming(e, p)
         self.signal(e)
         try:
             try:
@@ -479,6 +483,20 @@ class Scheduler:
             raise InternalError(f"unexpected error: {err!r}") from err
         edge_state = p.value
         return edge_state.result.clone()  # type: ignore[no-any-return]
+
+
+def _add_incoming(edge: ActiveEdge, p: Pipe) -> None:
+    if edge.incoming:
+        edge.incoming.append(p)
+    else:
+        edge.incoming = [p]
+
+
+def _add_outgoing(edge: ActiveEdge, p: Pipe) -> None:
+    if edge.outgoing:
+        edge.outgoing.append(p)
+    else:
+        edge.outgoing = [p]
 
 
 def _hand_out(err: SolveError) -> SolveError:
