@@ -98,6 +98,10 @@ class _SubBuilder:
         return await self.state.solver._sub_build(edge, self.state)
 
 
+_NONE: frozenset[str] = frozenset()
+_NO_SOURCES: dict[str, CacheManager] = {}  # never written to
+
+
 class VertexState:
     """One active vertex, shared by every job that loaded its digest."""
 
@@ -125,17 +129,20 @@ class VertexState:
         self.vtx = vtx
         self.orig_digest = orig_digest
         self.jobs: set[Job] = set()
-        self.parents: set[str] = set()
-        self.children: set[str] = set()
+        # Parents, children, sources and watchers start as shared empty values and
+        # get their own container when first added to (most states never have
+        # parents, children or sources; an empty set costs 216 bytes).
+        self.parents: set[str] | frozenset[str] = _NONE
+        self.children: set[str] | frozenset[str] = _NONE
         self.edges: dict[int, ActiveEdge] = {}
         self.op: SharedOp | None = None
         self.main_cache = solver._cache
-        self.sources: dict[str, CacheManager] = {}
+        self.sources: dict[str, CacheManager] = _NO_SOURCES
         self._combined: CacheManager | None = None
         self.builder = _SubBuilder(self)
         # progress: events so far, and the jobs that see them
         self.history: list[ProgressEvent] = []
-        self.watchers: set[JobProgress] = set()
+        self.watchers: set[JobProgress] | frozenset[JobProgress] = frozenset()
 
     def __repr__(self) -> str:
         return f"<VertexState {self.vtx.name!r} jobs={len(self.jobs)}>"
@@ -151,6 +158,8 @@ class VertexState:
 
     def add_source(self, cache: CacheManager) -> None:
         if cache.id != self.main_cache.id and cache.id not in self.sources:
+            if self.sources is _NO_SOURCES:
+                self.sources = {}
             self.sources[cache.id] = cache
             self._combined = None
 
@@ -217,7 +226,10 @@ class VertexState:
     # progress
     def watch(self, progress: JobProgress) -> None:
         if progress not in self.watchers:
-            self.watchers.add(progress)
+            if not self.watchers:
+                self.watchers = {progress}
+            else:
+                self.watchers.add(progress)  # type: ignore[union-attr]
             for ev in self.history:
                 progress.put(ev)
 
@@ -359,6 +371,9 @@ class Solver:
         )
         self.frontends: dict[str, Frontend] = dict(frontends or {})
         self._actives: dict[str, VertexState] = {}
+        # how many states are ignore-cache runs beside a normal state of their
+        # digest (keyed by _ignore_key): none, and loading need not look for one
+        self._ignore_states = 0
         self._jobs: dict[str, Job] = {}
         self._index = EdgeIndex()
         self._scheduler = Scheduler(self)
@@ -573,7 +588,8 @@ class Solver:
             if job in st.jobs:
                 st.jobs.discard(job)
                 self._delete_if_unreferenced(key, st)
-            st.watchers.discard(job._progress)
+            if job._progress in st.watchers:
+                st.watchers.discard(job._progress)  # type: ignore[union-attr]
         job._progress.close()
 
     def _delete_if_unreferenced(self, key: str, st: VertexState) -> None:
@@ -585,10 +601,13 @@ class Solver:
             for child_key in s.children:
                 child = self._actives.get(child_key)
                 if child is not None:
-                    child.parents.discard(k)
+                    if k in child.parents:
+                        child.parents.discard(k)  # type: ignore[union-attr]
                     stack.append((child_key, child))
             s.release()
             del self._actives[k]
+            if k != s.orig_digest:
+                self._ignore_states -= 1
 
     # -- the edge factory (for the scheduler) ------------------------------------------
     def get_edge(self, edge: Edge) -> ActiveEdge | None:
@@ -659,34 +678,44 @@ class Solver:
         inputs = [Edge(memo[id(e.vertex)], e.index) for e in v.inputs]
         digest = v.digest
         options = v.options
-        ignore_key = digest_of(f"{digest}-ignorecache".encode())
-        st = self._actives.get(ignore_key)
+        actives = self._actives
+        st = actives.get(_ignore_key(digest)) if self._ignore_states else None
         if st is None:
             key = digest
-            existing = self._actives.get(digest)
+            existing = actives.get(digest)
             if (
                 existing is not None
                 and not existing.vtx.options.ignore_cache
                 and options.ignore_cache
             ):
-                key = ignore_key
-            st = self._actives.get(key)
+                key = _ignore_key(digest)
+            st = actives.get(key)
             if st is None:
                 st = VertexState(self, key, LoadedVertex(v, key, inputs), digest)
-                self._actives[key] = st
+                actives[key] = st
+                if key != digest:
+                    self._ignore_states += 1
         for cache in options.cache_sources:
             st.add_source(cache)
         if job is not None:
             st.jobs.add(job)
         if parent is not None and parent.key not in st.parents:
-            st.parents.add(parent.key)
-            parent.children.add(st.key)
+            if not st.parents:
+                st.parents = set()
+            st.parents.add(parent.key)  # type: ignore[union-attr]
+            if not parent.children:
+                parent.children = set()
+            parent.children.add(st.key)  # type: ignore[union-attr]
             for cache in parent.sources.values():
                 st.add_source(cache)
         self._connect_progress(st)
         return st.vtx
 
     def _connect_progress(self, st: VertexState) -> None:
+        if not st.parents:
+            for j in st.jobs:
+                st.watch(j._progress)
+            return
         seen: set[str] = set()
         stack = [st]
         while stack:
@@ -705,6 +734,11 @@ class Solver:
     def _state_jobs(self, digest: str) -> set[str] | None:
         st = self._actives.get(digest)
         return None if st is None else {j.id for j in st.jobs}
+
+
+def _ignore_key(digest: str) -> str:
+    """The key of an ignore-cache run of ``digest`` beside a normal one."""
+    return digest_of(f"{digest}-ignorecache".encode())
 
 
 async def _release(result: Any) -> None:
