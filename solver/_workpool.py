@@ -9,7 +9,8 @@ two kinds of work.
 * *Dispatching*: at most one worker at a time holds the dispatcher's role and
   runs :meth:`Dispatcher.drain` (the scheduler's loop over signalled edges)
   until no edge is left. Only the dispatcher mutates edge state.
-* *Units*: ``submit``-ted coroutine functions, taken one at a time, in order.
+* *Units*: ``submit``-ted coroutine functions, taken one at a time, in
+  batches: every unit queued when the batch starts, newest first.
 
 A worker prefers dispatching (the edges it dispatches batch the answers of the
 units that ran before), then units, then sleeps. A build whose units never block
@@ -145,12 +146,15 @@ class WorkPool:
                         self._dispatching = False
                         self._free += 1
                 elif queue:
-                    # every unit queued now, before dispatching again: the answers
-                    # of a batch of units are then dispatched together
+                    # Every unit queued now, before dispatching again, so that the
+                    # answers of a batch are dispatched together; newest first: a
+                    # build queues its units top-down, and answering the inputs
+                    # first lets an edge take its own answer and its inputs' in
+                    # one dispatch.
                     for _ in range(len(queue)):
                         if not queue:
                             break
-                        fn, args = queue.popleft()
+                        fn, args = queue.pop()
                         self._free -= 1
                         if self._free == 0 and self._more_queued():
                             self._start_worker()
