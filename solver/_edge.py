@@ -436,6 +436,12 @@ class ActiveEdge:
                 )
                 self.create_input_requests(desired, s, True)
 
+    def settle(self) -> None:
+        """The edge has its result and no open request: its inputs' answered
+        requests need not be kept (what they said is in the deps)."""
+        for d in self.deps or ():
+            d.req = None
+
     def mark_failed(self, s: Scheduler, err: BaseException) -> None:
         self.err = err
         if not self.failed:
@@ -731,7 +737,8 @@ class ActiveEdge:
         # As BuildKit does: an update on any of this input's requests (a stale one
         # included) is read through the input's current request.
         upt = d.req
-        assert upt is not None
+        if upt is None:  # let go of (see settle)
+            return False
         dep_changed = False
         if upt.err is not None and upt.completed and not upt.canceled_status:
             if self.err is None:

@@ -348,6 +348,8 @@ class Scheduler:
                     outgoing = e.outgoing = [p for p in outgoing if not p.completed] or ()
                     break
             open_out = bool(outgoing)
+        if not open_out and e.result is not None:
+            e.settle()
 
         if e.keys_did_change:
             k = e.current_index_key()

@@ -71,6 +71,11 @@ class _Call:
         self.op._drop(self, pipe)
 
 
+# shared empty containers (never written to; see SharedOp.__init__)
+_NO_CALLS: dict[tuple[int, int], _Call] = {}
+_NO_DIGESTS: dict[int, str] = {}
+_NO_ERRORS: dict[int, SolveError] = {}
+
 # the prefix of the error message of a failed call, by kind
 _PREFIX = ("failed to load cache key", None, "failed to compute cache key")
 
@@ -127,15 +132,17 @@ class SharedOp:
         self.state = state
         self._op: Op | None = None
         self._op_err: SolveError | None = None
-        self._calls: dict[tuple[int, int], _Call] = {}
-        self.cache_res: list[CacheMap] = []
+        # Containers start as shared empty values and are made when first
+        # written: most ops answer one cache map and compute no content key.
+        self._calls: dict[tuple[int, int], _Call] = _NO_CALLS
+        self.cache_res: Sequence[CacheMap] = ()
         self.cache_done = False
         self.cache_err: BaseException | None = None
         self.exec_res: list[SharedResult[Any]] | None = None
         self.exec_done = False
         self.exec_err: BaseException | None = None
-        self.slow_res: dict[int, str] = {}
-        self.slow_err: dict[int, SolveError] = {}
+        self.slow_res: dict[int, str] = _NO_DIGESTS
+        self.slow_err: dict[int, SolveError] = _NO_ERRORS
         self.released = False
 
     # -- what edges use ------------------------------------------------------------
@@ -185,7 +192,7 @@ class SharedOp:
         cm, done = await op.cache_map(len(self.cache_res))
         if not isinstance(cm, CacheMap):
             raise SolveError(f"cache_map returned {type(cm).__name__}, not CacheMap")
-        self.cache_res.append(cm)
+        self.cache_res = (*self.cache_res, cm)
         self.cache_done = bool(done)
         value = (cm, self.cache_done)
         return lambda p: p.finalize(value, None)
@@ -279,9 +286,13 @@ class SharedOp:
             )
             err.__cause__ = exc
             self.state.emit(ERROR, err)
+            if self.slow_err is _NO_ERRORS:
+                self.slow_err = {}
             self.slow_err[index] = err
             raise err from exc
         self.release_later(held)
+        if self.slow_res is _NO_DIGESTS:
+            self.slow_res = {}
         self.slow_res[index] = digest
         return lambda p: p.finalize(digest, None)
 
@@ -328,6 +339,8 @@ class SharedOp:
             pipe.waiter = retry
             return
         if call is None:
+            if self._calls is _NO_CALLS:
+                self._calls = {}
             call = self._calls[key] = _Call(self, key, args)
             self.state.solver.spawn(self._run, call)
         call.waiters.append(pipe)
@@ -443,5 +456,5 @@ class SharedOp:
         for err in self.slow_err.values():
             if isinstance(err, SlowCacheError):
                 self.release_later(err.result)
-        self.slow_err.clear()
+        self.slow_err = _NO_ERRORS
 
