@@ -340,6 +340,23 @@ async def test_reads_go_over_the_wire_in_chunks(
             assert [info.handles for info in await worker.store.usage()] == [0]
 
 
+async def test_the_client_keeps_to_the_gateway_s_message_limit(
+    handle_tracker: HandleTracker,
+) -> None:
+    async def program(stream: anyio.abc.ByteStream) -> int:
+        async with GatewayClient(stream) as client:  # its own limit is 16 MiB
+            big = text("x" * 5000)
+            with pytest.raises(SolveError, match="exceeds the limit of 4096 bytes"):
+                await client.solve(SolveRequest(definition=big))
+            res = await client.solve(SolveRequest(definition=text("a")))
+            await client.return_result(res)
+        return 0
+
+    gateway = InProcessGateway.for_program(program, max_message_size=4096)
+    values, _ = await solve_with(Ops(), gateway)
+    assert values == {"": "a"}
+
+
 async def test_reading_a_result_that_is_not_a_snapshot_is_a_clear_error(
     handle_tracker: HandleTracker,
 ) -> None:

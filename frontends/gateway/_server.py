@@ -81,6 +81,7 @@ from ._protocol import (
     result_to_wire,
     stat_to_wire,
 )
+from .client import run_build
 
 __all__ = ["MAX_IN_FLIGHT", "Gateway", "GatewaySession", "InProcessGateway", "Program"]
 
@@ -784,8 +785,6 @@ class InProcessGateway:
     __slots__ = ("_max", "_name", "_program")
 
     def __init__(self, build: BuildFunction, *, max_message_size: int = MAX_MESSAGE_SIZE) -> None:
-        from .client import run_build
-
         async def program(stream: ByteStream) -> int:
             return await run_build(build, stream, max_message_size=max_message_size)
 

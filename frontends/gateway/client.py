@@ -278,7 +278,10 @@ class GatewayClient:
             inputs = {name: Definition.from_json(text) for name, text in hello.inputs.items()}
             self._version = hello.version
             self._opts = BuildOpts(dict(hello.opts), inputs)
-            self._max = min(self._max, hello.max_message_size)
+            if hello.max_message_size < self._max:
+                # never send what the gateway would refuse
+                self._max = hello.max_message_size
+                self._writer = FrameWriter(self._stream, self._max)
         except BaseException:
             await self.aclose()
             raise
