@@ -303,21 +303,21 @@ class SharedOp:
     async def _load(self, pipe: Pipe, record: CacheRecord) -> None:
         value: Any = None
         err: BaseException | None = None
-        with anyio.CancelScope() as scope:
-            pipe.waiter = _ScopeWaiter(scope)
-            if pipe.canceled:
-                scope.cancel()
-            try:
-                res = await self.cache().load(record)
-                key = record.key
-                value = CachedResultWithKeys(
-                    res, [ExportableCacheKey(key, KeyExporter(key, record=record))]
-                )
-                self.state.emit(CACHED)
-            except (KeyboardInterrupt, SystemExit):
-                raise
-            except BaseException as exc:
-                err = exc
+        scope = self._unit_scope()
+        pipe.waiter = _ScopeWaiter(scope)
+        if pipe.canceled:
+            scope.cancel()
+        try:
+            res = await self.cache().load(record)
+            key = record.key
+            value = CachedResultWithKeys(
+                res, [ExportableCacheKey(key, KeyExporter(key, record=record))]
+            )
+            self.state.emit(CACHED)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:
+            err = exc
         pipe.waiter = None
         if value is not None:
             pipe.finalize(value, None, owned=True)
@@ -326,6 +326,15 @@ class SharedOp:
         else:
             assert err is not None
             pipe.finalize(None, self.wrap_error(err, "failed to load cache"))
+
+    def _unit_scope(self) -> anyio.CancelScope:
+        """The cancel scope this unit of work runs in (the pool gives each unit a
+        scope of its own); read before the unit's first await."""
+        pool = self.state.solver._pool
+        assert pool is not None
+        scope = pool.unit_scope
+        assert scope is not None
+        return scope
 
     # -- the shared call ------------------------------------------------------------
     def _join(self, key: tuple[int, int], pipe: Pipe, args: tuple[Any, ...]) -> None:
@@ -377,17 +386,17 @@ class SharedOp:
         deliver: Callable[[Pipe], None] | None = None
         err: BaseException | None = None
         cancelled = False
+        scope = self._unit_scope()
         try:
-            with anyio.CancelScope() as scope:
-                call.scope = scope
-                if call.cancel_requested:
-                    scope.cancel()
-                try:
-                    deliver = await self._work(call)
-                except (KeyboardInterrupt, SystemExit):
-                    raise
-                except BaseException as exc:
-                    err = exc
+            call.scope = scope
+            if call.cancel_requested:
+                scope.cancel()
+            try:
+                deliver = await self._work(call)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:
+                err = exc
             # An outcome reached while cancellation was asked for is never kept.
             cancelled = err is not None and (scope.cancel_called or self.released)
             if err is not None and not cancelled and not isinstance(err, Exception):

@@ -69,22 +69,33 @@ class Dispatcher(Protocol):
 
 class WorkPool:
     """Runs the dispatcher and ``submit``-ted coroutine functions on a few reused
-    tasks of ``tg``. With a ``dispatcher``, call :meth:`notify` when it has work."""
+    tasks of ``tg``. With a ``dispatcher``, call :meth:`notify` when it has work.
+
+    ``dispatching`` says whether a worker holds the dispatcher's role (it drains
+    every edge signalled meanwhile, so a signal then needs no :meth:`notify`).
+
+    A unit may read :attr:`unit_scope` when it starts (before it first awaits):
+    the cancel scope it runs in, its own. Cancelling it cancels that unit only.
+    A worker keeps one scope for all the units it runs until one of them is
+    cancelled (entering a cancel scope costs more than a no-op unit).
+    """
 
     __slots__ = (
         "_dispatcher",
-        "_dispatching",
         "_free",
         "_queue",
         "_tg",
         "_wake",
         "_workers",
+        "dispatching",
+        "unit_scope",
     )
 
     def __init__(self, tg: TaskGroup, dispatcher: Dispatcher | None = None) -> None:
         self._tg = tg
         self._dispatcher = dispatcher
-        self._dispatching = False
+        self.dispatching = False
+        self.unit_scope: anyio.CancelScope | None = None
         self._queue: deque[tuple[Callable[..., Awaitable[Any]], tuple[Any, ...]]] = deque()
         self._free = 0  # workers idle or started and not yet busy
         self._workers = 0
@@ -95,14 +106,8 @@ class WorkPool:
     def __repr__(self) -> str:
         return (
             f"<WorkPool workers={self._workers} free={self._free} queued={len(self._queue)}"
-            f"{' dispatching' if self._dispatching else ''}>"
+            f"{' dispatching' if self.dispatching else ''}>"
         )
-
-    @property
-    def dispatching(self) -> bool:
-        """Whether a worker holds the dispatcher's role (it drains every edge
-        signalled meanwhile, so a signal then needs no :meth:`notify`)."""
-        return self._dispatching
 
     def submit(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
         """Queue ``fn(*args)``; it starts no later than a fresh task would."""
@@ -124,59 +129,68 @@ class WorkPool:
 
     def _more_queued(self) -> bool:
         d = self._dispatcher
-        return bool(self._queue) or (
-            d is not None and not self._dispatching and d.pending()
-        )
+        return bool(self._queue) or (d is not None and not self.dispatching and d.pending())
 
     async def _worker(self) -> None:
+        try:
+            while True:
+                with anyio.CancelScope() as scope:
+                    if not await self._serve(scope):
+                        return
+        finally:
+            self._free -= 1
+            self._workers -= 1
+
+    async def _serve(self, scope: anyio.CancelScope) -> bool:
+        """Work in ``scope`` until a unit cancels it (True: serve again in a fresh
+        scope) or the worker retires (False)."""
         queue = self._queue
         dispatcher = self._dispatcher
         clock = time.perf_counter
         since = clock()
-        try:
-            while True:
-                if dispatcher is not None and not self._dispatching and dispatcher.pending():
-                    self._dispatching = True
+        while True:
+            if dispatcher is not None and not self.dispatching and dispatcher.pending():
+                self.dispatching = True
+                self._free -= 1
+                if self._free == 0 and queue:
+                    self._start_worker()
+                try:
+                    await dispatcher.drain()
+                finally:
+                    self.dispatching = False
+                    self._free += 1
+            elif queue:
+                # Every unit queued now, before dispatching again, so that the
+                # answers of a batch are dispatched together; newest first: a
+                # build queues its units top-down, and answering the inputs
+                # first lets an edge take its own answer and its inputs' in
+                # one dispatch.
+                for _ in range(len(queue)):
+                    if not queue:
+                        break
+                    fn, args = queue.pop()
                     self._free -= 1
-                    if self._free == 0 and queue:
+                    if self._free == 0 and self._more_queued():
                         self._start_worker()
+                    self.unit_scope = scope
                     try:
-                        await dispatcher.drain()
+                        await fn(*args)
+                    except Exception:
+                        logger.exception("a unit of work failed in the engine")
                     finally:
-                        self._dispatching = False
                         self._free += 1
-                elif queue:
-                    # Every unit queued now, before dispatching again, so that the
-                    # answers of a batch are dispatched together; newest first: a
-                    # build queues its units top-down, and answering the inputs
-                    # first lets an edge take its own answer and its inputs' in
-                    # one dispatch.
-                    for _ in range(len(queue)):
-                        if not queue:
-                            break
-                        fn, args = queue.pop()
-                        self._free -= 1
-                        if self._free == 0 and self._more_queued():
-                            self._start_worker()
-                        try:
-                            await fn(*args)
-                        except Exception:
-                            logger.exception("a unit of work failed in the engine")
-                        finally:
-                            self._free += 1
-                        # what the unit referred to must not outlive it
-                        del fn, args
-                else:
-                    if self._free > _MAX_IDLE:
-                        return
-                    if self._wake is None:
-                        self._wake = anyio.Event()
-                    await self._wake.wait()
-                    since = clock()
-                    continue
-                if clock() - since > _SLICE:
-                    await anyio.lowlevel.checkpoint()
-                    since = clock()
-        finally:
-            self._free -= 1
-            self._workers -= 1
+                    # what the unit referred to must not outlive it
+                    del fn, args
+                    if scope.cancel_called:
+                        return True
+            else:
+                if self._free > _MAX_IDLE:
+                    return False
+                if self._wake is None:
+                    self._wake = anyio.Event()
+                await self._wake.wait()
+                since = clock()
+                continue
+            if clock() - since > _SLICE:
+                await anyio.lowlevel.checkpoint()
+                since = clock()
