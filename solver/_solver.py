@@ -120,6 +120,7 @@ class VertexState:
         "solver",
         "sources",
         "vtx",
+        "watched",
         "watchers",
     )
 
@@ -142,6 +143,9 @@ class VertexState:
         self.builder = _SubBuilder(self)
         # progress: events so far, and the jobs that see them
         self.history: list[ProgressEvent] = []
+        # whether every job in ``jobs`` watches this state (true after a full
+        # connect; a merge that adds jobs clears it)
+        self.watched = False
         self.watchers: set[JobProgress] | frozenset[JobProgress] = frozenset()
 
     def __repr__(self) -> str:
@@ -204,6 +208,7 @@ class VertexState:
                 continue
             seen.add(id(st))
             st.jobs.update(src.jobs)
+            st.watched = False
             for inp in st.vtx.inputs:
                 inp_state = actives.get(inp.vertex.digest)
                 if inp_state is None:
@@ -653,29 +658,49 @@ class Solver:
     def _load(self, root: Vertex, parent: VertexState | None, job: Job | None) -> LoadedVertex:
         """Make ``root`` and its inputs active for ``job`` (or as a nested build of
         ``parent``); inputs first, iteratively, so deep graphs never recurse."""
-        memo: dict[int, LoadedVertex] = {}
-        stack: list[tuple[Vertex, bool]] = [(root, False)]
+        # memo: id(vertex) -> its loaded vertex, or None while its inputs load
+        memo: dict[int, LoadedVertex | None] = {}
+        stack: list[Vertex] = [root]
+        actives = self._actives
+        # The common case is taken inline: a vertex whose normal state is active
+        # already, loaded for a job with no nested-build parent or cache source
+        # involved (K jobs building one graph load it K times).
+        simple = job is not None and parent is None and not self._ignore_states
         while stack:
-            v, expanded = stack.pop()
-            if id(v) in memo:
-                continue
-            if not expanded:
-                stack.append((v, True))
+            v = stack[-1]
+            k = id(v)
+            if k not in memo:
+                memo[k] = None
                 for inp in reversed(v.inputs):
                     if id(inp.vertex) not in memo:
-                        stack.append((inp.vertex, False))
+                        stack.append(inp.vertex)
                 continue
-            memo[id(v)] = self._load_one(v, memo, parent, job)
-        return memo[id(root)]
+            stack.pop()
+            if memo[k] is not None:
+                continue
+            if simple:
+                st = actives.get(v.digest)
+                if st is not None and st.watched and not st.parents:
+                    options = v.options
+                    if not options.ignore_cache and not options.cache_sources:
+                        assert job is not None
+                        if job not in st.jobs:
+                            st.jobs.add(job)
+                            st.watch(job._progress)
+                        memo[k] = st.vtx
+                        continue
+            memo[k] = self._load_one(v, memo, parent, job)
+        loaded = memo[id(root)]
+        assert loaded is not None
+        return loaded
 
     def _load_one(
         self,
         v: Vertex,
-        memo: dict[int, LoadedVertex],
+        memo: dict[int, LoadedVertex | None],
         parent: VertexState | None,
         job: Job | None,
     ) -> LoadedVertex:
-        inputs = [Edge(memo[id(e.vertex)], e.index) for e in v.inputs]
         digest = v.digest
         options = v.options
         actives = self._actives
@@ -691,6 +716,7 @@ class Solver:
                 key = _ignore_key(digest)
             st = actives.get(key)
             if st is None:
+                inputs = [Edge(memo[id(e.vertex)], e.index) for e in v.inputs]  # type: ignore[arg-type]
                 st = VertexState(self, key, LoadedVertex(v, key, inputs), digest)
                 actives[key] = st
                 if key != digest:
@@ -708,13 +734,19 @@ class Solver:
             parent.children.add(st.key)  # type: ignore[union-attr]
             for cache in parent.sources.values():
                 st.add_source(cache)
-        self._connect_progress(st)
+        self._connect_progress(st, job)
         return st.vtx
 
-    def _connect_progress(self, st: VertexState) -> None:
+    def _connect_progress(self, st: VertexState, job: Job | None) -> None:
         if not st.parents:
+            if st.watched and job is not None:
+                # every other job watches already: K jobs loading one graph
+                # connect in O(K), not O(K^2)
+                st.watch(job._progress)
+                return
             for j in st.jobs:
                 st.watch(j._progress)
+            st.watched = True
             return
         seen: set[str] = set()
         stack = [st]
