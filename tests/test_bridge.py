@@ -18,7 +18,7 @@ from solver import (
     SolveRequest,
     split_result_proxy,
 )
-from solver._bridge import DefinitionProxy, SolverBridge
+from solver._bridge import _NEW, DefinitionProxy, SolverBridge
 from solver.testing import HandleTracker
 
 pytestmark = pytest.mark.anyio
@@ -137,8 +137,9 @@ async def test_release_before_evaluation_starts(handle_tracker: HandleTracker) -
                         await proxy.result()
 
                 tg.start_soon(ask)
-                await anyio.lowlevel.checkpoint()
-                await proxy.release()
+                while proxy._state == _NEW:  # until ask() has started the evaluation
+                    await anyio.lowlevel.checkpoint()
+                await proxy.release()  # the evaluation task may not even have run yet
         assert not scope.cancelled_caught
     assert ops.live_values() == []
 
