@@ -111,11 +111,21 @@ async def wait_until(predicate: Callable[[], bool], timeout: float = 5) -> None:
 
 
 def alive(pid: int) -> bool:
+    """Whether ``pid`` runs. A zombie (killed, waiting for its parent or, as an
+    orphan, for init to reap it: some container inits are slow) counts as dead."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        # gone since os.kill, or no /proc at all (not Linux: trust os.kill)
+        return not os.path.isdir("/proc/self")
+    except IndexError:
+        return True
+    return state not in ("Z", "X")
 
 
 # -- running ----------------------------------------------------------------------------
