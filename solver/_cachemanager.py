@@ -43,6 +43,7 @@ from ._cache import (
     CacheManager,
     CacheRecord,
     ExportableCacheKey,
+    new_link,
     root_key,
 )
 from ._cacheexport import SavedKeyExporter
@@ -75,9 +76,15 @@ def _new_id() -> str:
 
 def _dep_links(key: CacheKey) -> Iterator[tuple[CacheKey, CacheInfoLink]]:
     """Each alternative dep key of ``key`` with the link from it to ``key``."""
-    for i, alternatives in enumerate(key.deps):
-        for dep in alternatives:
-            yield dep.key.key, CacheInfoLink(i, key.output, key.digest, dep.selector)
+    output = key.output
+    digest = key.digest
+    return iter(
+        [
+            (dep.key.key, new_link(i, output, digest, dep.selector))
+            for i, alternatives in enumerate(key.deps)
+            for dep in alternatives
+        ]
+    )
 
 
 @dataclass(slots=True, eq=False)
@@ -271,6 +278,10 @@ class KeyedCacheManager:
         memo = key.ids.get(self)
         if memo is not None:
             return memo
+        if all(self in dep.key.key.ids for alternatives in key.deps for dep in alternatives):
+            # every dep is resolved (the common case: a key made of its inputs' keys)
+            id = await self._id_from_deps(key) if key.deps else key.id
+            return key.ids.setdefault(self, id)
         # Resolve the unresolved part of the dep graph bottom-up, without recursion:
         # a key's ID needs the IDs of its deps.
         for k in self._unresolved_post_order(key):
@@ -307,7 +318,7 @@ class KeyedCacheManager:
         for i, alternatives in enumerate(key.deps):
             reached: dict[str, None] = {}
             for dep in alternatives:
-                link = CacheInfoLink(i, key.output, key.digest, dep.selector)
+                link = new_link(i, key.output, key.digest, dep.selector)
                 for target in await self._storage.walk_links(dep.key.key.ids[self], link):
                     reached[target] = None
             matches = reached if matches is None else {t: None for t in matches if t in reached}
@@ -332,7 +343,7 @@ class KeyedCacheManager:
                 stack.pop()
                 continue
             dep, link = step
-            dep_id = await self._get_id(dep)
+            dep_id = dep.ids.get(self) or await self._get_id(dep)
             if not await self._storage.has_link(dep_id, link, frame.id):
                 frame.link_after = (dep_id, link)
                 stack.append(_LinkFrame(dep_id, _dep_links(dep)))
