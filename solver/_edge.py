@@ -68,6 +68,7 @@ __all__ = ["ActiveEdge"]
 _NO_KEY_MAP: dict[str, CacheKey] = {}
 _NO_RECORDS: dict[str, CacheRecord] = {}
 _NO_IDS: frozenset[str] = frozenset()
+_NO_MATCHED: dict[str, None] = {}
 # What ``cache_map_req`` and ``exec_req`` hold once answered for good (only its
 # identity is ever used): the answered pipe itself need not be kept.
 _ANSWERED: Pipe = Pipe.__new__(Pipe)
@@ -201,7 +202,9 @@ class ActiveEdge:
         self.cache_records: dict[str, CacheRecord] = _NO_RECORDS
         self.cache_records_loaded: set[str] | frozenset[str] = _NO_IDS
         self.loading_record = ""
-        self.key_map: set[str] | frozenset[str] = _NO_IDS
+        # IDs of the stored keys every input leads to (a dict of strings, which
+        # the cyclic GC does not track, rather than a set, which it does)
+        self.key_map: dict[str, None] = _NO_MATCHED
 
         self.no_cache_match_possible = False
         self.all_deps_completed_cache_fast = False
@@ -437,8 +440,9 @@ class ActiveEdge:
                 self.create_input_requests(desired, s, True)
 
     def settle(self) -> None:
-        """The edge has its result and no open request: its inputs' answered
-        requests need not be kept (what they said is in the deps)."""
+        """The edge has no open request to its inputs, and has its result or no
+        requester: its inputs' answered requests need not be kept (what they said
+        is in the deps; a new request to the edge asks its inputs anew)."""
         for d in self.deps or ():
             d.req = None
 
@@ -502,10 +506,9 @@ class ActiveEdge:
                 break
 
         if new_keys:
-            if key_map is _NO_IDS:
-                key_map = self.key_map = set()
-            assert isinstance(key_map, set)
-            key_map.update(new_keys)
+            if key_map is _NO_MATCHED:
+                key_map = self.key_map = {}
+            key_map.update(dict.fromkeys(new_keys))
             await self._add_matched_keys(new_keys, deps)
 
         if self.cache_map is None:

@@ -14,7 +14,9 @@ and again when they complete), so it is kept lean: item IDs of keys with deps
 are small integers from a counter (never equal to a root key's digest string),
 a link is a plain tuple ``(input, output, digest, selector)`` (equal to, and
 hashed as, the ``CacheInfoLink`` with those fields), and the targets of a link
-and the deps of an item are short lists rather than sets.
+and the deps of an item are short tuples rather than sets (a tuple of strings
+and integers is not tracked by the cyclic garbage collector, and a large build
+keeps many of them alive).
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ class _Item:
 
     def __init__(self) -> None:
         self.edge: ActiveEdge | None = None
-        self.links: dict[_Link, list[ItemID]] = {}
+        self.links: dict[_Link, tuple[ItemID, ...]] = {}
         # items with a link to this one (to drop those links when this one goes)
-        self.deps: list[ItemID] = []
+        self.deps: tuple[ItemID, ...] = ()
 
 
 class EdgeIndex:
@@ -51,7 +53,7 @@ class EdgeIndex:
 
     def __init__(self) -> None:
         self._items: dict[ItemID, _Item] = {}
-        self._back_refs: dict[ActiveEdge, list[ItemID]] = {}
+        self._back_refs: dict[ActiveEdge, tuple[ItemID, ...]] = {}
         self._ids = itertools.count(1)
 
     def __len__(self) -> int:
@@ -84,8 +86,10 @@ class EdgeIndex:
                 for link in list(links):
                     targets = links[link]
                     if iid in targets:
-                        targets.remove(iid)
-                        if not targets:
+                        targets = tuple([t for t in targets if t != iid])
+                        if targets:
+                            links[link] = targets
+                        else:
                             del links[link]
                 if dep.edge is None and not links:
                     stack.append((dep_id, dep))
@@ -111,11 +115,9 @@ class EdgeIndex:
         item_id = ids[0] if ids else next(self._ids)
         main = self._link(item_id, key)
         main.edge = edge
-        refs = self._back_refs.get(edge)
-        if refs is None:
-            self._back_refs[edge] = [item_id]
-        elif item_id not in refs:
-            refs.append(item_id)
+        refs = self._back_refs.get(edge, ())
+        if item_id not in refs:
+            self._back_refs[edge] = (*refs, item_id)
         return None
 
     def _index_deps(self, key: CacheKey) -> None:
@@ -164,7 +166,6 @@ class EdgeIndex:
             main = items[item_id] = _Item()
         output = key.output
         digest = key.digest
-        main_deps = main.deps
         for i, alternatives in enumerate(key.deps):
             for dep in alternatives:
                 link = (i, output, digest, dep.selector)
@@ -173,11 +174,11 @@ class EdgeIndex:
                     if item is not None:
                         targets = item.links.get(link)
                         if targets is None:
-                            item.links[link] = [item_id]
+                            item.links[link] = (item_id,)
                         elif item_id not in targets:
-                            targets.append(item_id)
-                        if dep_id not in main_deps:
-                            main_deps.append(dep_id)
+                            item.links[link] = (*targets, item_id)
+                        if dep_id not in main.deps:
+                            main.deps = (*main.deps, dep_id)
         return main
 
     def _matches(self, key: CacheKey) -> tuple[ItemID, ...]:

@@ -151,7 +151,10 @@ class Pipe:
     def update(self, value: object) -> None:
         self.send_value = value
         self.news = True
-        self._notify_send()
+        if self.source is not None:
+            self.scheduler.signal(self.source)
+        elif self.on_send is not None:
+            self.on_send()
 
     def finalize(self, value: object, err: BaseException | None, *, owned: bool = False) -> None:
         if self.send_completed:
@@ -169,9 +172,6 @@ class Pipe:
         if self.canceled and isinstance(err, Canceled):
             self.send_canceled = True
         self.news = True
-        self._notify_send()
-
-    def _notify_send(self) -> None:
         if self.source is not None:
             self.scheduler.signal(self.source)
         elif self.on_send is not None:
@@ -348,7 +348,7 @@ class Scheduler:
                     outgoing = e.outgoing = [p for p in outgoing if not p.completed] or ()
                     break
             open_out = bool(outgoing)
-        if not open_out and e.result is not None:
+        if not open_out and (e.result is not None or not e.incoming):
             e.settle()
 
         if e.keys_did_change:
