@@ -951,8 +951,7 @@ class ActiveEdge:
 
     def exec_if_possible(self, s: Scheduler) -> bool:
         if self.cache_records:
-            if self.keys_did_change:
-                s.postpone(self)
+            if self.keys_did_change and not s.index_now(self):
                 return True
             rec = best_record(self.cache_records.values())
             assert rec is not None
@@ -978,8 +977,7 @@ class ActiveEdge:
                     p.cancel()
             return True
         if self.all_deps_completed:
-            if self.keys_did_change:
-                s.postpone(self)
+            if self.keys_did_change and not s.index_now(self):
                 return True
             self.commit_keys, inputs = self.commit_options()
             self.exec_req = s.new_func_pipe(self)

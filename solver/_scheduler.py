@@ -368,6 +368,20 @@ class Scheduler:
                 InternalError("scheduler error: return leaving outgoing open; please report it"),
             )
 
+    def index_now(self, e: ActiveEdge) -> bool:
+        """Index ``e``'s changed keys now, during its dispatch, before it starts
+        work (a load or an exec): an equal live edge found here merges with it
+        first. False if ``e`` was merged away (its requesters moved to the other
+        edge, which does the work); it must then not start any.
+
+        This is the end-of-dispatch index step, brought forward: the edge need
+        not postpone itself and dispatch again only to be indexed."""
+        e.keys_did_change = False
+        k = e.current_index_key()
+        if k is not None:
+            self._try_merge(e, k)
+        return e.owner is None
+
     def _try_merge(self, e: ActiveEdge, key: CacheKey) -> None:
         orig = e.index.load_or_store(key, e)
         if orig is None:
