@@ -397,15 +397,19 @@ class Scheduler:
     def _merge_to(self, target: ActiveEdge, src: ActiveEdge) -> bool:
         if not target.ignore_cache and src.ignore_cache:
             return False
+        # Only open pipes move: a merge found by index_now happens during the
+        # source's dispatch, before its answered pipes are dropped.
         moved, src.incoming = src.incoming, ()
         for p in moved:
-            p.target = target
-            _add_incoming(target, p)
+            if not p.send_completed:
+                p.target = target
+                _add_incoming(target, p)
         moved, src.outgoing = src.outgoing, ()
         for p in moved:
-            p.source = target
-            _add_outgoing(target, p)
-            p.cancel()
+            if not p.completed:
+                p.source = target
+                _add_outgoing(target, p)
+                p.cancel()
         self.signal(target)
         target.add_secondary_exporters(src)
         return True
