@@ -100,7 +100,8 @@ class EdgeIndex:
         An ignore-cache edge takes over the slot of a normal one instead of joining it.
         """
         self._index_deps(key)
-        ids = self._matches(key)
+        plan = self._plan(key)
+        ids = self._matches(key, plan)
         items = self._items
         old_id: ItemID | None = None
         old: ActiveEdge | None = None
@@ -109,11 +110,11 @@ class EdgeIndex:
             if item is not None and item.edge is not edge and item.edge is not None:
                 old_id, old = item_id, item.edge
         if old is not None and old_id is not None and (old.ignore_cache or not edge.ignore_cache):
-            self._link(old_id, key)
+            self._link(old_id, plan)
             return old
 
         item_id = ids[0] if ids else next(self._ids)
-        main = self._link(item_id, key)
+        main = self._link(item_id, plan)
         main.edge = edge
         refs = self._back_refs.get(edge, ())
         if item_id not in refs:
@@ -152,73 +153,69 @@ class EdgeIndex:
         for k in order:
             if k is key or k.index_ids:
                 continue
-            matches = self._matches(k)
+            plan = self._plan(k)
+            matches = self._matches(k, plan)
             k.index_ids = matches if matches else (next(self._ids),)
             for item_id in k.index_ids:
-                self._link(item_id, k)
+                self._link(item_id, plan)
 
-    def _link(self, item_id: ItemID, key: CacheKey) -> _Item:
-        """Make ``item_id`` the target of links from each dep key's items (dep keys
-        have their index IDs already); return its item."""
+    def _plan(self, key: CacheKey) -> list[list[tuple[_Link, ItemID, _Item]]]:
+        """For each input of ``key``: the link from it to ``key`` through each of its
+        alternatives, with each live item of that alternative (dep keys have their
+        index IDs already). Made once, read by _matches and _link."""
         items = self._items
-        main = items.get(item_id)
-        if main is None:
-            main = items[item_id] = _Item()
         output = key.output
         digest = key.digest
+        plan: list[list[tuple[_Link, ItemID, _Item]]] = []
         for i, alternatives in enumerate(key.deps):
+            entries: list[tuple[_Link, ItemID, _Item]] = []
             for dep in alternatives:
                 link = (i, output, digest, dep.selector)
                 for dep_id in dep.key.key.index_ids:
                     item = items.get(dep_id)
                     if item is not None:
-                        targets = item.links.get(link)
-                        if targets is None:
-                            item.links[link] = (item_id,)
-                        elif item_id not in targets:
-                            item.links[link] = (*targets, item_id)
-                        if dep_id not in main.deps:
-                            main.deps = (*main.deps, dep_id)
+                        entries.append((link, dep_id, item))
+            plan.append(entries)
+        return plan
+
+    def _link(self, item_id: ItemID, plan: list[list[tuple[_Link, ItemID, _Item]]]) -> _Item:
+        """Make ``item_id`` the target of the links of ``plan`` (see _plan); return
+        its item."""
+        items = self._items
+        main = items.get(item_id)
+        if main is None:
+            main = items[item_id] = _Item()
+        for entries in plan:
+            for link, dep_id, item in entries:
+                links = item.links
+                targets = links.get(link)
+                if targets is None:
+                    links[link] = (item_id,)
+                elif item_id not in targets:
+                    links[link] = (*targets, item_id)
+                if dep_id not in main.deps:
+                    main.deps = (*main.deps, dep_id)
         return main
 
-    def _matches(self, key: CacheKey) -> tuple[ItemID, ...]:
-        """IDs of items reachable by links from every input of ``key`` (dep keys
-        have their index IDs already)."""
-        deps = key.deps
-        if not deps:
+    def _matches(
+        self, key: CacheKey, plan: list[list[tuple[_Link, ItemID, _Item]]]
+    ) -> tuple[ItemID, ...]:
+        """IDs of items reachable by links from every input of ``key``, through any
+        of its alternatives (``plan``, see _plan), in the order the first input
+        reaches them."""
+        if not key.deps:
             return (root_key(key.digest, key.output),)
-        items = self._items
-        output = key.output
-        digest = key.digest
-        matches: dict[ItemID, None] = {}
-        for i, alternatives in enumerate(deps):
-            if i == 0:
-                for dep in alternatives:
-                    link = (i, output, digest, dep.selector)
-                    for dep_id in dep.key.key.index_ids:
-                        item = items.get(dep_id)
-                        if item is not None:
-                            targets = item.links.get(link)
-                            if targets:
-                                matches.update(dict.fromkeys(targets))
-                continue
+        matches: dict[ItemID, None] | None = None
+        for entries in plan:
+            reached: dict[ItemID, None] = {}
+            for link, _, item in entries:
+                targets = item.links.get(link)
+                if targets:
+                    reached.update(dict.fromkeys(targets))
+            matches = reached if matches is None else {m: None for m in matches if m in reached}
             if not matches:
-                break
-            for m in list(matches):
-                found = False
-                for dep in alternatives:
-                    link = (i, output, digest, dep.selector)
-                    for dep_id in dep.key.key.index_ids:
-                        item = items.get(dep_id)
-                        if item is not None:
-                            targets = item.links.get(link)
-                            if targets and m in targets:
-                                found = True
-                                break
-                    if found:
-                        break
-                if not found:
-                    del matches[m]
+                return ()
+        assert matches is not None
         return tuple(matches)
 
     def _check(self) -> None:
