@@ -30,7 +30,6 @@ import anyio
 import anyio.lowlevel
 
 from solver import (
-    Attestation,
     Bridge,
     Definition,
     FrontendResult,
@@ -149,18 +148,7 @@ class ForwarderClient:
                 self._refs.append(ref)
             return ref
 
-        result = BuildResult()
-        if answer.ref is not None:
-            result.set_ref(wrap(answer.ref))
-        for key, proxy in answer.refs.items():
-            result.add_ref(key, wrap(proxy))
-        for key, atts in answer.attestations.items():
-            for att in atts:
-                ref = wrap(att.ref) if att.ref is not None else None
-                result.add_attestation(key, Attestation(att.kind, ref, att.path, att.metadata))
-        for key, value in answer.metadata.items():
-            result.add_meta(key, value)
-        return result
+        return answer.convert_into(BuildResult(), lambda proxy, _: wrap(proxy))
 
     def to_frontend_result(self, result: BuildResult) -> FrontendResult:
         """Convert the build function's result: one new half per occurrence of each
@@ -172,22 +160,7 @@ class ForwarderClient:
                 f"the build function returned a {type(result).__name__}, not a "
                 "frontends.BuildResult"
             )
-        out = FrontendResult()
-        if result.ref is not None:
-            out.set_ref(self._hand_out(result.ref, "ref"))
-        for key, ref in result.refs.items():
-            out.add_ref(key, self._hand_out(ref, f"refs[{key!r}]"))
-        for key, atts in result.attestations.items():
-            for att in atts:
-                proxy = (
-                    self._hand_out(att.ref, f"attestation {att.kind!r} of {key!r}")
-                    if att.ref is not None
-                    else None
-                )
-                out.add_attestation(key, Attestation(att.kind, proxy, att.path, att.metadata))
-        for key, value in result.metadata.items():
-            out.add_meta(key, value)
-        return out
+        return result.convert_into(FrontendResult(), self._hand_out)
 
     def _hand_out(self, ref: object, where: str) -> ResultProxy:
         if not isinstance(ref, ForwardedReference):

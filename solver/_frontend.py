@@ -18,9 +18,9 @@ times; both share :class:`ResultMap`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 __all__ = ["Attestation", "Bridge", "Frontend", "FrontendResult", "ResultMap"]
 
 R = TypeVar("R")
+S = TypeVar("S")
+M = TypeVar("M", bound="ResultMap[Any]")
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -108,6 +110,26 @@ class ResultMap(Generic[R]):
             for att in atts:
                 if att.ref is not None:
                     yield att.ref
+
+    def convert_into(self, target: M, convert: Callable[[R, str], Any]) -> M:
+        """Fill ``target`` with this result's shape: every ref replaced by
+        ``convert(ref, where)``, called once per occurrence in :meth:`each_ref`
+        order (``where`` names the slot for error messages: ``"ref"``,
+        ``"refs['k']"``, ``"attestations['k'][0] (provenance)"``); metadata is
+        copied. Returns ``target``. If ``convert`` raises, ``target`` holds what
+        was converted before."""
+        if self.ref is not None:
+            target.set_ref(convert(self.ref, "ref"))
+        for key, value in self.refs.items():
+            target.add_ref(key, convert(value, f"refs[{key!r}]"))
+        for key, atts in self.attestations.items():
+            for i, att in enumerate(atts):
+                where = f"attestations[{key!r}][{i}] ({att.kind})"
+                ref = convert(att.ref, where) if att.ref is not None else None
+                target.add_attestation(key, Attestation(att.kind, ref, att.path, att.metadata))
+        for key, data in self.metadata.items():
+            target.add_meta(key, data)
+        return target
 
     def _admit(self, ref: R) -> None:
         """Check ``ref`` may be added (subclasses refuse some)."""

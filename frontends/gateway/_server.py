@@ -43,7 +43,6 @@ from anyio.abc import ByteStream
 from anyio.streams.stapled import StapledByteStream
 
 from solver import (
-    Attestation,
     Bridge,
     CachedResult,
     Definition,
@@ -427,17 +426,7 @@ class GatewaySession:
                 ref_id, definition.to_json() if isinstance(definition, Definition) else None
             )
         wire: ResultMap[WireRef] = ResultMap()
-        if answer.ref is not None:
-            wire.set_ref(wire_refs[id(answer.ref)])
-        for key, proxy in answer.refs.items():
-            wire.add_ref(key, wire_refs[id(proxy)])
-        for key, atts in answer.attestations.items():
-            for att in atts:
-                ref = wire_refs[id(att.ref)] if att.ref is not None else None
-                wire.add_attestation(key, Attestation(att.kind, ref, att.path, att.metadata))
-        for key, value in answer.metadata.items():
-            wire.add_meta(key, value)
-        return wire
+        return answer.convert_into(wire, lambda proxy, _: wire_refs[id(proxy)])
 
     async def _release(self, request: Release) -> dict[str, JSON]:
         unknown = [ref_id for ref_id in request.refs if ref_id not in self._refs]
@@ -486,22 +475,7 @@ class GatewaySession:
             holder.forget_handed()  # the result owns it (or the failure path releases it)
             return half
 
-        out = FrontendResult()
-        if wire.ref is not None:
-            out.set_ref(take(wire.ref, "ref"))
-        for key, ref_id in wire.refs.items():
-            out.add_ref(key, take(ref_id, f"refs[{key!r}]"))
-        for key, atts in wire.attestations.items():
-            for i, att in enumerate(atts):
-                proxy = (
-                    take(att.ref, f"attestations[{key!r}][{i}] ({att.kind})")
-                    if att.ref is not None
-                    else None
-                )
-                out.add_attestation(key, Attestation(att.kind, proxy, att.path, att.metadata))
-        for key, value in wire.metadata.items():
-            out.add_meta(key, value)
-        return out
+        return wire.convert_into(FrontendResult(), take)
 
 
 def _unknown(ref_id: str) -> str:

@@ -45,7 +45,7 @@ import anyio.lowlevel
 import anyio.to_thread
 from anyio.abc import ByteStream
 
-from solver import Attestation, Definition, SolveError, SolveRequest
+from solver import Definition, SolveError, SolveRequest
 from solver._frontend import ResultMap
 
 from .._api import BuildFunction, BuildOpts, BuildResult, Stat
@@ -401,18 +401,7 @@ class GatewayClient:
                 found = made[w.id] = RemoteReference(self, w.id, w.definition)
             return found
 
-        result = BuildResult()
-        if wire.ref is not None:
-            result.set_ref(ref(wire.ref))
-        for key, w in wire.refs.items():
-            result.add_ref(key, ref(w))
-        for key, atts in wire.attestations.items():
-            for att in atts:
-                att_ref = ref(att.ref) if att.ref is not None else None
-                result.add_attestation(key, Attestation(att.kind, att_ref, att.path, att.metadata))
-        for key, value in wire.metadata.items():
-            result.add_meta(key, value)
-        return result
+        return wire.convert_into(BuildResult(), lambda w, _: ref(w))
 
     def result_to_wire(self, result: BuildResult) -> ResultMap[str]:
         """``result`` by reference IDs, one per occurrence. Raises
@@ -433,21 +422,7 @@ class GatewayClient:
             return ref.id
 
         wire: ResultMap[str] = ResultMap()
-        if result.ref is not None:
-            wire.set_ref(ref_id(result.ref, "ref"))
-        for key, ref in result.refs.items():
-            wire.add_ref(key, ref_id(ref, f"refs[{key!r}]"))
-        for key, atts in result.attestations.items():
-            for att in atts:
-                att_id = (
-                    ref_id(att.ref, f"attestation {att.kind!r} of {key!r}")
-                    if att.ref is not None
-                    else None
-                )
-                wire.add_attestation(key, Attestation(att.kind, att_id, att.path, att.metadata))
-        for key, value in result.metadata.items():
-            wire.add_meta(key, value)
-        return wire
+        return result.convert_into(wire, ref_id)
 
     async def return_result(self, result: BuildResult | ResultMap[str]) -> None:
         """Return ``result`` (a BuildResult, or one already by IDs) as the build's
