@@ -141,7 +141,7 @@ class Raw:
         assert answer["type"] == "reply", answer
         return answer
 
-    async def solve(self, *parts: str, kind: str = "gw.text") -> str:
+    async def solve(self, *parts: str, kind: str = "test.text") -> str:
         answer = await self.call({"type": "solve", "definition": text(*parts, kind=kind).to_json()})
         assert answer["type"] == "reply", answer
         ref_id: str = answer["result"]["ref"]["id"]
@@ -386,7 +386,7 @@ ERROR_STEPS = {
     "start": r"failed: RuntimeError: at start$",
     "after_solve": r"failed: RuntimeError: after solve$",
     "evaluate_fails": r"failed: evaluating result .* boom|failed: .*boom",
-    "bad_definition": r"failed: .*unknown op kind 'gw\.nope'",
+    "bad_definition": r"failed: .*unknown op kind 'test\.nope'",
     "unknown_frontend": r"failed: unknown frontend 'nope'",
     "nested_frontend_fails": r"failed: frontend build function failed: .*the build function says",
     "not_a_build_result": r"failed: the build function returned a dict, not a frontends\.Build",
@@ -414,7 +414,7 @@ async def test_an_exception_at_each_step_releases_everything(
             assert bad.ref is not None
             await bad.ref.evaluate()
         if step == "bad_definition":
-            await client.solve(SolveRequest(definition=Definition.of(node("gw.nope", {}))))
+            await client.solve(SolveRequest(definition=Definition.of(node("test.nope", {}))))
         if step == "unknown_frontend":
             await client.solve(SolveRequest(frontend="nope"))
         if step == "nested_frontend_fails":
@@ -700,7 +700,7 @@ async def test_a_protocol_violation_ends_the_session_and_leaks_nothing(
         else:
             await raw.hello()
             ref = await raw.solve("a", "b")
-            gated = await raw.solve("a", "g", kind="gw.gate")
+            gated = await raw.solve("a", "g", kind="test.gate")
             evaluate = {"type": "evaluate", "id": 7, "ref": gated}
             await raw.send(evaluate)  # stays unanswered: the gate never opens
             await raw.call({"type": "evaluate", "ref": ref})
@@ -791,7 +791,7 @@ async def test_cancellation_at_each_step_releases_everything(
     gate = "g"
 
     async def blocking_build(client: Client) -> BuildResult:
-        res = await client.solve(SolveRequest(definition=text("a", gate, kind="gw.gate")))
+        res = await client.solve(SolveRequest(definition=text("a", gate, kind="test.gate")))
         assert res.ref is not None
         await res.ref.evaluate()
         raise AssertionError("the gate never opens")
@@ -810,7 +810,7 @@ async def test_cancellation_at_each_step_releases_everything(
                 reached.set()
                 await anyio.sleep_forever()
             if step in ("in_evaluate", "in_read"):
-                gated_def = text("a", gate, kind="gw.gate")
+                gated_def = text("a", gate, kind="test.gate")
                 gated = (await client.solve(SolveRequest(definition=gated_def))).ref
                 assert gated is not None
                 if step == "in_evaluate":

@@ -9,7 +9,7 @@ then exits with status 5).
 
 Modes that misbehave below ``serve`` (they use the client's private stdio helpers):
 ``crash`` (dies with status 3 in the middle of a session), ``hang`` (writes its
-pid to ``opts["pidfile"]`` if given, then waits forever on a ``gw.gate`` op),
+pid to ``opts["pidfile"]`` if given, then waits forever on a ``test.gate`` op),
 ``no_return`` (closes the session and exits 0 without returning), ``junk``
 (writes garbage into the protocol stream), ``close_stdout`` (closes its output
 without returning, then keeps running).
@@ -76,7 +76,7 @@ async def misbehave(mode: str) -> None:
             sys.stderr.write("hanging now\n")
             sys.stderr.flush()
             # blocks in the solver, on a gate the test never opens
-            gated = await client.solve(SolveRequest(definition=text("a", "g", kind="gw.gate")))
+            gated = await client.solve(SolveRequest(definition=text("a", "g", kind="test.gate")))
             assert gated.ref is not None
             await gated.ref.evaluate()
         assert mode == "no_return"

@@ -1,115 +1,22 @@
-"""Op kinds, build functions and helpers shared by the gateway tests and the test
-frontend programs in this directory.
-
-``gw.text`` joins its inputs' text with its own ``text`` and returns a
-:class:`~solver.testing.CountingResult` (recorded in ``Ops.results``, each exec in
-``Ops.execs``). ``gw.gate`` does the same but first sets ``Ops.started[text]`` and
-waits for ``Ops.gates[text]``. ``gw.fail`` raises ``RuntimeError``.
+"""Build functions shared by the gateway tests and the test frontend programs in
+this directory, and the test op kinds of ``tests/frontend_support.py`` (``test.text``,
+``test.gate``, ``test.fail``), re-exported for the programs, which run with this
+directory on ``sys.path``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import sys
+from pathlib import Path
 
-import anyio
-import anyio.lowlevel
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from frontend_support import Ops, failing, text
 
 from frontends import BuildResult, Client
-from solver import (
-    Attestation,
-    CacheMap,
-    CacheMapDep,
-    Definition,
-    OpContext,
-    OpKindRegistry,
-    Result,
-    SolveRequest,
-    digest_of,
-    node,
-)
-from solver.testing import CountingResult
+from solver import Attestation, SolveRequest
 
-
-@dataclass
-class Ops:
-    """The op kinds of one test, and what they saw."""
-
-    execs: list[str] = field(default_factory=list)
-    results: list[CountingResult] = field(default_factory=list)
-    started: dict[str, anyio.Event] = field(default_factory=dict)
-    gates: dict[str, anyio.Event] = field(default_factory=dict)
-
-    def registry(self) -> OpKindRegistry:
-        kinds = OpKindRegistry()
-        kinds.register("gw.text", lambda ctx: _TextOp(ctx, self))
-        kinds.register("gw.gate", lambda ctx: _GateOp(ctx, self))
-        kinds.register("gw.fail", lambda ctx: _FailOp(ctx))
-        return kinds
-
-    def gate(self, name: str) -> anyio.Event:
-        return self.gates.setdefault(name, anyio.Event())
-
-    def start_signal(self, name: str) -> anyio.Event:
-        return self.started.setdefault(name, anyio.Event())
-
-    def live_values(self) -> list[str]:
-        """Values some handle of which is still unreleased."""
-        return [r.id for r in self.results if r.live_count]
-
-
-class _TextOp:
-    def __init__(self, ctx: OpContext, ops: Ops) -> None:
-        self.text = str(ctx.payload["text"])
-        self.inputs = ctx.inputs
-        self.ops = ops
-
-    async def cache_map(self, index: int) -> tuple[CacheMap, bool]:
-        deps = [CacheMapDep() for _ in range(self.inputs)]
-        return CacheMap(digest_of(f"{type(self).__name__}:{self.text}".encode()), deps), True
-
-    async def exec(self, inputs: Sequence[Result]) -> Sequence[Result]:
-        await self.before()
-        self.ops.execs.append(self.text)
-        joined = "".join(str(r.sys) for r in inputs) + self.text
-        result = CountingResult(id=f"{joined}-{len(self.ops.execs)}", value=joined)
-        self.ops.results.append(result)
-        return [result]
-
-    async def before(self) -> None:
-        await anyio.lowlevel.checkpoint()
-
-
-class _GateOp(_TextOp):
-    async def before(self) -> None:
-        self.ops.start_signal(self.text).set()
-        await self.ops.gate(self.text).wait()
-
-
-class _FailOp:
-    def __init__(self, ctx: OpContext) -> None:
-        self.message = str(ctx.payload["message"])
-
-    async def cache_map(self, index: int) -> tuple[CacheMap, bool]:
-        return CacheMap(digest_of(f"fail:{self.message}".encode()), []), True
-
-    async def exec(self, inputs: Sequence[Result]) -> Sequence[Result]:
-        raise RuntimeError(self.message)
-
-
-def text(*parts: str, kind: str = "gw.text") -> Definition:
-    """A chain of ``gw.text`` ops (the last one of ``kind``): ``text("a", "b")``
-    builds ``"ab"``."""
-    prev = None
-    for i, part in enumerate(parts):
-        k = kind if i == len(parts) - 1 else "gw.text"
-        prev = node(k, {"text": part}, inputs=[prev] if prev is not None else [])
-    assert prev is not None
-    return Definition.of(prev)
-
-
-def failing(message: str) -> Definition:
-    return Definition.of(node("gw.fail", {"message": message}))
+__all__ = ["Ops", "duplicate_build", "failing", "failing_build", "text"]
 
 
 # -- build functions (run in process, through the in-process gateway and as programs) --
