@@ -419,8 +419,11 @@ class SharedOp:
         cancelled: bool,
     ) -> None:
         key = call.key
-        if self._calls.get(key) is call:
-            del self._calls[key]
+        calls = self._calls
+        if calls.get(key) is call:
+            del calls[key]
+            if not calls:
+                self._calls = _NO_CALLS  # an emptied dict keeps its size
         failure: BaseException | None = None
         if cancelled or (deliver is None and err is None):
             failure = CANCELED

@@ -129,7 +129,9 @@ class VertexState:
         self.key = key
         self.vtx = vtx
         self.orig_digest = orig_digest
-        self.jobs: set[Job] = set()
+        # the jobs that keep the state active (a short list, not a set: most
+        # states have one or a few, and an empty set alone costs 216 bytes)
+        self.jobs: list[Job] = []
         # Parents, children, sources and watchers start as shared empty values and
         # get their own container when first added to (most states never have
         # parents, children or sources; an empty set costs 216 bytes).
@@ -146,7 +148,8 @@ class VertexState:
         # whether every job in ``jobs`` watches this state (true after a full
         # connect; a merge that adds jobs clears it)
         self.watched = False
-        self.watchers: set[JobProgress] | frozenset[JobProgress] = frozenset()
+        # (a short list: most states have one watcher, and a set costs 216 bytes)
+        self.watchers: list[JobProgress] | tuple[()] = ()
 
     def __repr__(self) -> str:
         return f"<VertexState {self.vtx.name!r} jobs={len(self.jobs)}>"
@@ -207,7 +210,7 @@ class VertexState:
             if id(st) in seen:
                 continue
             seen.add(id(st))
-            st.jobs.update(src.jobs)
+            st.jobs.extend([j for j in src.jobs if j not in st.jobs])
             st.watched = False
             for inp in st.vtx.inputs:
                 inp_state = actives.get(inp.vertex.digest)
@@ -231,10 +234,10 @@ class VertexState:
     # progress
     def watch(self, progress: JobProgress) -> None:
         if progress not in self.watchers:
-            if not self.watchers:
-                self.watchers = {progress}
+            if self.watchers:
+                self.watchers.append(progress)
             else:
-                self.watchers.add(progress)  # type: ignore[union-attr]
+                self.watchers = [progress]
             for ev in self.history:
                 progress.put(ev)
 
@@ -591,10 +594,10 @@ class Solver:
     def _discard(self, job: Job) -> None:
         for key, st in list(self._actives.items()):
             if job in st.jobs:
-                st.jobs.discard(job)
+                st.jobs.remove(job)
                 self._delete_if_unreferenced(key, st)
             if job._progress in st.watchers:
-                st.watchers.discard(job._progress)  # type: ignore[union-attr]
+                st.watchers.remove(job._progress)  # type: ignore[union-attr]
         job._progress.close()
 
     def _delete_if_unreferenced(self, key: str, st: VertexState) -> None:
@@ -685,7 +688,7 @@ class Solver:
                     if not options.ignore_cache and not options.cache_sources:
                         assert job is not None
                         if job not in st.jobs:
-                            st.jobs.add(job)
+                            st.jobs.append(job)
                             st.watch(job._progress)
                         memo[k] = st.vtx
                         continue
@@ -723,8 +726,8 @@ class Solver:
                     self._ignore_states += 1
         for cache in options.cache_sources:
             st.add_source(cache)
-        if job is not None:
-            st.jobs.add(job)
+        if job is not None and job not in st.jobs:
+            st.jobs.append(job)
         if parent is not None and parent.key not in st.parents:
             if not st.parents:
                 st.parents = set()
