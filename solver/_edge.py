@@ -166,6 +166,7 @@ class ActiveEdge:
         "index",
         "key_map",
         "keys",
+        "keys_cursor",
         "keys_did_change",
         "loading_record",
         "no_cache_match_possible",
@@ -221,6 +222,9 @@ class ActiveEdge:
         self.releaser_count = 0
         self.owner: ActiveEdge | None = None
         self.keys_did_change = False
+        # all_deps_have_keys(False), all_deps_have_keys(True): every dep before
+        # these indexes is known to have keys (see all_deps_have_keys)
+        self.keys_cursor = [0, 0]
         # made when first needed: a merge adds to it, a result's exporters read it
         self.secondary_exporters: list[tuple[int, CacheKeyWithSelector]] | None = None
         self.failed = False
@@ -351,13 +355,28 @@ class ActiveEdge:
             self.no_cache_match_possible = True
 
     def all_deps_have_keys(self, matching: bool) -> bool:
+        """Whether every input has a key (``matching``: a key that leads to a
+        stored key of this edge), a content key or a result.
+
+        Amortized O(1): inputs only gain keys, so the scan resumes where the last
+        one stopped (process_dep_req moves the cursor back in the rare case an
+        input's visible state loses its keys or result). An edge with n inputs
+        asks once per input update: without the cursor that is O(n^2)."""
         if self.cache_map is None:
             return False
-        assert self.deps is not None
-        for d in self.deps:
+        deps = self.deps
+        assert deps is not None
+        cursors = self.keys_cursor
+        i = cursors[matching]
+        n = len(deps)
+        while i < n:
+            d = deps[i]
             empty = not d.key_map if matching else not d.nkeys
             if empty and d.slow_cache_key is None and d.result is None:
+                cursors[matching] = i
                 return False
+            i += 1
+        cursors[matching] = n
         return True
 
     def current_index_key(self) -> CacheKey | None:
@@ -767,6 +786,11 @@ class ActiveEdge:
         recheck = state != d.state
         # take the input's whole visible state, as it is now
         d.state = state
+        if (st.result is None and d.result is not None) or len(st_keys) < d.nkeys:
+            # it can lose keys (a merge moved the request): rescan from it
+            cursors = self.keys_cursor
+            cursors[0] = min(cursors[0], d.index)
+            cursors[1] = min(cursors[1], d.index)
         d.result = st.result
         if d.nkeys != len(st_keys):
             d.keys = st_keys

@@ -185,6 +185,7 @@ class EdgeIndex:
         main = items.get(item_id)
         if main is None:
             main = items[item_id] = _Item()
+        known = dict.fromkeys(main.deps)
         for entries in plan:
             for link, dep_id, item in entries:
                 links = item.links
@@ -193,8 +194,9 @@ class EdgeIndex:
                     links[link] = (item_id,)
                 elif item_id not in targets:
                     links[link] = (*targets, item_id)
-                if dep_id not in main.deps:
-                    main.deps = (*main.deps, dep_id)
+                known[dep_id] = None
+        if len(known) != len(main.deps):
+            main.deps = tuple(known)
         return main
 
     def _matches(
