@@ -42,8 +42,9 @@ class _Item:
     def __init__(self) -> None:
         self.edge: ActiveEdge | None = None
         self.links: dict[_Link, tuple[ItemID, ...]] = {}
-        # items with a link to this one (to drop those links when this one goes)
-        self.deps: tuple[ItemID, ...] = ()
+        # (item, link) of every link to this one, to drop them when this one goes
+        # (only those: an item may have many other links)
+        self.deps: tuple[tuple[ItemID, _Link], ...] = ()
 
 
 class EdgeIndex:
@@ -78,19 +79,18 @@ class EdgeIndex:
             if items.get(iid) is not it:
                 continue
             del items[iid]
-            for dep_id in it.deps:
+            for dep_id, link in it.deps:
                 dep = items.get(dep_id)
                 if dep is None:
                     continue
                 links = dep.links
-                for link in list(links):
-                    targets = links[link]
-                    if iid in targets:
-                        targets = tuple([t for t in targets if t != iid])
-                        if targets:
-                            links[link] = targets
-                        else:
-                            del links[link]
+                targets = links.get(link)
+                if targets is not None and iid in targets:
+                    targets = tuple([t for t in targets if t != iid])
+                    if targets:
+                        links[link] = targets
+                    else:
+                        del links[link]
                 if dep.edge is None and not links:
                     stack.append((dep_id, dep))
 
@@ -185,7 +185,7 @@ class EdgeIndex:
         main = items.get(item_id)
         if main is None:
             main = items[item_id] = _Item()
-        known = dict.fromkeys(main.deps)
+        known: dict[tuple[ItemID, _Link], None] = dict.fromkeys(main.deps)
         for entries in plan:
             for link, dep_id, item in entries:
                 links = item.links
@@ -194,7 +194,7 @@ class EdgeIndex:
                     links[link] = (item_id,)
                 elif item_id not in targets:
                     links[link] = (*targets, item_id)
-                known[dep_id] = None
+                known[dep_id, link] = None
         if len(known) != len(main.deps):
             main.deps = tuple(known)
         return main
