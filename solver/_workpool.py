@@ -29,9 +29,12 @@ The one worker that does everything never waits, so it yields to the event loop
 now and then (every ``_SLICE`` seconds of work), or a large build would hold the
 loop for its whole duration.
 
-Units handle their own errors and cancellation (each opens its own cancel
-scope); a unit that raises anyway is logged and the worker carries on. Workers
-beyond a few idle ones retire.
+Units handle their own errors and cancellation: each runs in a cancel scope of
+its own (:attr:`WorkPool.unit_scope`), which it may cancel to stop itself only.
+Entering a cancel scope costs more than a no-op unit, so a worker keeps one scope
+for every unit it runs and enters a new one only after a unit cancelled it. A
+unit that raises anyway is logged and the worker carries on. Workers beyond a
+few idle ones retire.
 """
 
 from __future__ import annotations
