@@ -36,13 +36,14 @@ __all__ = [
 _RANDOM_PREFIX = "random:"
 
 
-@lru_cache(maxsize=1 << 16)
+@lru_cache(maxsize=4096)
 def root_key(digest: str, output: int) -> str:
     """The storage ID of a key without deps: a digest of ``"<digest>@<output>"``.
 
     A digest with a ``random:`` prefix names a session-local source; its key keeps
-    the prefix so that it can be recognised and never exported. Memoized (the
-    engine asks for the same root keys over and over: one hash each is enough).
+    the prefix so that it can be recognised and never exported. The last 4,096
+    are memoized (the engine asks for a root key several times in a row: when it
+    queries the cache, names the key and indexes it).
     """
     out = digest_of(f"{digest}@{output}".encode())
     if digest.startswith(_RANDOM_PREFIX):
