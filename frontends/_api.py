@@ -56,7 +56,7 @@ class Reference(Protocol):
     another frontend without one); ``evaluate()`` builds it; ``read_file``,
     ``read_dir`` and ``stat_file`` build it if needed and read a path inside it
     (the result must be a snapshot of the built-in worker). ``release()`` lets it
-    go early; using it afterwards raises :class:`~solver.SolveError`.
+    go early (idempotent); using it afterwards raises :class:`~solver.SolveError`.
     """
 
     @property
@@ -97,8 +97,7 @@ class BuildResult(ResultMap[Reference]):
         self.attestations.clear()
         with anyio.CancelScope(shield=True):
             for ref in refs:
-                if not getattr(ref, "released", False):
-                    await ref.release()
+                await ref.release()  # idempotent: one already released is skipped
             await anyio.lowlevel.checkpoint()
 
 
