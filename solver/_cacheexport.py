@@ -81,6 +81,7 @@ __all__ = [
     "CacheExportResult",
     "CacheExportTarget",
     "CacheLink",
+    "FoundKeyExporter",
     "KeyExporter",
     "MergedExporter",
     "RemoteResultStorage",
@@ -214,6 +215,29 @@ class KeyExporter:
         ``resolve_remote`` once per exported result."""
         run = _Run(target)
         return await run.drive(run.exporter_frame(self, _options(options)))
+
+    async def candidates(self) -> Sequence[CacheRecord]:
+        """The records found for the key (what an export may choose from)."""
+        return self.records
+
+
+class FoundKeyExporter(KeyExporter):
+    """The exporter of a key found in ``manager`` whose records were not read
+    when it was found (the cached path, ``_cachedpath.py``, finds the keys of a
+    whole graph and needs the records of its root only): they are asked for when
+    an export reaches the key."""
+
+    __slots__ = ("_manager",)
+
+    def __init__(self, key: CacheKey, manager: CacheManager) -> None:
+        self.key = key
+        self.records = ()
+        self._record = None
+        self.secondary = ()
+        self._manager = manager
+
+    async def candidates(self) -> Sequence[CacheRecord]:
+        return await self._manager.records(self.key)
 
 
 class SavedKeyExporter(KeyExporter):
@@ -389,7 +413,7 @@ class _Run:
         record = exp.record
         remote: object | None = None
         if opts.export_roots or deps:
-            candidates = sorted(exp.records, key=_sort_key)
+            candidates = sorted(await exp.candidates(), key=_sort_key)
             i = 0
             while True:
                 if record is None:

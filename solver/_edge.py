@@ -424,6 +424,49 @@ class ActiveEdge:
                 return True
         return False
 
+    async def seed(
+        self,
+        cache_map: CacheMap,
+        by_input: Sequence[dict[str, CacheKey]],
+        input_keys: Sequence[list[ExportableCacheKey]],
+        leaf_inputs: Sequence[bool],
+        keys: Sequence[ExportableCacheKey],
+        records: Sequence[CacheRecord],
+    ) -> None:
+        """Start this fresh edge from what the cached path found (``_cachedpath.py``):
+        its only cache map, its inputs' keys and the stored keys they lead to, its
+        own keys and their records. This is the state the edge would be in had it
+        asked its inputs for cache-fast keys and they had answered (a leaf input
+        answers cache-slow), except that no input edge exists and nothing is
+        indexed. Its first dispatch then loads the best record; should the load
+        fail, it asks its inputs as usual."""
+        assert self.state == INITIAL
+        assert self.cache_map is None
+        assert not self.incoming
+        self.cache_map_done = True
+        self.cache_map_index = 1
+        self.cache_map_req = _ANSWERED
+        self._set_cache_map(cache_map)
+        if not self.edge.vertex.inputs:
+            self.cache_map_digests = [cache_map.digest]
+            self.state = CACHE_SLOW
+        self.ensure_deps_initialized()
+        assert self.deps is not None
+        for d, reached, dep_keys, leaf in zip(
+            self.deps, by_input, input_keys, leaf_inputs, strict=True
+        ):
+            d.key_map = reached
+            d.keys = dep_keys
+            d.nkeys = len(dep_keys)
+            d.state = CACHE_SLOW if leaf else CACHE_FAST
+        if self.deps:
+            matched = {kid: None for kid in by_input[0] if all(kid in r for r in by_input)}
+            if matched:
+                self.key_map = matched
+        self.keys.extend(keys)
+        self._add_records(records)
+        await self.recalc_current_state()
+
     # -- the step ----------------------------------------------------------------
     async def unpark(
         self,

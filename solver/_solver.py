@@ -30,6 +30,7 @@ from anyio.abc import TaskGroup
 
 from ._bridge import SolverBridge, to_solve_result
 from ._cache import CacheManager
+from ._cachedpath import seed_cached_root
 from ._cachemanager import CombinedCacheManager, InMemoryCacheManager
 from ._definition import Definition, OpDef
 from ._digest import digest_of
@@ -309,7 +310,11 @@ class Job:
         if self._progress.closed:
             self._progress = JobProgress()
         v = s._load(edge.vertex, None, self)
-        return await s._scheduler.build(Edge(v, edge.index))
+        loaded = Edge(v, edge.index)
+        if not s._index:
+            # nothing live to merge with: resolve a cached graph in one pass
+            await seed_cached_root(s, loaded)
+        return await s._scheduler.build(loaded)
 
     async def discard(self) -> None:
         """Release every vertex this job keeps active (shared ones stay for others).

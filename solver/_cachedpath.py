@@ -1,0 +1,284 @@
+"""The cached path: the keys of a build resolved in one pass, without edges.
+
+A build whose result is in the cache ends with one cache load, but the edge state
+machine gets there in several dispatches per vertex: every edge asks its inputs
+for their keys through pipes, and each answer is one more step (see
+``_edge.py``). When nothing else is live in the solver, the same questions can be
+asked in two passes instead. First every vertex's first cache map is requested at
+once, through its :class:`~solver._sharedop.SharedOp` (the shared calls the edges
+make: each runs once, as a unit on the work pool, concurrently with the others,
+and is memoized), and the pass waits for all the answers. Then, in one loop,
+inputs first, the cache's keys for each vertex from its inputs' keys
+(``CacheManager.query``, one call per input, intersected across inputs, as the
+edges do) and their records. If the root has records, its fresh edge is *seeded*
+with exactly what it would know had its inputs answered through pipes
+(:meth:`ActiveEdge.seed <solver._edge.ActiveEdge.seed>`); the build then goes
+through the scheduler as usual and the root's edge loads its best record at its
+first dispatch. Inner vertices get no edge at all.
+
+The pass gives up, leaving everything to the edges, as soon as a vertex is one
+the edges must handle themselves: an ignore-cache vertex, one with cache sources,
+one that already has an edge, an op whose cache map is not its only one, has a
+content key (``compute_digest``), fails, or is being computed by an edge; and as
+soon as a vertex has no key in the cache (so a cold build gives up at its first
+leaf). It runs only while the live edge index is empty, so no equal live edge is
+missed that the edges would have merged with. What it did is not lost when it
+gives up: cache maps stay memoized and cache queries only add links.
+
+Counts are those of the edges: one cache map per vertex, one load (a cold build
+asks every cache map in the first pass, as its edges would, and they then find
+them memoized). Nothing here holds a handle; a cancellation while the cache maps
+run cancels the requests, exactly as a cancelled edge does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._cache import CacheKey, CacheKeyWithSelector, CacheRecord, ExportableCacheKey
+from ._cacheexport import FoundKeyExporter, KeyExporter
+from ._graph import Edge, Vertex
+from ._scheduler import Pipe
+from ._sharedop import SharedOp
+
+if TYPE_CHECKING:
+    from ._cache import CacheManager
+    from ._op import CacheMap
+    from ._solver import Solver, VertexState
+
+__all__ = ["seed_cached_root"]
+
+
+class _Found:
+    """What the pass found for one vertex output."""
+
+    __slots__ = ("by_input", "keys", "records")
+
+    def __init__(
+        self,
+        by_input: list[dict[str, CacheKey]],
+        keys: list[ExportableCacheKey],
+        records: list[CacheRecord],
+    ) -> None:
+        # the stored keys each input's keys lead to (the edge's deps' key maps)
+        self.by_input = by_input
+        # the output's keys, as its edge would list them
+        self.keys = keys
+        self.records = records
+
+
+async def seed_cached_root(solver: Solver, root: Edge) -> bool:
+    """Resolve ``root``'s keys through its whole graph and, if the cache has a
+    record for it, seed its fresh edge so that its first dispatch loads it.
+
+    ``root`` is a loaded edge (its vertex and inputs are active). True if the
+    edge was seeded; False if the pass gave up (the edges do everything)."""
+    actives = solver._actives
+    digest = root.vertex.digest
+    root_state = actives.get(digest)
+    if root_state is None or root_state.edges or len(solver._index):
+        return False
+    order, needed = _inputs_first(root)
+    states: list[VertexState] = []
+    for v in order:
+        st = actives.get(v.digest)
+        if (
+            st is None
+            or st.edges
+            or st.key != v.digest
+            or st.sources
+            or v.options.ignore_cache
+        ):
+            return False
+        states.append(st)
+    maps = await _cache_maps(solver, states)
+    if maps is None:
+        return False
+    # The cache calls are not interrupted by the caller's cancellation (as the
+    # dispatcher's are not): it takes effect when they are done, in the
+    # scheduler's first checkpoint. One shield for the whole pass.
+    with anyio.CancelScope(shield=True):
+        seeded = await _resolve_and_seed(solver, root, root_state, order, needed, states, maps)
+    return seeded
+
+
+async def _resolve_and_seed(
+    solver: Solver,
+    root: Edge,
+    root_state: VertexState,
+    order: list[Vertex],
+    needed: dict[str, list[int]],
+    states: list[VertexState],
+    maps: list[CacheMap],
+) -> bool:
+    found: dict[tuple[str, int], _Found] = {}
+    top_vertex = root.vertex
+    for v, st, cache_map in zip(order, states, maps, strict=True):
+        cache = st.combined_cache()
+        for out in needed[v.digest]:
+            f = await _resolve(cache, v, out, cache_map, found, v is top_vertex)
+            if f is None:
+                return False
+            found[v.digest, out] = f
+    top = found[root.vertex.digest, root.index]
+    if not top.records:
+        return False
+    # The awaits above may have let other builds in: seed only a fresh edge, and
+    # only while no live edge could be merged with.
+    if (
+        solver._actives.get(root.vertex.digest) is not root_state
+        or root_state.edges
+        or len(solver._index)
+    ):
+        return False
+    leaf_inputs = [not inp.vertex.inputs for inp in root.vertex.inputs]
+    input_keys = [found[inp.vertex.digest, inp.index].keys for inp in root.vertex.inputs]
+    edge = root_state.get_edge(root.index)
+    await edge.seed(maps[-1], top.by_input, input_keys, leaf_inputs, top.keys, top.records)
+    return True
+
+
+class _Answers:
+    """Counts the answers to the cache-map requests of one pass."""
+
+    __slots__ = ("done", "left")
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+        self.done = anyio.Event()
+
+    def answered(self) -> None:
+        self.left -= 1
+        if not self.left:
+            self.done.set()
+
+
+async def _cache_maps(solver: Solver, states: list[VertexState]) -> list[CacheMap] | None:
+    """The first cache map of every state's op, all requested at once; None if
+    one failed, was cancelled, is not the op's only cache map, has the wrong
+    number of deps or asks for a content key."""
+    answers = _Answers(len(states))
+    pipes: list[Pipe] = []
+    scheduler = solver._scheduler
+    for st in states:
+        op = st.op
+        if op is None:
+            op = st.op = SharedOp(st)
+        p = Pipe(scheduler, None, None)
+        p.on_send = answers.answered
+        pipes.append(p)
+        op.request_cache_map(p, 0)
+    if answers.left:
+        try:
+            await answers.done.wait()
+        except BaseException:
+            # As a cancelled edge does: cancel what is still running and return
+            # once it has stopped (a call shared with others goes on, and its
+            # request here is answered at once).
+            for p in pipes:
+                if not p.send_completed:
+                    p.cancel()
+            with anyio.CancelScope(shield=True):
+                await answers.done.wait()
+            raise
+    maps: list[CacheMap] = []
+    for st, p in zip(states, pipes, strict=True):
+        if p.send_err is not None:
+            return None
+        cache_map, done = p.send_value
+        deps = cache_map.deps
+        if not done or len(deps) != len(st.vtx.inputs):
+            return None
+        for dep in deps:
+            if dep.compute_digest is not None:
+                return None
+        maps.append(cache_map)
+    return maps
+
+
+def _inputs_first(root: Edge) -> tuple[list[Vertex], dict[str, list[int]]]:
+    """The vertices of ``root``'s graph, every one after its inputs, and the
+    outputs of each (by digest) that the graph uses. Iterative."""
+    needed: dict[str, list[int]] = {root.vertex.digest: [root.index]}
+    order: list[Vertex] = []
+    visited: set[str] = set()
+    stack: list[tuple[Vertex, bool]] = [(root.vertex, False)]
+    while stack:
+        v, expanded = stack.pop()
+        if expanded:
+            order.append(v)
+            continue
+        if v.digest in visited:
+            continue
+        visited.add(v.digest)
+        stack.append((v, True))
+        for inp in v.inputs:
+            d = inp.vertex.digest
+            outs = needed.get(d)
+            if outs is None:
+                needed[d] = [inp.index]
+            elif inp.index not in outs:
+                outs.append(inp.index)
+            if d not in visited:
+                stack.append((inp.vertex, False))
+    return order, needed
+
+
+async def _resolve(
+    cache: CacheManager,
+    v: Vertex,
+    out: int,
+    cache_map: CacheMap,
+    found: dict[tuple[str, int], _Found],
+    top: bool,
+) -> _Found | None:
+    """The stored keys of output ``out`` of ``v``, the way its edge finds them
+    (``_root_keys``; ``probe_cache`` then ``_add_matched_keys``), and for the
+    ``top`` vertex their records; below it, a key's records are read only if an
+    export reaches it (:class:`FoundKeyExporter`). None if there is no key."""
+    digest = cache_map.digest
+    vertex = v.digest
+    keys: list[ExportableCacheKey] = []
+    records: list[CacheRecord] = []
+    if not v.inputs:
+        for k in await cache.query([], 0, digest, out):
+            k.vertex = vertex
+            keys.append(await _exportable(cache, k, top, records))
+        return _Found([], keys, records) if keys else None
+    by_input: list[dict[str, CacheKey]] = []
+    alternatives: list[list[CacheKeyWithSelector]] = []
+    matched: dict[str, CacheKey] | None = None
+    for i, inp in enumerate(v.inputs):
+        selector = cache_map.deps[i].selector
+        alts = [CacheKeyWithSelector(k, selector) for k in found[inp.vertex.digest, inp.index].keys]
+        alternatives.append(alts)
+        reached: dict[str, CacheKey] = {}
+        for k in await cache.query(alts, i, digest, out):
+            k.vertex = vertex
+            if k.id not in reached:
+                reached[k.id] = k
+        by_input.append(reached)
+        if matched is None:
+            matched = dict(reached)
+        else:
+            matched = {kid: k for kid, k in matched.items() if kid in reached}
+        if not matched:
+            return None
+    assert matched is not None
+    for k in matched.values():
+        merged = k.clone()
+        merged.deps = [list(alts) for alts in alternatives]
+        keys.append(await _exportable(cache, merged, top, records))
+    return _Found(by_input, keys, records)
+
+
+async def _exportable(
+    cache: CacheManager, key: CacheKey, top: bool, records: list[CacheRecord]
+) -> ExportableCacheKey:
+    if not top:
+        return ExportableCacheKey(key, FoundKeyExporter(key, cache))
+    recs = await cache.records(key)
+    records.extend(recs)
+    return ExportableCacheKey(key, KeyExporter(key, recs))
