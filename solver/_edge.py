@@ -485,10 +485,21 @@ class ActiveEdge:
             return
 
         cache_map_req = False
-        if self.cache_map_req is None and (self.cache_map is None or not self.cache_records):
-            self.cache_map_req = s.new_func_pipe(self)
-            self.op.request_cache_map(self.cache_map_req, self.cache_map_index)
-            cache_map_req = True
+        while self.cache_map_req is None and (self.cache_map is None or not self.cache_records):
+            memo = self.op.memoized_cache_map(self.cache_map_index)
+            if memo is None:
+                self.cache_map_req = s.new_func_pipe(self)
+                self.op.request_cache_map(self.cache_map_req, self.cache_map_index)
+                cache_map_req = True
+                break
+            # Answered already (asked by the cached path or another edge of this
+            # vertex): taken here, not through a pipe and one more dispatch.
+            self.cache_map_req = _ANSWERED
+            await self._take_cache_map(*memo)
+            await self.recalc_current_state()
+            desired, done = self.respond_to_incoming(incoming, all_pipes)
+            if done or self.err is not None:
+                return
 
         if self.exec_req is None and desired == COMPLETE and self.exec_if_possible(s):
             return
@@ -663,7 +674,9 @@ class ActiveEdge:
             if not upt.canceled_status and self.err is None:
                 self.err = upt.err
             return
-        cache_map, done = upt.value
+        await self._take_cache_map(*upt.value)
+
+    async def _take_cache_map(self, cache_map: CacheMap, done: bool) -> None:
         self.cache_map_done = done
         self.cache_map_index += 1
         vertex = self.edge.vertex

@@ -187,6 +187,13 @@ class SharedOp:
             return
         self._join((_CACHE_MAP, index), pipe, (index,))
 
+    def memoized_cache_map(self, index: int) -> tuple[CacheMap, bool] | None:
+        """Cache map ``index`` and the done flag, as a request would be answered,
+        if it is memoized already."""
+        if index < len(self.cache_res):
+            return self.cache_res[index], self.cache_done
+        return None
+
     async def _cache_map_work(self, index: int) -> Callable[[Pipe], None]:
         op = self.get_op()
         cm, done = await op.cache_map(len(self.cache_res))
