@@ -35,8 +35,9 @@ the stored handles' own ``release()``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 import anyio
 
@@ -171,20 +172,185 @@ class ResultStorage(Protocol):
         ...
 
 
-@dataclass(slots=True, eq=False)
-class _Key:
-    id: str
-    # result ID -> result
-    results: dict[str, CacheResult] = field(default_factory=dict)
-    # link -> ordered set of target key IDs; never an empty set
-    links: dict[CacheInfoLink, dict[str, None]] = field(default_factory=dict)
-    # ordered set of the key IDs that link to this one
-    backlinks: dict[str, None] = field(default_factory=dict)
+# How the in-memory key storage is laid out, and why.
+#
+# A build stores about one key per vertex, each with a result, a link or two out and a
+# backlink or two in, and keeps them for the manager's lifetime. Kept as an object per
+# key with a dict per field (the obvious layout), that was about 1,100 bytes and four
+# objects tracked by the cyclic garbage collector per vertex, and every full
+# collection walks every tracked object the storage holds. So each key is one plain
+# tuple of three fields and every field is built from strings, floats and exact
+# tuples, which the collector stops tracking (CPython untracks a tuple during a
+# collection once what it holds is untracked, so a record nested three deep is
+# untracked by its third; a dict of strings and floats is never tracked, and a full
+# collection untracks any other dict once what it holds is untracked).
+# Only a field grown past ``_SMALL`` entries turns into a dict, for O(1) operations.
+#
+# - ``_by_id[id]`` is ``(results, links, backlinks)``; ``None`` stands for an empty
+#   field, so an empty container costs nothing. A record is replaced, not mutated,
+#   when a tuple field changes.
+# - *results* is an ordered map result ID -> creation time (see below); the
+#   :class:`CacheResult` handed to :meth:`add_result` is not kept, one is made per
+#   read (a class instance is tracked for as long as it lives).
+# - *links* is an ordered map label -> targets. A label is stored as an exact tuple
+#   (a copy of the caller's :class:`CacheInfoLink`: a named tuple is never
+#   untracked); it hashes and compares equal to the named tuple, so lookups take
+#   either.
+# - *targets*, *backlinks* and the by-result index's key sets are ordered ID sets:
+#   a ``str`` for one ID (no container at all), a tuple of 2 to ``_SMALL`` distinct
+#   IDs, or a ``dict[str, None]`` beyond.
+# - An ordered map of at most ``_SMALL`` entries is a flat tuple
+#   ``(k0, v0, k1, v1, ...)``, searched linearly; beyond, a dict.
+#
+# Every form keeps insertion order, and replacing an entry keeps its place, as the
+# dicts did: walks return IDs and results in the order they were first added.
+
+_SMALL = 8
+"""The most entries an ID set or map keeps in tuple form."""
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
+
+_Ids: TypeAlias = "str | tuple[str, ...] | dict[str, None]"
+"""An ordered set of IDs, never empty (an empty set is ``None``)."""
+
+_Map: TypeAlias = "tuple[Any, ...] | dict[_K, _V]"
+"""An ordered map, never empty: a flat tuple ``(k0, v0, ...)`` or a dict."""
+
+_Label: TypeAlias = "tuple[int, int, str, str | None]"
+"""A :class:`CacheInfoLink` as an exact tuple."""
+
+_Results: TypeAlias = "_Map[str, float]"
+_Links: TypeAlias = "_Map[_Label, _Ids]"
+_Record: TypeAlias = "tuple[_Results | None, _Links | None, _Ids | None]"
+
+
+def _ids_iter(ids: _Ids) -> tuple[str, ...] | dict[str, None]:
+    return (ids,) if isinstance(ids, str) else ids
+
+
+def _ids_has(ids: _Ids, id: str) -> bool:
+    return ids == id if isinstance(ids, str) else id in ids
+
+
+def _ids_add(ids: _Ids | None, id: str) -> _Ids:
+    """``ids`` with ``id`` added last, or ``ids`` itself if it has ``id`` (a dict is
+    changed in place)."""
+    if ids is None:
+        return id
+    if isinstance(ids, str):
+        return ids if ids == id else (ids, id)
+    if isinstance(ids, tuple):
+        if id in ids:
+            return ids
+        if len(ids) < _SMALL:
+            return (*ids, id)
+        ids = dict.fromkeys(ids)
+    ids[id] = None
+    return ids
+
+
+def _ids_remove(ids: _Ids, id: str) -> _Ids | None:
+    """``ids`` without ``id`` (a dict is changed in place); ``None`` once empty."""
+    if isinstance(ids, str):
+        return None if ids == id else ids
+    if isinstance(ids, tuple):
+        if id not in ids:
+            return ids
+        rest = tuple(i for i in ids if i != id)
+        return rest[0] if len(rest) == 1 else rest
+    ids.pop(id, None)
+    return ids or None
+
+
+def _find(m: tuple[Any, ...], k: object) -> int:
+    """The index of key ``k`` in flat map ``m``, or -1."""
+    if m[0] == k:  # most maps hold one entry
+        return 0
+    keys = m[2::2]  # searched in C, not in a Python loop
+    return 2 * keys.index(k) + 2 if k in keys else -1
+
+
+def _map_get(m: _Map[_K, _V] | None, k: _K) -> _V | None:
+    if m is None:
+        return None
+    if isinstance(m, dict):
+        return m.get(k)
+    if m[0] == k:  # as in _find, without the call
+        value: _V = m[1]
+        return value
+    i = _find(m, k)
+    if i < 0:
+        return None
+    value = m[i + 1]
+    return value
+
+
+def _map_set(m: _Map[_K, _V] | None, k: _K, v: _V) -> _Map[_K, _V]:
+    """``m`` with ``k`` mapped to ``v``: an existing entry keeps its place and its key
+    object, a new one goes last (a dict is changed in place)."""
+    if m is None:
+        return (k, v)
+    if isinstance(m, tuple):
+        i = _find(m, k)
+        if i >= 0:
+            return (*m[: i + 1], v, *m[i + 2 :])
+        if len(m) < 2 * _SMALL:
+            return (*m, k, v)
+        m = dict(zip(m[::2], m[1::2], strict=True))
+    m[k] = v
+    return m
+
+
+def _map_remove(m: _Map[_K, _V], k: _K) -> _Map[_K, _V] | None:
+    """``m`` without ``k`` (a dict is changed in place); ``None`` once empty."""
+    if isinstance(m, dict):
+        m.pop(k, None)
+        return m or None
+    i = _find(m, k)
+    if i < 0:
+        return m
+    return (m[:i] + m[i + 2 :]) or None
+
+
+def _map_items(m: _Map[_K, _V]) -> Iterable[tuple[_K, _V]]:
+    if isinstance(m, dict):
+        return m.items()
+    if len(m) == 2:  # the usual map: one entry, which is its own (key, value) pair
+        return (m,)
+    return zip(m[::2], m[1::2], strict=True)
+
+
+_new_object = object.__new__
+_set_result_id = CacheResult.__dict__["id"].__set__
+_set_result_created_at = CacheResult.__dict__["created_at"].__set__
+
+
+def _result(id: str, created_at: float) -> CacheResult:
+    """``CacheResult(id, created_at)`` in half the time: its slots are set directly,
+    not through the frozen dataclass's ``object.__setattr__`` calls (one is made per
+    read)."""
+    result: CacheResult = _new_object(CacheResult)
+    _set_result_id(result, id)
+    _set_result_created_at(result, created_at)
+    return result
+
+
+def _links_without(links: _Links, target: str) -> _Links | None:
+    """``links`` with ``target`` removed from every label's targets, dropping the
+    labels left with none; ``None`` once no label is left."""
+    out: _Links | None = links
+    for label, targets in list(_map_items(links)):
+        if _ids_has(targets, target):
+            rest = _ids_remove(targets, target)
+            assert out is not None  # only emptied after its last label
+            out = _map_remove(out, label) if rest is None else _map_set(out, label, rest)
+    return out
 
 
 class InMemoryCacheStorage:
-    """A :class:`CacheKeyStorage` in plain dictionaries. Its coroutines never
-    checkpoint.
+    """A :class:`CacheKeyStorage` in plain dictionaries and tuples. Its coroutines
+    never checkpoint.
 
     Besides the keys that hold results or links, it keeps keys that are only link
     targets (they carry the backlinks); those are not reported by :meth:`exists` or
@@ -194,9 +360,9 @@ class InMemoryCacheStorage:
     __slots__ = ("_by_id", "_by_result", "_closed")
 
     def __init__(self) -> None:
-        self._by_id: dict[str, _Key] = {}
-        # result ID -> ordered set of key IDs that hold it; never an empty set
-        self._by_result: dict[str, dict[str, None]] = {}
+        self._by_id: dict[str, _Record] = {}
+        # result ID -> the keys that hold it
+        self._by_result: dict[str, _Ids] = {}
         self._closed = False
 
     def __repr__(self) -> str:
@@ -210,44 +376,53 @@ class InMemoryCacheStorage:
     async def exists(self, id: str) -> bool:
         """O(1)."""
         self._live()
-        key = self._by_id.get(id)
-        return key is not None and bool(key.results or key.links)
+        record = self._by_id.get(id)
+        return record is not None and (record[0] is not None or record[1] is not None)
 
     async def walk(self) -> list[str]:
         """O(number of keys)."""
         self._live()
-        return [id for id, key in self._by_id.items() if key.results or key.links]
+        return [
+            id
+            for id, (results, links, _) in self._by_id.items()
+            if results is not None or links is not None
+        ]
 
     async def walk_results(self, id: str) -> list[CacheResult]:
         """O(results of the key)."""
         self._live()
-        key = self._by_id.get(id)
-        return [] if key is None else list(key.results.values())
+        record = self._by_id.get(id)
+        if record is None or record[0] is None:
+            return []
+        return [_result(rid, created_at) for rid, created_at in _map_items(record[0])]
 
     async def load(self, id: str, result_id: str) -> CacheResult:
         """O(1)."""
         self._live()
-        key = self._by_id.get(id)
-        if key is None:
+        record = self._by_id.get(id)
+        if record is None:
             raise NotFoundError(f"no such cache key {id}")
-        result = key.results.get(result_id)
-        if result is None:
+        created_at = _map_get(record[0], result_id)
+        if created_at is None:
             raise NotFoundError(f"no result {result_id} under cache key {id}")
-        return result
+        return _result(result_id, created_at)
 
     async def add_result(self, id: str, result: CacheResult) -> None:
         """O(1)."""
         self._live()
-        key = self._by_id.get(id)
-        if key is None:
-            key = self._by_id[id] = _Key(id)
-        key.results[result.id] = result
-        self._by_result.setdefault(result.id, {})[id] = None
+        record = self._by_id.get(id)
+        if record is None:
+            self._by_id[id] = ((result.id, result.created_at), None, None)
+        else:
+            results, links, backlinks = record
+            self._by_id[id] = (_map_set(results, result.id, result.created_at), links, backlinks)
+        self._by_result[result.id] = _ids_add(self._by_result.get(result.id), id)
 
     async def walk_ids_by_result(self, result_id: str) -> list[str]:
         """O(keys holding the result)."""
         self._live()
-        return list(self._by_result.get(result_id, ()))
+        ids = self._by_result.get(result_id)
+        return [] if ids is None else list(_ids_iter(ids))
 
     async def release(self, result_id: str) -> None:
         """O(keys holding the result + keys deleted x links of their parents)."""
@@ -255,79 +430,94 @@ class InMemoryCacheStorage:
         ids = self._by_result.pop(result_id, None)
         if ids is None:
             return
-        for id in ids:
+        for id in _ids_iter(ids):
             # A key holding the result is not empty, so no earlier cascade of this
             # loop can have deleted it.
-            key = self._by_id[id]
-            del key.results[result_id]
-            self._delete_if_empty(key)
+            results, links, backlinks = self._by_id[id]
+            assert results is not None
+            results = _map_remove(results, result_id)
+            self._by_id[id] = (results, links, backlinks)
+            if results is None and links is None:
+                self._delete_empty(id)
 
-    def _delete_if_empty(self, key: _Key) -> None:
+    def _delete_empty(self, id: str) -> None:
         # A worklist rather than recursion: a long chain of keys that hold only links
         # is emptied in one go, whatever its length.
-        pending = [key]
+        pending = [id]
         while pending:
-            key = pending.pop()
-            if key.results or key.links or self._by_id.get(key.id) is not key:
+            id = pending.pop()
+            record = self._by_id.get(id)
+            if record is None or record[0] is not None or record[1] is not None:
                 continue
-            del self._by_id[key.id]
+            del self._by_id[id]
             # The key has no links, so it is nobody's backlink: only its parents
             # refer to it.
-            for parent_id in key.backlinks:
+            if record[2] is None:
+                continue
+            for parent_id in _ids_iter(record[2]):
                 parent = self._by_id.get(parent_id)
                 if parent is None:
                     continue
-                for link in [link for link, ts in parent.links.items() if key.id in ts]:
-                    targets = parent.links[link]
-                    del targets[key.id]
-                    if not targets:
-                        del parent.links[link]
-                pending.append(parent)
+                results, links, backlinks = parent
+                if links is not None:
+                    self._by_id[parent_id] = (results, _links_without(links, id), backlinks)
+                pending.append(parent_id)
 
     async def add_link(self, id: str, link: CacheInfoLink, target: str) -> None:
         """O(1)."""
         self._live()
-        source = self._by_id.get(id)
-        if source is None:
-            source = self._by_id[id] = _Key(id)
+        record = self._by_id.get(id)
+        results, links, backlinks = (None, None, None) if record is None else record
+        targets = _map_get(links, link)
+        if targets is None:
+            label: _Label = (*link,)  # an exact tuple: see the top of the module
+            links = _map_set(links, label, target)
+        elif _ids_has(targets, target):
+            return
+        else:
+            links = _map_set(links, link, _ids_add(targets, target))
+        self._by_id[id] = (results, links, backlinks)
+        # read after the write: the target may be the source itself
         dest = self._by_id.get(target)
         if dest is None:
-            dest = self._by_id[target] = _Key(target)
-        source.links.setdefault(link, {})[target] = None
-        dest.backlinks[id] = None
+            self._by_id[target] = (None, None, id)
+        else:
+            self._by_id[target] = (dest[0], dest[1], _ids_add(dest[2], id))
 
     async def walk_links(self, id: str, link: CacheInfoLink) -> list[str]:
         """O(targets of the link)."""
         self._live()
-        key = self._by_id.get(id)
-        if key is None:
+        record = self._by_id.get(id)
+        targets = None if record is None else _map_get(record[1], link)
+        if targets is None:
             return []
-        return list(key.links.get(link, ()))
+        return [targets] if isinstance(targets, str) else list(targets)
 
     async def has_link(self, id: str, link: CacheInfoLink, target: str) -> bool:
         """O(1)."""
         self._live()
-        key = self._by_id.get(id)
-        return key is not None and target in key.links.get(link, ())
+        record = self._by_id.get(id)
+        targets = None if record is None else _map_get(record[1], link)
+        return targets is not None and _ids_has(targets, target)
 
     async def walk_backlinks(self, id: str) -> list[tuple[str, CacheInfoLink]]:
         """O(sum over the sources of their links)."""
         self._live()
-        key = self._by_id.get(id)
-        if key is None:
+        record = self._by_id.get(id)
+        if record is None or record[2] is None:
             return []
         out: list[tuple[str, CacheInfoLink]] = []
-        for source_id in key.backlinks:
+        for source_id in _ids_iter(record[2]):
             source = self._by_id.get(source_id)
-            if source is None:
+            if source is None or source[1] is None:
                 continue
-            for link, targets in source.links.items():
-                if id in targets:
+            for (input, output, digest, selector), targets in _map_items(source[1]):
+                if _ids_has(targets, id):
                     normalised = CacheInfoLink(
-                        input=link.input,
+                        input=input,
                         output=0,
-                        digest=root_key(link.digest, link.output),
-                        selector=link.selector,
+                        digest=root_key(digest, output),
+                        selector=selector,
                     )
                     out.append((source_id, normalised))
         return out
@@ -339,31 +529,74 @@ class InMemoryCacheStorage:
         self._by_id = {}
         self._by_result = {}
 
+    def _lose_result(self, id: str, result_id: str) -> None:
+        """Remove ``result_id`` from key ``id`` alone, leaving the key and the
+        by-result index as they were (for tests: a store that lost a result)."""
+        results, links, backlinks = self._by_id[id]
+        assert results is not None
+        self._by_id[id] = (_map_remove(results, result_id), links, backlinks)
+
     def _check(self) -> None:
         """Assert every internal invariant (for tests). O(size of the graph)."""
-        for id, key in self._by_id.items():
-            assert key.id == id, (id, key.id)
+        for id, (results, links, backlinks) in self._by_id.items():
             # a key is kept only while it is useful, or while something links to it
-            assert key.results or key.links or key.backlinks, f"empty key {id} left behind"
-            for result_id, result in key.results.items():
-                assert result.id == result_id, (result_id, result)
-                assert id in self._by_result.get(result_id, ()), f"{result_id} not indexed"
-            for link, targets in key.links.items():
-                assert targets, f"empty link bucket {link} in {id}"
-                for target in targets:
-                    assert target in self._by_id, f"{id} links to missing {target}"
-                    assert id in self._by_id[target].backlinks, f"no backlink {target}->{id}"
-            for source_id in key.backlinks:
-                source = self._by_id.get(source_id)
-                assert source is not None, f"backlink of {id} to missing {source_id}"
-                assert any(id in ts for ts in source.links.values()), (
-                    f"stale backlink {id}->{source_id}"
-                )
+            assert results or links or backlinks, f"empty key {id} left behind"
+            if results is not None:
+                _check_map(results)
+                for result_id, created_at in _map_items(results):
+                    assert isinstance(result_id, str), (id, result_id)
+                    assert isinstance(created_at, int | float), (id, result_id, created_at)
+                    by_result = self._by_result.get(result_id)
+                    assert by_result is not None, f"{result_id} not indexed"
+                    assert _ids_has(by_result, id), f"{result_id} not indexed under {id}"
+            if links is not None:
+                _check_map(links)
+                for label, targets in _map_items(links):
+                    assert type(label) is tuple, f"label {label!r} of {id} not an exact tuple"
+                    _check_ids(targets)
+                    for target in _ids_iter(targets):
+                        dest = self._by_id.get(target)
+                        assert dest is not None, f"{id} links to missing {target}"
+                        assert dest[2] is not None, f"no backlinks {target}"
+                        assert _ids_has(dest[2], id), f"no backlink {target}->{id}"
+            if backlinks is not None:
+                _check_ids(backlinks)
+                for source_id in _ids_iter(backlinks):
+                    source = self._by_id.get(source_id)
+                    assert source is not None, f"backlink of {id} to missing {source_id}"
+                    assert source[1] is not None, f"stale backlink {id}->{source_id}"
+                    assert any(_ids_has(ts, id) for _, ts in _map_items(source[1])), (
+                        f"stale backlink {id}->{source_id}"
+                    )
         for result_id, ids in self._by_result.items():
-            assert ids, f"empty by-result bucket {result_id}"
-            for id in ids:
-                assert id in self._by_id, f"{result_id} indexed under missing key {id}"
-                assert result_id in self._by_id[id].results, f"stale index {result_id}@{id}"
+            _check_ids(ids)
+            for id in _ids_iter(ids):
+                record = self._by_id.get(id)
+                assert record is not None, f"{result_id} indexed under missing key {id}"
+                assert _map_get(record[0], result_id) is not None, f"stale index {result_id}@{id}"
+
+
+def _check_ids(ids: _Ids) -> None:
+    if isinstance(ids, tuple):
+        assert 2 <= len(ids) <= _SMALL, ids
+        assert len(set(ids)) == len(ids), ids
+        assert all(isinstance(i, str) for i in ids), ids
+    elif isinstance(ids, dict):
+        assert ids, "empty ID set"
+        assert all(v is None for v in ids.values()), ids
+    else:
+        assert isinstance(ids, str), ids
+
+
+def _check_map(m: _Map[Any, Any]) -> None:
+    if isinstance(m, tuple):
+        assert 2 <= len(m) <= 2 * _SMALL, m
+        assert len(m) % 2 == 0, m
+        keys = m[::2]
+        assert len(set(keys)) == len(keys), m
+    else:
+        assert isinstance(m, dict), m
+        assert m, "empty map"
 
 
 class InMemoryResultStorage:

@@ -444,7 +444,7 @@ async def test_cache_err_not_found(handle_tracker: HandleTracker) -> None:
         # remove the record's result from the key storage behind the exporter's back
         storage = inner.storage
         assert isinstance(storage, InMemoryCacheStorage)
-        del storage._by_id[await inner.storage_id(record.key)].results[record.id]
+        storage._lose_result(await inner.storage_id(record.key), record.id)
 
         target = RecordingTarget()
         await exporter.export_to(target, opts(True))  # no error: the record is skipped
