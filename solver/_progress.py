@@ -68,9 +68,11 @@ def make_event(
 class JobProgress:
     """The event buffer of one job; read it with :meth:`events`."""
 
-    __slots__ = ("_buffer", "_closed", "_wakeup")
+    __slots__ = ("_buffer", "_closed", "_wakeup", "watching")
 
     def __init__(self) -> None:
+        # the keys of the vertex states that forward their events here
+        self.watching: set[str] = set()
         self._buffer: list[ProgressEvent] = []
         self._closed = False
         self._wakeup: anyio.Event | None = None

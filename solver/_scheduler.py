@@ -252,6 +252,10 @@ class Scheduler:
         if pool is not None and not pool.dispatching:
             pool.notify()
 
+    def building(self) -> bool:
+        """Whether a build caller is waiting for an answer."""
+        return bool(self._builds)
+
     def pending(self) -> bool:
         """Whether an edge is waiting to be dispatched."""
         return bool(self._queue)

@@ -211,7 +211,11 @@ class VertexState:
             if id(st) in seen:
                 continue
             seen.add(id(st))
-            st.jobs.extend([j for j in src.jobs if j not in st.jobs])
+            key = st.key
+            for j in src.jobs:
+                if key not in j._states:
+                    j._states.add(key)
+                    st.jobs.append(j)
             st.watched = False
             for inp in st.vtx.inputs:
                 inp_state = actives.get(inp.vertex.digest)
@@ -234,7 +238,11 @@ class VertexState:
 
     # progress
     def watch(self, progress: JobProgress) -> None:
-        if progress not in self.watchers:
+        # membership through the progress's own set: a watcher list may hold
+        # K jobs, and K jobs loading one graph would make this O(K^2)
+        watching = progress.watching
+        if self.key not in watching:
+            watching.add(self.key)
             if self.watchers:
                 self.watchers.append(progress)
             else:
@@ -288,12 +296,15 @@ class Job:
     job can still build; it is discarded again by its next discard.
     """
 
-    __slots__ = ("_progress", "id", "solver")
+    __slots__ = ("_progress", "_states", "id", "solver")
 
     def __init__(self, solver: Solver, id: str) -> None:
         self.solver = solver
         self.id = id
         self._progress = JobProgress()
+        # the keys of the states whose ``jobs`` hold this job (O(1) membership:
+        # a state's job list may be long)
+        self._states: set[str] = set()
 
     def __repr__(self) -> str:
         return f"<Job {self.id}>"
@@ -311,9 +322,15 @@ class Job:
             self._progress = JobProgress()
         v = s._load(edge.vertex, None, self)
         loaded = Edge(v, edge.index)
-        if not s._index:
-            # nothing live to merge with: resolve a cached graph in one pass
-            await seed_cached_root(s, loaded)
+        if not s._index and not s._scheduler.building() and not s._cached_passes:
+            # Nothing live to merge with and no other build running: resolve a
+            # cached graph in one pass. (Concurrent builds go to the edges,
+            # which share their work; K passes over one graph would not.)
+            s._cached_passes += 1
+            try:
+                await seed_cached_root(s, loaded)
+            finally:
+                s._cached_passes -= 1
         return await s._scheduler.build(loaded)
 
     async def discard(self) -> None:
@@ -395,6 +412,8 @@ class Solver:
         self._closed = False
         self._job_added = anyio.Event()
         self._collecting: list[Any] | None = None
+        # builds in the cached path's passes now (see Job.build)
+        self._cached_passes = 0
 
     def __repr__(self) -> str:
         return f"<Solver jobs={len(self._jobs)} active={len(self._actives)}>"
@@ -597,13 +616,18 @@ class Solver:
         raise SolveError(f"no such job {id}")
 
     def _discard(self, job: Job) -> None:
+        states = job._states
+        progress = job._progress
+        watching = progress.watching
         for key, st in list(self._actives.items()):
-            if job in st.jobs:
+            if key in states:
                 st.jobs.remove(job)
                 self._delete_if_unreferenced(key, st)
-            if job._progress in st.watchers:
-                st.watchers.remove(job._progress)  # type: ignore[union-attr]
-        job._progress.close()
+            if key in watching and self._actives.get(key) is st:
+                st.watchers.remove(progress)  # type: ignore[union-attr]
+        states.clear()
+        watching.clear()
+        progress.close()
 
     def _delete_if_unreferenced(self, key: str, st: VertexState) -> None:
         stack = [(key, st)]
@@ -619,6 +643,8 @@ class Solver:
                     stack.append((child_key, child))
             s.release()
             del self._actives[k]
+            for w in s.watchers:
+                w.watching.discard(k)
             if k != s.orig_digest:
                 self._ignore_states -= 1
 
@@ -692,7 +718,8 @@ class Solver:
                     options = v.options
                     if not options.ignore_cache and not options.cache_sources:
                         assert job is not None
-                        if job not in st.jobs:
+                        if st.key not in job._states:
+                            job._states.add(st.key)
                             st.jobs.append(job)
                             st.watch(job._progress)
                         memo[k] = st.vtx
@@ -731,7 +758,8 @@ class Solver:
                     self._ignore_states += 1
         for cache in options.cache_sources:
             st.add_source(cache)
-        if job is not None and job not in st.jobs:
+        if job is not None and st.key not in job._states:
+            job._states.add(st.key)
             st.jobs.append(job)
         if parent is not None and parent.key not in st.parents:
             if not st.parents:
