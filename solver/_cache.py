@@ -62,7 +62,7 @@ class CacheKey:
     keys with deps whose label nobody reads.
     """
 
-    __slots__ = ("_id", "deps", "digest", "ids", "index_ids", "output", "vertex")
+    __slots__ = ("_id", "deps", "digest", "ids", "index_ids", "linked", "output", "vertex")
 
     def __init__(
         self,
@@ -82,6 +82,9 @@ class CacheKey:
         self.ids: dict[object, str] = {}
         # IDs of this key in the solver's live edge index (set by the index)
         self.index_ids: Sequence[str | int] = ()
+        # the manager that saved this key and linked every key below it (a save
+        # whose deps were saved by the same manager need not walk below them)
+        self.linked: object | None = None
 
     @property
     def id(self) -> str:

@@ -344,9 +344,14 @@ class KeyedCacheManager:
                 continue
             dep, link = step
             dep_id = dep.ids.get(self) or await self._get_id(dep)
-            if not await self._storage.has_link(dep_id, link, frame.id):
+            if dep.linked is self:
+                # a key this manager saved (an input's key, in a build): every
+                # key below it is linked already (add_link is idempotent)
+                await self._storage.add_link(dep_id, link, frame.id)
+            elif not await self._storage.has_link(dep_id, link, frame.id):
                 frame.link_after = (dep_id, link)
                 stack.append(_LinkFrame(dep_id, _dep_links(dep)))
+        key.linked = self
 
 
 class InMemoryCacheManager(KeyedCacheManager):
