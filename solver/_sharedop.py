@@ -158,7 +158,8 @@ class SharedOp:
                 raise self._op_err
             st = self.state
             try:
-                self._op = st.solver.resolve_op(st.vtx, st.builder)
+                # the op's builder: its nested builds belong to this vertex
+                self._op = st.solver.resolve_op(st.vtx, st.sub_builder())
             except Exception as exc:
                 self._op_err = self.wrap_error(exc, "failed to resolve op")
                 raise self._op_err from exc

@@ -108,7 +108,6 @@ class VertexState:
 
     __slots__ = (
         "_combined",
-        "builder",
         "children",
         "edges",
         "history",
@@ -143,7 +142,6 @@ class VertexState:
         self.main_cache = solver._cache
         self.sources: dict[str, CacheManager] = _NO_SOURCES
         self._combined: CacheManager | None = None
-        self.builder = _SubBuilder(self)
         # progress: events so far, and the jobs that see them
         self.history: list[ProgressEvent] = []
         # whether every job in ``jobs`` watches this state (true after a full
@@ -154,6 +152,11 @@ class VertexState:
 
     def __repr__(self) -> str:
         return f"<VertexState {self.vtx.name!r} jobs={len(self.jobs)}>"
+
+    def sub_builder(self) -> Builder:
+        """A builder for this vertex's op (made when its op is resolved: most
+        ops never build)."""
+        return _SubBuilder(self)
 
     def combined_cache(self) -> CacheManager:
         if self._combined is None:
