@@ -695,6 +695,10 @@ class Solver:
     def _load(self, root: Vertex, parent: VertexState | None, job: Job | None) -> LoadedVertex:
         """Make ``root`` and its inputs active for ``job`` (or as a nested build of
         ``parent``); inputs first, iteratively, so deep graphs never recurse."""
+        if job is not None and parent is None and not self._ignore_states:
+            loaded = self._join(root, job)
+            if loaded is not None:
+                return loaded
         # memo: id(vertex) -> its loaded vertex, or None while its inputs load
         memo: dict[int, LoadedVertex | None] = {}
         stack: list[Vertex] = [root]
@@ -731,6 +735,38 @@ class Solver:
         loaded = memo[id(root)]
         assert loaded is not None
         return loaded
+
+    def _join(self, root: Vertex, job: Job) -> LoadedVertex | None:
+        """Add ``job`` to the states of a graph that is active already (K jobs
+        building one graph): one visit per vertex, in any order. None if a vertex
+        is not that simple (not active, not watched by all its jobs, part of a
+        nested build, ignore-cache or with cache sources): ``_load`` then loads
+        the graph (the joins made so far are ones it would make too)."""
+        actives = self._actives
+        states = job._states
+        progress = job._progress
+        seen = {id(root)}
+        stack = [root]
+        while stack:
+            v = stack.pop()
+            st = actives.get(v.digest)
+            if st is None or not st.watched or st.parents:
+                return None
+            options = v.options
+            if options.ignore_cache or options.cache_sources:
+                return None
+            key = st.key
+            if key not in states:
+                states.add(key)
+                st.jobs.append(job)
+                st.watch(progress)
+            for inp in v.inputs:
+                iv = inp.vertex
+                if id(iv) not in seen:
+                    seen.add(id(iv))
+                    stack.append(iv)
+        root_state = actives[root.digest]
+        return root_state.vtx
 
     def _load_one(
         self,
