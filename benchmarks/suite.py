@@ -217,6 +217,7 @@ class ConcurrencyResult:
     k: int
     repeats: int
     seconds: float | None = None  # median wall time until all K builds returned
+    samples: list[float] = field(default_factory=list)
     counts: Counts = field(default_factory=Counts)
     same_result: bool | None = None  # every job got a handle on one value
     problems: list[str] = field(default_factory=list)
@@ -415,14 +416,18 @@ async def _build_all(jobs: list[Job], graph: Graph, results: list[Any]) -> None:
             tg.start_soon(build, i)
 
 
-async def _measure_concurrency(cfg: Config, graph: Graph, k: int) -> ConcurrencyResult:
+async def _measure_concurrency(
+    cfg: Config, graph: Graph, k: int, out: ConcurrencyResult
+) -> None:
+    """One more sample of K concurrent builds into ``out`` (the suite takes the
+    samples of every K in turn, round-robin, so that a slow spell of the machine
+    does not fall on one K only)."""
     n = len(graph.vertices)
-    out = ConcurrencyResult(cfg.concurrency_shape, n, k, cfg.repeats(n))
-    samples: list[float] = []
+    samples = out.samples
     phase = "setup"
     try:
-        with anyio.fail_after(_phase_limit(n) * 4 * out.repeats):
-            for _ in range(out.repeats):
+        with anyio.fail_after(_phase_limit(n) * 4):
+            for _ in range(1):
                 reset_exec_counts(graph)
                 cache = CountingCacheManager(InMemoryCacheManager())
                 try:
@@ -446,12 +451,18 @@ async def _measure_concurrency(cfg: Config, graph: Graph, k: int) -> Concurrency
         out.error = _describe(exc, phase)
     out.seconds = statistics.median(samples) if samples else None
     if samples:
-        _check(out.problems, f"K={k} execs", out.counts.execs, n)
-        _check(out.problems, f"K={k}: most execs of one op", out.counts.max_execs, 1)
-        _check(out.problems, f"K={k} loads", out.counts.loads, 0)
+        problems: list[str] = []
+        _check(problems, f"K={k} execs", out.counts.execs, n)
+        _check(problems, f"K={k}: most execs of one op", out.counts.max_execs, 1)
+        _check(problems, f"K={k} loads", out.counts.loads, 0)
         if not out.same_result:
-            out.problems.append(f"K={k}: the jobs got different results")
-    return out
+            problems.append(f"K={k}: the jobs got different results")
+        out.problems.extend(p for p in problems if p not in out.problems)
+
+
+def by_k_order(cfg: Config) -> tuple[int, ...]:
+    """The K values of the concurrency benchmark, each once, in the given order."""
+    return tuple(dict.fromkeys(cfg.concurrency))
 
 
 async def _measure_memory(shape: str, n: int) -> MemoryResult:
@@ -517,9 +528,18 @@ async def run_backend(cfg: Config, backend: str) -> BackendResults:
             )
     if cfg.concurrency:
         graph = SHAPES[cfg.concurrency_shape](cfg.concurrency_size)
-        for k in cfg.concurrency:
-            c = await _measure_concurrency(cfg, graph, k)
+        n = len(graph.vertices)
+        by_k = {
+            k: ConcurrencyResult(cfg.concurrency_shape, n, k, cfg.repeats(n))
+            for k in by_k_order(cfg)
+        }
+        for _ in range(cfg.repeats(n)):
+            for k, c in by_k.items():
+                if c.error is None:
+                    await _measure_concurrency(cfg, graph, k, c)
+        for c in by_k.values():
             out.concurrency.append(c)
+            k = c.k
             _progress(
                 f"  {backend} K={k}: {_fmt(c.seconds, 1000)} ms{'  ' + c.error if c.error else ''}"
             )
