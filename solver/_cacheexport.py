@@ -237,7 +237,11 @@ class FoundKeyExporter(KeyExporter):
         self._manager = manager
 
     async def candidates(self) -> Sequence[CacheRecord]:
-        return await self._manager.records(self.key)
+        try:
+            return await self._manager.records(self.key)
+        except anyio.ClosedResourceError:
+            # as for a record of a closed cache: skipped, not an error
+            return ()
 
 
 class SavedKeyExporter(KeyExporter):

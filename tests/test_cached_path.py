@@ -496,3 +496,38 @@ async def test_same_counts_with_the_path_on_and_off(
     # the warm builds took the path (and the fifth, unless the fourth evicted it)
     assert on.seeded >= 2
     assert off.seeded == 0
+
+
+async def test_export_after_the_cache_closed_is_the_same_with_the_path_on_and_off(
+    handle_tracker: HandleTracker,
+) -> None:
+    """Keys found by the path read their records only when an export reaches
+    them; once the cache is closed they have none, and the export is what it is
+    without the path (no error: a closed cache's records are skipped)."""
+    from tests.test_cache_export import RecordingTarget, export
+
+    summaries = []
+    for blocked in (False, True):
+        with anyio.fail_after(TIMEOUT):
+            cache = TrackingCacheManager(InMemoryCacheManager())
+            async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
+                top = diamond()
+                top.setup_call_counters()
+                j0 = s.new_job()
+                assert await build_value(j0, Edge(top)) == "top"
+                await j0.discard()
+                blocker = await block_index(s) if blocked else None
+                j1 = s.new_job()
+                res = await j1.build(Edge(top))
+                await j1.discard()
+                if blocker is not None:
+                    await blocker.discard()
+            open_target = RecordingTarget()
+            await export(res, open_target, True)
+            await cache.close()
+            closed_target = RecordingTarget()
+            await export(res, closed_target, True)
+            await res.release()
+            summaries.append((open_target.summary(), closed_target.summary()))
+    assert summaries[0] == summaries[1]
+    assert len(summaries[0][0]) == 5  # every record of the diamond, cache open
