@@ -9,7 +9,7 @@ merge. A job reads its events with ``Job.status()``.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Final
@@ -84,6 +84,18 @@ class JobProgress:
         if self._wakeup is not None:
             self._wakeup.set()
             self._wakeup = None
+
+    @staticmethod
+    def fan_out(watchers: Iterable[JobProgress], event: ProgressEvent) -> None:
+        """``put`` ``event`` into each of ``watchers`` (one loop, no call per
+        watcher: K jobs watching one graph receive every event of it)."""
+        for w in watchers:
+            if not w._closed:
+                w._buffer.append(event)
+                wakeup = w._wakeup
+                if wakeup is not None:
+                    w._wakeup = None
+                    wakeup.set()
 
     def close(self) -> None:
         self._closed = True

@@ -258,15 +258,13 @@ class VertexState:
             self._mark_inputs_cached()
         ev = make_event(self.vtx.digest, self.vtx.name, status, error)
         self.history.append(ev)
-        for w in self.watchers:
-            w.put(ev)
+        JobProgress.fan_out(self.watchers, ev)
 
     def log(self, data: bytes, stream: int = 1) -> None:
         """A ``"log"`` event of this vertex (output of its running op)."""
         ev = make_event(self.vtx.digest, self.vtx.name, LOG, None, data, stream)
         self.history.append(ev)
-        for w in self.watchers:
-            w.put(ev)
+        JobProgress.fan_out(self.watchers, ev)
 
     def _mark_inputs_cached(self) -> None:
         # An input that never ran by the time its consumer starts was not needed:
@@ -279,8 +277,7 @@ class VertexState:
                 continue
             ev = make_event(st.vtx.digest, st.vtx.name, CACHED)
             st.history.append(ev)
-            for w in st.watchers:
-                w.put(ev)
+            JobProgress.fan_out(st.watchers, ev)
             stack.extend(inp.vertex.digest for inp in st.vtx.inputs)
 
     def release(self) -> None:
@@ -745,6 +742,7 @@ class Solver:
         actives = self._actives
         states = job._states
         progress = job._progress
+        watching = progress.watching
         seen = {id(root)}
         stack = [root]
         while stack:
@@ -759,7 +757,14 @@ class Solver:
             if key not in states:
                 states.add(key)
                 st.jobs.append(job)
-                st.watch(progress)
+                if key not in watching:  # st.watch(progress), inline
+                    watching.add(key)
+                    if st.watchers:
+                        st.watchers.append(progress)
+                    else:
+                        st.watchers = [progress]
+                    for ev in st.history:
+                        progress.put(ev)
             for inp in v.inputs:
                 iv = inp.vertex
                 if id(iv) not in seen:
