@@ -3,6 +3,7 @@ error surfacing, progress, the solver's lifetime, op parallelism limits."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 from harness import (
+    Counters,
     DummyResult,
     TestVertex,
     VtxOpt,
@@ -22,6 +24,7 @@ from harness import (
 from solver import (
     Edge,
     InMemoryCacheManager,
+    Job,
     ProgressEvent,
     Result,
     SolveError,
@@ -390,3 +393,56 @@ async def test_leaving_the_solver_with_a_build_in_flight_is_clean(
     assert "InternalError" not in caplog.text
     assert "answered twice" not in caplog.text
     assert ops.live_values() == []
+
+
+
+@pytest.mark.parametrize("k", [2, 16])
+async def test_concurrent_jobs_each_see_every_event_once(
+    k: int, handle_tracker: HandleTracker
+) -> None:
+    """K jobs build one graph at once (they join each other's states): each job's
+    status stream has every vertex's started and completed events exactly once.
+    Then K more jobs join the graph while the first K still hold it, and each of
+    them sees every vertex's history exactly once too. Each op runs once."""
+    base = vtx(name="base", cache_key_seed="base", value="base")
+    layer = [
+        vtx(name=f"m{i}", cache_key_seed=f"m{i}", value=f"m{i}", inputs=[Edge(base)])
+        for i in range(6)
+    ]
+    top = vtx(name="top", cache_key_seed="top", value="top", inputs=[Edge(v) for v in layer])
+    counters = top.setup_call_counters()
+    expected = Counter(
+        {(n, st): 1 for n in ["base", "top", *(f"m{i}" for i in range(6))]
+         for st in ("started", "completed")}
+    )
+
+    async def watch(job: Job, into: Counter[tuple[str, str]]) -> None:
+        async for ev in job.status():
+            into[ev.name, ev.status] += 1
+
+    async def build(job: Job) -> None:
+        res = await job.build(Edge(top))
+        assert unwrap(res) == "top"
+        await res.release()
+
+    with anyio.fail_after(10):
+        async with Solver(resolve_op=resolve_op) as s:
+            rounds: list[list[Counter[tuple[str, str]]]] = []
+            jobs: list[Job] = []
+            async with anyio.create_task_group() as watchers:
+                for _ in range(2):
+                    batch = [s.new_job() for _ in range(k)]
+                    seen: list[Counter[tuple[str, str]]] = [Counter() for _ in batch]
+                    for job, into in zip(batch, seen, strict=True):
+                        watchers.start_soon(watch, job, into)
+                    async with anyio.create_task_group() as builds:
+                        for job in batch:
+                            builds.start_soon(build, job)
+                    rounds.append(seen)
+                    jobs.extend(batch)
+                for job in jobs:  # ends the watchers
+                    await job.discard()
+    for seen in rounds:
+        for into in seen:
+            assert into == expected
+    assert counters == Counters(cache=8, exec=8)
