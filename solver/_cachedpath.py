@@ -21,7 +21,8 @@ the edges must handle themselves: an ignore-cache vertex, one with cache sources
 one that already has an edge, an op whose cache map is not its only one, has a
 content key (``compute_digest``), fails, or is being computed by an edge; and as
 soon as a vertex has no key in the cache (so a cold build gives up at its first
-leaf). It runs only while the live edge index is empty, so no equal live edge is
+leaf), and on a cache error (the edges report it, or work around it, as they
+do). It runs only while the live edge index is empty, so no equal live edge is
 missed that the edges would have merged with. What it did is not lost when it
 gives up: cache maps stay memoized and cache queries only add links.
 
@@ -33,6 +34,7 @@ run cancels the requests, exactly as a cancelled edge does.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import anyio
@@ -49,6 +51,8 @@ if TYPE_CHECKING:
     from ._solver import Solver, VertexState
 
 __all__ = ["seed_cached_root"]
+
+logger = logging.getLogger("solver")
 
 
 class _Found:
@@ -100,7 +104,13 @@ async def seed_cached_root(solver: Solver, root: Edge) -> bool:
     # dispatcher's are not): it takes effect when they are done, in the
     # scheduler's first checkpoint. One shield for the whole pass.
     with anyio.CancelScope(shield=True):
-        seeded = await _resolve_and_seed(solver, root, root_state, order, needed, states, maps)
+        try:
+            seeded = await _resolve_and_seed(solver, root, root_state, order, needed, states, maps)
+        except Exception:
+            # A failing cache is the edges' to report (or to work around, as
+            # they do for records and root keys): give up and let them.
+            logger.debug("the cached path gave up on a cache error", exc_info=True)
+            return False
     return seeded
 
 

@@ -24,10 +24,12 @@ import pytest
 from solver import (
     CacheKey,
     CacheKeyWithSelector,
+    CacheRecord,
     Edge,
     InMemoryCacheManager,
     Job,
     Result,
+    SolveError,
     Solver,
     _solver as solver_module,
 )
@@ -531,3 +533,57 @@ async def test_export_after_the_cache_closed_is_the_same_with_the_path_on_and_of
             summaries.append((open_target.summary(), closed_target.summary()))
     assert summaries[0] == summaries[1]
     assert len(summaries[0][0]) == 5  # every record of the diamond, cache open
+
+
+class FailingCache(TrackingCacheManager):
+    """``query`` (``kind="query"``) or ``records`` (``kind="records"``) raises
+    while ``failing``."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(InMemoryCacheManager())
+        self.kind = kind
+        self.failing = False
+
+    async def query(
+        self, deps: Sequence[CacheKeyWithSelector], input: int, digest: str, output: int
+    ) -> list[CacheKey]:
+        if self.failing and self.kind == "query" and deps:
+            raise RuntimeError("query failed")
+        return await super().query(deps, input, digest, output)
+
+    async def records(self, key: CacheKey) -> list[CacheRecord]:
+        if self.failing and self.kind == "records":
+            raise RuntimeError("records failed")
+        return await super().records(key)
+
+
+@pytest.mark.parametrize("kind", ["query", "records"])
+async def test_a_failing_cache_is_left_to_the_edges(
+    kind: str, handle_tracker: HandleTracker
+) -> None:
+    """A cache call that raises makes the path give up; the build then ends as it
+    does with the path off (the same error text, or the same value and counts
+    where the edges work around it)."""
+    outcomes = []
+    for blocked in (False, True):
+        with anyio.fail_after(TIMEOUT):
+            cache = FailingCache(kind)
+            async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
+                top = diamond()
+                counters = top.setup_call_counters()
+                j0 = s.new_job()
+                assert await build_value(j0, Edge(top)) == "top"
+                await j0.discard()
+                blocker = await block_index(s) if blocked else None
+                cache.failing = True
+                j1 = s.new_job()
+                try:
+                    outcome: object = await build_value(j1, Edge(top))
+                except SolveError as exc:
+                    outcome = str(exc)
+                await j1.discard()
+                if blocker is not None:
+                    await blocker.discard()
+                outcomes.append((outcome, counters.cache, counters.exec, cache.load_counter))
+            await cache.close()
+    assert outcomes[0] == outcomes[1]
