@@ -27,7 +27,9 @@ from solver import (
     CacheRecord,
     Edge,
     ExportableCacheKey,
+    Job,
     Result,
+    Solver,
     VertexOptions,
     digest_of,
 )
@@ -100,6 +102,22 @@ def unwrap(res: Result) -> str:
 def unwrap_int(res: Result) -> int:
     sys = res.sys
     return sys.int_value if isinstance(sys, DummyResult) else -1_000_000
+
+
+async def build_value(job: Job, edge: Edge) -> str:
+    """Build ``edge`` on ``job``, release the handle and return its string value."""
+    res = await job.build(edge)
+    try:
+        return unwrap(res)
+    finally:
+        await res.release()
+
+
+async def build_and_discard(s: Solver, edge: Edge) -> None:
+    """Build ``edge`` in a job of its own and discard it: the result stays cached."""
+    job = s.new_job()
+    await build_value(job, edge)
+    await job.discard()
 
 
 async def digest_from_result(res: Result) -> str:

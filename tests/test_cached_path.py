@@ -13,9 +13,10 @@ its speed.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -24,6 +25,7 @@ import pytest
 from solver import (
     CacheKey,
     CacheKeyWithSelector,
+    CacheManager,
     CacheRecord,
     Edge,
     InMemoryCacheManager,
@@ -39,10 +41,10 @@ from tests.harness import (
     Counters,
     TestVertex,
     TrackingCacheManager,
+    build_value,
     digest_from_result,
     generate_sub_graph,
     resolve_op,
-    unwrap,
     vtx,
 )
 
@@ -78,21 +80,27 @@ def diamond(prefix: str = "", **leaf: object) -> TestVertex:
                inputs=[Edge(left), Edge(right)])
 
 
-async def build_value(job: Job, edge: Edge) -> str:
-    res = await job.build(edge)
-    try:
-        return unwrap(res)
-    finally:
-        await res.release()
+async def warm_up(s: Solver, top: TestVertex) -> None:
+    """Build ``top`` in a job of its own and discard it: it is all cached now."""
+    job = s.new_job()
+    assert await build_value(job, Edge(top)) == "top"
+    await job.discard()
 
 
-async def block_index(s: Solver) -> Job:
-    """A live job whose edge is in the live index: the cached path stays off."""
-    job = s.new_job("blocker")
-    blocker = vtx(name="blocker", cache_key_seed="blocker", value="blocker")
-    assert await build_value(job, Edge(blocker)) == "blocker"
-    assert len(s._index), "the blocker's edge must be indexed"
-    return job
+@contextlib.asynccontextmanager
+async def solver_with_path(cache: CacheManager, off: bool) -> AsyncIterator[Solver]:
+    """A solver over ``cache``; with ``off``, a live job whose edge is in the
+    live index keeps the cached path off while it runs."""
+    async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
+        if not off:
+            yield s
+            return
+        job = s.new_job("blocker")
+        blocker = vtx(name="blocker", cache_key_seed="blocker", value="blocker")
+        assert await build_value(job, Edge(blocker)) == "blocker"
+        assert len(s._index), "the blocker's edge must be indexed"
+        yield s
+        await job.discard()
 
 
 # -- the path is taken, and what it costs ----------------------------------------------
@@ -106,9 +114,7 @@ async def test_warm_build_takes_the_cached_path(handle_tracker: HandleTracker) -
         async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
             top = diamond()
             counters = top.setup_call_counters()
-            j0 = s.new_job()
-            assert await build_value(j0, Edge(top)) == "top"
-            await j0.discard()
+            await warm_up(s, top)
             assert counters == Counters(cache=5, exec=5)
             assert cache.load_counter == 0
 
@@ -141,20 +147,16 @@ async def test_cold_build_asks_each_cache_map_once(handle_tracker: HandleTracker
 async def test_a_live_job_keeps_the_path_off(handle_tracker: HandleTracker) -> None:
     with anyio.fail_after(TIMEOUT):
         cache = TrackingCacheManager(InMemoryCacheManager())
-        async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
+        async with solver_with_path(cache, off=True) as s:
             top = diamond()
             counters = top.setup_call_counters()
-            j0 = s.new_job()
-            assert await build_value(j0, Edge(top)) == "top"
-            await j0.discard()
-            blocker = await block_index(s)
+            await warm_up(s, top)
             j1 = s.new_job()
             assert await build_value(j1, Edge(top)) == "top"
             assert counters == Counters(cache=10, exec=5)
             assert cache.load_counter == 1
             assert any(s._actives[d].edges for d in inner_digests(top))
             await j1.discard()
-            await blocker.discard()
         await cache.close()
 
 
@@ -177,11 +179,10 @@ async def test_vertices_the_edges_must_handle_keep_the_path_off(
                    slow_cache_compute={0: content})
 
     outcomes = []
-    for blocked in (False, True):
+    for off in (False, True):
         with anyio.fail_after(TIMEOUT):
             cache = TrackingCacheManager(InMemoryCacheManager())
-            async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
-                blocker = await block_index(s) if blocked else None
+            async with solver_with_path(cache, off) as s:
                 top = graph()
                 counters = top.setup_call_counters()
                 for _ in range(2):
@@ -189,8 +190,6 @@ async def test_vertices_the_edges_must_handle_keep_the_path_off(
                     assert await build_value(j, Edge(top)) == "top"
                     assert any(s._actives[d].edges for d in inner_digests(top))
                     await j.discard()
-                if blocker is not None:
-                    await blocker.discard()
                 outcomes.append((counters.cache, counters.exec, cache.load_counter))
             await cache.close()
     assert outcomes[0] == outcomes[1]
@@ -231,9 +230,7 @@ async def test_cache_maps_of_a_warm_build_run_concurrently(
             top = vtx(name="top", cache_key_seed="top", value="top",
                       inputs=[Edge(a), Edge(b)])
             counters = top.setup_call_counters()
-            j0 = s.new_job()
-            assert await build_value(j0, Edge(top)) == "top"
-            await j0.discard()
+            await warm_up(s, top)
             barrier.armed = True
             j1 = s.new_job()
             assert await build_value(j1, Edge(top)) == "top"
@@ -281,9 +278,7 @@ async def test_cancelled_while_a_cache_map_runs(handle_tracker: HandleTracker) -
 
             top = diamond(cache_pre_func=hook)
             counters = top.setup_call_counters()
-            j0 = s.new_job()
-            assert await build_value(j0, Edge(top)) == "top"
-            await j0.discard()
+            await warm_up(s, top)
 
             armed[0] = True
             job = s.new_job("cancelled")
@@ -340,9 +335,7 @@ async def test_cancelled_during_the_cache_calls_returns_after_them(
         async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
             top = diamond()
             top.setup_call_counters()
-            j0 = s.new_job()
-            assert await build_value(j0, Edge(top)) == "top"
-            await j0.discard()
+            await warm_up(s, top)
 
             cache.armed = True
             job = s.new_job("cancelled")
@@ -381,22 +374,17 @@ async def test_failed_load_of_the_seeded_root_falls_back_to_the_edges(
     """Every load fails: the seeded root asks its inputs as the edges do, and the
     build runs everything again (the same counts as without the path)."""
     results = []
-    for blocked in (False, True):
+    for off in (False, True):
         with anyio.fail_after(TIMEOUT):
             cache = TrackingCacheManager(InMemoryCacheManager())
-            async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
+            async with solver_with_path(cache, off) as s:
                 top = diamond()
                 counters = top.setup_call_counters()
-                j0 = s.new_job()
-                assert await build_value(j0, Edge(top)) == "top"
-                await j0.discard()
-                blocker = await block_index(s) if blocked else None
+                await warm_up(s, top)
                 cache.force_fail = True
                 j1 = s.new_job()
                 assert await build_value(j1, Edge(top)) == "top"
                 await j1.discard()
-                if blocker is not None:
-                    await blocker.discard()
                 results.append((counters.cache, counters.exec, cache.load_counter))
             await cache.close()
     assert results[0] == results[1]
@@ -432,8 +420,7 @@ async def run_builds(
 
     monkeypatch.setattr(solver_module, "seed_cached_root", counted)
     cache = TrackingCacheManager(InMemoryCacheManager())
-    async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
-        blocker = await block_index(s) if blocked else None
+    async with solver_with_path(cache, blocked) as s:
         for make in graphs:
             edge, counters = make()
             job = s.new_job()
@@ -455,8 +442,6 @@ async def run_builds(
                 await job.discard()
             run.calls.append((counters.cache, counters.exec))
             run.events.append(seen)
-        if blocker is not None:
-            await blocker.discard()
     await cache.close()
     return run
 
@@ -509,21 +494,16 @@ async def test_export_after_the_cache_closed_is_the_same_with_the_path_on_and_of
     from tests.test_cache_export import RecordingTarget, export
 
     summaries = []
-    for blocked in (False, True):
+    for off in (False, True):
         with anyio.fail_after(TIMEOUT):
             cache = TrackingCacheManager(InMemoryCacheManager())
-            async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
+            async with solver_with_path(cache, off) as s:
                 top = diamond()
                 top.setup_call_counters()
-                j0 = s.new_job()
-                assert await build_value(j0, Edge(top)) == "top"
-                await j0.discard()
-                blocker = await block_index(s) if blocked else None
+                await warm_up(s, top)
                 j1 = s.new_job()
                 res = await j1.build(Edge(top))
                 await j1.discard()
-                if blocker is not None:
-                    await blocker.discard()
             open_target = RecordingTarget()
             await export(res, open_target, True)
             await cache.close()
@@ -565,16 +545,13 @@ async def test_a_failing_cache_is_left_to_the_edges(
     does with the path off (the same error text, or the same value and counts
     where the edges work around it)."""
     outcomes = []
-    for blocked in (False, True):
+    for off in (False, True):
         with anyio.fail_after(TIMEOUT):
             cache = FailingCache(kind)
-            async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
+            async with solver_with_path(cache, off) as s:
                 top = diamond()
                 counters = top.setup_call_counters()
-                j0 = s.new_job()
-                assert await build_value(j0, Edge(top)) == "top"
-                await j0.discard()
-                blocker = await block_index(s) if blocked else None
+                await warm_up(s, top)
                 cache.failing = True
                 j1 = s.new_job()
                 try:
@@ -582,8 +559,6 @@ async def test_a_failing_cache_is_left_to_the_edges(
                 except SolveError as exc:
                     outcome = str(exc)
                 await j1.discard()
-                if blocker is not None:
-                    await blocker.discard()
                 outcomes.append((outcome, counters.cache, counters.exec, cache.load_counter))
             await cache.close()
     assert outcomes[0] == outcomes[1]

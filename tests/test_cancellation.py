@@ -61,7 +61,17 @@ from solver import (
     Solver,
 )
 from solver.testing import CountingResult, HandleTracker, track_handles
-from tests.harness import DummyResult, Hook, TestVertex, VtxOpt, digest_from_result, new_id, unwrap
+from tests.harness import (
+    DummyResult,
+    Hook,
+    TestVertex,
+    VtxOpt,
+    build_and_discard,
+    build_value,
+    digest_from_result,
+    new_id,
+    unwrap,
+)
 
 # Fail-safe: a hang fails the test instead of the run.
 TIMEOUT = 10
@@ -297,21 +307,6 @@ class Caller:
         assert self.error is None, f"build failed instead of being cancelled: {self.error!r}"
         assert self.value is None, "build returned a result although it was cancelled"
         assert self.cancelled, "build did not raise the cancellation"
-
-
-async def build_value(job: Job, edge: Edge) -> str:
-    res = await job.build(edge)
-    try:
-        return unwrap(res)
-    finally:
-        await res.release()
-
-
-async def build_and_discard(s: Solver, edge: Edge) -> None:
-    """Build ``edge`` in a job of its own and discard it: the result stays cached."""
-    job = s.new_job()
-    await build_value(job, edge)
-    await job.discard()
 
 
 # -- the points ---------------------------------------------------------------------------

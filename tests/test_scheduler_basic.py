@@ -29,6 +29,7 @@ from tests.harness import (
     TestVertex,
     TrackingCacheManager,
     blocking_function,
+    build_value,
     digest_from_result,
     generate_sub_graph,
     resolve_op,
@@ -41,15 +42,6 @@ from tests.harness import (
 
 # Fail-safe: a deadlock fails the test instead of hanging the run.
 TIMEOUT = 10
-
-
-async def build_value(job: Job, edge: Edge) -> str:
-    """Build ``edge`` on ``job``, release the handle and return its string value."""
-    res = await job.build(edge)
-    try:
-        return unwrap(res)
-    finally:
-        await res.release()
 
 
 async def build_int(job: Job, edge: Edge) -> int:
