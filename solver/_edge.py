@@ -460,9 +460,8 @@ class ActiveEdge:
             d.nkeys = len(dep_keys)
             d.state = CACHE_SLOW if leaf else CACHE_FAST
         if self.deps:
-            matched = {kid: None for kid in by_input[0] if all(kid in r for r in by_input)}
-            if matched:
-                self.key_map = matched
+            # the stored keys every input leads to: the ones ``keys`` were made from
+            self.key_map = dict.fromkeys(k.key.id for k in keys)
         self.keys.extend(keys)
         self._add_records(records)
         await self.recalc_current_state()

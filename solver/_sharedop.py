@@ -177,8 +177,9 @@ class SharedOp:
 
     # -- cache maps ---------------------------------------------------------------
     def request_cache_map(self, pipe: Pipe, index: int) -> None:
-        if index < len(self.cache_res):
-            pipe.finalize((self.cache_res[index], self.cache_done), None)
+        memo = self.memoized_cache_map(index)
+        if memo is not None:
+            pipe.finalize(memo, None)
             return
         if self.cache_err is not None:
             pipe.finalize(None, self.cache_err)

@@ -322,10 +322,11 @@ class Job:
             self._progress = JobProgress()
         v = s._load(edge.vertex, None, self)
         loaded = Edge(v, edge.index)
-        if not s._index and not s._scheduler.building() and not s._cached_passes:
-            # Nothing live to merge with and no other build running: resolve a
-            # cached graph in one pass. (Concurrent builds go to the edges,
-            # which share their work; K passes over one graph would not.)
+        if not s._scheduler.building() and not s._cached_passes:
+            # No other build running: try to resolve a cached graph in one pass
+            # (it also needs nothing live to merge with: see seed_cached_root).
+            # Concurrent builds go to the edges, which share their work; K
+            # passes over one graph would not.
             s._cached_passes += 1
             try:
                 await seed_cached_root(s, loaded)
@@ -742,7 +743,6 @@ class Solver:
         actives = self._actives
         states = job._states
         progress = job._progress
-        watching = progress.watching
         seen = {id(root)}
         stack = [root]
         while stack:
@@ -757,14 +757,7 @@ class Solver:
             if key not in states:
                 states.add(key)
                 st.jobs.append(job)
-                if key not in watching:  # st.watch(progress), inline
-                    watching.add(key)
-                    if st.watchers:
-                        st.watchers.append(progress)
-                    else:
-                        st.watchers = [progress]
-                    for ev in st.history:
-                        progress.put(ev)
+                st.watch(progress)
             for inp in v.inputs:
                 iv = inp.vertex
                 if id(iv) not in seen:
