@@ -1083,12 +1083,15 @@ async def build_with_caches(
     ``exports`` run on the result (while the imports are still open: an imported
     record is exported by copying its blob). The result is the caller's; if an
     export fails it is released and the error raised."""
-    async with opened_imports(imports, worker) as sources:
-        result = await job.build(with_cache_sources(edge, sources))
-        try:
+    result: CachedResult | None = None
+    try:
+        async with opened_imports(imports, worker) as sources:
+            result = await job.build(with_cache_sources(edge, sources))
             await run_exports(result, exports, worker)
-        except BaseException:
+    except BaseException:
+        # an export, or closing the imports, failed or was cancelled
+        if result is not None:
             with anyio.CancelScope(shield=True):
                 await result.release()
-            raise
+        raise
     return result

@@ -460,34 +460,49 @@ class Solver:
         own_job = job is None
         if job is None:
             job = self.new_job()
+        solved: SolveResult | None = None
         try:
             if request.frontend is not None:
-                return await self._solve_frontend(request, job)
-            assert request.definition is not None
-            edge = request.definition.to_vertices(self.op_kinds)
-            imports, exports = request.cache_imports, request.cache_exports
-            ref = await build_with_caches(job, edge, imports, exports, self.worker)
-            return SolveResult(ref=ref)
+                solved = await self._solve_frontend(request, job)
+            else:
+                assert request.definition is not None
+                edge = request.definition.to_vertices(self.op_kinds)
+                imports, exports = request.cache_imports, request.cache_exports
+                ref = await build_with_caches(job, edge, imports, exports, self.worker)
+                solved = SolveResult(ref=ref)
         finally:
-            if own_job:
-                await job.discard()
-            await self._after_solve()
+            # Once a SolveResult exists it either reaches the caller or is released
+            # here: discarding the job is a cancel point, and a cancellation (or any
+            # error) raised by it must not drop the handles the result holds.
+            try:
+                if own_job:
+                    await job.discard()
+                await self._after_solve()
+            except BaseException:
+                if solved is not None:
+                    with anyio.CancelScope(shield=True):
+                        await solved.release()
+                raise
+        return solved
 
     async def _solve_frontend(self, request: SolveRequest, job: Job) -> SolveResult:
         # Imports are cache sources of every definition the frontend solves; the
         # records of all its distinct results go into each export.
-        async with opened_imports(request.cache_imports, self.worker) as sources:
-            bridge = SolverBridge(self, job, cache_sources=sources)
-            solved = await to_solve_result(await bridge.solve(request))
-            if request.cache_exports:
-                try:
+        solved: SolveResult | None = None
+        try:
+            async with opened_imports(request.cache_imports, self.worker) as sources:
+                bridge = SolverBridge(self, job, cache_sources=sources)
+                solved = await to_solve_result(await bridge.solve(request))
+                if request.cache_exports:
                     handles = [solved.ref, *solved.refs.values()]
                     distinct = list({h.id: h for h in handles if h is not None}.values())
                     await run_exports(distinct, request.cache_exports, self.worker)
-                except BaseException:
-                    await solved.release()
-                    raise
-            return solved
+        except BaseException:
+            # an export, or closing the imports, failed or was cancelled
+            if solved is not None:
+                await solved.release()  # shielded
+            raise
+        return solved
 
     async def _after_solve(self) -> None:
         worker = self._solve_worker
