@@ -137,6 +137,7 @@ class DefinitionProxy:
     __slots__ = (
         "__weakref__",
         "_bridge",
+        "_consumed",
         "_definition",
         "_done",
         "_edge",
@@ -155,6 +156,7 @@ class DefinitionProxy:
         self._id = "proxy-" + secrets.token_hex(8)
         self._state = _NEW
         self._released = False
+        self._consumed = False
         self._done: anyio.Event | None = None
         self._scope: anyio.CancelScope | None = None
         self._value: CachedResult | None = None
@@ -175,7 +177,8 @@ class DefinitionProxy:
 
     @property
     def released(self) -> bool:
-        """True once :meth:`release` was called."""
+        """True once the proxy was released: by :meth:`release`, or by the last
+        half of a :func:`~solver.split_result_proxy` of it."""
         return self._released
 
     async def result(self) -> CachedResult:
@@ -183,7 +186,36 @@ class DefinitionProxy:
 
         Builds it on the first call; concurrent calls share that build. Raises the
         build's :class:`~solver.SolveError` (a copy per caller), or a SolveError
-        if the proxy was released before or during the evaluation."""
+        if the proxy was released (or consumed by a split) before or during the
+        evaluation."""
+        if self._consumed:
+            raise SolveError(f"accessing released result {self._id}")
+        return await self._result()
+
+    def _consume_for_split(self) -> ResultProxy:
+        """Hook of :func:`~solver.split_result_proxy`: this proxy is consumed (its
+        own ``release()`` raises DoubleReleaseError from now on) and the returned
+        object, which the halves share, releases it for them."""
+        if self._released or self._consumed:
+            raise self._misuse("splitting")
+        self._consumed = True
+        tracker = _refs._tracker
+        if tracker is not None:
+            tracker.released(self)
+        return _SplitDefinitionProxy(self)
+
+    def _misuse(self, action: str) -> DoubleReleaseError:
+        if self._consumed:
+            message = f"{action} reference {self._id} that split_result_proxy consumed"
+        else:
+            message = f"{action} already released reference {self._id}"
+        _log.error("%s: %r", message, self)
+        tracker = _refs._tracker
+        if tracker is not None:
+            tracker.double_released(self)
+        return DoubleReleaseError(message)
+
+    async def _result(self) -> CachedResult:
         if self._released:
             raise SolveError(f"accessing released result {self._id}")
         if self._state == _NEW:
@@ -242,19 +274,18 @@ class DefinitionProxy:
         """Release the proxy and what it built (see the module docstring).
 
         Never a cancel point: an evaluation in flight is cancelled and waited for
-        under a shield. A second call logs at ERROR and raises
-        :class:`~solver.DoubleReleaseError`."""
-        if self._released:
-            message = f"releasing already released reference {self._id}"
-            _log.error("%s: %r", message, self)
-            tracker = _refs._tracker
-            if tracker is not None:
-                tracker.double_released(self)
-            raise DoubleReleaseError(message)
-        self._released = True
+        under a shield. A second call, or a call after a split consumed the proxy,
+        logs at ERROR and raises :class:`~solver.DoubleReleaseError`, changing
+        nothing."""
+        if self._released or self._consumed:
+            raise self._misuse("releasing")
         tracker = _refs._tracker
         if tracker is not None:
             tracker.released(self)
+        await self._release()
+
+    async def _release(self) -> None:
+        self._released = True
         with anyio.CancelScope(shield=True):
             if self._state == _RUNNING:
                 if self._scope is not None:
@@ -271,16 +302,49 @@ class DefinitionProxy:
         state = ("new", "evaluating", "done")[self._state]
         if self._released:
             state = "released"
+        elif self._consumed:
+            state += " consumed"
         return f"<DefinitionProxy {self._id} {state}>"
 
     def __del__(self) -> None:
-        if _refs._tracker is not None and not getattr(self, "_released", True):
+        if (
+            _refs._tracker is not None
+            and not getattr(self, "_released", True)
+            and not getattr(self, "_consumed", True)
+        ):
             warnings.warn(
                 f"result proxy {self._id} was never released",
                 ResourceWarning,
                 stacklevel=2,
                 source=self,
             )
+
+
+class _SplitDefinitionProxy:
+    """What the halves of a split :class:`DefinitionProxy` share: the proxy's
+    evaluation and release, reached past the proxy's own (consumed) handle."""
+
+    __slots__ = ("_proxy",)
+
+    def __init__(self, proxy: DefinitionProxy) -> None:
+        self._proxy = proxy
+
+    @property
+    def id(self) -> str:
+        return self._proxy.id
+
+    @property
+    def definition(self) -> Definition:
+        return self._proxy.definition
+
+    async def result(self) -> CachedResult:
+        return await self._proxy._result()
+
+    async def release(self) -> None:
+        await self._proxy._release()
+
+    def __repr__(self) -> str:
+        return f"<split {self._proxy!r}>"
 
 
 async def to_solve_result(result: FrontendResult) -> SolveResult:

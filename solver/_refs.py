@@ -411,12 +411,13 @@ class ResultProxyHalf(_Handle[ResultProxy]):
 def split_result_proxy(proxy: ResultProxy) -> tuple[ResultProxyHalf, ResultProxyHalf]:
     """Two handles on one result proxy, with the same ``id`` and one evaluation.
 
-    The split consumes ``proxy``: from then on only the halves are released. If
-    ``proxy`` is itself a half, it is marked consumed (a later release of it raises
-    :class:`~solver.DoubleReleaseError`) and the two new halves join its counter, so
-    splitting again never builds a chain of wrappers. Splitting a released or
-    consumed half raises DoubleReleaseError. The wrapped proxy is released exactly
-    once, after every half has been released. O(1).
+    The split consumes ``proxy``: from then on only the halves are released. A
+    proxy the engine made (a bridge's lazy result, or a half) is marked consumed: a
+    later release of it logs at ERROR and raises
+    :class:`~solver.DoubleReleaseError`, changing no count. If ``proxy`` is a half,
+    the two new halves join its counter, so splitting again never builds a chain of
+    wrappers. Splitting a released or consumed proxy raises DoubleReleaseError. The
+    wrapped proxy is released exactly once, after every half has been released. O(1).
     """
     if isinstance(proxy, ResultProxyHalf):
         count = proxy._count
@@ -431,5 +432,11 @@ def split_result_proxy(proxy: ResultProxy) -> tuple[ResultProxyHalf, ResultProxy
         if tracker is not None:
             tracker.released(proxy)
     else:
-        count = _RefCount(proxy, 2)
+        # A proxy of the engine's own (DefinitionProxy) is marked consumed, so that
+        # its own release() is refused from now on, and hands over the object
+        # through which the halves evaluate and release it. A foreign proxy cannot
+        # be marked: its holder must simply stop using it.
+        consume = getattr(proxy, "_consume_for_split", None)
+        inner: ResultProxy = consume() if consume is not None else proxy
+        count = _RefCount(inner, 2)
     return ResultProxyHalf(count), ResultProxyHalf(count)

@@ -224,3 +224,47 @@ async def test_bridge_errors(handle_tracker: HandleTracker) -> None:
             await bridge.solve(SolveRequest(frontend="wrong"))
         with pytest.raises(SolveError, match="returned a str, not a FrontendResult"):
             await s.solve(SolveRequest(frontend="wrong"))
+
+
+async def test_a_split_consumes_the_bridge_proxy(
+    handle_tracker: HandleTracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SPEC section 4 (issue 20, point 3): releasing the proxy a split consumed
+    raises DoubleReleaseError, logs, changes no count, and the solve still ends
+    with every value released exactly once."""
+    ops = Ops()
+
+    class Splitting:
+        async def solve(self, bridge, opts, inputs):  # type: ignore[no-untyped-def]
+            res = await bridge.solve(SolveRequest(definition=text("a")))
+            proxy = res.ref
+            keep, out = split_result_proxy(proxy)
+            assert isinstance(proxy, DefinitionProxy)
+            with (
+                caplog.at_level(logging.ERROR, logger="solver"),
+                pytest.raises(
+                    DoubleReleaseError,
+                    match=f"releasing reference {proxy.id} that split_result_proxy consumed",
+                ),
+            ):
+                await proxy.release()
+            assert "split_result_proxy consumed" in caplog.text
+            assert not proxy.released  # the halves still hold it
+            with pytest.raises(DoubleReleaseError, match="splitting reference"):
+                split_result_proxy(proxy)
+            with pytest.raises(SolveError, match="accessing released result"):
+                await proxy.result()
+            assert (await keep.result()).sys == "a"
+            await keep.release()
+            res.set_ref(out)
+            return res
+
+    async with Solver(op_kinds=ops.registry(), frontends={"split": Splitting()}) as s:
+        async with await s.solve(SolveRequest(frontend="split")) as solved:
+            assert solved.ref is not None
+            assert solved.ref.sys == "a"
+        # the tracker saw the consumption as the proxy's release, and one misuse
+        assert len(handle_tracker.double_releases) == 2
+        handle_tracker._double.clear()  # both misuses were deliberate
+    assert ops.live_values() == []
+    assert ops.execs == ["a"]
