@@ -495,6 +495,7 @@ async def test_an_unknown_id_in_return_releases_the_halves_split_before_it(
     ops = Ops()
     await solve_fails(
         ops, InProcessGateway.for_program(program),
+        r"failed: it returned twice \(a result may be set only once\); its first return "
         r"failed: its result was refused: refs\['z'\]: unknown reference 'ref-forged' "
         r"\(not an ID this frontend session handed out",
     )
@@ -592,25 +593,112 @@ async def test_releasing_early_and_returning_the_rest(handle_tracker: HandleTrac
     assert values == {}
 
 
-async def test_a_second_return_is_refused_and_the_first_stands(
-    handle_tracker: HandleTracker,
+# -- a second return: the solve fails, and both returns leave nothing behind --------------------
+
+
+SECOND_RETURNS = ["error", "same_refs", "other_refs", "forged_refs", "released_ref"]
+
+
+@pytest.mark.parametrize("second", SECOND_RETURNS)
+@pytest.mark.parametrize("first", ["result", "error"])
+async def test_a_second_return_fails_the_solve_and_releases_both(
+    first: str, second: str, handle_tracker: HandleTracker
 ) -> None:
+    """Whatever the second return names (the first's IDs, others, forged ones, a
+    released one), it is refused without looking at them and the solve fails; the
+    first result is released at once, the second splits nothing, and the table's
+    halves go when the session ends."""
+    seen: dict[str, object] = {}
+
     async def program(stream: anyio.abc.ByteStream) -> int:
         raw = Raw(stream)
         await raw.hello()
-        ref = await raw.solve("a")
-        ok = await raw.call({"type": "return", "result": {"ref": ref, "refs": {"k": ref}}})
+        a = await raw.solve("a", "b")
+        b = await raw.solve("a", "c")
+        for ref in (a, b):
+            assert (await raw.call({"type": "evaluate", "ref": ref}))["type"] == "reply"
+        if first == "result":
+            body: dict[str, Any] = {"result": {"ref": a, "refs": {"k": a, "l": b}}}
+        else:
+            body = {"error": "first thoughts"}
+        ok = await raw.call({"type": "return", **body})
         assert ok["type"] == "reply", ok
-        again = await raw.call({"type": "return", "error": "changed my mind"})
-        assert again["type"] == "error"
-        assert "only once" in again["message"]
-        unknown = await raw.call({"type": "release", "refs": [ref, "ref-unknown"]})
-        assert unknown["type"] == "error"
-        assert "ref-unknown" in unknown["message"]
+        if second == "error":
+            body = {"error": "changed my mind"}
+        elif second == "same_refs":
+            body = {"result": {"ref": a, "refs": {"k": a, "l": b}}}
+        elif second == "other_refs":
+            body = {"result": {"ref": b, "refs": {"m": b, "n": b}}}
+        elif second == "forged_refs":
+            body = {"result": {"ref": "ref-forged", "refs": {"k": a, "x": "ref-x" * 40}}}
+        else:
+            assert (await raw.call({"type": "release", "refs": [b]}))["type"] == "reply"
+            body = {"result": {"ref": b}}
+        before = halves_alive(handle_tracker)
+        again = await raw.call({"type": "return", **body})
+        assert again["type"] == "error", again
+        assert "a result may be set only once" in again["message"]
+        assert "forged" not in again["message"]  # refused before its IDs are looked at
+        seen["released by the second"] = before - halves_alive(handle_tracker)
+        seen["left"] = halves_alive(handle_tracker)
+        # The session goes on (an error answer fails that request only)...
+        assert (await raw.call({"type": "evaluate", "ref": a}))["type"] == "reply"
+        # ...and a third return changes nothing.
+        third = await raw.call({"type": "return", "error": "third time"})
+        assert third["type"] == "error", third
         return 0
 
-    values, _ = await solve_with(Ops(), InProcessGateway.for_program(program))
-    assert values == {"": "a", "k": "a"}
+    ops = Ops()
+    first_failed = "" if first == "result" else r"; its first return failed: first thoughts"
+    await solve_fails(
+        ops, InProcessGateway.for_program(program, name="p"),
+        r"^in-process frontend 'p' failed: it returned twice \(a result may be set only "
+        r"once\)" + first_failed + "$",
+    )
+    # The first result's halves (one per occurrence: ref, k, l) go at once, and
+    # the second return split none: only the table's own halves are left (a
+    # reference keeps a half once it was split for a result; b's went with its
+    # release).
+    if first == "result":
+        left = 1 if second == "released_ref" else 2
+        assert seen == {"released by the second": 3, "left": left}
+    else:
+        assert seen == {"released by the second": 0, "left": 0}
+    assert sorted(ops.execs) == ["a", "b", "c"]  # each value built once, all released
+
+
+@pytest.mark.parametrize("case", ["one_unanswered", "two_unanswered", "second_unanswered"])
+async def test_returns_count_when_read_even_if_the_program_closes_before_the_answer(
+    case: str, handle_tracker: HandleTracker
+) -> None:
+    """The gateway stops serving (and cancels what it is still serving) when the
+    program closes its output; a return it has read counts all the same, so a
+    second return sent just before closing fails the solve on every scheduling."""
+
+    async def program(stream: anyio.abc.ByteStream) -> int:
+        raw = Raw(stream)
+        await raw.hello()
+        ref = await raw.solve("a", "b")
+        result = {"ref": ref, "refs": {"k": ref}}
+        if case == "second_unanswered":
+            assert (await raw.call({"type": "return", "result": result}))["type"] == "reply"
+        else:
+            await raw.send({"type": "return", "id": 1, "result": result})
+        if case != "one_unanswered":
+            await raw.send({"type": "return", "id": 2, "error": "changed my mind"})
+        return 0  # closes the stream without reading any answer
+
+    ops = Ops()
+    gateway = InProcessGateway.for_program(program, name="p")
+    if case == "one_unanswered":
+        values, _ = await solve_with(ops, gateway)
+        assert values == {"": "ab", "k": "ab"}
+    else:
+        await solve_fails(
+            ops, gateway,
+            r"^in-process frontend 'p' failed: it returned twice \(a result may be set only "
+            r"once\)$",
+        )
 
 
 # -- the program's exit ---------------------------------------------------------------------
@@ -903,6 +991,7 @@ MISBEHAVIOUR = {
              r"about to crash$",
     "no_return": r"exited without returning \(exited with code 0\)$",
     "exit_after_return": r"exited with code 5 after returning its result$",
+    "return_twice": r"failed: it returned twice \(a result may be set only once\)$",
     "junk": r"broke the gateway protocol: a message is not valid UTF-8 JSON .* b'junk!'",
     "close_stdout": r"did not exit within 0\.5s of closing its output; it was killed$",
 }

@@ -16,6 +16,11 @@ can never drop one. ``return`` hands out one new half per *occurrence* of an ID
 an ID is unknown or released, every half that return had already split is
 released at once and the return fails naming the ID (BuildKit left those halves
 in a discarded local result). A return is accepted once; a failed one is final.
+A second ``return`` breaks the one-outcome rule, so it is refused (an error
+answer, without looking at the IDs it names, so it splits nothing) and fails the
+solve; the first result, which can no longer be the outcome, is released at once.
+BuildKit keeps the first result instead, which hides a program whose two code
+paths both think they decide the build.
 :meth:`GatewaySession.discard`, which always runs, releases every holder's own
 half and the returned result unless the caller took it; so a failure *after* a
 successful return (a non-zero exit, a timeout, a protocol error) releases that
@@ -122,7 +127,7 @@ class GatewaySession:
         "_protocol_error",
         "_refs",
         "_result",
-        "_returned",
+        "_returns",
         "_version",
     )
 
@@ -145,7 +150,7 @@ class GatewaySession:
         self._result: FrontendResult | None = None
         self._error: SolveError | None = None
         self._protocol_error: ProtocolError | None = None
-        self._returned = False
+        self._returns = 0
         self._discarded = False
         self._version: int | None = None
 
@@ -154,7 +159,7 @@ class GatewaySession:
             "discarded" if self._discarded
             else "broken" if self._protocol_error is not None
             else "failed" if self._error is not None
-            else "returned" if self._returned
+            else "returned" if self._returns
             else "open"
         )
         return f"<GatewaySession {state} refs={len(self._refs)} in_flight={len(self._in_flight)}>"
@@ -174,11 +179,12 @@ class GatewaySession:
     @property
     def returned(self) -> bool:
         """True once the program sent a ``return`` (accepted or not)."""
-        return self._returned
+        return self._returns > 0
 
     @property
     def error(self) -> SolveError | None:
-        """The error the program returned, or why its return was refused."""
+        """The error the program returned, why its return was refused, or that it
+        returned twice."""
         return self._error
 
     @property
@@ -215,10 +221,7 @@ class GatewaySession:
                 except Exception:
                     _log.exception("releasing %r failed", holder)
             if result is not None:
-                try:
-                    await result.release()
-                except Exception:
-                    _log.exception("releasing the returned result failed")
+                await _release_result(result)
             await anyio.lowlevel.checkpoint()
 
     # -- speaking ---------------------------------------------------------------------------
@@ -441,9 +444,17 @@ class GatewaySession:
         return {}
 
     async def _return(self, request: Return) -> dict[str, JSON]:
-        if self._returned:
-            raise SolveError("the frontend already returned: a result may be set only once")
-        self._returned = True
+        # Nothing awaits before the outcome is recorded (here and in _handle and
+        # _dispatch), and a task runs up to its first checkpoint even when its scope
+        # is already cancelled: so a return the session has read counts even if the
+        # program closes its output at once, which cancels the requests in flight.
+        self._returns += 1
+        if self._returns > 1:
+            await self._refuse_another_return()
+            raise SolveError(
+                "the frontend already returned: a result may be set only once "
+                "(the solve fails)"
+            )
         if request.result is None:
             assert request.error is not None
             self._error = SolveError(request.error)
@@ -459,6 +470,24 @@ class GatewaySession:
             raise
         self._result = result
         return {}
+
+    async def _refuse_another_return(self) -> None:
+        """A second (or later) return: the solve fails, and the first result, which
+        can never be the outcome now, is released at once. The refused return is not
+        looked at, so whatever it names (IDs of the first result, others, forged or
+        released ones) splits nothing; the table's own halves go when the session
+        ends, as always."""
+        if self._returns == 2:  # a third return changes nothing
+            first = self._error
+            why = "it returned twice (a result may be set only once)"
+            # The program's own first outcome, when it was a failure, is kept: it is
+            # usually the more useful half of the story.
+            self._error = SolveError(
+                why if first is None else f"{why}; its first return failed: {first}"
+            )
+        result, self._result = self._result, None
+        if result is not None:
+            await _release_result(result)
 
     def _build_result(self, wire: ResultMap[str], handed: list[ResultProxy]) -> FrontendResult:
         """One new half per occurrence of each ID (recorded in ``handed`` as it is
@@ -507,6 +536,16 @@ def _error_leaves(exc: BaseException) -> list[Exception]:
 async def _release(value: CachedResult) -> None:
     with anyio.CancelScope(shield=True):
         await value.release()
+
+
+async def _release_result(result: FrontendResult) -> None:
+    """Release a returned result that will never be the solve's; shielded, and a
+    failure is logged (the caller goes on releasing the rest)."""
+    with anyio.CancelScope(shield=True):
+        try:
+            await result.release()
+        except Exception:
+            _log.exception("releasing the returned result failed")
 
 
 # -- deciding the outcome ----------------------------------------------------------------------
@@ -587,14 +626,14 @@ class Gateway:
     included) and the input definitions in the ``hello`` reply.
 
     The solve fails with a :class:`~solver.SolveError` when the program returns an
-    error (its message), returns an unknown or released reference, breaks the
-    protocol (garbage, a truncated or oversized message, an unknown message type),
-    exits without returning (exit code and the end of its stderr), exits non-zero
-    after returning, runs longer than ``timeout`` seconds (when given), or does not
-    exit within ``exit_grace`` seconds of closing its stdout. It is killed (its
-    whole process group) whenever it is still running at that point and when the
-    solve is cancelled. Every reference the session handed out is released on
-    every path; the result is the caller's only on success.
+    error (its message), returns an unknown or released reference, returns twice,
+    breaks the protocol (garbage, a truncated or oversized message, an unknown
+    message type), exits without returning (exit code and the end of its stderr),
+    exits non-zero after returning, runs longer than ``timeout`` seconds (when
+    given), or does not exit within ``exit_grace`` seconds of closing its stdout.
+    It is killed (its whole process group) whenever it is still running at that
+    point and when the solve is cancelled. Every reference the session handed out
+    is released on every path; the result is the caller's only on success.
     """
 
     __slots__ = ("_allowed", "_exit_grace", "_max", "_timeout")

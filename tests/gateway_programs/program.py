@@ -12,7 +12,8 @@ Modes that misbehave below ``serve`` (they use the client's private stdio helper
 pid to ``opts["pidfile"]`` if given, then waits forever on a ``test.gate`` op),
 ``no_return`` (closes the session and exits 0 without returning), ``junk``
 (writes garbage into the protocol stream), ``close_stdout`` (closes its output
-without returning, then keeps running).
+without returning, then keeps running), ``return_twice`` (returns a result, then
+an error, which is refused, and exits 0).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import anyio
 from frontends import BuildResult, Client
 from frontends.gateway import GatewayClient, serve
 from frontends.gateway.client import _FdStream, _take_stdio
-from solver import SolveRequest
+from solver import SolveError, SolveRequest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,7 +59,14 @@ async def misbehave(mode: str) -> None:
     proto_in, proto_out = _take_stdio()
     stream = _FdStream(proto_in, proto_out)
     async with GatewayClient(stream) as client:
-        await client.solve(SolveRequest(definition=text("a", "b")))
+        solved = await client.solve(SolveRequest(definition=text("a", "b")))
+        if mode == "return_twice":
+            await client.return_result(solved)
+            try:
+                await client.return_error("changed my mind")
+            except SolveError as exc:
+                sys.stderr.write(f"the second return was refused: {exc}\n")
+            return
         if mode == "crash":
             sys.stderr.write("about to crash\n")
             sys.stderr.flush()
