@@ -333,18 +333,26 @@ class SharedCachedResult(SharedResult[CachedResult]):
 
 
 class CachedResultWithKeys:
-    """A plain pair of a result and the cache keys it is stored under.
+    """A pair of a result and the cache keys it is stored under: one handle.
 
-    It counts nothing itself: ``release()`` releases the result (which detects its
-    own double release), ``id`` and ``sys`` are the result's, and ``clone()`` pairs
-    ``result.clone()`` with the same keys. The keys sequence is shared, not copied.
+    It counts no other handles: ``release()`` releases the result, ``id`` and
+    ``sys`` are the result's, and ``clone()`` pairs ``result.clone()`` with the same
+    keys (the keys sequence is shared, not copied). It is a handle of its own all
+    the same: every clone the engine makes of a caller's value for a cached result
+    (a build's result, each handle of a :class:`~solver.SolveResult`) is one of
+    these, so it reports to the handle tracker (:mod:`solver.testing`) even when
+    the value's own type does not, and a second ``release()`` raises
+    :class:`~solver.DoubleReleaseError` without touching the value.
     """
 
-    __slots__ = ("_keys", "_result")
+    __slots__ = ("__weakref__", "_keys", "_released", "_result")
 
     def __init__(self, result: Result, cache_keys: Sequence[ExportableCacheKey]) -> None:
         self._result = result
         self._keys = cache_keys
+        self._released = False
+        if _tracker is not None:
+            _tracker.created(self)
 
     @property
     def result(self) -> Result:
@@ -366,16 +374,48 @@ class CachedResultWithKeys:
         """The result's ``sys``."""
         return self._result.sys
 
+    @property
+    def released(self) -> bool:
+        """True once :meth:`release` was called."""
+        return self._released
+
     async def release(self) -> None:
-        """Release the result."""
-        await self._result.release()
+        """Release the result. A second call logs at ERROR on the ``solver`` logger
+        and raises :class:`~solver.DoubleReleaseError`, releasing nothing."""
+        if self._released:
+            raise self._misuse("releasing")
+        self._released = True
+        if _tracker is not None:
+            _tracker.released(self)
+        with anyio.CancelScope(shield=True):
+            await self._result.release()
 
     def clone(self) -> CachedResultWithKeys:
-        """``result.clone()`` with the same keys."""
+        """``result.clone()`` with the same keys. Raises DoubleReleaseError if this
+        handle was released."""
+        if self._released:
+            raise self._misuse("cloning")
         return CachedResultWithKeys(self._result.clone(), self._keys)
 
+    def _misuse(self, action: str) -> DoubleReleaseError:
+        message = f"{action} already released reference {self.id}"
+        _log.error("%s: %r", message, self)
+        if _tracker is not None:
+            _tracker.double_released(self)
+        return DoubleReleaseError(message)
+
     def __repr__(self) -> str:
-        return f"<CachedResultWithKeys keys={len(self._keys)} of {self._result!r}>"
+        state = " released" if self._released else ""
+        return f"<CachedResultWithKeys{state} keys={len(self._keys)} of {self._result!r}>"
+
+    def __del__(self) -> None:
+        if _tracker is not None and not getattr(self, "_released", True):
+            warnings.warn(
+                f"CachedResultWithKeys {self.id} was never released",
+                ResourceWarning,
+                stacklevel=2,
+                source=self,
+            )
 
 
 class ResultProxyHalf(_Handle[ResultProxy]):

@@ -32,10 +32,17 @@ Without pytest, use the context manager::
         ...
     tracker.check()
 
-A tracker stores the type and id of each live handle, not a stack trace, so
-tracking stays cheap; set the environment variable ``SOLVER_TRACK_STACKS=1`` to
-also record where each live handle was created and where each double release
-happened. While a tracker is installed, a handle garbage-collected without being
+Handles are counted whatever the type of the value they stand for: every clone
+the engine makes of a caller's value on a caller's behalf (a build's result, each
+handle of a :class:`~solver.SolveResult`) is an engine handle that reports here,
+so a leak is seen even for a ``Result`` class that knows nothing of tracking.
+
+For each live handle a tracker keeps its type and id and where it was made: the
+engine function that made it and the first frame of the calling program (test
+code, say) on the stack at that moment, found by a short walk up the frames.
+``check()`` names both for each leak. Set the environment variable
+``SOLVER_TRACK_STACKS=1`` to record the whole creation stack instead, and the
+stack of each double release. While a tracker is installed, a handle garbage-collected without being
 released also emits a :class:`ResourceWarning`.
 
 pytest is not a dependency of the ``solver`` package: the fixture is defined only
@@ -47,8 +54,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import traceback
+import types
 from collections.abc import Iterator
 
 import anyio
@@ -61,18 +70,59 @@ __all__ = ["CountingResult", "HandleTracker", "track_handles"]
 
 _log = logging.getLogger("solver")
 
-_Origin = tuple[str, list[traceback.FrameSummary] | None]
+# (type and id, where it was made in one line, the creation stack if tracked)
+_Origin = tuple[str, str, list[traceback.FrameSummary] | None]
+
+_SOLVER_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_TRACKING_FILES = frozenset(os.path.join(_SOLVER_DIR, name) for name in ("_refs.py", "testing.py"))
+# Frames of the handle types themselves; the site is the engine code that called them.
+_HANDLE_METHODS = frozenset({"__init__", "clone", "_share", "_attach", "_consume_for_split"})
+# Frames of the libraries a program runs on, skipped when looking for its own code.
+_LIBRARY_DIRS = tuple(
+    {
+        os.path.dirname(os.path.abspath(os.__file__)) + os.sep,
+        os.path.dirname(os.path.dirname(os.path.abspath(anyio.__file__))) + os.sep,
+    }
+)
 
 
 def _describe(handle: object) -> str:
     return f"{type(handle).__name__} {getattr(handle, 'id', '?')}"
 
 
-def _format(origin: _Origin) -> str:
-    text, stack = origin
-    if stack is None:
-        return text
-    return text + ", created at:\n" + "".join(traceback.format_list(stack)).rstrip()
+def _where(frame: types.FrameType) -> str:
+    code = frame.f_code
+    return f"{code.co_name} ({os.path.relpath(code.co_filename)}:{frame.f_lineno})"
+
+
+def _made_at(frame: types.FrameType | None) -> str:
+    """'made in <engine function>, from <program's frame>' for a handle created
+    with ``frame`` as the caller of the tracker's hook. A walk of at most a few
+    dozen frames: cheap enough to run for every handle while a test tracks."""
+    engine = None
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename.startswith(_SOLVER_DIR):
+            if (
+                engine is None
+                and filename not in _TRACKING_FILES
+                and frame.f_code.co_name not in _HANDLE_METHODS
+            ):
+                engine = _where(frame)
+        elif not filename.startswith(_LIBRARY_DIRS) and not filename.startswith("<"):
+            caller = _where(frame)
+            if engine is None:
+                return f"made in {caller}"
+            return f"made in {engine}, from {caller}"
+        frame = frame.f_back
+    return f"made in {engine}" if engine is not None else "made outside any visible caller"
+
+
+def _format(origin: _Origin, *, site: bool) -> str:
+    text, where, stack = origin
+    if stack is not None:
+        return text + ", created at:\n" + "".join(traceback.format_list(stack)).rstrip()
+    return f"{text}, {where}" if site else text
 
 
 class HandleTracker:
@@ -109,7 +159,7 @@ class HandleTracker:
     def created(self, handle: object) -> None:
         """Hook: ``handle`` was just created."""
         stack = traceback.extract_stack()[:-2] if self._track_stacks else None
-        origin = (_describe(handle), stack)
+        origin = (_describe(handle), _made_at(sys._getframe(1)), stack)
         with self._lock:
             self._created += 1
             previous = self._live.get(id(handle))
@@ -145,7 +195,15 @@ class HandleTracker:
         creation stack when stacks are tracked)."""
         with self._lock:
             origins = [*self._lost, *self._live.values()]
-        return [_format(o) for o in origins]
+        return [_format(o, site=False) for o in origins]
+
+    @property
+    def leaks(self) -> list[str]:
+        """Like :attr:`live`, each line also saying where the handle was made (the
+        engine function, and the first frame of the calling program)."""
+        with self._lock:
+            origins = [*self._lost, *self._live.values()]
+        return [_format(o, site=True) for o in origins]
 
     @property
     def double_releases(self) -> list[str]:
@@ -164,8 +222,9 @@ class HandleTracker:
         return self._released
 
     def check(self) -> None:
-        """Raise AssertionError listing every live handle and double release."""
-        live = self.live
+        """Raise AssertionError listing every live handle (with where it was made)
+        and every double release."""
+        live = self.leaks
         double = self.double_releases
         if not live and not double:
             return

@@ -693,9 +693,14 @@ async def test_tracker_sees_split_consumption_as_a_release() -> None:
     with track_handles() as tracker:
         a, b = split_result_proxy(CountingProxy("p1"))
         c, d = split_result_proxy(a)
-        assert tracker.created_count == 5  # the proxy's value and four halves
+        # the proxy's value (a CountingResult paired with keys) and four halves
+        assert tracker.created_count == 6
         assert tracker.released_count == 1
-        assert sorted(tracker.live) == ["CountingResult p1-value"] + ["ResultProxyHalf p1"] * 3
+        assert sorted(tracker.live) == [
+            "CachedResultWithKeys p1-value",
+            "CountingResult p1-value",
+            *["ResultProxyHalf p1"] * 3,
+        ]
         for h in (b, c, d):
             await h.release()
         tracker.check()
@@ -1057,8 +1062,14 @@ class RefcountMachine(RuleBasedStateMachine):
             assert root.counting.live_count == sum(not e.released for e in leaves)
         assert len(self.tracker.double_releases) == self.misuses
         # every unreleased entry, and the value of every proxy not yet released
-        proxies_alive = sum(g.proxy is not None and g.live > 0 for g in self.groups)
-        unreleased = sum(not e.released for e in self.entries)
+        # (a CountingResult paired with keys: two handles)
+        proxies_alive = 2 * sum(g.proxy is not None and g.live > 0 for g in self.groups)
+        # (a cached leaf is a pair over a CountingResult: two handles)
+        unreleased = sum(
+            (2 if isinstance(e.obj, CachedResultWithKeys) else 1)
+            for e in self.entries
+            if not e.released
+        )
         assert len(self.tracker.live) == unreleased + proxies_alive
 
     def teardown(self) -> None:
