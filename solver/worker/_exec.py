@@ -50,9 +50,10 @@ Paths (``dest``, ``cwd``) are relative with ``/`` separators; absolute paths,
 ``validate`` hook, so :meth:`Definition.validate <solver.Definition.validate>` (and
 so :meth:`Solver.solve <solver.Solver.solve>`) rejects them with a
 :class:`~solver.DefinitionError` before anything runs. Input indexes are checked
-against the op's inputs when the op is made. While mounts are placed, no symlink
-inside a mount is ever followed, so an input's symlinks cannot redirect a mount
-outside ``R``.
+against the op's inputs when the op is made. While mounts are placed, and when
+they are collected after the process exits, no symlink inside a mount is ever
+followed, so neither an input's symlinks nor ones the process makes can redirect
+a mount (or what a nested mount hid) outside ``R``.
 
 Running
 -------
@@ -601,17 +602,27 @@ def _unmount(
 ) -> None:
     """After a successful run, deepest first: move each output mount back to its
     mutable's working directory and every other mount out of the way, and put back
-    what nested mounts hid."""
+    what nested mounts hid.
+
+    The process may have replaced a parent of a mount point with a symlink (to a
+    host directory, say); a destination is therefore looked up without following
+    any symlink, and one that is no longer reached through real directories counts
+    as gone, like one the process removed. Otherwise the renames below would move a
+    host directory into the exec directory (which is then deleted), or the hidden
+    content out to the host."""
     for i in reversed(order):
         m = mounts[i]
         dest = root.joinpath(*m.parts)
-        try:
-            st: os.stat_result | None = os.lstat(dest)
-        except FileNotFoundError:
-            st = None
+        reachable = _real_parent(root, m.parts)
+        st: os.stat_result | None = None
+        if reachable:
+            with contextlib.suppress(FileNotFoundError):
+                st = os.lstat(dest)
         if m.output is not None:
             if st is None or not stat.S_ISDIR(st.st_mode):
                 what = "removed" if st is None else "replaced with something not a directory"
+                if not reachable:
+                    what = "replaced a parent directory of"
                 raise SolveError(f"exec: the process {what} its output mount {m.dest or '.'!r}")
             try:
                 _add_mode(dest, stat.S_IWUSR)
@@ -628,11 +639,30 @@ def _unmount(
         stash = stashes.get(i)
         if stash is not None:
             try:
+                if not reachable:
+                    raise NotADirectoryError(
+                        f"a parent of {m.dest!r} is no longer a directory (the process "
+                        "removed it or replaced it, e.g. with a symlink)"
+                    )
                 os.rename(stash, dest)
             except OSError as exc:
                 raise SolveError(
                     f"exec: cannot restore what mount {m.dest!r} was hiding: {exc}"
                 ) from exc
+
+
+def _real_parent(root: Path, parts: tuple[str, ...]) -> bool:
+    """Whether every parent of ``root/parts`` below ``root`` is a real directory
+    (not a symlink, not missing), so that the path stays inside ``root``."""
+    here = root
+    for part in parts[:-1]:
+        here = here / part
+        try:
+            if not stat.S_ISDIR(os.lstat(here).st_mode):
+                return False
+        except FileNotFoundError:
+            return False
+    return True
 
 
 def _add_mode(path: Path | str, bits: int) -> None:

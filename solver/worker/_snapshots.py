@@ -34,8 +34,9 @@ metadata beside it; everything else is debris": ``tmp/`` is emptied, a snapshot
 directory whose metadata is missing or unreadable is removed (with a warning), and
 metadata without a directory is removed. So:
 
-* commit seals the tree in ``tmp/`` (drops write bits, refuses special files,
-  measures it), writes the metadata (to a temporary name, then ``os.replace``), and
+* commit seals the tree in ``tmp/`` (gives every file that is hard-linked to
+  something outside the tree a private copy, drops write bits, refuses special
+  files, measures it), writes the metadata (to a temporary name, then ``os.replace``), and
   renames the directory into ``snapshots/``. A crash before the rename leaves
   debris in ``tmp/`` and an orphan metadata file; after it, a whole snapshot.
 * delete renames the directory out to ``tmp/`` first, then removes the metadata and
@@ -162,6 +163,7 @@ Ts = TypeVarTuple("Ts")
 
 _WRITE_BITS: Final = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
 _MAX_SYMLINKS: Final = 40  # Linux's limit for one path lookup
+_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _META_VERSION: Final = 1
 _ID_LENGTH: Final = 32
 
@@ -653,10 +655,15 @@ class MutableSnapshot:
 
         Drops the write bits of every file and directory (symlinks are kept as they
         are, never followed), records the size and metadata, and renames the tree
-        into the store in one step. Refuses trees holding anything but regular files,
-        directories and symlinks. If it fails, the working directory is removed and
-        a :class:`~solver.SolveError` is raised; the mutable is then discarded. If
-        the caller is cancelled while it runs, the snapshot may still have been
+        into the store in one step. A regular file with a hard link outside the
+        tree (a host file, another mount's or snapshot's file) is first replaced by
+        a private copy (same bytes, mode and times), so a snapshot never shares an
+        inode with anything outside it and committing changes nothing outside the
+        store; hard links between names inside the tree are kept. Refuses trees
+        holding anything but regular files, directories and symlinks, and a shared
+        file it cannot read. If it fails, the working directory is removed and a
+        :class:`~solver.SolveError` is raised; the mutable is then discarded. If the
+        caller is cancelled while it runs, the snapshot may still have been
         committed (and is kept as an unused cache entry) but no handle leaks. Raises
         :class:`~solver.SolveError` if already committed, discarded, or the store is
         closed.
@@ -1329,9 +1336,17 @@ def _seal_tree(top: str, sid: str) -> int:
     """Drop the write bits of everything below ``top`` (not ``top`` itself: it must
     stay writable to be renamed to another directory) and return the apparent size.
     Refuses special files, which a snapshot cannot hold (and a copy would hang on
-    a FIFO)."""
+    a FIFO).
+
+    ``chmod`` changes an inode, not a name, and a process can hard-link anything it
+    can reach into its output: a host file, a file of another mount, a committed
+    snapshot's file. So a regular file with more links than the tree holds names
+    for is first given an inode of its own (:func:`_unshare`); only then are its
+    write bits dropped. Names that all live in this tree stay linked to each other.
+    Symlinks are never followed (nor chmodded)."""
     size = 0
-    seen: set[tuple[int, int]] = set()
+    # Regular files with st_nlink > 1: the names found here, and the link count.
+    linked: dict[tuple[int, int], tuple[list[str], int]] = {}
     st = os.lstat(top)
     if not stat.S_ISDIR(st.st_mode):
         raise SolveError(f"cannot commit snapshot {sid}: its working directory {top} is gone")
@@ -1348,9 +1363,17 @@ def _seal_tree(top: str, sid: str) -> int:
                 if stat.S_ISDIR(mode):
                     stack.append(entry.path)
                 elif stat.S_ISREG(mode):
-                    if (st.st_dev, st.st_ino) not in seen:
-                        seen.add((st.st_dev, st.st_ino))
+                    if st.st_nlink <= 1:
                         size += st.st_size
+                    else:
+                        key = (st.st_dev, st.st_ino)
+                        group = linked.get(key)
+                        if group is None:
+                            linked[key] = ([entry.path], st.st_nlink)
+                            size += st.st_size  # a hard-linked file counts once
+                        else:
+                            group[0].append(entry.path)
+                        continue  # its mode is dealt with below, once it is private
                 else:
                     rel = os.path.relpath(entry.path, top)
                     raise SolveError(
@@ -1359,7 +1382,100 @@ def _seal_tree(top: str, sid: str) -> int:
                     )
                 if stat.S_IMODE(mode) & _WRITE_BITS:
                     os.chmod(entry.path, stat.S_IMODE(mode) & ~_WRITE_BITS)
+    for key, (paths, nlink) in linked.items():
+        if len(paths) < nlink:  # some name of this inode is outside the tree
+            _unshare(top, sid, paths, key)
+        else:
+            mode = stat.S_IMODE(os.lstat(paths[0]).st_mode)
+            if mode & _WRITE_BITS:
+                os.chmod(paths[0], mode & ~_WRITE_BITS)
     return size
+
+
+def _unshare(top: str, sid: str, paths: list[str], key: tuple[int, int]) -> None:
+    """Give the names ``paths`` (every name inside the tree of the inode ``key``,
+    which also has names outside it) a fresh inode of their own, with the same
+    bytes, owner, permission bits (write bits dropped) and times, and keep them
+    linked to each other. Only reads the shared inode: nothing outside the tree
+    changes (its link count drops, as for any ``unlink``). Raises
+    :class:`~solver.SolveError` if the file cannot be read without changing it."""
+    first = paths[0]
+    rel = os.path.relpath(first, top)
+    try:
+        src = os.open(first, os.O_RDONLY | os.O_CLOEXEC | _NOFOLLOW)
+    except OSError as exc:
+        raise SolveError(
+            f"cannot commit snapshot {sid}: {rel!r} is a hard link to a file outside the "
+            f"snapshot, and no private copy of it can be made ({exc.strerror or exc}); "
+            "a snapshot never shares a file with anything outside the store"
+        ) from exc
+    try:
+        st = os.fstat(src)
+        if (st.st_dev, st.st_ino) != key or not stat.S_ISREG(st.st_mode):
+            raise SolveError(f"cannot commit snapshot {sid}: {rel!r} changed while committing")
+        with _writable_dir(os.path.dirname(first)):
+            fresh = _sibling(first)
+            try:
+                _copy_fd(src, fresh, st)
+                os.replace(fresh, first)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(fresh)
+                raise
+    finally:
+        os.close(src)
+    # The other names in the tree follow the first one to the new inode, so the
+    # tree's own hard links survive.
+    for path in paths[1:]:
+        with _writable_dir(os.path.dirname(path)):
+            sibling = _sibling(path)
+            os.link(first, sibling)
+            try:
+                os.replace(sibling, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(sibling)
+                raise
+
+
+def _sibling(path: str) -> str:
+    """An unused name in ``path``'s directory (removed by the caller on failure, or
+    with the working directory)."""
+    return f"{path}.unshare-{secrets.token_hex(4)}"
+
+
+def _copy_fd(src: int, dst: str, st: os.stat_result) -> None:
+    """Write the bytes of the open file ``src`` into the new file ``dst``, with
+    ``st``'s owner (when allowed), permission bits less the write bits, and times."""
+    fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _NOFOLLOW, 0o600)
+    try:
+        with open(fd, "wb", closefd=False) as out, open(src, "rb", closefd=False) as inp:
+            shutil.copyfileobj(inp, out, 1 << 20)
+        if hasattr(os, "fchown") and (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
+            # Only root may give a file away; anyone else keeps the copy as their own.
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, st.st_uid, st.st_gid)
+        # After fchown, which clears set-id bits.
+        os.fchmod(fd, stat.S_IMODE(st.st_mode) & ~_WRITE_BITS)
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _writable_dir(path: str) -> Iterator[None]:
+    """Let entries of directory ``path`` be replaced for a moment (the walk above,
+    or the process, may have dropped its write bit), then restore its mode."""
+    mode = stat.S_IMODE(os.lstat(path).st_mode)
+    needed = stat.S_IWUSR | stat.S_IXUSR
+    if mode & needed == needed:
+        yield
+        return
+    os.chmod(path, mode | needed)
+    try:
+        yield
+    finally:
+        os.chmod(path, mode)
 
 
 def _kind(mode: int) -> str:
