@@ -123,3 +123,35 @@ async def test_own_vertices_need_resolve_op(handle_tracker: HandleTracker) -> No
     async with Solver(op_kinds=registry([])) as s:
         with pytest.raises(SolveError, match="given no resolve_op"):
             await s.new_job().build(Edge(vtx()))
+
+
+async def test_ignore_cache_reruns_the_op_and_its_direct_consumers(
+    handle_tracker: HandleTracker,
+) -> None:
+    """What docs/definition-format.md says of ``ignore_cache``: the op runs again,
+    so do the ops that consume it directly (it offers no key); those offer their
+    usual keys, so ops further up come from the cache, as does an op beside it."""
+    from frontend_support import Ops
+
+    ops = Ops()
+
+    def graph(ignore: bool) -> Definition:
+        a = node("test.text", {"text": "a"}, ignore_cache=ignore)
+        b = node("test.text", {"text": "b"}, inputs=[a])
+        c = node("test.text", {"text": "c"}, inputs=[b])
+        side = node("test.text", {"text": "s"})
+        return Definition.of(node("test.text", {"text": "!"}, inputs=[c, side]))
+
+    async with Solver(op_kinds=ops.registry()) as s:
+        async with await s.solve(graph(False)) as res:
+            assert res.ref is not None
+            assert res.ref.sys == "abcs!"
+        assert sorted(ops.execs) == ["!", "a", "b", "c", "s"]
+        ops.execs.clear()
+        async with await s.solve(graph(False)):
+            pass
+        assert ops.execs == []
+        async with await s.solve(graph(True)) as res:
+            assert res.ref is not None
+            assert res.ref.sys == "abcs!"
+        assert sorted(ops.execs) == ["a", "b"]  # not "c", "!" above b, nor "s"
