@@ -433,6 +433,7 @@ def test_cli_builds_in_process(
     err = capsys.readouterr().err
     assert status == 0, err
     assert sorted(p.name for p in out.iterdir()) == [
+        ".solver-output.json",  # what the export wrote, for the next build into out
         "linux_386", "linux_386.attestations.json", "linux_amd64",
         "linux_amd64.attestations.json", "linux_arm64", "linux_arm64.attestations.json",
     ]
@@ -552,6 +553,7 @@ def test_cli_builds_through_the_gateway(
                  "--output", str(out)]) == 0, capsys.readouterr().err
     err = capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [
+        ".solver-output.json",
         "linux_386", "linux_386.attestations.json", "linux_amd64",
         "linux_amd64.attestations.json",
     ]

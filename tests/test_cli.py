@@ -71,14 +71,20 @@ def test_build_json_definition_to_dir(tmp_path: Path, defn_file: Path) -> None:
     assert "#1 [sources] DONE" in err
     assert "#2 [make b] | made b" in err
     assert "#2 [make b] DONE" in err
-    # a non-empty destination is refused
+    # building into it again replaces the earlier output; an entry the export did
+    # not write is refused, unless overwrite=true
+    r = cli("build", str(defn_file), "--progress", "plain", "--output", f"type=local,dest={out}",
+            cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr
+    (out / "mine.txt").write_text("mine")
     r = cli("build", str(defn_file), "--progress", "plain", "--output", f"type=local,dest={out}",
             cache=tmp_path / "cache")
     assert r.returncode == 1
-    assert "not empty" in r.stderr.decode()
+    assert "'mine.txt' was not written by an export" in r.stderr.decode()
     r = cli("build", str(defn_file), "--progress", "plain",
             "--output", f"type=local,dest={out},overwrite=true", cache=tmp_path / "cache")
     assert r.returncode == 0, r.stderr
+    assert (out / "mine.txt").read_text() == "mine"
 
 
 def test_build_python_file_to_tar(tmp_path: Path) -> None:
@@ -468,7 +474,9 @@ async def test_export_functions(tmp_path: Path) -> None:
             assert os.readlink(dest / "link") == "d/f.txt"
             assert (dest / "e").is_dir()
             assert (dest / "d" / "f.txt").read_text() == "f"
-            with pytest.raises(SolveError, match="not empty"):
+            await export_to_dir(linked, dest)  # again: it replaces its own output
+            (dest / "theirs").write_text("t")
+            with pytest.raises(SolveError, match="'theirs' was not written by an export"):
                 await export_to_dir(linked, dest)
             await export_to_dir(linked, dest, overwrite=True)
             await export_to_tar(linked, tmp_path / "t.tar")
@@ -515,3 +523,105 @@ def test_prune_releases_the_cache_records_of_what_it_deletes(
     assert len(after) == 1
     assert after < before
     assert next(iter(before - after))[:12] in out  # the record of the deleted snapshot
+
+
+# -- building into the same directory again (issue 20) ---------------------------------
+
+
+def files_below(root: Path) -> dict[str, str]:
+    """rel -> text of every file below ``root`` (the export manifest left out)."""
+    return {
+        p.relative_to(root).as_posix(): p.read_text()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".solver-output.json"
+    }
+
+
+def test_building_the_example_twice_into_one_directory(tmp_path: Path) -> None:
+    # the report, word for word: the second run failed with "not empty"
+    out = tmp_path / "out"
+    runs = [
+        cli("build", str(ROOT / "examples" / "build.py"), "--output", str(out),
+            cache=tmp_path / "cache")
+        for _ in range(2)
+    ]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    assert (out / "bin" / "app").is_file()
+
+
+def test_a_rebuild_replaces_its_output_and_removes_what_is_gone(tmp_path: Path) -> None:
+    build_py = tmp_path / "build.py"
+    out = tmp_path / "out"
+
+    def build(files: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+        build_py.write_text(
+            "from solver.worker import State\n"
+            f"definition = State.inline({files!r}).definition()\n"
+        )
+        return cli("build", str(build_py), "--progress", "plain", "--output", str(out),
+                   cache=tmp_path / "cache")
+
+    r = build({"a.txt": "one\n", "old/x.txt": "x"})
+    assert r.returncode == 0, r.stderr
+    r = build({"a.txt": "two\n", "new/n.txt": "n"})
+    assert r.returncode == 0, r.stderr
+    assert files_below(out) == {"a.txt": "two\n", "new/n.txt": "n"}
+    assert not (out / "old").exists()
+    (out / "new" / "notes.txt").write_text("the user's")
+    r = build({"a.txt": "three\n"})
+    assert r.returncode == 1
+    assert "'new/notes.txt' was not written by an export" in r.stderr.decode()
+    assert files_below(out) == {"a.txt": "two\n", "new/n.txt": "n", "new/notes.txt": "the user's"}
+
+
+def test_a_frontend_build_into_the_same_directory_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    example = tmp_path / "example"
+    shutil.copytree(ROOT / "examples" / "buildfile", example)
+    out = tmp_path / "out"
+    args = ["build", "--frontend", "buildfile", "--opt", "platforms=linux/amd64", str(example),
+            "--output", str(out), "--progress", "plain", "--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0, capsys.readouterr().err
+    assert main([*args, "--opt", "build-arg:GREETING=Hi"]) == 0, capsys.readouterr().err
+    assert "Hi from hello" in (out / "linux_amd64" / "bin" / "hello").read_text()
+    assert (out / "linux_amd64.attestations.json").is_file()
+    (out / "linux_amd64" / "extra").write_text("x")
+    assert main(args) == 1
+    assert "'linux_amd64/extra' was not written by an export" in capsys.readouterr().err
+    assert "Hi from hello" in (out / "linux_amd64" / "bin" / "hello").read_text()
+
+
+# -- --version -------------------------------------------------------------------------
+
+
+def test_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import solver
+
+    expected = f"solver {solver.__version__}\n"
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == expected
+    r = cli("--version", cache=tmp_path / "cache")  # python -m solver
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.decode() == expected
+    script = Path(PY).parent / "solver"  # the console script, when installed here
+    if script.exists():
+        r = subprocess.run([str(script), "--version"], capture_output=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.decode() == expected
+
+
+def test_version_without_installed_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    import solver
+    from solver.cli._main import version_text
+
+    def missing(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    assert version_text() == f"solver {solver.__version__}"

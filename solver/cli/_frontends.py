@@ -20,9 +20,12 @@ Export (``--output``). A result with named refs (``refs``, such as one per
 platform) is exported to a directory, one subdirectory per key (``/`` in a key
 becomes ``_``: ``out/linux_amd64/``), and the attestations of each key to
 ``DIR/<subdirectory>.attestations.json`` (see ``docs/buildfile.md``,
-"Command line"); the main ``ref`` is then not exported again. A result with
-only a main ref is exported as by a plain build (a directory or a tar). A tar
-takes one result: a result with several named refs must go to a directory.
+"Command line"); the main ``ref`` is then not exported again. All of that is one
+directory export (:func:`~solver.worker._export.export_parts_to_dir`, one
+manifest), so building into the same directory again replaces all of it and
+refuses entries no export wrote. A result with only a main ref is exported as by
+a plain build (a directory or a tar). A tar takes one result: a result with
+several named refs must go to a directory.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from .._result import CachedResult
 from .._solve import SolveRequest, SolveResult
 from .._solver import Solver
 from ..worker import State
-from ..worker._export import export_to_dir, export_to_tar
+from ..worker._export import export_parts_to_dir, export_to_dir, export_to_tar
 from ._cacheopts import existing_imports
 from ._progress import make_renderer, run_progress
 
@@ -214,53 +217,45 @@ async def export_frontend_result(
             )
         await export_to_tar(next(iter(result.refs.values())), dest)
         return
-    root = await anyio.to_thread.run_sync(_export_root, dest, overwrite)
     names: dict[str, str] = {}
     for key in result.refs:
         name = output_dir_name(key)
         if name in names.values():
             raise SolveError(f"refs {key!r} and another key would both be exported to {name!r}")
         names[key] = name
+    # Everything goes into one export (one manifest in dest), so that building
+    # into the same directory again replaces all of it, attestations included.
+    parts: dict[str, CachedResult | bytes] = {}
     by_snapshot: dict[object, str] = {}
     for key, ref in result.refs.items():
-        await export_to_dir(ref, root / names[key], overwrite=overwrite)
+        _add_part(parts, names[key], ref)
         by_snapshot.setdefault(_snapshot_id(ref), names[key])
     for key, atts in result.attestations.items():
         name = names.get(key) or output_dir_name(key)
         docs = [
-            await _attestation_doc(att, i, name, root, result.refs.get(key), by_snapshot,
-                                   overwrite)
+            _attestation_doc(att, i, name, result.refs.get(key), by_snapshot, parts)
             for i, att in enumerate(atts)
         ]
         text = json.dumps(docs, indent=2, sort_keys=True) + "\n"
-        target = root / f"{name}.attestations.json"
-        await anyio.to_thread.run_sync(_write_file, target, text, overwrite)
+        _add_part(parts, f"{name}.attestations.json", text.encode("utf-8"))
+    await export_parts_to_dir(parts, dest, overwrite=overwrite)
 
 
-def _export_root(dest: str, overwrite: bool) -> Path:
-    root = Path(dest).absolute()
-    if root.is_dir() and any(root.iterdir()) and not overwrite:
-        raise SolveError(
-            f"cannot export to {root}: the directory is not empty (use overwrite to "
-            "replace its entries)"
-        )
-    return root
+def _add_part(
+    parts: dict[str, CachedResult | bytes], name: str, part: CachedResult | bytes
+) -> None:
+    if name in parts:
+        raise SolveError(f"two outputs of the frontend would both be exported to {name!r}")
+    parts[name] = part
 
 
-def _write_file(target: Path, text: str, overwrite: bool) -> None:
-    if target.exists() and not overwrite:
-        raise SolveError(f"cannot write {target}: it exists (use overwrite)")
-    target.write_text(text, encoding="utf-8")
-
-
-async def _attestation_doc(
+def _attestation_doc(
     att: Attestation[CachedResult],
     index: int,
     name: str,
-    root: Path,
     own: CachedResult | None,
     by_snapshot: Mapping[object, str],
-    overwrite: bool,
+    parts: dict[str, CachedResult | bytes],
 ) -> dict[str, object]:
     ref_dir: str | None = None
     if att.ref is not None:
@@ -271,7 +266,7 @@ async def _attestation_doc(
             ref_dir = by_snapshot[snapshot]
         else:  # points at a result that is not an output: export it next to them
             ref_dir = f"{name}.attestation-{index}"
-            await export_to_dir(att.ref, root / ref_dir, overwrite=overwrite)
+            _add_part(parts, ref_dir, att.ref)
     return {
         "kind": att.kind,
         "ref": ref_dir,

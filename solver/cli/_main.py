@@ -25,7 +25,10 @@ an exception raised by a Python build file is shown, as it is the file's bug),
 The snapshot store is ``--cache-dir DIR``/snapshots when given, else the worker's
 default (``$SOLVER_CACHE_DIR``/snapshots, else ``~/.cache/solver-engine/snapshots``).
 Progress goes to stderr; stdout carries only data (a tar for ``--output
-type=tar,dest=-``, the tables of ``du`` and ``prune``).
+type=tar,dest=-``, the tables of ``du`` and ``prune``). ``--output DIR`` may name
+a directory an earlier build exported to: its output is replaced (see
+:mod:`solver.worker._export` for what is refused and why). ``solver --version``
+prints ``solver VERSION``.
 
 ``solver du`` lists the snapshots (least recently used first), their totals per op
 kind and the free space; ``solver prune`` applies one prune rule built from its
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import re
 import runpy
@@ -75,6 +79,7 @@ __all__ = [
     "parse_duration",
     "parse_output",
     "parse_size",
+    "version_text",
 ]
 
 PROGRESS_MODES = ("auto", "tty", "plain", "json")
@@ -551,10 +556,26 @@ def _filter_arg(text: str) -> str:
     return text
 
 
+def version_text() -> str:
+    """``solver VERSION``, what ``solver --version`` prints: the installed
+    distribution's version (``solver-engine``), else, when the package runs from
+    a source tree that is not installed, ``solver.__version__``."""
+    try:
+        version = importlib.metadata.version("solver-engine")
+    except importlib.metadata.PackageNotFoundError:
+        from .. import __version__
+
+        version = __version__
+    return f"solver {version}"
+
+
 def make_parser() -> argparse.ArgumentParser:
+    """The argument parser of the command line (its subcommands and flags)."""
     parser = argparse.ArgumentParser(
         prog="solver", description="Build graphs with the solver engine's built-in worker."
     )
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cache_help = (
         "snapshot cache directory (snapshots live in DIR/snapshots); default "
@@ -578,7 +599,9 @@ def make_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SPEC",
         help="export the result: DIR, type=local,dest=DIR[,overwrite=true] or "
-        "type=tar,dest=FILE (dest=- writes the tar to stdout)",
+        "type=tar,dest=FILE (dest=- writes the tar to stdout). Building into a DIR an "
+        "earlier build wrote replaces its output; anything else in DIR is refused "
+        "unless overwrite=true",
     )
     b.add_argument(
         "--progress",
