@@ -82,8 +82,9 @@ class CacheKey:
         self.ids: dict[object, str] = {}
         # IDs of this key in the solver's live edge index (set by the index)
         self.index_ids: Sequence[str | int] = ()
-        # the manager that saved this key and linked every key below it (a save
-        # whose deps were saved by the same manager need not walk below them)
+        # the mark of the manager that saved this key and linked every key below
+        # it (a save whose deps carry the same manager's current mark need not
+        # walk below them; a release installs a new mark, see KeyedCacheManager)
         self.linked: object | None = None
 
     @property
@@ -190,7 +191,8 @@ class CacheManager(Protocol):
     """A cache of results by key.
 
     ``save`` keeps its own handle (``result.clone()``) until the record is released
-    or the manager is closed; ``load`` returns a new handle that the caller owns.
+    (by a caller, or by the manager itself: a bounded cache evicts) or the manager
+    is closed; ``load`` returns a new handle that the caller owns.
     Managers are told apart by ``id``.
     """
 

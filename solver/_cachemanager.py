@@ -17,19 +17,27 @@ for one input value, so any of them reaching a stored key is enough; the result 
 that fewer random IDs are minted for keys whose newest alternative (a slow key, say)
 has not been linked yet.
 
+Bounding the default cache. :class:`InMemoryCacheManager` keeps at most
+``max_results`` results (10,000 unless told otherwise) and evicts the least recently
+used one (saved or loaded) past that; see its docstring. Eviction is an ordinary
+release, so the key storage's cascade drops the keys and links that led only to the
+evicted result, and the key graph stays bounded along with the results.
+
 Concurrency. Each storage call is atomic and the sequences a manager runs on top of
 them only add links or results, so interleaved queries converge on the same graph.
 ``save`` holds a lock so that two saves of equal keys do not both mint an ID before
 either has linked its one. The lock is taken without a checkpoint when it is free,
 and over the in-memory storages nothing awaits while holding it (so it is never
 contended), so the in-memory manager's ``query``, ``records``, ``load`` and ``save``
-never checkpoint.
+never checkpoint (a save that evicts yields only inside the shielded releases of
+the evicted handles, so it is no cancel point either).
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -68,6 +76,11 @@ __all__ = [
 ]
 
 _logger = logging.getLogger("solver")
+
+
+_EVICT_SLACK = 100
+"""A full :class:`InMemoryCacheManager` evicts down to ``max_results - max_results //
+_EVICT_SLACK`` results (99 % of its bound)."""
 
 
 def _new_id() -> str:
@@ -114,6 +127,11 @@ class KeyedCacheManager:
         self._storage = storage
         self._results = results
         self._save_lock = anyio.Lock()
+        # What ``CacheKey.linked`` is set to by a save (see _ensure_persistent_key).
+        # A release may delete keys and the links into them, so the "everything
+        # below is linked" shortcut is only valid for keys saved since the last
+        # release through this manager: each such release installs a new mark.
+        self._linked_mark = object()
 
     @staticmethod
     async def open(id: str, storage: CacheKeyStorage, results: ResultStorage) -> KeyedCacheManager:
@@ -187,6 +205,7 @@ class KeyedCacheManager:
             if await self._results.exists(result.id):
                 records.append(CacheRecord(result.id, self, key, result.created_at))
             else:
+                self._linked_mark = object()
                 await self._storage.release(result.id)
         return records
 
@@ -245,6 +264,7 @@ class KeyedCacheManager:
     async def release(self, result_id: str) -> None:
         """Forget ``result_id``: remove it from every key (deleting keys left empty,
         see :class:`CacheKeyStorage`) and release the stored handle. O(cascade)."""
+        self._linked_mark = object()
         await self._storage.release(result_id)
         await self._results.release(result_id)
 
@@ -259,6 +279,7 @@ class KeyedCacheManager:
                     continue
                 seen.add(result.id)
                 if not await self._results.exists(result.id):
+                    self._linked_mark = object()
                     await self._storage.release(result.id)
 
     async def close(self) -> None:
@@ -331,6 +352,9 @@ class KeyedCacheManager:
         # hit the recursion limit). The link dep -> key is added only after the dep's
         # own links exist: an existing link is taken to mean "everything below is
         # linked", so an interrupted save must never leave one too early.
+        # The mark as the walk starts: a release during the walk (a persistent
+        # storage awaits) leaves this key unmarked, as it may have cut below it.
+        mark = self._linked_mark
         stack = [_LinkFrame(await self._get_id(key), _dep_links(key))]
         while stack:
             frame = stack[-1]
@@ -344,37 +368,171 @@ class KeyedCacheManager:
                 continue
             dep, link = step
             dep_id = dep.ids.get(self) or await self._get_id(dep)
-            if dep.linked is self:
-                # a key this manager saved (an input's key, in a build): every
-                # key below it is linked already (add_link is idempotent)
+            if dep.linked is self._linked_mark:
+                # a key this manager saved since its last release (an input's
+                # key, in a build): every key below it is linked already
+                # (add_link is idempotent)
                 await self._storage.add_link(dep_id, link, frame.id)
             elif not await self._storage.has_link(dep_id, link, frame.id):
                 frame.link_after = (dep_id, link)
                 stack.append(_LinkFrame(dep_id, _dep_links(dep)))
-        key.linked = self
+        key.linked = mark
 
 
 class InMemoryCacheManager(KeyedCacheManager):
-    """The solver's default cache: results kept in memory for the manager's lifetime.
+    """The solver's default cache: results kept in memory, the least recently used
+    evicted past ``max_results``.
 
     ``InMemoryCacheManager()`` gets a random ID; pass ``id`` to name it. It behaves
     as any :class:`~solver.CacheManager`:
 
     - ``save(key, result, created_at)`` keeps its own handle (``result.clone()``, one
-      per result ID) until the result is released or the manager is closed;
+      per result ID) until the result is released, evicted, or the manager is
+      closed;
     - ``load(record)`` returns a new handle that the caller owns;
     - ``close()`` releases every handle it keeps, exactly once; it is idempotent, and
       using the manager afterwards raises :class:`anyio.ClosedResourceError`.
 
-    ``query``, ``records``, ``load`` and ``save`` never checkpoint and cost
-    dictionary operations only: O(deps x keys found), O(records), O(1), and
-    O(links added) respectively.
+    The bound. At most ``max_results`` results are kept (default
+    :attr:`DEFAULT_MAX_RESULTS`, 10,000; ``None`` keeps every result for the
+    manager's lifetime, as the cache did before it was bounded). A result is *used*
+    when it is saved or loaded; a save that takes the count past the bound evicts
+    the least recently used results, down to 99 % of the bound (1 % at once, so
+    that a full cache does not pay an eviction on every save). Evicting a result
+    is what :meth:`release` does: it leaves every key, the keys and links that led only
+    to it are deleted (so the key graph shrinks with the results), and the cache's
+    own handle is released once, shielded from cancellation. Handles that callers
+    hold (loaded ones, and the result a job built) are their own clones and are
+    never touched: a job keeps using its result after the record is evicted. An
+    evicted record is a cache miss: the op runs again.
+
+    Why 10,000: a long-lived solver must stay flat, and a kept result costs the
+    cache about 0.75 KiB (traced; about 1 KiB of resident memory) besides what
+    the result itself holds, so the default cache stays near 10 MiB however many
+    solves it serves (docs/performance.md, "A long-lived solver"). It still holds
+    a whole build of 10,000 vertices, the largest size of the benchmark suite's
+    default run, and that run's rebuilds after a changed leaf load every unchanged
+    input they need. A graph larger than the bound builds correctly, but a rebuild
+    runs again the ops whose results were evicted: pass a larger bound, or
+    ``None``, for such working sets.
+
+    ``query``, ``records`` and ``load`` never checkpoint and cost dictionary
+    operations only: O(deps x keys found), O(records) and O(1). ``save`` costs
+    O(links added + evicted results x their cascades); it never checkpoints unless
+    it evicts, and then only inside the shielded releases of the evicted handles,
+    so it is never a cancel point.
     """
 
-    def __init__(self, id: str | None = None) -> None:
+    DEFAULT_MAX_RESULTS = 10_000
+    """The bound of ``InMemoryCacheManager()`` (see the class docstring)."""
+
+    def __init__(
+        self, id: str | None = None, *, max_results: int | None = DEFAULT_MAX_RESULTS
+    ) -> None:
+        if max_results is not None and max_results < 1:
+            raise ValueError(f"max_results must be at least 1 or None, not {max_results}")
+        self._memory_storage = InMemoryCacheStorage()
+        self._memory_results = InMemoryResultStorage()
         super().__init__(
-            id if id is not None else _new_id(), InMemoryCacheStorage(), InMemoryResultStorage()
+            id if id is not None else _new_id(), self._memory_storage, self._memory_results
         )
+        self._max_results = max_results
+        # Result IDs, least recently used first. An OrderedDict rather than a heap
+        # or a sorted list of use times: a use is move_to_end and an eviction is
+        # popitem(last=False), both O(1), where a sorted container costs O(log n)
+        # per use and a heap cannot move an entry.
+        self._lru: OrderedDict[str, None] = OrderedDict()
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} id={self._id!r} results={len(self._lru)} "
+            f"max_results={self._max_results}>"
+        )
+
+    @property
+    def max_results(self) -> int | None:
+        """The most results kept (``None``: no bound). O(1)."""
+        return self._max_results
+
+    @property
+    def result_count(self) -> int:
+        """How many results the cache keeps now (at most :attr:`max_results`).
+        O(1)."""
+        return len(self._lru)
+
+    async def load(self, record: CacheRecord) -> Result:
+        """A new handle on the record's result, which the caller owns; the result
+        becomes the most recently used. :class:`NotFoundError` if it was released
+        or evicted since. O(1)."""
+        result = await super().load(record)
+        if record.id in self._lru:
+            self._lru.move_to_end(record.id)
+        return result
+
+    async def save(self, key: CacheKey, result: Result, created_at: float) -> ExportableCacheKey:
+        """Store ``result`` under ``key`` (see :meth:`KeyedCacheManager.save`), make it
+        the most recently used, and evict the least recently used results past the
+        bound. O(links added + evicted results x their cascades)."""
+        saved = await super().save(key, result, created_at)
+        # Nothing awaits between the store and here, nor in the bookkeeping of an
+        # eviction (the storages never checkpoint): the new result is at the end of
+        # the order before anything else runs, so it is never the one evicted.
+        lru = self._lru
+        lru[result.id] = None
+        lru.move_to_end(result.id)
+        bound = self._max_results
+        if bound is not None and len(lru) > bound:
+            # Down to 1 % under the bound, not just to it: one eviction per 1 %
+            # of the bound's saves, so that its fixed costs (a shielded scope, a
+            # pass over the links of each parent that loses some, and the linking
+            # shortcut that a release turns off for the keys saved before it, see
+            # _linked_mark) are not paid by every save of a full cache.
+            await self._evict(len(lru) - bound + bound // _EVICT_SLACK)
+        return saved
+
+    async def release(self, result_id: str) -> None:
+        """Forget ``result_id`` (see :meth:`KeyedCacheManager.release`). O(cascade)."""
+        self._lru.pop(result_id, None)
+        await super().release(result_id)
+
+    async def close(self) -> None:
+        """Release every stored handle and close both storages. Idempotent.
+        O(stored results)."""
+        self._lru.clear()
+        await super().close()
+
+    async def _evict(self, count: int) -> None:
+        # First take every victim out of both storages, without a checkpoint (the
+        # graph and the count change at once), in one cascade (a base that many
+        # evicted keys were built on is rewritten once, not once per key); then
+        # release their handles, shielded: a save is never a cancel point, and a
+        # handle the cache took must be released even if the saver is cancelled.
+        self._linked_mark = object()
+        victims = [self._lru.popitem(last=False)[0] for _ in range(count)]
+        await self._memory_storage.release_many(victims)
+        handles = [h for h in map(self._memory_results.take, victims) if h is not None]
+        with anyio.CancelScope(shield=True):
+            for handle in handles:
+                try:
+                    await handle.release()
+                except Exception:
+                    # The save succeeded; a handle that fails to release is the
+                    # result's problem, reported here, not the saver's.
+                    _logger.exception("releasing evicted cached result %s failed", handle.id)
+
+    def _check(self) -> None:
+        """Assert every invariant (for tests); holds while the storages are changed
+        only through the manager. O(keys + links + results)."""
+        if self._memory_storage._closed:
+            assert not self._lru, "a closed manager tracks no result"
+            return
+        self._memory_storage._check(leads_to_results=True)
+        bound = self._max_results
+        assert bound is None or len(self._lru) <= bound, (len(self._lru), bound)
+        stored = set(self._memory_results._ids())
+        assert stored == set(self._lru), ("LRU order out of step", stored ^ set(self._lru))
+        indexed = set(self._memory_storage._result_ids())
+        assert indexed == stored, ("results and keys out of step", indexed ^ stored)
 
 
 class CombinedCacheManager:

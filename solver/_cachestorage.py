@@ -175,7 +175,7 @@ class ResultStorage(Protocol):
 # How the in-memory key storage is laid out, and why.
 #
 # A build stores about one key per vertex, each with a result, a link or two out and a
-# backlink or two in, and keeps them for the manager's lifetime. Kept as an object per
+# backlink or two in, and keeps them until they are released. Kept as an object per
 # key with a dict per field (the obvious layout), that was about 1,100 bytes and four
 # objects tracked by the cyclic garbage collector per vertex, and every full
 # collection walks every tracked object the storage holds. So each key is one plain
@@ -204,6 +204,15 @@ class ResultStorage(Protocol):
 #
 # Every form keeps insertion order, and replacing an entry keeps its place, as the
 # dicts did: walks return IDs and results in the order they were first added.
+#
+# - ``_labels[id]`` exists for a key whose links grew into a dict (more than
+#   ``_SMALL`` labels: a base that many keys were built on) and maps each of its
+#   targets to the labels that link to it. Deleting a key must drop the links to it
+#   from its parents; the backlinks say which parents, and this index which of a
+#   large parent's labels, so the cost is the links removed rather than a scan of
+#   every label of the parent per key deleted (a bounded cache deletes keys all
+#   the time, and a base with thousands of evicted children paid thousands of
+#   label visits per eviction). A small parent is scanned: at most ``_SMALL``.
 
 _SMALL = 8
 """The most entries an ID set or map keeps in tuple form."""
@@ -336,15 +345,55 @@ def _result(id: str, created_at: float) -> CacheResult:
     return result
 
 
-def _links_without(links: _Links, target: str) -> _Links | None:
-    """``links`` with ``target`` removed from every label's targets, dropping the
-    labels left with none; ``None`` once no label is left."""
+def _links_without_indexed(
+    links: dict[_Label, _Ids], labels: dict[str, tuple[_Label, ...]], gone: set[str]
+) -> _Links | None:
+    """``links`` (changed in place) without the targets ``gone``, through the
+    parent's label index ``labels`` (also changed); ``None`` once no label is left.
+    O(links removed)."""
+    for target in gone:
+        for label in labels.pop(target, ()):
+            targets = links.get(label)
+            if targets is None:
+                continue
+            rest = _ids_remove(targets, target)
+            if rest is None:
+                del links[label]
+            else:
+                links[label] = rest
+    return links or None
+
+
+def _label_index(links: dict[_Label, _Ids]) -> dict[str, tuple[_Label, ...]]:
+    """Target -> the labels of ``links`` that link to it. O(links)."""
+    index: dict[str, tuple[_Label, ...]] = {}
+    for label, targets in links.items():
+        for target in _ids_iter(targets):
+            index[target] = (*index.get(target, ()), label)
+    return index
+
+
+def _links_without(links: _Links, gone: str | set[str]) -> _Links | None:
+    """``links`` with the target ``gone`` (or every target in the set ``gone``)
+    removed from every label's targets, dropping the labels left with none;
+    ``None`` once no label is left. O(labels + targets removed): one pass, however
+    many targets go, which is why a batch of releases removes them together."""
     out: _Links | None = links
     for label, targets in list(_map_items(links)):
-        if _ids_has(targets, target):
-            rest = _ids_remove(targets, target)
-            assert out is not None  # only emptied after its last label
-            out = _map_remove(out, label) if rest is None else _map_set(out, label, rest)
+        if isinstance(gone, str):
+            if not _ids_has(targets, gone):
+                continue
+            rest = _ids_remove(targets, gone)
+        else:
+            hit = [t for t in _ids_iter(targets) if t in gone]
+            if not hit:
+                continue
+            rest = targets
+            for t in hit:
+                assert rest is not None  # only emptied by its last target
+                rest = _ids_remove(rest, t)
+        assert out is not None  # only emptied after its last label
+        out = _map_remove(out, label) if rest is None else _map_set(out, label, rest)
     return out
 
 
@@ -354,15 +403,19 @@ class InMemoryCacheStorage:
 
     Besides the keys that hold results or links, it keeps keys that are only link
     targets (they carry the backlinks); those are not reported by :meth:`exists` or
-    :meth:`walk`. Iteration order is insertion order.
+    :meth:`walk`. Iteration order is insertion order. Beyond the protocol,
+    :meth:`release_many` releases a batch in one cascade (what a bounded cache's
+    eviction uses).
     """
 
-    __slots__ = ("_by_id", "_by_result", "_closed")
+    __slots__ = ("_by_id", "_by_result", "_closed", "_labels")
 
     def __init__(self) -> None:
         self._by_id: dict[str, _Record] = {}
         # result ID -> the keys that hold it
         self._by_result: dict[str, _Ids] = {}
+        # key ID -> target -> labels, for keys with many labels (see the top)
+        self._labels: dict[str, dict[str, tuple[_Label, ...]]] = {}
         self._closed = False
 
     def __repr__(self) -> str:
@@ -427,41 +480,75 @@ class InMemoryCacheStorage:
     async def release(self, result_id: str) -> None:
         """O(keys holding the result + keys deleted x links of their parents)."""
         self._live()
+        self._delete_empty(self._remove_result(result_id))
+
+    async def release_many(self, result_ids: Iterable[str]) -> None:
+        """:meth:`release` each of ``result_ids``, with one cascade for them all: a
+        key that loses several links (a base that many released keys were built
+        on) is rewritten once. O(keys holding the results + keys deleted + links
+        of the keys that lose links), where releasing one at a time costs the
+        links of a parent once per key deleted below it."""
+        self._live()
+        emptied: list[str] = []
+        for result_id in result_ids:
+            emptied.extend(self._remove_result(result_id))
+        self._delete_empty(emptied)
+
+    def _remove_result(self, result_id: str) -> list[str]:
+        """Remove ``result_id`` from every key that holds it; return the keys it
+        leaves with neither results nor links (not deleted yet)."""
         ids = self._by_result.pop(result_id, None)
         if ids is None:
-            return
+            return []
+        emptied = []
         for id in _ids_iter(ids):
-            # A key holding the result is not empty, so no earlier cascade of this
-            # loop can have deleted it.
+            # Nothing is deleted before the caller's cascade, so every key that
+            # holds the result is still there.
             results, links, backlinks = self._by_id[id]
             assert results is not None
             results = _map_remove(results, result_id)
             self._by_id[id] = (results, links, backlinks)
             if results is None and links is None:
-                self._delete_empty(id)
+                emptied.append(id)
+        return emptied
 
-    def _delete_empty(self, id: str) -> None:
-        # A worklist rather than recursion: a long chain of keys that hold only links
-        # is emptied in one go, whatever its length.
-        pending = [id]
+    def _delete_empty(self, pending: list[str]) -> None:
+        # Round by round rather than recursively (a long chain of keys that hold
+        # only links is emptied in one go, whatever its length): delete the empty
+        # keys of a round, then rewrite each of their parents once, without every
+        # deleted target; the parents left empty are the next round.
         while pending:
-            id = pending.pop()
-            record = self._by_id.get(id)
-            if record is None or record[0] is not None or record[1] is not None:
-                continue
-            del self._by_id[id]
-            # The key has no links, so it is nobody's backlink: only its parents
-            # refer to it.
-            if record[2] is None:
-                continue
-            for parent_id in _ids_iter(record[2]):
+            lost: dict[str, set[str]] = {}
+            for id in pending:
+                record = self._by_id.get(id)
+                if record is None or record[0] is not None or record[1] is not None:
+                    continue
+                del self._by_id[id]
+                # The key has no links, so it is nobody's backlink: only its
+                # parents refer to it (and none of them goes in this round: each
+                # has a link).
+                if record[2] is not None:
+                    for parent_id in _ids_iter(record[2]):
+                        lost.setdefault(parent_id, set()).add(id)
+            pending = []
+            for parent_id, gone in lost.items():
                 parent = self._by_id.get(parent_id)
                 if parent is None:
                     continue
                 results, links, backlinks = parent
-                if links is not None:
-                    self._by_id[parent_id] = (results, _links_without(links, id), backlinks)
-                pending.append(parent_id)
+                labels = self._labels.get(parent_id)
+                if labels is not None:
+                    assert isinstance(links, dict)  # indexed while a dict
+                    links = _links_without_indexed(links, labels, gone)
+                    if links is None:
+                        del self._labels[parent_id]
+                    self._by_id[parent_id] = (results, links, backlinks)
+                elif links is not None:
+                    one_or_all = next(iter(gone)) if len(gone) == 1 else gone
+                    links = _links_without(links, one_or_all)
+                    self._by_id[parent_id] = (results, links, backlinks)
+                if results is None and links is None:
+                    pending.append(parent_id)
 
     async def add_link(self, id: str, link: CacheInfoLink, target: str) -> None:
         """O(1)."""
@@ -477,6 +564,13 @@ class InMemoryCacheStorage:
         else:
             links = _map_set(links, link, _ids_add(targets, target))
         self._by_id[id] = (results, links, backlinks)
+        if isinstance(links, dict):
+            index = self._labels.get(id)
+            if index is None:
+                # the links just grew into a dict: index them all, this one included
+                self._labels[id] = _label_index(links)
+            else:
+                index[target] = (*index.get(target, ()), (*link,))
         # read after the write: the target may be the source itself
         dest = self._by_id.get(target)
         if dest is None:
@@ -528,6 +622,7 @@ class InMemoryCacheStorage:
         self._closed = True
         self._by_id = {}
         self._by_result = {}
+        self._labels = {}
 
     def _lose_result(self, id: str, result_id: str) -> None:
         """Remove ``result_id`` from key ``id`` alone, leaving the key and the
@@ -536,8 +631,36 @@ class InMemoryCacheStorage:
         assert results is not None
         self._by_id[id] = (_map_remove(results, result_id), links, backlinks)
 
-    def _check(self) -> None:
-        """Assert every internal invariant (for tests). O(size of the graph)."""
+    def _result_ids(self) -> list[str]:
+        """Every result ID stored under some key (for tests). O(results)."""
+        return list(self._by_result)
+
+    def _check(self, *, leads_to_results: bool = False) -> None:
+        """Assert every internal invariant (for tests). O(size of the graph).
+
+        With ``leads_to_results``, also that every key reaches a key with results
+        through links (itself included): what a manager that saves through
+        :meth:`add_result` before linking, and releases only through
+        :meth:`release`, leaves behind. It is what bounds the key graph by the
+        results: a key from which no result can be reached is never deleted.
+        """
+        if self._closed:
+            assert not self._by_id, "a closed storage holds no key"
+            assert not self._by_result, "a closed storage holds no result"
+            return
+        if leads_to_results:
+            # Walk backlinks up from every key with results: what is not reached
+            # leads to no result.
+            pending = [id for id, record in self._by_id.items() if record[0] is not None]
+            reached = set(pending)
+            while pending:
+                backlinks = self._by_id[pending.pop()][2]
+                for parent in () if backlinks is None else _ids_iter(backlinks):
+                    if parent not in reached:
+                        reached.add(parent)
+                        pending.append(parent)
+            dead = [id for id in self._by_id if id not in reached]
+            assert not dead, f"{len(dead)} keys lead to no result, e.g. {dead[:3]}"
         for id, (results, links, backlinks) in self._by_id.items():
             # a key is kept only while it is useful, or while something links to it
             assert results or links or backlinks, f"empty key {id} left behind"
@@ -568,6 +691,15 @@ class InMemoryCacheStorage:
                     assert any(_ids_has(ts, id) for _, ts in _map_items(source[1])), (
                         f"stale backlink {id}->{source_id}"
                     )
+        for id, index in self._labels.items():
+            record = self._by_id.get(id)
+            assert record is not None, f"label index of missing key {id}"
+            assert isinstance(record[1], dict), f"label index of {id}, whose links are small"
+            assert {t: set(ls) for t, ls in index.items()} == {
+                t: set(ls) for t, ls in _label_index(record[1]).items()
+            }, f"label index of {id} out of step"
+        for id, (_, links, _) in self._by_id.items():
+            assert not isinstance(links, dict) or id in self._labels, f"{id} not indexed"
         for result_id, ids in self._by_result.items():
             _check_ids(ids)
             for id in _ids_iter(ids):
@@ -649,6 +781,17 @@ class InMemoryResultStorage:
         if stored is not None:
             with anyio.CancelScope(shield=True):
                 await stored.release()
+
+    def take(self, result_id: str) -> Result | None:
+        """Remove ``result_id`` and hand its stored handle to the caller, who must
+        release it (``None`` if it is not stored). For a caller that removes several
+        results at once and releases the handles afterwards. O(1), synchronous."""
+        self._live()
+        return self._results.pop(result_id, None)
+
+    def _ids(self) -> list[str]:
+        """The stored result IDs (for tests). O(results)."""
+        return list(self._results)
 
     async def close(self) -> None:
         """Release every stored handle once. O(stored results). Idempotent.

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import suite
+from benchmarks import memory_longlived, suite
 from benchmarks.graphs import SHAPES, chain, random_graph, with_leaf_changed
 from tests.harness import generate_sub_graph
 
@@ -104,3 +104,18 @@ def test_quick_suite_counts_on_both_backends(tmp_path: Path) -> None:
     names = {t["name"] for t in results["targets"]}
     assert "warm: exactly 1 cache load" in names
     assert all(isinstance(t["passed"], bool) for t in results["targets"])
+
+
+def test_memory_longlived_runs_on_both_backends(tmp_path: Path) -> None:
+    """The long-lived solver benchmark, small: one subprocess per backend, every
+    solve runs its 3 new ops, the default cache is the bounded one (its RSS
+    verdict needs the full run, so the exit status is not checked)."""
+    out = tmp_path / "longlived.json"
+    memory_longlived.main(["--solves", "100", "--json", str(out)])
+    results = json.loads(out.read_text())
+    assert [r["backend"] for r in results["backends"]] == ["asyncio", "trio"]
+    for r in results["backends"]:
+        assert (r["solves"], r["half"], r["execs"]) == (100, 50, 300)
+        assert (r["cache_results"], r["cache_max_results"]) == (300, 10_000)
+        assert r["cache_keys"] == 300
+        assert min(r["rss_start"], r["rss_half"], r["rss_end"], r["ratio"]) > 0

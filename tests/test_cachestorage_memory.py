@@ -159,6 +159,54 @@ async def test_orders_match_ordered_dicts_across_the_small_and_large_forms() -> 
     await assert_same(st, model, links, keys, result_ids)
 
 
+@pytest.mark.anyio
+async def test_release_many_around_a_large_base_matches_the_model() -> None:
+    # A base that many keys were built on (its links a dict, so indexed by target),
+    # each key linked under a label of its own and under one shared label, with a
+    # key on each holding a result: releasing a batch, then one at a time, deletes
+    # what the model deletes and drops exactly the links to the deleted keys.
+    n = 4 * _SMALL
+    own = [CacheInfoLink(0, 0, dgst(f"op{i}")) for i in range(n)]
+    shared = CacheInfoLink(1, 0, dgst("shared"))
+    links = [*own, shared]
+    keys = ["base", *(f"c{i}" for i in range(n)), *(f"g{i}" for i in range(n))]
+    result_ids = ["base-r", *(f"r{i}" for i in range(n))]
+    st, model = InMemoryCacheStorage(), ModelStorage()
+    for i in range(n):
+        for id, link, target in (
+            ("base", own[i], f"c{i}"),
+            ("base", shared, f"c{i}"),
+            (f"c{i}", own[i], f"g{i}"),
+        ):
+            await st.add_link(id, link, target)
+            model.add_link(id, link, target)
+        await st.add_result(f"g{i}", CacheResult(f"r{i}", 1.0))
+        model.add_result(f"g{i}", f"r{i}", 1.0)
+    await st.add_result("base", CacheResult("base-r", 1.0))
+    model.add_result("base", "base-r", 1.0)
+    assert isinstance(st._by_id["base"][1], dict)
+    st._check()
+
+    batch = [f"r{i}" for i in range(0, n, 2)]
+    await st.release_many(batch)
+    for result_id in batch:
+        model.release(result_id)
+    st._check()
+    await assert_same(st, model, links, keys, result_ids)
+    assert len(await st.walk_links("base", shared)) == n // 2
+
+    for i in range(1, n, 2):
+        await st.release(f"r{i}")
+        model.release(f"r{i}")
+        st._check()
+    await assert_same(st, model, links, keys, result_ids)
+    assert await st.walk() == ["base"]  # it still holds its own result
+    await st.release_many(["base-r", "unknown"])
+    assert await st.walk() == []
+    assert st._labels == {}
+    st._check()
+
+
 def reachable(roots: list[object]) -> list[object]:
     seen: dict[int, object] = {}
     stack = list(roots)
