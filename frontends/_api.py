@@ -26,7 +26,7 @@ import anyio
 import anyio.lowlevel
 
 from solver import Definition, SolveRequest
-from solver._frontend import ResultMap
+from solver.bridge import ResultMap
 from solver.worker import FileStat
 
 __all__ = ["BuildFunction", "BuildOpts", "BuildResult", "Client", "Reference", "Stat"]

@@ -29,14 +29,7 @@ from collections.abc import Mapping
 import anyio
 import anyio.lowlevel
 
-from solver import (
-    Bridge,
-    Definition,
-    FrontendResult,
-    ResultProxy,
-    SolveError,
-    SolveRequest,
-)
+from solver import Bridge, Definition, FrontendResult, ResultProxy, SolveError, SolveRequest
 
 from ._api import BuildFunction, BuildOpts, BuildResult, Stat
 from ._holder import ProxyHolder, read_dir, read_file, release_all, stat_file

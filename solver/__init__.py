@@ -8,41 +8,16 @@ many jobs ask for it; results are cached by key and reference-counted.
 
 from ._cache import (
     CacheExporter as CacheExporter,
-    CacheInfoLink as CacheInfoLink,
-    CacheKey as CacheKey,
-    CacheKeyWithSelector as CacheKeyWithSelector,
-    CacheManager as CacheManager,
-    CacheRecord as CacheRecord,
-    ExportableCacheKey as ExportableCacheKey,
-)
-from ._cacheexport import (
     CacheExportOptions as CacheExportOptions,
     CacheExportResult as CacheExportResult,
     CacheExportTarget as CacheExportTarget,
+    CacheInfoLink as CacheInfoLink,
+    CacheKey as CacheKey,
+    CacheKeyWithSelector as CacheKeyWithSelector,
     CacheLink as CacheLink,
-    KeyExporter as KeyExporter,
-    MergedExporter as MergedExporter,
-    export_cache as export_cache,
-)
-from ._cachemanager import (
-    CombinedCacheManager as CombinedCacheManager,
-    InMemoryCacheManager as InMemoryCacheManager,
-    KeyedCacheManager as KeyedCacheManager,
-)
-from ._definition import (
-    DEFINITION_VERSION as DEFINITION_VERSION,
-    Definition as Definition,
-    DefinitionError as DefinitionError,
-    DefinitionVertex as DefinitionVertex,
-    JSONValue as JSONValue,
-    Node as Node,
-    NodeOutput as NodeOutput,
-    OpDef as OpDef,
-    OpMetadata as OpMetadata,
-    OutputRef as OutputRef,
-    canonical_json as canonical_json,
-    node as node,
-    op_digest as op_digest,
+    CacheManager as CacheManager,
+    CacheRecord as CacheRecord,
+    ExportableCacheKey as ExportableCacheKey,
 )
 from ._digest import digest_of as digest_of
 from ._errors import (
@@ -51,25 +26,7 @@ from ._errors import (
     SlowCacheError as SlowCacheError,
     SolveError as SolveError,
 )
-from ._frontend import (
-    Attestation as Attestation,
-    Bridge as Bridge,
-    Frontend as Frontend,
-    FrontendResult as FrontendResult,
-)
 from ._graph import Edge as Edge, Vertex as Vertex, VertexOptions as VertexOptions
-from ._localcache import (
-    CacheBlob as CacheBlob,
-    CacheBlobCodec as CacheBlobCodec,
-    CacheExportError as CacheExportError,
-    CacheImportError as CacheImportError,
-    LocalCacheExport as LocalCacheExport,
-    LocalCacheExportStats as LocalCacheExportStats,
-    LocalCacheImport as LocalCacheImport,
-    LocalCacheSource as LocalCacheSource,
-    export_local_cache as export_local_cache,
-    open_local_cache as open_local_cache,
-)
 from ._op import (
     Builder as Builder,
     CacheMap as CacheMap,
@@ -77,13 +34,6 @@ from ._op import (
     ComputeDigest as ComputeDigest,
     Op as Op,
     ResolveOp as ResolveOp,
-)
-from ._opkind import (
-    OpContext as OpContext,
-    OpFactory as OpFactory,
-    OpKind as OpKind,
-    OpKindRegistry as OpKindRegistry,
-    default_op_kinds as default_op_kinds,
 )
 from ._progress import ProgressEvent as ProgressEvent, log_output as log_output
 from ._refs import (
@@ -93,8 +43,54 @@ from ._refs import (
     split_result_proxy as split_result_proxy,
 )
 from ._result import CachedResult as CachedResult, Result as Result, ResultProxy as ResultProxy
-from ._solve import SolveRequest as SolveRequest, SolveResult as SolveResult
-from ._solver import Job as Job, Solver as Solver
-from ._sqlitestorage import SQLiteCacheStorage as SQLiteCacheStorage
+from .bridge import (
+    Attestation as Attestation,
+    Bridge as Bridge,
+    Frontend as Frontend,
+    FrontendResult as FrontendResult,
+    Solver as Solver,
+    SolveRequest as SolveRequest,
+    SolveResult as SolveResult,
+)
+from .cache import (
+    CacheBlob as CacheBlob,
+    CacheBlobCodec as CacheBlobCodec,
+    CacheExportError as CacheExportError,
+    CacheImportError as CacheImportError,
+    CombinedCacheManager as CombinedCacheManager,
+    InMemoryCacheManager as InMemoryCacheManager,
+    KeyedCacheManager as KeyedCacheManager,
+    KeyExporter as KeyExporter,
+    LocalCacheExport as LocalCacheExport,
+    LocalCacheExportStats as LocalCacheExportStats,
+    LocalCacheImport as LocalCacheImport,
+    LocalCacheSource as LocalCacheSource,
+    MergedExporter as MergedExporter,
+    SQLiteCacheStorage as SQLiteCacheStorage,
+    export_cache as export_cache,
+    export_local_cache as export_local_cache,
+    open_local_cache as open_local_cache,
+)
+from .definition import (
+    DEFINITION_VERSION as DEFINITION_VERSION,
+    Definition as Definition,
+    DefinitionError as DefinitionError,
+    DefinitionVertex as DefinitionVertex,
+    JSONValue as JSONValue,
+    Node as Node,
+    NodeOutput as NodeOutput,
+    OpContext as OpContext,
+    OpDef as OpDef,
+    OpFactory as OpFactory,
+    OpKind as OpKind,
+    OpKindRegistry as OpKindRegistry,
+    OpMetadata as OpMetadata,
+    OutputRef as OutputRef,
+    canonical_json as canonical_json,
+    default_op_kinds as default_op_kinds,
+    node as node,
+    op_digest as op_digest,
+)
+from .engine import Job as Job
 
 __version__ = "0.1.0"

@@ -11,19 +11,23 @@ memoized on the key (``CacheKey.ids``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, runtime_checkable
 
 from ._digest import digest_of
 
 if TYPE_CHECKING:
-    from ._cacheexport import CacheExportOptions, CacheExportTarget
+    # type-only: _result names ExportableCacheKey in CachedResult (protocols, no code)
     from ._result import Result
 
 __all__ = [
+    "CacheExportOptions",
+    "CacheExportResult",
+    "CacheExportTarget",
     "CacheInfoLink",
+    "CacheLink",
     "CacheKey",
     "CacheKeyWithSelector",
     "CacheExporter",
@@ -105,9 +109,71 @@ class CacheKey:
         return f"CacheKey({self.id[:19]}, digest={self.digest[:19]}, output={self.output})"
 
 
+@dataclass(frozen=True, slots=True)
+class CacheLink:
+    """One source of an input of a record: the target's record ``src`` (what its
+    ``add`` returned), reached through ``selector``."""
+
+    src: object
+    selector: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheExportResult:
+    """One exported result of a record: ``remote`` (what ``resolve_remote``
+    returned, or the result storage's remote), when it was created, and the vertex
+    digest and output it came from (for debugging; empty for a record found
+    through storage alone)."""
+
+    created_at: float
+    remote: object
+    vertex: str
+    output: int
+
+
+@runtime_checkable
+class CacheExportTarget(Protocol):
+    """Receives the records of an export (BuildKit's ``CacheExporterTarget``)."""
+
+    def add(
+        self,
+        digest: str,
+        links: Sequence[Sequence[CacheLink]],
+        results: Sequence[CacheExportResult],
+    ) -> object | None:
+        """Add (or merge into an equal one) the record ``digest`` whose input ``i``
+        is any of ``links[i]``, with ``results``; return the target's record, or
+        ``None`` if the target does not keep it (a session-local ``random:``
+        digest, say). Called inputs first; may be called again for one record."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class CacheExportOptions:
+    """How to export.
+
+    ``mode``: ``"min"`` exports the result of the key exported and, below it, only
+    results that are remotes already; ``"max"`` every result the walk reaches.
+    ``resolve_remote(result)`` turns a loaded result (a handle it must not
+    release) into a remote, or ``None`` to leave it out; without it only existing
+    remotes are exported. ``export_roots`` also exports the results of keys
+    without deps (BuildKit leaves them out: a root op is cheap to run again).
+    ``ignore_backlinks`` skips step 3 of the walk (other chains to the same key).
+    """
+
+    mode: Literal["min", "max"] = "min"
+    resolve_remote: Callable[[Result], Awaitable[object | None]] | None = None
+    export_roots: bool = False
+    ignore_backlinks: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"cache export mode must be 'min' or 'max', not {self.mode!r}")
+
+
 class CacheExporter(Protocol):
     """What can export the chain of cache records behind a key (BuildKit's
-    ``CacheExporter``); see :mod:`solver._cacheexport`."""
+    ``CacheExporter``); see :mod:`solver.cache` (the export walk)."""
 
     async def export_to(
         self, target: CacheExportTarget, options: CacheExportOptions

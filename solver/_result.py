@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    # type-only: _cache names Result in CacheManager.save (protocols, no code)
     from ._cache import ExportableCacheKey
 
 __all__ = ["CachedResult", "Result", "ResultProxy"]

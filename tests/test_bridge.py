@@ -18,7 +18,7 @@ from solver import (
     SolveRequest,
     split_result_proxy,
 )
-from solver._bridge import _NEW, DefinitionProxy, SolverBridge
+from solver.bridge._bridge import _NEW, DefinitionProxy, SolverBridge
 from solver.testing import HandleTracker
 
 pytestmark = pytest.mark.anyio

@@ -28,15 +28,7 @@ from frontends.buildfile import (
 )
 from frontends.forwarder import Forwarder
 from frontends.gateway import Gateway, InProcessGateway
-from solver import (
-    Definition,
-    Frontend,
-    Result,
-    SolveError,
-    Solver,
-    SolveRequest,
-    SolveResult,
-)
+from solver import Definition, Frontend, Result, SolveError, Solver, SolveRequest, SolveResult
 from solver.cli import main
 from solver.testing import HandleTracker
 from solver.worker import SnapshotView, State, Worker

@@ -24,9 +24,9 @@ from solver import (
     VertexOptions,
 )
 from solver._cache import CacheKey, CacheKeyWithSelector, ExportableCacheKey
-from solver._cachestorage import NotFoundError
 from solver._digest import digest_of
 from solver._result import Result
+from solver.cache import NotFoundError
 from solver.testing import CountingResult, HandleTracker, track_handles
 
 

@@ -47,24 +47,17 @@ from solver import (
     SolveRequest,
     digest_of,
 )
-from solver._cache import root_key
-from solver._cacheexport import (
-    CacheExportOptions,
-    CacheExportResult,
-    CacheLink,
-    KeyExporter,
-    MergedExporter,
-    export_cache,
-)
-from solver._cachestorage import InMemoryCacheStorage
-from solver._localcache import (
+from solver._cache import CacheExportOptions, CacheExportResult, CacheLink, root_key
+from solver.bridge._caches import with_cache_sources
+from solver.cache._directory import (
     CacheImportError,
     LocalCacheExportStats,
     LocalCacheSource,
     export_local_cache,
     open_local_cache,
-    with_cache_sources,
 )
+from solver.cache._export import KeyExporter, MergedExporter, export_cache
+from solver.cache._storage import InMemoryCacheStorage
 from solver.cli import main
 from solver.cli._cacheopts import parse_export_cache, parse_import_cache
 from solver.testing import HandleTracker

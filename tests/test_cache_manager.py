@@ -16,21 +16,21 @@ from solver._cache import (
     CacheRecord,
     ExportableCacheKey,
 )
-from solver._cachemanager import (
+from solver._digest import digest_of
+from solver._errors import SolveError
+from solver._result import Result
+from solver.cache._manager import (
     CombinedCacheManager,
     InMemoryCacheManager,
     KeyedCacheManager,
     best_record,
 )
-from solver._cachestorage import (
+from solver.cache._storage import (
     CacheResult,
     InMemoryCacheStorage,
     InMemoryResultStorage,
     NotFoundError,
 )
-from solver._digest import digest_of
-from solver._errors import SolveError
-from solver._result import Result
 from solver.testing import CountingResult, HandleTracker
 
 pytestmark = pytest.mark.anyio

@@ -11,7 +11,9 @@ import anyio
 import pytest
 
 from solver._cache import CacheInfoLink, root_key
-from solver._cachestorage import (
+from solver._digest import digest_of
+from solver.cache._sqlite import SQLiteCacheStorage
+from solver.cache._storage import (
     CacheKeyStorage,
     CacheResult,
     InMemoryCacheStorage,
@@ -19,8 +21,6 @@ from solver._cachestorage import (
     NotFoundError,
     ResultStorage,
 )
-from solver._digest import digest_of
-from solver._sqlitestorage import SQLiteCacheStorage
 from solver.testing import CountingResult, HandleTracker
 
 StorageFactory = Callable[[Path], Awaitable[CacheKeyStorage]]

@@ -33,9 +33,9 @@ from solver import (
     Result,
     SolveError,
     Solver,
-    _solver as solver_module,
 )
-from solver._cachedpath import seed_cached_root
+from solver.engine import _jobs as solver_module
+from solver.engine._cachedpath import seed_cached_root
 from solver.testing import HandleTracker
 from tests.harness import (
     Counters,

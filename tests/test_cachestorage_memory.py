@@ -12,8 +12,8 @@ import tracemalloc
 import pytest
 
 from solver._cache import CacheInfoLink, root_key
-from solver._cachestorage import _SMALL, CacheResult, InMemoryCacheStorage
 from solver._digest import digest_of
+from solver.cache._storage import _SMALL, CacheResult, InMemoryCacheStorage
 
 
 def dgst(s: str) -> str:

@@ -502,7 +502,7 @@ async def test_export_functions(tmp_path: Path) -> None:
 def test_prune_releases_the_cache_records_of_what_it_deletes(
     tmp_path: Path, defn_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from solver._sqlitestorage import SQLiteCacheStorage
+    from solver.cache._sqlite import SQLiteCacheStorage
 
     cache = tmp_path / "cache"
     assert cli("build", str(defn_file), "--progress", "plain", cache=cache).returncode == 0

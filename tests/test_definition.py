@@ -30,7 +30,7 @@ from solver import (
     VertexOptions,
     digest_of,
 )
-from solver._definition import (
+from solver.definition._definition import (
     DEFINITION_VERSION,
     MAX_PAYLOAD_DEPTH,
     Definition,
@@ -46,7 +46,7 @@ from solver._definition import (
     node,
     op_digest,
 )
-from solver._opkind import OpContext, OpKind, OpKindRegistry, default_op_kinds
+from solver.definition._opkind import OpContext, OpKind, OpKindRegistry, default_op_kinds
 from solver.testing import CountingResult, HandleTracker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ GOLDEN_OUTPUT = "sha256:8203d75e1e86c1b825f1ba0475c5f0e150f9dcbe7bc9072a0a6e6612
 GOLDEN_TEXT = 'h\u00e9llo \u2603 \U0001d11e "q" \\ \n\t\x01'
 
 GOLDEN_SCRIPT = """
-from solver._definition import Definition, node
+from solver.definition import Definition, node
 src = node("test.const", {"value": "hello", "n": -42, "tags": ["b", "a"], "opt": None,
                           "flag": True, "nested": {"z": 1, "a": [{}]}}, name="source")
 out = node("test.concat", {"sep": "-", "text": GOLDEN_TEXT}, inputs=[src, src.output(0)])

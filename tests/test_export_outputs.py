@@ -17,12 +17,7 @@ import pytest
 
 from solver import SolveError
 from solver.worker import SnapshotRef, SnapshotStore, _export
-from solver.worker._export import (
-    MANIFEST_NAME,
-    export_parts_to_dir,
-    export_to_dir,
-    export_to_tar,
-)
+from solver.worker._export import MANIFEST_NAME, export_parts_to_dir, export_to_dir, export_to_tar
 
 pytestmark = pytest.mark.anyio
 

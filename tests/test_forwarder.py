@@ -12,13 +12,7 @@ from frontend_support import Ops, failing, text
 
 from frontends import BuildResult, Client, Reference
 from frontends.forwarder import ForwardedReference, Forwarder
-from solver import (
-    Attestation,
-    FrontendResult,
-    SolveError,
-    Solver,
-    SolveRequest,
-)
+from solver import Attestation, FrontendResult, SolveError, Solver, SolveRequest
 from solver.testing import HandleTracker
 
 pytestmark = pytest.mark.anyio

@@ -37,14 +37,7 @@ from frontends.gateway._protocol import (
     FrameWriter,
     encode_frame,
 )
-from solver import (
-    Attestation,
-    Frontend,
-    SolveError,
-    Solver,
-    SolveRequest,
-    SolveResult,
-)
+from solver import Attestation, Frontend, SolveError, Solver, SolveRequest, SolveResult
 from solver.testing import HandleTracker
 from solver.worker import State, Worker
 

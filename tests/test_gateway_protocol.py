@@ -43,7 +43,7 @@ from frontends.gateway._protocol import (
     stat_to_wire,
 )
 from solver import Attestation, SolveError
-from solver._frontend import ResultMap
+from solver.bridge._frontend import ResultMap
 from solver.worker import FileStat
 
 

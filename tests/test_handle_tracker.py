@@ -113,7 +113,7 @@ async def test_a_leaked_solve_result_is_reported_with_where_it_was_made() -> Non
         # what it is, the engine function that made it, and the test's frame
         assert re.fullmatch(
             r"CachedResultWithKeys sha256:[0-9a-f]{64}, made in \w+ "
-            r"\(solver/_bridge\.py:\d+\), from "
+            r"\(solver/bridge/_bridge\.py:\d+\), from "
             r"test_a_leaked_solve_result_is_reported_with_where_it_was_made "
             r"\(tests/test_handle_tracker\.py:\d+\)",
             line,

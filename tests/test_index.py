@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from solver import CacheKey, CacheKeyWithSelector, ExportableCacheKey, digest_of
-from solver._index import EdgeIndex
+from solver.engine._index import EdgeIndex
 
 
 class FakeEdge:

@@ -18,7 +18,7 @@ import pytest
 from persistence_support import SnapOps, chain, solve_text
 
 from solver import Definition, InMemoryCacheManager, KeyedCacheManager, SolveError, Solver, node
-from solver._sqlitestorage import SQLiteCacheStorage
+from solver.cache._sqlite import SQLiteCacheStorage
 from solver.worker import SnapshotStore, State, Worker, run
 from solver.worker._cacheresults import CACHE_DB_NAME, SnapshotResultStorage
 
@@ -263,7 +263,7 @@ async def test_a_load_racing_a_deletion_is_a_miss(tmp_path: Path) -> None:
         (sid,) = await referenced(worker)
         # the snapshot vanishes behind the listener's back: a load is a NotFoundError
         # (a cache miss for the solver), never another error
-        from solver._cachestorage import CacheResult, NotFoundError
+        from solver.cache._storage import CacheResult, NotFoundError
 
         await worker.store.delete(sid)
         with pytest.raises(NotFoundError):

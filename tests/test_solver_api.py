@@ -21,15 +21,7 @@ from harness import (
     vtx,
 )
 
-from solver import (
-    Edge,
-    InMemoryCacheManager,
-    Job,
-    ProgressEvent,
-    Result,
-    SolveError,
-    Solver,
-)
+from solver import Edge, InMemoryCacheManager, Job, ProgressEvent, Result, SolveError, Solver
 from solver.testing import HandleTracker
 from solver.worker import State
 

@@ -11,10 +11,11 @@ from pathlib import Path
 import anyio
 import pytest
 
-from solver import SolveError, SQLiteCacheStorage, _sqlitestorage as sqlitestorage
+from solver import SolveError, SQLiteCacheStorage
 from solver._cache import CacheInfoLink
-from solver._cachestorage import CacheResult
 from solver._digest import digest_of
+from solver.cache import _sqlite as sqlitestorage
+from solver.cache._storage import CacheResult
 
 LINK = CacheInfoLink(0, 0, digest_of(b"op"), "sel")
 

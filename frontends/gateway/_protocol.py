@@ -36,7 +36,7 @@ from anyio.abc import ByteReceiveStream, ByteSendStream, ByteStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from solver import Attestation, SolveError
-from solver._frontend import ResultMap
+from solver.bridge import ResultMap
 from solver.worker import FileStat
 
 __all__ = [

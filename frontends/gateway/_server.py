@@ -56,7 +56,7 @@ from solver import (
     SolveError,
     SolveRequest,
 )
-from solver._frontend import ResultMap
+from solver.bridge import ResultMap
 
 from .._api import BuildFunction
 from .._holder import ProxyHolder, read_dir, read_file, release_all, stat_file

@@ -46,7 +46,7 @@ import anyio.to_thread
 from anyio.abc import ByteStream
 
 from solver import Definition, SolveError, SolveRequest
-from solver._frontend import ResultMap
+from solver.bridge import ResultMap
 
 from .._api import BuildFunction, BuildOpts, BuildResult, Stat
 from ._protocol import (

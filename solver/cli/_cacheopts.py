@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from .._localcache import INDEX_NAME, LocalCacheExport, LocalCacheImport
+from ..cache import INDEX_NAME, LocalCacheExport, LocalCacheImport
 
 __all__ = [
     "add_cache_arguments",

@@ -45,18 +45,16 @@ from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 
-from .._definition import Definition
 from .._errors import SolveError
-from .._frontend import Attestation, Frontend
 from .._result import CachedResult
-from .._solve import SolveRequest, SolveResult
-from .._solver import Solver
-from ..worker import State
-from ..worker._export import export_parts_to_dir, export_to_dir, export_to_tar
+from ..bridge import Attestation, Frontend, Solver, SolveRequest, SolveResult
+from ..definition import Definition
+from ..worker import State, export_parts_to_dir, export_to_dir, export_to_tar
 from ._cacheopts import existing_imports
 from ._progress import make_renderer, run_progress
 
 if TYPE_CHECKING:
+    # type-only: _main dispatches to this module
     from ._main import OutputSpec
 
 __all__ = [

@@ -53,19 +53,22 @@ from typing import TextIO
 
 import anyio
 
-from .._definition import Definition
 from .._errors import SolveError
-from .._localcache import (
-    LocalCacheExport,
-    LocalCacheImport,
-    opened_imports,
-    run_exports,
-    with_cache_sources,
+from ..bridge import Solver, opened_imports, run_exports, with_cache_sources
+from ..cache import LocalCacheExport, LocalCacheImport
+from ..definition import Definition
+from ..worker import (
+    PrunePolicy,
+    SnapshotInfo,
+    SnapshotStore,
+    State,
+    Worker,
+    default_root,
+    export_to_dir,
+    export_to_tar,
+    snapshot_kind,
+    snapshot_label,
 )
-from .._solver import Solver
-from ..worker import PrunePolicy, SnapshotInfo, SnapshotStore, State, Worker, default_root
-from ..worker._export import export_to_dir, export_to_tar
-from ..worker._gc import snapshot_kind, snapshot_label
 from ._cacheopts import add_cache_arguments, existing_imports
 from ._frontends import add_frontend_arguments, cmd_build_frontend
 from ._progress import make_renderer, run_progress

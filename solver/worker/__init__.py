@@ -14,8 +14,18 @@ from ._cacheblobs import (
     SnapshotBlobCodec as SnapshotBlobCodec,
 )
 from ._exec import register_exec as register_exec
-from ._export import export_to_dir as export_to_dir, export_to_tar as export_to_tar
-from ._gc import PrunePolicy as PrunePolicy
+from ._export import (
+    MANIFEST_NAME as MANIFEST_NAME,
+    export_parts_to_dir as export_parts_to_dir,
+    export_to_dir as export_to_dir,
+    export_to_tar as export_to_tar,
+    exported_mode as exported_mode,
+)
+from ._gc import (
+    PrunePolicy as PrunePolicy,
+    snapshot_kind as snapshot_kind,
+    snapshot_label as snapshot_label,
+)
 from ._snapshots import (
     FileStat as FileStat,
     MutableSnapshot as MutableSnapshot,

@@ -3,9 +3,9 @@ snapshot store.
 
 A result of the built-in kinds is a committed snapshot, and a committed snapshot
 stays on disk after its last handle is released (until it is pruned). So the
-persistent :class:`~solver._cachestorage.ResultStorage` of the worker,
+persistent :class:`~solver.cache._storage.ResultStorage` of the worker,
 :class:`SnapshotResultStorage`, keeps no handle at all: a saved result is
-remembered by its snapshot id (the :class:`~solver._cachestorage.CacheResult` ID is
+remembered by its snapshot id (the :class:`~solver.cache._storage.CacheResult` ID is
 the snapshot id), and :meth:`~SnapshotResultStorage.load` asks the store for a new
 handle. Holding no handle is what lets the garbage collector prune cached
 snapshots; BuildKit's worker does the same (a retained ref, not a live one).
@@ -47,9 +47,13 @@ from typing import TYPE_CHECKING, Final
 import anyio
 import anyio.lowlevel
 
-from .._cachemanager import KeyedCacheManager
-from .._cachestorage import CacheResult, InMemoryResultStorage, NotFoundError
-from .._sqlitestorage import SQLiteCacheStorage
+from ..cache import (
+    CacheResult,
+    InMemoryResultStorage,
+    KeyedCacheManager,
+    NotFoundError,
+    SQLiteCacheStorage,
+)
 from ._snapshots import SnapshotNotFoundError, SnapshotStore, SnapshotView
 
 if TYPE_CHECKING:
@@ -64,7 +68,7 @@ CACHE_DB_NAME: Final = "cache.db"
 
 
 class SnapshotResultStorage:
-    """A :class:`~solver._cachestorage.ResultStorage` whose results are the snapshots
+    """A :class:`~solver.cache._storage.ResultStorage` whose results are the snapshots
     of ``store``, remembered by id (see the module docstring).
 
     It holds no handle on a snapshot. Results that are not snapshots of ``store``
@@ -110,7 +114,7 @@ class SnapshotResultStorage:
     async def load(self, cache_result: CacheResult) -> Result:
         """A new handle (the caller's) on the stored result:
         :meth:`SnapshotStore.load` for a snapshot.
-        :class:`~solver._cachestorage.NotFoundError` if it is gone."""
+        :class:`~solver.cache._storage.NotFoundError` if it is gone."""
         self._live()
         if await self._memory.exists(cache_result.id):
             result = await self._memory.load(cache_result)

@@ -98,13 +98,12 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
-from .._definition import DefinitionError, JSONValue, canonical_json
 from .._digest import digest_of
 from .._errors import SolveError
 from .._op import CacheMap, CacheMapDep, Op
-from .._opkind import OpContext, OpKindRegistry
 from .._progress import log_output
 from .._result import Result
+from ..definition import DefinitionError, JSONValue, OpContext, OpKindRegistry, canonical_json
 from ._snapshots import MutableSnapshot, SnapshotRef, SnapshotStore, SnapshotView
 
 __all__ = [

@@ -41,12 +41,11 @@ from typing import Any, Final
 import anyio
 import anyio.to_thread
 
-from .._definition import JSONValue, canonical_json
 from .._digest import digest_of
 from .._errors import SolveError
 from .._op import CacheMap, CacheMapDep, ComputeDigest
-from .._opkind import OpContext, OpKindRegistry
 from .._result import Result
+from ..definition import JSONValue, OpContext, OpKindRegistry, canonical_json
 from ._paths import check_regular_kind, resolve_in
 from ._snapshots import SnapshotRef, SnapshotStore, SnapshotView, UnsafePathError
 

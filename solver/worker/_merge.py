@@ -15,12 +15,11 @@ from collections.abc import Mapping, Sequence
 import anyio
 import anyio.to_thread
 
-from .._definition import JSONValue
 from .._digest import digest_of
 from .._errors import SolveError
 from .._op import CacheMap, CacheMapDep
-from .._opkind import OpContext, OpKindRegistry
 from .._result import Result
+from ..definition import JSONValue, OpContext, OpKindRegistry
 from ._fileops import check_fields, copy_entries, select_tree, snapshot_view
 from ._snapshots import SnapshotRef, SnapshotStore
 

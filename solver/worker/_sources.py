@@ -30,12 +30,11 @@ from typing import Final
 import anyio
 import anyio.to_thread
 
-from .._definition import JSONValue, canonical_json
 from .._digest import digest_of
 from .._errors import SolveError
 from .._op import CacheMap
-from .._opkind import OpContext, OpKindRegistry
 from .._result import Result
+from ..definition import JSONValue, OpContext, OpKindRegistry, canonical_json
 from ._fileops import (
     FILE_MODE,
     check_fields,

@@ -25,9 +25,9 @@ from types import TracebackType
 
 import anyio.lowlevel
 
-from .._cachemanager import KeyedCacheManager
 from .._errors import SolveError
-from .._opkind import OpKindRegistry
+from ..cache import KeyedCacheManager
+from ..definition import OpKindRegistry
 from ._cacheresults import open_worker_cache
 from ._exec import register_exec
 from ._fileops import register_file

@@ -88,7 +88,7 @@ import base64
 import os
 from collections.abc import Iterable, Mapping, Sequence
 
-from .._definition import Definition, JSONValue, Node, NodeOutput, node
+from ..definition import Definition, JSONValue, Node, NodeOutput, node
 
 __all__ = ["State", "merge", "run"]
 

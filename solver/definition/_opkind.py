@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final, TypeVar, overload
 
+from .._graph import Vertex
+from .._op import Builder, Op
 from ._definition import _KIND_RE, DefinitionError, JSONValue, OpDef, _names
-from ._graph import Vertex
-from ._op import Builder, Op
 
 __all__ = [
     "OpContext",

@@ -24,9 +24,10 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING
 
-from ._cache import CacheKey, root_key
+from .._cache import CacheKey, root_key
 
 if TYPE_CHECKING:
+    # type-only: _edge builds on this module (the index holds edges)
     from ._edge import ActiveEdge
 
 __all__ = ["EdgeIndex"]

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ._cache import (
+from .._cache import (
     CacheInfoLink,
     CacheKey,
     CacheKeyWithSelector,
@@ -54,19 +54,19 @@ from ._cache import (
     new_link,
     root_key,
 )
-from ._cacheexport import SavedKeyExporter
-from ._cachestorage import (
+from .._digest import digest_of
+from .._errors import SolveError
+from ._export import SavedKeyExporter
+from ._storage import (
     CacheKeyStorage,
     InMemoryCacheStorage,
     InMemoryResultStorage,
     NotFoundError,
     ResultStorage,
 )
-from ._digest import digest_of
-from ._errors import SolveError
 
 if TYPE_CHECKING:
-    from ._result import Result
+    from .._result import Result
 
 __all__ = [
     "CombinedCacheManager",
@@ -225,7 +225,7 @@ class KeyedCacheManager:
         The result storage keeps its own handle; ``result`` is still the caller's.
         If the save fails or is cancelled before the result is stored under a key,
         the stored handle is released again. The returned key's exporter
-        (:class:`~solver._cacheexport.SavedKeyExporter`) exports the chain behind the
+        (:class:`~solver.cache._export.SavedKeyExporter`) exports the chain behind the
         new record; making it is all the export work a save does.
         O(keys of the dep graph not yet linked) steps.
         """

@@ -37,13 +37,15 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import anyio
 
-from ._errors import InternalError, SlowCacheError, SolveError
+from .._errors import InternalError, SlowCacheError, SolveError
 
 if TYPE_CHECKING:
-    from ._cache import CacheKey
+    from .._cache import CacheKey
+    from .._graph import Edge
+    from .._result import CachedResult
+
+    # type-only: _edge builds on this module (the scheduler drives edges)
     from ._edge import ActiveEdge
-    from ._graph import Edge
-    from ._result import CachedResult
     from ._workpool import WorkPool
 
 __all__ = ["Canceled", "Pipe", "Scheduler"]

@@ -39,20 +39,23 @@ from typing import TYPE_CHECKING, Any, Final
 import anyio
 import anyio.lowlevel
 
-from . import _refs
-from ._errors import DoubleReleaseError, SolveError
+from .. import _refs
+from .._errors import DoubleReleaseError, SolveError
+from .._result import CachedResult, ResultProxy
+from ._caches import with_cache_sources
 from ._frontend import Attestation, FrontendResult
-from ._localcache import with_cache_sources
-from ._result import CachedResult, ResultProxy
-from ._solve import SolveRequest, SolveResult
+from ._request import SolveRequest, SolveResult
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from ._cache import CacheManager
-    from ._definition import Definition
-    from ._graph import Edge
-    from ._solver import Job, Solver
+    from .._cache import CacheManager
+    from .._graph import Edge
+    from ..definition import Definition
+    from ..engine import Job
+
+    # type-only: _solver builds on this module (a bridge is handed the Solver)
+    from ._solver import Solver
 
 __all__ = ["MAX_FRONTEND_DEPTH", "DefinitionProxy", "SolverBridge", "to_solve_result"]
 

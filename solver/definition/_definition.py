@@ -50,11 +50,12 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias
 
-from ._digest import digest_of
-from ._errors import SolveError
-from ._graph import Edge, VertexOptions
+from .._digest import digest_of
+from .._errors import SolveError
+from .._graph import Edge, VertexOptions
 
 if TYPE_CHECKING:
+    # type-only: _opkind builds on this module (kinds resolve OpDefs)
     from ._opkind import OpKindRegistry
 
 __all__ = [

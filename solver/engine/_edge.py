@@ -27,18 +27,11 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._cache import (
-    CacheExporter,
-    CacheKey,
-    CacheKeyWithSelector,
-    CacheRecord,
-    ExportableCacheKey,
-)
-from ._cacheexport import KeyExporter, MergedExporter
-from ._cachemanager import best_record
-from ._errors import SolveError
-from ._graph import Edge, Vertex
-from ._refs import CachedResultWithKeys, SharedCachedResult
+from .._cache import CacheExporter, CacheKey, CacheKeyWithSelector, CacheRecord, ExportableCacheKey
+from .._errors import SolveError
+from .._graph import Edge, Vertex
+from .._refs import CachedResultWithKeys, SharedCachedResult
+from ..cache import KeyExporter, MergedExporter, best_record
 from ._scheduler import (
     CACHE_FAST,
     CACHE_SLOW,
@@ -52,10 +45,12 @@ from ._scheduler import (
 )
 
 if TYPE_CHECKING:
-    from ._cache import CacheManager
+    from .._cache import CacheManager
+    from .._op import CacheMap
+    from .._result import Result
+
+    # type-only: the index and the shared op hold edges and are handed to them
     from ._index import EdgeIndex
-    from ._op import CacheMap
-    from ._result import Result
     from ._sharedop import SharedOp
 
 __all__ = ["ActiveEdge"]

@@ -4,7 +4,7 @@ After BuildKit's ``sharedOp`` + ``util/flightcontrol``. The three kinds of work 
 op does (``cache_map(i)``, ``exec``, and each input's ``compute_digest``) run at
 most once per active vertex, whichever edges ask:
 
-* A request is a :class:`~solver._scheduler.Pipe`. The first request for a piece
+* A request is a :class:`~solver.engine._scheduler.Pipe`. The first request for a piece
   of work starts one task for it (a *call*); later requests join the call as
   waiters. No task exists per waiter.
 * When a waiter cancels and other live waiters remain, it is answered
@@ -31,17 +31,19 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._cache import CacheManager, CacheRecord, ExportableCacheKey
-from ._cacheexport import KeyExporter
-from ._errors import SlowCacheError, SolveError
-from ._op import CacheMap, ComputeDigest, Op
-from ._progress import CACHED, COMPLETED, ERROR, STARTED, current_log
-from ._refs import CachedResultWithKeys, SharedResult
+from .._cache import CacheManager, CacheRecord, ExportableCacheKey
+from .._errors import SlowCacheError, SolveError
+from .._op import CacheMap, ComputeDigest, Op
+from .._progress import CACHED, COMPLETED, ERROR, STARTED, current_log
+from .._refs import CachedResultWithKeys, SharedResult
+from ..cache import KeyExporter
 from ._scheduler import CANCELED, Pipe
 
 if TYPE_CHECKING:
-    from ._result import Result
-    from ._solver import VertexState
+    from .._result import Result
+
+    # type-only: _jobs builds on this module (a state owns its shared op)
+    from ._jobs import VertexState
 
 __all__ = ["SharedOp"]
 

@@ -1,6 +1,6 @@
-"""A persistent :class:`~solver._cachestorage.CacheKeyStorage` in one SQLite file.
+"""A persistent :class:`~solver.cache._storage.CacheKeyStorage` in one SQLite file.
 
-The key graph of :mod:`solver._cachestorage` (keys, their results, the links between
+The key graph of :mod:`solver.cache._storage` (keys, their results, the links between
 them) kept in a database that outlives the process, so that a second process finds
 the keys the first one saved (BuildKit keeps the same graph in bbolt, reference §5).
 
@@ -15,7 +15,7 @@ Tables
           has_selector, selector, target)
 
 A key has no row of its own: it *exists* while it holds a result or an outgoing
-link, exactly as in :class:`~solver._cachestorage.InMemoryCacheStorage` (a key that is
+link, exactly as in :class:`~solver.cache._storage.InMemoryCacheStorage` (a key that is
 only a link target holds nothing). The two reverse indexes of the in-memory store are
 SQL indexes here: ``results(result)`` is *by result* and ``links(target)`` is
 *backlinks*; SQLite keeps them consistent with their tables, so they cannot drift.
@@ -70,9 +70,9 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from ._cache import CacheInfoLink, root_key
-from ._cachestorage import CacheResult, NotFoundError
-from ._errors import SolveError
+from .._cache import CacheInfoLink, root_key
+from .._errors import SolveError
+from ._storage import CacheResult, NotFoundError
 
 __all__ = ["SQLiteCacheStorage"]
 
@@ -134,11 +134,11 @@ def _link_params(link: CacheInfoLink) -> tuple[int, int, str, int, str]:
 
 
 class SQLiteCacheStorage:
-    """A :class:`~solver._cachestorage.CacheKeyStorage` in a SQLite database file.
+    """A :class:`~solver.cache._storage.CacheKeyStorage` in a SQLite database file.
 
     Open it with ``await SQLiteCacheStorage.open(path)`` (the file and its directory's
     missing parents are created). It has the semantics of
-    :class:`~solver._cachestorage.InMemoryCacheStorage`, the release cascade
+    :class:`~solver.cache._storage.InMemoryCacheStorage`, the release cascade
     included, and keeps them across processes. Every coroutine is one transaction
     in a worker thread and always checkpoints; ``n`` below is the number of rows the
     call reads or writes, each an indexed lookup (O(log size)).
@@ -214,7 +214,7 @@ class SQLiteCacheStorage:
 
     async def load(self, id: str, result_id: str) -> CacheResult:
         """The result ``result_id`` under key ``id``;
-        :class:`~solver._cachestorage.NotFoundError` if either is missing. O(1)."""
+        :class:`~solver.cache._storage.NotFoundError` if either is missing. O(1)."""
         return await self._call(_load, id, result_id)
 
     async def add_result(self, id: str, result: CacheResult) -> None:

@@ -1,4 +1,4 @@
-"""The solver: active vertices shared by jobs, and the public ``Solver``/``Job``.
+"""Jobs and active vertices: the :class:`Engine` at the core of ``Solver``.
 
 After BuildKit's ``solver/jobs.go``.
 
@@ -22,37 +22,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 from anyio.abc import TaskGroup
 
-from ._bridge import SolverBridge, to_solve_result
-from ._cache import CacheManager
+from .._cache import CacheManager
+from .._digest import digest_of
+from .._errors import SolveError
+from .._graph import Edge, Vertex, VertexOptions
+from .._op import Builder, Op, ResolveOp
+from .._progress import CACHED, LOG, STARTED, ProgressEvent, make_event
+from ..cache import CombinedCacheManager, InMemoryCacheManager
 from ._cachedpath import seed_cached_root
-from ._cachemanager import CombinedCacheManager, InMemoryCacheManager
-from ._definition import Definition, OpDef
-from ._digest import digest_of
 from ._edge import ActiveEdge
-from ._errors import SolveError
-from ._frontend import Frontend
-from ._graph import Edge, Vertex, VertexOptions
 from ._index import EdgeIndex
-from ._localcache import build_with_caches, opened_imports, run_exports
-from ._op import Builder, Op, ResolveOp
-from ._opkind import OpKindRegistry
-from ._progress import CACHED, LOG, STARTED, JobProgress, ProgressEvent, make_event
+from ._progress import JobProgress
 from ._scheduler import Scheduler
 from ._sharedop import SharedOp
-from ._solve import SolveRequest, SolveResult
 from ._workpool import WorkPool
 
 if TYPE_CHECKING:
-    from ._result import CachedResult
-    from .worker import Worker
+    from .._result import CachedResult
 
-__all__ = ["Job", "LoadedVertex", "Solver", "VertexState"]
+__all__ = ["Engine", "Job", "LoadedVertex", "VertexState"]
 
 logger = logging.getLogger("solver")
 
@@ -124,7 +118,7 @@ class VertexState:
         "watchers",
     )
 
-    def __init__(self, solver: Solver, key: str, vtx: LoadedVertex, orig_digest: str) -> None:
+    def __init__(self, solver: Engine, key: str, vtx: LoadedVertex, orig_digest: str) -> None:
         self.solver = solver
         self.key = key
         self.vtx = vtx
@@ -290,7 +284,7 @@ class VertexState:
 
 
 class Job:
-    """One client's build request. Create it with :meth:`Solver.new_job`.
+    """One client's build request. Create it with :meth:`Engine.new_job` (``Solver.new_job``).
 
     A job keeps every vertex it loaded active until :meth:`discard`. A discarded
     job can still build; it is discarded again by its next discard.
@@ -298,7 +292,7 @@ class Job:
 
     __slots__ = ("_progress", "_states", "id", "solver")
 
-    def __init__(self, solver: Solver, id: str) -> None:
+    def __init__(self, solver: Engine, id: str) -> None:
         self.solver = solver
         self.id = id
         self._progress = JobProgress()
@@ -349,58 +343,28 @@ class Job:
         return self._progress.events()
 
 
-class Solver:
-    """The engine. Use it as an async context manager: it owns the task group in
-    which shared work runs.
+class Engine:
+    """The core of a solver: jobs, active vertices, the scheduler and its work.
 
-    ``Solver()`` with no arguments uses the built-in worker
-    (:class:`solver.worker.Worker` on its default root, honouring
-    ``SOLVER_CACHE_DIR``). ``resolve_op(vertex, builder)`` turns a vertex into its
-    :class:`Op`.
-    ``op_kinds``, a registry of op kinds, resolves the vertices made from a
-    :class:`Definition` (and definitions are validated against it); without it,
-    ``resolve_op`` resolves every vertex. ``default_cache`` is the main cache (an
-    :class:`InMemoryCacheManager` the solver makes, and closes, when not given; one
-    passed in is the caller's).
-    ``worker``, an open :class:`solver.worker.Worker` (the caller's: the solver
-    neither opens nor closes it), supplies ``op_kinds`` and ``default_cache`` when
-    they are not given: its kinds and its persistent cache (:attr:`Worker.cache`);
-    its ``after_solve()`` (automatic garbage collection) runs at the end of every
-    :meth:`solve`.
-    ``frontends`` maps names to frontends for :meth:`solve`.
+    Use it as an async context manager: it owns the task group in which shared
+    work runs. ``resolve_op(vertex, builder)`` turns a vertex into its
+    :class:`~solver.Op` (subclasses may override :meth:`resolve_op` instead);
+    ``default_cache`` is the main cache (an :class:`~solver.InMemoryCacheManager`
+    the engine makes, and closes, when not given; one passed in is the caller's).
+    It knows vertices, ops, caches and results only: definitions, frontends and
+    the built-in worker are :class:`~solver.Solver`'s (:mod:`solver.bridge`).
     """
 
     def __init__(
         self,
         resolve_op: ResolveOp | None = None,
         default_cache: CacheManager | None = None,
-        frontends: Mapping[str, Frontend] | None = None,
-        *,
-        op_kinds: OpKindRegistry | None = None,
-        worker: Worker | None = None,
     ) -> None:
-        self._worker: Any = None
-        # the worker whose after_solve() runs after each solve (the caller's or ours)
-        self._solve_worker: Worker | None = worker
-        if worker is not None:
-            if op_kinds is None:
-                op_kinds = worker.op_kinds
-            if default_cache is None:
-                default_cache = worker.cache
-        if resolve_op is None and op_kinds is None:
-            # The built-in worker, on the default root (imported here: the worker
-            # package builds on this one).
-            from .worker import Worker
-
-            self._worker = self._solve_worker = Worker()
-            op_kinds = self._worker.op_kinds
         self._user_resolve_op = resolve_op
-        self.op_kinds = op_kinds
         self._owns_cache = default_cache is None
         self._cache: CacheManager = (
             default_cache if default_cache is not None else InMemoryCacheManager()
         )
-        self.frontends: dict[str, Frontend] = dict(frontends or {})
         self._actives: dict[str, VertexState] = {}
         # how many states are ignore-cache runs beside a normal state of their
         # digest (keyed by _ignore_key): none, and loading need not look for one
@@ -417,13 +381,10 @@ class Solver:
         self._cached_passes = 0
 
     def __repr__(self) -> str:
-        return f"<Solver jobs={len(self._jobs)} active={len(self._actives)}>"
+        return f"<{type(self).__name__} jobs={len(self._jobs)} active={len(self._actives)}>"
 
     def resolve_op(self, vertex: Vertex, builder: Builder) -> Op:
-        """The op of ``vertex``: through ``op_kinds`` for definition vertices when
-        the solver has a registry, through ``resolve_op`` otherwise."""
-        if self.op_kinds is not None and isinstance(vertex.sys, OpDef):
-            return self.op_kinds.resolve_op(vertex, builder)
+        """The op of ``vertex``, through the ``resolve_op`` the engine was given."""
         if self._user_resolve_op is None:
             raise SolveError(
                 f"vertex {vertex.name!r} is not from a Definition and the solver was "
@@ -431,114 +392,14 @@ class Solver:
             )
         return self._user_resolve_op(vertex, builder)
 
-    async def solve(
-        self, request: Definition | SolveRequest, *, job: Job | None = None
-    ) -> SolveResult:
-        """Solve a definition, or a request naming one or naming a frontend.
-
-        A definition is validated (against ``op_kinds`` when the solver has a
-        registry) before anything runs, and its output is built. A frontend (one of
-        ``frontends``, by name) is called with a bridge
-        (:class:`~solver.Bridge`), its ``frontend_opts`` and ``frontend_inputs``;
-        every ref it returns is evaluated, and the :class:`SolveResult` holds one
-        new handle per occurrence (the frontend's own result is released).
-
-        Everything is built in ``job`` when given (the caller keeps it, to read its
-        :meth:`Job.status`, and discards it), else in a job of its own that is
-        discarded before this returns. The returned :class:`SolveResult` owns the
-        result handles; release it.
-        """
-        self._check_open()
-        if isinstance(request, Definition):
-            request = SolveRequest(definition=request)
-        if request.frontend is not None:
-            self._frontend(request.frontend)
-        elif request.definition is None:
-            raise SolveError("a SolveRequest needs a definition or a frontend")
-        else:
-            request.definition.validate(self.op_kinds)
-        own_job = job is None
-        if job is None:
-            job = self.new_job()
-        solved: SolveResult | None = None
-        try:
-            if request.frontend is not None:
-                solved = await self._solve_frontend(request, job)
-            else:
-                assert request.definition is not None
-                edge = request.definition.to_vertices(self.op_kinds)
-                imports, exports = request.cache_imports, request.cache_exports
-                ref = await build_with_caches(job, edge, imports, exports, self.worker)
-                solved = SolveResult(ref=ref)
-        finally:
-            # Once a SolveResult exists it either reaches the caller or is released
-            # here: discarding the job is a cancel point, and a cancellation (or any
-            # error) raised by it must not drop the handles the result holds.
-            try:
-                if own_job:
-                    await job.discard()
-                await self._after_solve()
-            except BaseException:
-                if solved is not None:
-                    with anyio.CancelScope(shield=True):
-                        await solved.release()
-                raise
-        return solved
-
-    async def _solve_frontend(self, request: SolveRequest, job: Job) -> SolveResult:
-        # Imports are cache sources of every definition the frontend solves; the
-        # records of all its distinct results go into each export.
-        solved: SolveResult | None = None
-        try:
-            async with opened_imports(request.cache_imports, self.worker) as sources:
-                bridge = SolverBridge(self, job, cache_sources=sources)
-                solved = await to_solve_result(await bridge.solve(request))
-                if request.cache_exports:
-                    handles = [solved.ref, *solved.refs.values()]
-                    distinct = list({h.id: h for h in handles if h is not None}.values())
-                    await run_exports(distinct, request.cache_exports, self.worker)
-        except BaseException:
-            # an export, or closing the imports, failed or was cancelled
-            if solved is not None:
-                await solved.release()  # shielded
-            raise
-        return solved
-
-    async def _after_solve(self) -> None:
-        worker = self._solve_worker
-        if worker is None:
-            return
-        with anyio.CancelScope(shield=True):
-            try:
-                await worker.after_solve()
-            except Exception:
-                logger.exception("after_solve() of %r failed", worker)
-
-    def _frontend(self, name: str) -> Frontend:
-        frontend = self.frontends.get(name)
-        if frontend is None:
-            known = ", ".join(sorted(self.frontends)) or "none"
-            raise SolveError(
-                f"unknown frontend {name!r}; frontends given to this solver: {known}"
-            )
-        return frontend
-
     @property
     def default_cache(self) -> CacheManager:
         return self._cache
 
-    @property
-    def worker(self) -> Worker | None:
-        """The built-in worker this solver uses (``worker=`` or the one it made for
-        ``Solver()``), if any: local cache imports and exports use its store."""
-        return self._solve_worker
-
     # -- lifetime --------------------------------------------------------------------
-    async def __aenter__(self) -> Solver:
+    async def __aenter__(self) -> Self:
         if self._tg is not None or self._closed:
             raise SolveError("a Solver can be entered only once")
-        if self._worker is not None:
-            await self._worker.open()
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg
@@ -566,8 +427,6 @@ class Solver:
                 with anyio.CancelScope(shield=True):
                     if self._owns_cache:
                         await self._cache.close()
-                    if self._worker is not None:
-                        await self._worker.close()
 
     def _check_open(self) -> None:
         if self._tg is None:

@@ -6,7 +6,7 @@ See ``docs/cache-format.md`` for the format itself. A directory holds::
     DIR/blobs/sha256/<hex>     one file per result, named by the SHA-256 of its bytes
 
 *Export* (:func:`export_local_cache`) walks the exporters of a result's cache keys
-(:mod:`solver._cacheexport`) into a :class:`LocalCacheTarget`, packing each
+(:mod:`solver.cache._export`) into a :class:`LocalCacheTarget`, packing each
 exported result into a blob with a :class:`CacheBlobCodec` (the built-in worker's
 :class:`~solver.worker.SnapshotBlobCodec` writes a snapshot as a tar), then writes
 the index. The index is replaced in one rename, and blobs it does not name are
@@ -43,8 +43,8 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, runtime_checkable
 
@@ -52,23 +52,24 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from ._cache import CacheInfoLink, CacheKey, CacheManager, CacheRecord, root_key
-from ._cacheexport import (
+from .._cache import (
     CacheExportOptions,
     CacheExportResult,
+    CacheInfoLink,
+    CacheKey,
     CacheLink,
-    export_cache,
+    CacheRecord,
+    root_key,
 )
-from ._cachemanager import KeyedCacheManager
-from ._cachestorage import CacheResult, InMemoryCacheStorage, NotFoundError
-from ._digest import digest_of
-from ._errors import SolveError
-from ._graph import Edge, Vertex, VertexOptions
+from .._digest import digest_of
+from .._errors import SolveError
+from ._export import export_cache
+from ._manager import KeyedCacheManager
+from ._storage import CacheResult, InMemoryCacheStorage, NotFoundError
 
 if TYPE_CHECKING:
-    from ._cache import CacheKeyWithSelector, ExportableCacheKey
-    from ._result import CachedResult, Result
-    from ._solver import Job
+    from .._cache import CacheKeyWithSelector, ExportableCacheKey
+    from .._result import CachedResult, Result
 
 __all__ = [
     "INDEX_NAME",
@@ -84,7 +85,6 @@ __all__ = [
     "LocalCacheTarget",
     "export_local_cache",
     "open_local_cache",
-    "with_cache_sources",
 ]
 
 _logger = logging.getLogger("solver")
@@ -161,7 +161,7 @@ class _Item:
 
 
 class LocalCacheTarget:
-    """A :class:`~solver._cacheexport.CacheExportTarget` that builds the records of
+    """A :class:`~solver.cache._export.CacheExportTarget` that builds the records of
     an index, merging repeated adds of one record (BuildKit's cache chains).
 
     A record without inputs is identified by its digest; a record with inputs by
@@ -183,7 +183,7 @@ class LocalCacheTarget:
         links: Sequence[Sequence[CacheLink]],
         results: Sequence[CacheExportResult],
     ) -> object | None:
-        """See :class:`~solver._cacheexport.CacheExportTarget`. Session-local
+        """See :class:`~solver.cache._export.CacheExportTarget`. Session-local
         (``random:``) digests are not kept. O(links + results), plus the
         descendants of a record that an existing record merges into."""
         if digest.startswith("random:"):
@@ -629,9 +629,9 @@ def _normalised(link: CacheInfoLink) -> CacheInfoLink:
 
 
 class _ImportedKeyStorage:
-    """A :class:`~solver._cachestorage.CacheKeyStorage` whose links are kept in
+    """A :class:`~solver.cache._storage.CacheKeyStorage` whose links are kept in
     root-key form (see the module docstring), over an
-    :class:`~solver._cachestorage.InMemoryCacheStorage`. Lookups and links added by
+    :class:`~solver.cache._storage.InMemoryCacheStorage`. Lookups and links added by
     a manager (``query`` links alternatives) are turned into that form."""
 
     __slots__ = ("_inner", "_raw")
@@ -695,7 +695,7 @@ class _ImportedKeyStorage:
 
 
 class _BlobResults:
-    """The :class:`~solver._cachestorage.ResultStorage` of an imported cache: result
+    """The :class:`~solver.cache._storage.ResultStorage` of an imported cache: result
     IDs are blob digests; a load unpacks the blob once (the storage keeps that
     handle until it is closed) and hands out clones."""
 
@@ -830,7 +830,7 @@ class LocalCacheSource(KeyedCacheManager):
     :class:`~solver.KeyedCacheManager` to pass as a cache source.
 
     Once closed it answers queries with nothing and fails loads with
-    :class:`~solver._cachestorage.NotFoundError` (a cache miss), so a vertex that
+    :class:`~solver.cache._storage.NotFoundError` (a cache miss), so a vertex that
     still lists it as a source goes on working. ``unpacked`` counts the blobs
     unpacked so far; ``src`` is the directory.
     """
@@ -963,135 +963,3 @@ class LocalCacheExport:
     def __post_init__(self) -> None:
         if self.mode not in ("min", "max"):
             raise ValueError(f"cache export mode must be 'min' or 'max', not {self.mode!r}")
-
-
-def default_codec(worker: object | None, what: str) -> CacheBlobCodec:
-    """The codec of a solver's built-in ``worker`` (:class:`~solver.worker.Worker`);
-    :class:`~solver.SolveError` naming ``what`` if there is none."""
-    store = getattr(worker, "store", None)
-    if store is None:
-        raise SolveError(f"{what} needs a codec: this solver has no built-in worker")
-    from .worker._cacheblobs import SnapshotBlobCodec  # the worker builds on this package
-
-    return SnapshotBlobCodec(store)
-
-
-@contextlib.asynccontextmanager
-async def opened_imports(
-    imports: Sequence[LocalCacheImport | CacheManager], worker: object | None
-) -> AsyncIterator[list[CacheManager]]:
-    """The cache managers of ``imports`` for one solve: a :class:`LocalCacheImport`
-    is opened here and closed on exit; a manager given as is stays the caller's."""
-    managers: list[CacheManager] = []
-    opened: list[LocalCacheSource] = []
-    try:
-        for spec in imports:
-            if isinstance(spec, LocalCacheImport):
-                codec = spec.codec or default_codec(worker, f"importing {spec.src}")
-                source = await open_local_cache(spec.src, codec)
-                opened.append(source)
-                managers.append(source)
-            else:
-                managers.append(spec)
-        yield managers
-    finally:
-        with anyio.CancelScope(shield=True):
-            for source in opened:
-                await source.close()
-
-
-async def run_exports(
-    result: CachedResult | Sequence[CachedResult],
-    exports: Sequence[LocalCacheExport],
-    worker: object | None,
-) -> list[LocalCacheExportStats]:
-    """Run each export of a solve request on its result (or on all the results of
-    a frontend's solve: their records go into one index per export)."""
-    if isinstance(result, Sequence):
-        source: CachedResult | list[ExportableCacheKey] = [
-            key for r in result for key in r.cache_keys
-        ]
-    else:
-        source = result
-    stats = []
-    for spec in exports:
-        codec = spec.codec or default_codec(worker, f"exporting to {spec.dest}")
-        stats.append(
-            await export_local_cache(
-                source, spec.dest, codec, mode=spec.mode, export_roots=spec.export_roots
-            )
-        )
-    return stats
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class _SourcedVertex:
-    # a vertex with extra cache sources; everything else is the original's
-    orig: Vertex
-    inputs: tuple[Edge, ...]
-    options: VertexOptions
-
-    @property
-    def digest(self) -> str:
-        return self.orig.digest
-
-    @property
-    def name(self) -> str:
-        return self.orig.name
-
-    @property
-    def sys(self) -> object:
-        return self.orig.sys
-
-    def __repr__(self) -> str:
-        caches = len(self.options.cache_sources)
-        return f"<Vertex {self.name!r} {self.digest[:19]} with {caches} cache source(s)>"
-
-
-def with_cache_sources(edge: Edge, sources: Sequence[CacheManager]) -> Edge:
-    """``edge`` with ``sources`` added to the ``cache_sources`` of every vertex of
-    its graph (as BuildKit's ``llbsolver.Load`` does with cache imports). Digests,
-    names, ops and other options are unchanged. Without recursion; O(vertices +
-    inputs)."""
-    if not sources:
-        return edge
-    extra = tuple(sources)
-    memo: dict[int, Vertex] = {}
-    stack: list[tuple[Vertex, bool]] = [(edge.vertex, False)]
-    while stack:
-        v, expanded = stack.pop()
-        if id(v) in memo:
-            continue
-        if not expanded:
-            stack.append((v, True))
-            stack.extend((e.vertex, False) for e in v.inputs if id(e.vertex) not in memo)
-            continue
-        options = replace(v.options, cache_sources=(*v.options.cache_sources, *extra))
-        inputs = tuple(Edge(memo[id(e.vertex)], e.index) for e in v.inputs)
-        memo[id(v)] = _SourcedVertex(v, inputs, options)
-    return Edge(memo[id(edge.vertex)], edge.index)
-
-
-async def build_with_caches(
-    job: Job,
-    edge: Edge,
-    imports: Sequence[LocalCacheImport | CacheManager],
-    exports: Sequence[LocalCacheExport],
-    worker: object | None,
-) -> CachedResult:
-    """``job.build(edge)`` with ``imports`` as cache sources of every vertex, then
-    ``exports`` run on the result (while the imports are still open: an imported
-    record is exported by copying its blob). The result is the caller's; if an
-    export fails it is released and the error raised."""
-    result: CachedResult | None = None
-    try:
-        async with opened_imports(imports, worker) as sources:
-            result = await job.build(with_cache_sources(edge, sources))
-            await run_exports(result, exports, worker)
-    except BaseException:
-        # an export, or closing the imports, failed or was cancelled
-        if result is not None:
-            with anyio.CancelScope(shield=True):
-                await result.release()
-        raise
-    return result

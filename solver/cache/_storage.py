@@ -41,10 +41,10 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias, TypeVar, runtime_che
 
 import anyio
 
-from ._cache import CacheInfoLink, root_key
+from .._cache import CacheInfoLink, root_key
 
 if TYPE_CHECKING:
-    from ._result import Result
+    from .._result import Result
 
 __all__ = [
     "CacheKeyStorage",

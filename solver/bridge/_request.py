@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ._definition import Definition
+from .._result import CachedResult
+from ..definition import Definition
 from ._frontend import Attestation
-from ._result import CachedResult
 
 if TYPE_CHECKING:
-    from ._cache import CacheManager
-    from ._localcache import LocalCacheExport, LocalCacheImport
+    from .._cache import CacheManager
+    from ..cache import LocalCacheExport, LocalCacheImport
 
 __all__ = ["SolveRequest", "SolveResult"]
 

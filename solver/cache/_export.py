@@ -56,31 +56,31 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import anyio
 
-from ._cache import (
+from .._cache import (
     CacheExporter,
+    CacheExportOptions,
+    CacheExportResult,
+    CacheExportTarget,
     CacheKeyWithSelector,
+    CacheLink,
     CacheManager,
     CacheRecord,
     ExportableCacheKey,
     root_key,
 )
-from ._cachestorage import NotFoundError
+from ._storage import NotFoundError
 
 if TYPE_CHECKING:
-    from ._cache import CacheKey
-    from ._cachemanager import KeyedCacheManager
-    from ._cachestorage import CacheKeyStorage, CacheResult
-    from ._result import Result
+    from .._cache import CacheKey
+    from .._result import Result
+    from ._manager import KeyedCacheManager  # see _keyed
+    from ._storage import CacheKeyStorage, CacheResult
 
 __all__ = [
-    "CacheExportOptions",
-    "CacheExportResult",
-    "CacheExportTarget",
-    "CacheLink",
     "FoundKeyExporter",
     "KeyExporter",
     "MergedExporter",
@@ -95,45 +95,6 @@ _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _REMOTE_ONLY = "remote-only"
 
 
-@dataclass(frozen=True, slots=True)
-class CacheLink:
-    """One source of an input of a record: the target's record ``src`` (what its
-    ``add`` returned), reached through ``selector``."""
-
-    src: object
-    selector: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class CacheExportResult:
-    """One exported result of a record: ``remote`` (what ``resolve_remote``
-    returned, or the result storage's remote), when it was created, and the vertex
-    digest and output it came from (for debugging; empty for a record found
-    through storage alone)."""
-
-    created_at: float
-    remote: object
-    vertex: str
-    output: int
-
-
-@runtime_checkable
-class CacheExportTarget(Protocol):
-    """Receives the records of an export (BuildKit's ``CacheExporterTarget``)."""
-
-    def add(
-        self,
-        digest: str,
-        links: Sequence[Sequence[CacheLink]],
-        results: Sequence[CacheExportResult],
-    ) -> object | None:
-        """Add (or merge into an equal one) the record ``digest`` whose input ``i``
-        is any of ``links[i]``, with ``results``; return the target's record, or
-        ``None`` if the target does not keep it (a session-local ``random:``
-        digest, say). Called inputs first; may be called again for one record."""
-        ...
-
-
 @runtime_checkable
 class RemoteResultStorage(Protocol):
     """A result storage that may hold results as remotes already (an imported
@@ -142,29 +103,6 @@ class RemoteResultStorage(Protocol):
     async def load_remote(self, result: CacheResult) -> object | None:
         """The remote of ``result`` if the storage has one, else ``None``."""
         ...
-
-
-@dataclass(frozen=True, slots=True)
-class CacheExportOptions:
-    """How to export.
-
-    ``mode``: ``"min"`` exports the result of the key exported and, below it, only
-    results that are remotes already; ``"max"`` every result the walk reaches.
-    ``resolve_remote(result)`` turns a loaded result (a handle it must not
-    release) into a remote, or ``None`` to leave it out; without it only existing
-    remotes are exported. ``export_roots`` also exports the results of keys
-    without deps (BuildKit leaves them out: a root op is cheap to run again).
-    ``ignore_backlinks`` skips step 3 of the walk (other chains to the same key).
-    """
-
-    mode: Literal["min", "max"] = "min"
-    resolve_remote: Callable[[Result], Awaitable[object | None]] | None = None
-    export_roots: bool = False
-    ignore_backlinks: bool = False
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("min", "max"):
-            raise ValueError(f"cache export mode must be 'min' or 'max', not {self.mode!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,8 +253,9 @@ def _is_digest(id: str) -> bool:
 
 
 def _keyed(manager: object) -> KeyedCacheManager | None:
-    # imported here: the cache manager module builds on this one
-    from ._cachemanager import KeyedCacheManager
+    # Imported here: _manager builds on this module (a keyed manager makes
+    # SavedKeyExporters); the exporter reads a keyed manager's storages directly.
+    from ._manager import KeyedCacheManager
 
     return manager if isinstance(manager, KeyedCacheManager) else None
 

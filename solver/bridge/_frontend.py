@@ -25,12 +25,14 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 import anyio
 import anyio.lowlevel
 
-from ._errors import SolveError
-from ._result import ResultProxy
+from .._errors import SolveError
+from .._result import ResultProxy
 
 if TYPE_CHECKING:
-    from ._definition import Definition
-    from ._solve import SolveRequest
+    from ..definition import Definition
+
+    # type-only: _request builds on this module (SolveResult holds Attestations)
+    from ._request import SolveRequest
 
 __all__ = ["Attestation", "Bridge", "Frontend", "FrontendResult", "ResultMap"]
 

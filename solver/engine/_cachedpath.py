@@ -5,14 +5,14 @@ machine gets there in several dispatches per vertex: every edge asks its inputs
 for their keys through pipes, and each answer is one more step (see
 ``_edge.py``). When nothing else is live in the solver, the same questions can be
 asked in two passes instead. First every vertex's first cache map is requested at
-once, through its :class:`~solver._sharedop.SharedOp` (the shared calls the edges
+once, through its :class:`~solver.engine._sharedop.SharedOp` (the shared calls the edges
 make: each runs once, as a unit on the work pool, concurrently with the others,
 and is memoized), and the pass waits for all the answers. Then, in one loop,
 inputs first, the cache's keys for each vertex from its inputs' keys
 (``CacheManager.query``, one call per input, intersected across inputs, as the
 edges do) and their records. If the root has records, its fresh edge is *seeded*
 with exactly what it would know had its inputs answered through pipes
-(:meth:`ActiveEdge.seed <solver._edge.ActiveEdge.seed>`); the build then goes
+(:meth:`ActiveEdge.seed <solver.engine._edge.ActiveEdge.seed>`); the build then goes
 through the scheduler as usual and the root's edge loads its best record at its
 first dispatch. Inner vertices get no edge at all.
 
@@ -39,16 +39,18 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ._cache import CacheKey, CacheKeyWithSelector, CacheRecord, ExportableCacheKey
-from ._cacheexport import FoundKeyExporter, KeyExporter
-from ._graph import Edge, Vertex
+from .._cache import CacheKey, CacheKeyWithSelector, CacheRecord, ExportableCacheKey
+from .._graph import Edge, Vertex
+from ..cache import FoundKeyExporter, KeyExporter
 from ._scheduler import Pipe
 from ._sharedop import SharedOp
 
 if TYPE_CHECKING:
-    from ._cache import CacheManager
-    from ._op import CacheMap
-    from ._solver import Solver, VertexState
+    from .._cache import CacheManager
+    from .._op import CacheMap
+
+    # type-only: _jobs calls seed_cached_root with itself
+    from ._jobs import Engine, VertexState
 
 __all__ = ["seed_cached_root"]
 
@@ -73,7 +75,7 @@ class _Found:
         self.records = records
 
 
-async def seed_cached_root(solver: Solver, root: Edge) -> bool:
+async def seed_cached_root(solver: Engine, root: Edge) -> bool:
     """Resolve ``root``'s keys through its whole graph and, if the cache has a
     record for it, seed its fresh edge so that its first dispatch loads it.
 
@@ -115,7 +117,7 @@ async def seed_cached_root(solver: Solver, root: Edge) -> bool:
 
 
 async def _resolve_and_seed(
-    solver: Solver,
+    solver: Engine,
     root: Edge,
     root_state: VertexState,
     order: list[Vertex],
@@ -165,7 +167,7 @@ class _Answers:
             self.done.set()
 
 
-async def _cache_maps(solver: Solver, states: list[VertexState]) -> list[CacheMap] | None:
+async def _cache_maps(solver: Engine, states: list[VertexState]) -> list[CacheMap] | None:
     """The first cache map of every state's op, all requested at once; None if
     one failed, was cancelled, is not the op's only cache map, has the wrong
     number of deps or asks for a content key."""

@@ -1,0 +1,39 @@
+"""The high-level solve: requests, results, frontends and the ``Solver`` users meet.
+
+After BuildKit's ``llbsolver``. :class:`Solver` composes the engine
+(:mod:`solver.engine`) with definitions, the built-in worker as default, cache
+imports and exports around a solve, and frontends handed in by name (never
+imported): a frontend gets a :class:`Bridge` whose ``solve`` returns lazy
+:class:`~solver.ResultProxy` objects in a :class:`FrontendResult`, and the
+caller gets a :class:`SolveResult` that owns one handle per occurrence.
+"""
+
+from __future__ import annotations
+
+from ._bridge import (
+    MAX_FRONTEND_DEPTH as MAX_FRONTEND_DEPTH,
+    DefinitionProxy as DefinitionProxy,
+    SolverBridge as SolverBridge,
+    to_solve_result as to_solve_result,
+)
+from ._caches import (
+    build_with_caches as build_with_caches,
+    default_codec as default_codec,
+    opened_imports as opened_imports,
+    run_exports as run_exports,
+    with_cache_sources as with_cache_sources,
+)
+from ._frontend import (
+    Attestation as Attestation,
+    Bridge as Bridge,
+    Frontend as Frontend,
+    FrontendResult as FrontendResult,
+    ResultMap as ResultMap,
+)
+from ._request import (
+    SolveRequest as SolveRequest,
+    SolveResult as SolveResult,
+)
+from ._solver import (
+    Solver as Solver,
+)

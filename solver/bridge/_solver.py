@@ -1,0 +1,208 @@
+"""``Solver``: the engine composed with definitions, frontends and the worker.
+
+:class:`~solver.engine.Engine` knows vertices, ops, caches and results. The
+``Solver`` users meet adds what turns a serialisable request into engine work
+(after BuildKit's ``llbsolver``): an op-kind registry that resolves the vertices
+of a :class:`~solver.Definition`, frontends by name, cache imports and exports
+around a solve, and the built-in worker as the default when nothing else is
+given. ``await solver.solve(request)`` is the high-level entry.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Self
+
+import anyio
+
+from .._cache import CacheManager
+from .._errors import SolveError
+from .._graph import Vertex
+from .._op import Builder, Op, ResolveOp
+from ..definition import Definition, OpDef, OpKindRegistry
+from ..engine import Engine, Job
+from ..worker import Worker
+from ._bridge import SolverBridge, to_solve_result
+from ._caches import build_with_caches, opened_imports, run_exports
+from ._frontend import Frontend
+from ._request import SolveRequest, SolveResult
+
+__all__ = ["Solver"]
+
+logger = logging.getLogger("solver")
+
+
+class Solver(Engine):
+    """The engine. Use it as an async context manager: it owns the task group in
+    which shared work runs.
+
+    ``Solver()`` with no arguments uses the built-in worker
+    (:class:`solver.worker.Worker` on its default root, honouring
+    ``SOLVER_CACHE_DIR``). ``resolve_op(vertex, builder)`` turns a vertex into its
+    :class:`Op`.
+    ``op_kinds``, a registry of op kinds, resolves the vertices made from a
+    :class:`Definition` (and definitions are validated against it); without it,
+    ``resolve_op`` resolves every vertex. ``default_cache`` is the main cache (an
+    :class:`InMemoryCacheManager` the solver makes, and closes, when not given; one
+    passed in is the caller's).
+    ``worker``, an open :class:`solver.worker.Worker` (the caller's: the solver
+    neither opens nor closes it), supplies ``op_kinds`` and ``default_cache`` when
+    they are not given: its kinds and its persistent cache (:attr:`Worker.cache`);
+    its ``after_solve()`` (automatic garbage collection) runs at the end of every
+    :meth:`solve`.
+    ``frontends`` maps names to frontends for :meth:`solve`.
+    """
+
+    def __init__(
+        self,
+        resolve_op: ResolveOp | None = None,
+        default_cache: CacheManager | None = None,
+        frontends: Mapping[str, Frontend] | None = None,
+        *,
+        op_kinds: OpKindRegistry | None = None,
+        worker: Worker | None = None,
+    ) -> None:
+        # the worker this solver made (and opens and closes), if any
+        self._worker: Worker | None = None
+        # the worker whose after_solve() runs after each solve (the caller's or ours)
+        self._solve_worker: Worker | None = worker
+        if worker is not None:
+            if op_kinds is None:
+                op_kinds = worker.op_kinds
+            if default_cache is None:
+                default_cache = worker.cache
+        if resolve_op is None and op_kinds is None:
+            # the built-in worker, on the default root
+            self._worker = self._solve_worker = Worker()
+            op_kinds = self._worker.op_kinds
+        super().__init__(resolve_op, default_cache)
+        self.op_kinds = op_kinds
+        self.frontends: dict[str, Frontend] = dict(frontends or {})
+
+    def resolve_op(self, vertex: Vertex, builder: Builder) -> Op:
+        """The op of ``vertex``: through ``op_kinds`` for definition vertices when
+        the solver has a registry, through ``resolve_op`` otherwise."""
+        if self.op_kinds is not None and isinstance(vertex.sys, OpDef):
+            return self.op_kinds.resolve_op(vertex, builder)
+        return super().resolve_op(vertex, builder)
+
+    async def solve(
+        self, request: Definition | SolveRequest, *, job: Job | None = None
+    ) -> SolveResult:
+        """Solve a definition, or a request naming one or naming a frontend.
+
+        A definition is validated (against ``op_kinds`` when the solver has a
+        registry) before anything runs, and its output is built. A frontend (one of
+        ``frontends``, by name) is called with a bridge
+        (:class:`~solver.Bridge`), its ``frontend_opts`` and ``frontend_inputs``;
+        every ref it returns is evaluated, and the :class:`SolveResult` holds one
+        new handle per occurrence (the frontend's own result is released).
+
+        Everything is built in ``job`` when given (the caller keeps it, to read its
+        :meth:`Job.status`, and discards it), else in a job of its own that is
+        discarded before this returns. The returned :class:`SolveResult` owns the
+        result handles; release it.
+        """
+        self._check_open()
+        if isinstance(request, Definition):
+            request = SolveRequest(definition=request)
+        if request.frontend is not None:
+            self._frontend(request.frontend)
+        elif request.definition is None:
+            raise SolveError("a SolveRequest needs a definition or a frontend")
+        else:
+            request.definition.validate(self.op_kinds)
+        own_job = job is None
+        if job is None:
+            job = self.new_job()
+        solved: SolveResult | None = None
+        try:
+            if request.frontend is not None:
+                solved = await self._solve_frontend(request, job)
+            else:
+                assert request.definition is not None
+                edge = request.definition.to_vertices(self.op_kinds)
+                imports, exports = request.cache_imports, request.cache_exports
+                ref = await build_with_caches(job, edge, imports, exports, self.worker)
+                solved = SolveResult(ref=ref)
+        finally:
+            # Once a SolveResult exists it either reaches the caller or is released
+            # here: discarding the job is a cancel point, and a cancellation (or any
+            # error) raised by it must not drop the handles the result holds.
+            try:
+                if own_job:
+                    await job.discard()
+                await self._after_solve()
+            except BaseException:
+                if solved is not None:
+                    with anyio.CancelScope(shield=True):
+                        await solved.release()
+                raise
+        return solved
+
+    async def _solve_frontend(self, request: SolveRequest, job: Job) -> SolveResult:
+        # Imports are cache sources of every definition the frontend solves; the
+        # records of all its distinct results go into each export.
+        solved: SolveResult | None = None
+        try:
+            async with opened_imports(request.cache_imports, self.worker) as sources:
+                bridge = SolverBridge(self, job, cache_sources=sources)
+                solved = await to_solve_result(await bridge.solve(request))
+                if request.cache_exports:
+                    handles = [solved.ref, *solved.refs.values()]
+                    distinct = list({h.id: h for h in handles if h is not None}.values())
+                    await run_exports(distinct, request.cache_exports, self.worker)
+        except BaseException:
+            # an export, or closing the imports, failed or was cancelled
+            if solved is not None:
+                await solved.release()  # shielded
+            raise
+        return solved
+
+    async def _after_solve(self) -> None:
+        worker = self._solve_worker
+        if worker is None:
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                await worker.after_solve()
+            except Exception:
+                logger.exception("after_solve() of %r failed", worker)
+
+    def _frontend(self, name: str) -> Frontend:
+        frontend = self.frontends.get(name)
+        if frontend is None:
+            known = ", ".join(sorted(self.frontends)) or "none"
+            raise SolveError(
+                f"unknown frontend {name!r}; frontends given to this solver: {known}"
+            )
+        return frontend
+
+    @property
+    def worker(self) -> Worker | None:
+        """The built-in worker this solver uses (``worker=`` or the one it made for
+        ``Solver()``), if any: local cache imports and exports use its store."""
+        return self._solve_worker
+
+    # -- lifetime --------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        if self._tg is not None or self._closed:
+            raise SolveError("a Solver can be entered only once")
+        if self._worker is not None:
+            await self._worker.open()
+        try:
+            return await super().__aenter__()
+        except BaseException:
+            if self._worker is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._worker.close()
+            raise
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            await super().__aexit__(*exc_info)
+        finally:
+            if self._worker is not None:
+                with anyio.CancelScope(shield=True):
+                    await self._worker.close()

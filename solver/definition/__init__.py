@@ -1,0 +1,36 @@
+"""Definitions: the serialisable form of a graph, and the op kinds it names.
+
+Data only: a :class:`Definition` is ops by digest plus an output edge, validated
+and turned into engine vertices (:meth:`Definition.to_vertices`); an
+:class:`OpKindRegistry` maps each kind to the factory that makes its
+:class:`~solver.Op`. Kinds are registered, never imported: this package imports
+no engine and no worker.
+"""
+
+from __future__ import annotations
+
+from ._definition import (
+    DEFINITION_VERSION as DEFINITION_VERSION,
+    MAX_PAYLOAD_DEPTH as MAX_PAYLOAD_DEPTH,
+    Definition as Definition,
+    DefinitionError as DefinitionError,
+    DefinitionVertex as DefinitionVertex,
+    JSONValue as JSONValue,
+    Node as Node,
+    NodeOutput as NodeOutput,
+    OpDef as OpDef,
+    OpMetadata as OpMetadata,
+    OutputRef as OutputRef,
+    canonical_json as canonical_json,
+    node as node,
+    op_digest as op_digest,
+)
+from ._opkind import (
+    OpContext as OpContext,
+    OpFactory as OpFactory,
+    OpKind as OpKind,
+    OpKindRegistry as OpKindRegistry,
+    OutputCount as OutputCount,
+    PayloadCheck as PayloadCheck,
+    default_op_kinds as default_op_kinds,
+)
