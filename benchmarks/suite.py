@@ -366,7 +366,7 @@ async def _measure_shape(cfg: Config, shape: str, n: int) -> ShapeResult:
                         run_dask(*dsk)
                     rec.add("dask", elapsed[0])
 
-                cache = CountingCacheManager(InMemoryCacheManager())
+                cache = CountingCacheManager(InMemoryCacheManager(max_results=None))
                 try:
                     async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
                         await rec.solve(s, cache, "cold", graph)
@@ -429,7 +429,7 @@ async def _measure_concurrency(
         with anyio.fail_after(_phase_limit(n) * 4):
             for _ in range(1):
                 reset_exec_counts(graph)
-                cache = CountingCacheManager(InMemoryCacheManager())
+                cache = CountingCacheManager(InMemoryCacheManager(max_results=None))
                 try:
                     async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
                         jobs = [s.new_job() for _ in range(k)]
@@ -485,7 +485,7 @@ async def _measure_memory(shape: str, n: int) -> MemoryResult:
             phase = "engine cold build"
             gc.collect()
             tracemalloc.start()
-            cache = CountingCacheManager(InMemoryCacheManager())
+            cache = CountingCacheManager(InMemoryCacheManager(max_results=None))
             try:
                 async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
                     job = s.new_job()

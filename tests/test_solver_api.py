@@ -123,6 +123,44 @@ async def test_job_ids_and_lifetime_errors() -> None:
             pass
 
 
+async def test_a_discarded_job_is_unregistered_and_registers_again_to_build() -> None:
+    """A long-lived solver keeps nothing of a discarded job (issue 20, point 8:
+    each one kept ~2 KiB), and a discarded job can still build (SPEC section 5)."""
+    async with Solver(resolve_op=resolve_op) as s:
+        job = s.new_job(id="a")
+        res = await job.build(Edge(vtx(name="v0", value="r0")))
+        await res.release()
+        await job.discard()
+        assert s._jobs == {}
+        with pytest.raises(SolveError, match="no such job a"):
+            await s.get_job("a", timeout=0.01)
+        # built again: registered again, and discarded by its next discard
+        res = await job.build(Edge(vtx(name="v0", value="r0")))
+        assert (await s.get_job("a")) is job
+        await res.release()
+        await job.discard()
+        assert s._jobs == {}
+        assert s._actives == {}
+        # its ID is free for a new job; the old job then may not take it back
+        other = s.new_job(id="a")
+        with pytest.raises(SolveError, match="job ID a was given to a new job"):
+            await job.build(Edge(vtx(name="v1", value="r1")))
+        assert s._actives == {}
+        await other.discard()
+
+
+async def test_jobs_still_building_are_discarded_when_the_solver_exits() -> None:
+    s = Solver(resolve_op=resolve_op)
+    async with s:
+        job = s.new_job()
+        await job.discard()
+        res = await job.build(Edge(vtx(name="v0", value="r0")))
+        assert len(s._jobs) == 1
+    assert s._jobs == {}
+    assert s._actives == {}
+    await res.release()
+
+
 async def test_get_job_waits_for_registration() -> None:
     async with Solver(resolve_op=resolve_op) as s:
         found: list[str] = []

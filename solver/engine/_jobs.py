@@ -312,6 +312,7 @@ class Job:
         s = self.solver
         s._check_open()
         await anyio.lowlevel.checkpoint_if_cancelled()
+        s._register(self)
         if self._progress.closed:
             self._progress = JobProgress()
         v = s._load(edge.vertex, None, self)
@@ -329,10 +330,15 @@ class Job:
         return await s._scheduler.build(loaded)
 
     async def discard(self) -> None:
-        """Release every vertex this job keeps active (shared ones stay for others).
+        """Release every vertex this job keeps active (shared ones stay for others)
+        and unregister the job (its ID may be given to a new job; as in BuildKit,
+        a long-lived solver keeps nothing of a discarded job).
 
-        When it returns, the results it released have been released (a release
-        that has begun finishes even if the caller is cancelled)."""
+        A discarded job can still build: that registers it again (a SolveError if
+        its ID was given to another job meanwhile), and its next discard releases
+        what it built. When this returns, the results it released have been
+        released (a release that has begun finishes even if the caller is
+        cancelled)."""
         s = self.solver
         with s._collect_releases() as pending:
             s._discard(self)
@@ -503,6 +509,19 @@ class Engine:
         states.clear()
         watching.clear()
         progress.close()
+        if self._jobs.get(job.id) is job:
+            del self._jobs[job.id]
+
+    def _register(self, job: Job) -> None:
+        """Register ``job`` again if it was discarded (it is building again)."""
+        current = self._jobs.get(job.id)
+        if current is job:
+            return
+        if current is not None:
+            raise SolveError(
+                f"job ID {job.id} was given to a new job after this one was discarded"
+            )
+        self._jobs[job.id] = job
 
     def _delete_if_unreferenced(self, key: str, st: VertexState) -> None:
         stack = [(key, st)]
