@@ -15,26 +15,45 @@ stdout stays free for data):
 * ``json``: one JSON object per event per line, for tools: ``vertex``, ``name``,
   ``status``, ``timestamp`` and, when set, ``error``; log events add ``stream``
   and ``data`` (decoded as UTF-8, invalid bytes replaced).
-* ``tty``: a live view redrawn in place with ANSI escape codes, at most 10 times a
-  second: every vertex with its running timer or DONE/CACHED/ERROR mark, and the
-  last few log lines of the vertices still running. :func:`render_frame` builds
-  one frame as plain lines (no escape codes), for a given width and time.
+* ``tty``: drawn with `rich <https://rich.readthedocs.io>`_. At the bottom, one
+  live line per running step with its elapsed time and, under it, the last line
+  the step wrote (if any), redrawn at most 10 times a second. Above it, each step
+  that ends is printed once and stays: ``DONE``/``CACHED``/``ERROR`` with its
+  duration; a failed step is followed by the last lines it wrote. :meth:`close`
+  ends with a summary (steps run, cached, failed, total time, and where the
+  output went when the caller names it)::
 
-Only the standard library is used.
+      #1 [sources] DONE 0.3s
+      #2 [link app] CACHED
+      #3 [compile] ERROR 1.2s exit status 1
+          | cc: error: main.c: no such file
+      Finished in 1.6s: 1 step run, 1 cached, 1 failed
+
+  Colour is used only on a terminal and never when ``NO_COLOR`` is set (to any
+  value, even empty: https://no-color.org); without colour no style codes are
+  written at all, only the cursor movements that redraw the live lines on a
+  terminal. On a stream that is not a terminal there are no live lines: only the
+  finished steps and the summary.
+
+``make_renderer`` picks one (``auto``: ``tty`` when the stream is a terminal
+whose ``TERM`` is not ``dumb``, else ``plain``); ``run_progress`` feeds one.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TextIO
 
 import anyio
+from rich.console import Console, ConsoleOptions, RenderResult
+from rich.live import Live
+from rich.text import Text
 
 from .._progress import ProgressEvent
 
@@ -43,9 +62,9 @@ __all__ = [
     "PlainRenderer",
     "Renderer",
     "TtyRenderer",
-    "VertexView",
+    "describe_output",
+    "make_console",
     "make_renderer",
-    "render_frame",
     "run_progress",
 ]
 
@@ -54,9 +73,11 @@ COMPLETED = "completed"
 CACHED = "cached"
 ERROR = "error"
 LOG = "log"
+CANCELED = "canceled"  # the tty renderer's own: still running when the stream ended
 
-LOG_LINES = 5  # log lines kept per running vertex in the tty view
+LOG_LINES = 5  # log lines kept per step, printed under it if it fails
 REDRAW_INTERVAL = 0.1  # seconds: at most ~10 frames a second
+PARTIAL_LIMIT = 4096  # characters kept of a line not yet ended (a progress bar may never end one)
 
 
 class Renderer(Protocol):
@@ -157,171 +178,304 @@ class JsonRenderer:
         pass
 
 
-@dataclass
-class VertexView:
-    """What the tty view knows about one vertex."""
-
-    name: str
-    status: str = STARTED
-    started: float | None = None
-    ended: float | None = None
-    error: str | None = None
-    logs: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_LINES))
-    partial: str = ""
-
-
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _fit(text: str, width: int) -> str:
-    if width <= 0:
-        return ""
-    return text if len(text) <= width else text[: max(0, width - 1)] + "…"
+def _last_segment(line: str) -> str:
+    """What a terminal would show of ``line``: a carriage return (a progress bar
+    redrawing itself) starts the line over, so the last non-blank segment wins."""
+    return next((s for s in reversed(line.split("\r")) if s.strip()), "")
 
 
-def _duration(v: VertexView, now: float) -> str:
-    if v.started is None:
-        return ""
-    end = v.ended if v.ended is not None else now
-    return f"{max(0.0, end - v.started):.1f}s"
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
-def _vertex_line(name: str, mark: str, width: int) -> str:
-    """`` => [name]  mark``, shortening the name first so that a short mark (a
-    timer, DONE, CACHED) stays visible."""
-    line = f" => [{name}]  {mark}"
-    if len(line) <= width:
-        return line
-    room = width - len(f" => []  {mark}")
-    if room >= 8:
-        return f" => [{_fit(name, room)}]  {mark}"
-    return line
+def describe_output(kind: str, dest: str) -> str:
+    """How the tty summary names where ``--output`` went: ``DIR`` for a local
+    directory, ``FILE (tar)`` for a tar file, ``stdout (tar)`` for ``dest=-``."""
+    if kind == "tar":
+        return "stdout (tar)" if dest == "-" else f"{dest} (tar)"
+    return dest
 
 
-def render_frame(
-    vertices: list[VertexView], now: float, width: int, height: int = 0, started: float = 0.0
-) -> list[str]:
-    """The lines of one tty frame (no escape codes), each at most ``width - 1``
-    characters (so that no line wraps). With ``height`` > 0, the frame has fewer
-    than ``height`` lines: the oldest finished vertices are folded into one line."""
-    done = sum(1 for v in vertices if v.status in (COMPLETED, CACHED))
-    total_time = max(0.0, now - started) if started else 0.0
-    header = f"[+] Building {total_time:.1f}s ({done}/{len(vertices)})"
-    w = max(1, width - 1)
-    body: list[list[str]] = []
-    for v in vertices:
-        logs: list[str] = []
-        if v.status == COMPLETED:
-            mark = f"DONE {_duration(v, now)}"
-        elif v.status == CACHED:
-            mark = "CACHED"
-        elif v.status == ERROR:
-            mark = f"ERROR {_one_line(v.error or 'failed')}"
-        else:
-            mark = _duration(v, now)
-            tail = [*v.logs, v.partial] if v.partial else list(v.logs)
-            logs = [f"    | {line}" for line in tail[-LOG_LINES:]]
-        body.append([_vertex_line(v.name, mark, w), *logs])
-    if height > 0:
-        budget = height - 1 - 1  # the header, and room to keep the cursor on screen
-        count = sum(len(b) for b in body)
-        folded = 0
-        i = 0
-        while count > budget and i < len(body):
-            if vertices[i].status in (COMPLETED, CACHED):
-                count -= len(body[i])
-                body[i] = []
-                folded += 1
-            i += 1
-        if folded:
-            count += 1
-        while count > budget and body:  # still too tall: cut from the top
-            for b in body:
-                if b:
-                    b.pop(0)
-                    count -= 1
-                    break
-            else:
-                break
-        if folded:
-            body.insert(0, [f" => ({folded} finished step(s) not shown)"])
-    return [_fit(header, w)] + [_fit(line, w) for b in body for line in b]
+def _no_color_env() -> bool:
+    # https://no-color.org asks for any value to count; rich ignores an empty one.
+    return "NO_COLOR" in os.environ
+
+
+def make_console(out: TextIO) -> Console:
+    """A rich console on ``out`` for the ``tty`` renderer: terminal detection is
+    rich's (``out.isatty()``, ``FORCE_COLOR``, ``TTY_COMPATIBLE``), colour is off
+    when ``NO_COLOR`` is set to any value, and nothing in a step's name or output
+    is read as markup, emoji codes or highlighted."""
+    return Console(file=out, no_color=_no_color_env(), highlight=False, markup=False, emoji=False)
+
+
+# Styles by role; all dropped (not just the colours) when colour is off, so that
+# no SGR escape code at all is written then.
+_STYLES = {
+    "number": "dim",
+    "timer": "yellow",
+    "log": "dim",
+    COMPLETED: "green",
+    CACHED: "cyan",
+    ERROR: "bold red",
+    CANCELED: "yellow",
+    "summary": "bold green",
+    "summary-failed": "bold red",
+    "output": "bold",
+}
+
+
+@dataclass
+class _Step:
+    """What the tty renderer knows about one vertex."""
+
+    number: int
+    name: str
+    status: str = ""  # "" until its first started/completed/cached/error event
+    started: float | None = None
+    logs: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_LINES))
+    partial: dict[int, str] = field(default_factory=dict)  # per stream, a line not yet ended
+    last: str = ""  # the line shown under the running step
+
+
+class _RunningView:
+    """The live part of the tty view, rendered from the renderer's state each
+    time rich draws it (so that a line printed above it never redraws stale
+    timers)."""
+
+    def __init__(self, renderer: TtyRenderer) -> None:
+        self._renderer = renderer
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield from self._renderer.running_lines(options.max_width)
 
 
 class TtyRenderer:
-    """A live view redrawn in place; :meth:`tick` redraws if something changed."""
+    """A rich view: live lines for the running steps, a printed line for each
+    step that ends and a summary on :meth:`close` (see the module docstring).
 
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.vertices: dict[str, VertexView] = {}
-        self._lines_on_screen = 0
+    ``out`` is wrapped in a console made by :func:`make_console` unless
+    ``console`` is given (tests pass one with ``force_terminal`` and a fixed
+    width). ``output`` names where the result went (see
+    :func:`describe_output`); the summary says so unless a step failed.
+    ``clock`` gives the time of the live timers and of the total, in the unit of
+    the events' timestamps (``time.time``). :meth:`tick` redraws the live lines.
+    """
+
+    def __init__(
+        self,
+        out: TextIO | None = None,
+        *,
+        console: Console | None = None,
+        output: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if console is None:
+            console = make_console(out if out is not None else sys.stderr)
+        self.console = console
+        self.output = output
+        self._clock = clock
+        self._colour = (
+            not console.no_color and not _no_color_env() and console.color_system is not None
+        )
+        self._steps: dict[str, _Step] = {}
+        self._start = clock()
+        # No refresh thread (tick() redraws, on the caller's thread, so the state
+        # needs no lock) and no redirection of sys.stdout: stdout may carry a tar.
+        # Transient: the running lines are gone once the build is over.
+        self._live = Live(
+            _RunningView(self),
+            console=console,
+            auto_refresh=False,
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
         self._dirty = True
-        self._start = time.time()
-        self._last_draw = 0.0
+        self._last_draw: float | None = None
+        self._closed = False
 
-    def handle(self, event: ProgressEvent) -> None:
-        v = self.vertices.get(event.vertex)
-        if v is None:
-            v = self.vertices[event.vertex] = VertexView(event.name)
-        if event.status == LOG:
-            text = v.partial + event.data.decode("utf-8", "replace").replace("\r\n", "\n")
-            *lines, v.partial = text.split("\n")
-            v.logs.extend(_one_line(line) for line in lines)
-        elif event.status == STARTED:
-            v.status, v.started = STARTED, event.timestamp
-        else:
-            v.status, v.ended, v.error = event.status, event.timestamp, event.error
-        self._dirty = True
+    def _style(self, role: str) -> str:
+        return _STYLES.get(role, "") if self._colour else ""
 
-    def frame(self, now: float) -> list[str]:
-        size = shutil.get_terminal_size()
-        return render_frame(
-            list(self.vertices.values()), now, size.columns, size.lines, self._start
+    def _head(self, step: _Step) -> Text:
+        return Text.assemble(
+            (f"#{step.number}", self._style("number")), f" [{_one_line(step.name)}] "
         )
 
+    def handle(self, event: ProgressEvent) -> None:
+        """Take one event; an ended step is printed at once, the live lines
+        change at the next :meth:`tick`. Ignored after :meth:`close`."""
+        if self._closed:
+            return
+        step = self._steps.get(event.vertex)
+        if step is None:
+            step = self._steps[event.vertex] = _Step(len(self._steps) + 1, event.name)
+        if event.status == LOG:
+            if self._log(step, event) and step.status == STARTED:
+                self._dirty = True
+            return
+        if event.status == STARTED:
+            step.status, step.started = STARTED, event.timestamp
+        else:
+            step.status = event.status
+            self._print_end(step, event.timestamp, event.error)
+        self._dirty = True
+
+    def _log(self, step: _Step, event: ProgressEvent) -> bool:
+        """Keep the lines of a log chunk; True if the line shown changed."""
+        text = step.partial.pop(event.stream, "") + event.data.decode("utf-8", "replace")
+        *lines, rest = text.replace("\r\n", "\n").split("\n")
+        before = step.last
+        for line in lines:
+            shown = _one_line(_last_segment(line))
+            if shown:
+                step.logs.append(shown)
+                step.last = shown
+        if rest:
+            step.partial[event.stream] = rest[-PARTIAL_LIMIT:]
+            step.last = _one_line(_last_segment(rest)) or step.last
+        return step.last != before
+
+    def _print_end(self, step: _Step, timestamp: float, error: str | None) -> None:
+        line = self._head(step)
+        took = "" if step.started is None else f" {max(0.0, timestamp - step.started):.1f}s"
+        if step.status == COMPLETED:
+            line.append("DONE", self._style(COMPLETED)).append(took)
+        elif step.status == CACHED:
+            line.append("CACHED", self._style(CACHED)).append(took)
+        elif step.status == ERROR:
+            line.append("ERROR", self._style(ERROR)).append(took)
+            line.append(f" {_one_line(error or 'failed')}")
+        else:
+            line.append(step.status.upper()).append(took)
+        lines = [line]
+        if step.status == ERROR:
+            # What the step wrote last: a failed step's own explanation.
+            for rest in step.partial.values():
+                shown = _one_line(_last_segment(rest))
+                if shown:
+                    step.logs.append(shown)
+            lines += [Text(f"    | {text}", self._style("log")) for text in step.logs]
+        step.partial.clear()
+        step.logs.clear()
+        step.last = ""
+        self._print(lines)
+
+    def _print(self, lines: list[Text]) -> None:
+        # One print, so that rich redraws the live lines below it once; soft
+        # wrap: a finished line is never cut, the terminal wraps it.
+        self.console.print(Text("\n").join(lines), soft_wrap=True)
+
+    def running_lines(self, width: int) -> list[Text]:
+        """The live lines at the clock's time: per running step ``#N [name]
+        1.2s``, the name shortened so that the timer stays visible, and the last
+        line it wrote (``    | text``) under it; none wraps at ``width``."""
+        now = self._clock()
+        lines: list[Text] = []
+        for step in self._steps.values():
+            if step.status != STARTED:
+                continue
+            timer = "" if step.started is None else f"{max(0.0, now - step.started):.1f}s"
+            name = Text(_one_line(step.name))
+            room = width - len(f"#{step.number} [] {timer}")
+            if room >= 8 and name.cell_len > room:
+                name.truncate(room, overflow="ellipsis")
+            line = Text.assemble(
+                (f"#{step.number}", self._style("number")),
+                " [",
+                name,
+                "] ",
+                (timer, self._style("timer")),
+            )
+            lines.append(line)
+            if step.last:
+                lines.append(Text(f"    | {step.last}", self._style("log")))
+        for line in lines:
+            line.truncate(width, overflow="ellipsis")
+            line.no_wrap = True
+        return lines
+
     def tick(self, force: bool = False) -> None:
-        now = time.time()
-        running = any(v.status == STARTED for v in self.vertices.values())
+        """Redraw the live lines if a step is running (its timer moves) or
+        something changed, at most every ``REDRAW_INTERVAL`` unless ``force``."""
+        if self._closed:
+            return
+        now = self._clock()
+        if not force and self._last_draw is not None and now - self._last_draw < REDRAW_INTERVAL:
+            return
+        running = any(s.status == STARTED for s in self._steps.values())
         if not (force or self._dirty or running):
             return
-        if not force and now - self._last_draw < REDRAW_INTERVAL:
-            return
-        self._draw(self.frame(now))
+        if not self._live.is_started:
+            self._live.start()
+        self._live.refresh()
         self._last_draw = now
         self._dirty = False
 
-    def _draw(self, lines: list[str]) -> None:
-        parts = []
-        if self._lines_on_screen:
-            parts.append(f"\x1b[{self._lines_on_screen}F")  # to the start of the frame
-        for line in lines:
-            parts.append("\x1b[2K" + line + "\n")
-        parts.append("\x1b[J")  # clear whatever the last frame left below
-        self.out.write("".join(parts))
-        self.out.flush()
-        self._lines_on_screen = len(lines)
+    def summary(self) -> list[Text]:
+        """The closing lines: counts and total time, then the output's place."""
+        counts = {status: 0 for status in (COMPLETED, CACHED, ERROR, CANCELED)}
+        for step in self._steps.values():
+            if step.status in counts:
+                counts[step.status] += 1
+        total = max(0.0, self._clock() - self._start)
+        parts = [
+            f"{_plural(counts[COMPLETED], 'step')} run",
+            f"{counts[CACHED]} cached",
+            f"{counts[ERROR]} failed",
+        ]
+        if counts[CANCELED]:
+            parts.append(f"{counts[CANCELED]} canceled")
+        failed = counts[ERROR] > 0
+        head = f"Failed after {total:.1f}s" if failed else f"Finished in {total:.1f}s"
+        lines = [
+            Text(
+                f"{head}: {', '.join(parts)}",
+                self._style("summary-failed" if failed else "summary"),
+            )
+        ]
+        if self.output is not None and not failed:
+            lines.append(Text.assemble("Output: ", (self.output, self._style("output"))))
+        return lines
 
     def close(self) -> None:
-        self.tick(force=True)
-        # After the live view, the errors' logs in full (they were cut to fit).
-        for v in self.vertices.values():
-            if v.status == ERROR and (v.logs or v.partial):
-                self.out.write(f"--- [{v.name}] last output:\n")
-                for line in [*v.logs, v.partial] if v.partial else v.logs:
-                    self.out.write(f"    {line}\n")
-        self.out.flush()
+        """Mark steps still running as canceled (the job ended under them), take
+        the live lines away and print the summary. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            now = self._clock()
+            for step in self._steps.values():
+                if step.status == STARTED:
+                    step.status = CANCELED
+                    line = self._head(step).append("CANCELED", self._style(CANCELED))
+                    if step.started is not None:
+                        line.append(f" {max(0.0, now - step.started):.1f}s")
+                    self._print([line])
+        finally:
+            # Whatever happened, give the terminal its cursor back.
+            if self._live.is_started:
+                self._live.stop()
+        self._print(self.summary())
+        self.console.file.flush()
 
 
-def make_renderer(mode: str, out: TextIO) -> Renderer:
+def make_renderer(mode: str, out: TextIO, *, output: str | None = None) -> Renderer:
     """The renderer for ``mode`` (``auto``, ``tty``, ``plain`` or ``json``);
     ``auto`` is ``tty`` when ``out`` is a terminal (and ``TERM`` is not ``dumb``),
-    else ``plain``."""
+    else ``plain``. ``output`` (see :func:`describe_output`) is named in the tty
+    summary; ``plain`` and ``json`` keep their formats and ignore it."""
     if mode == "auto":
         is_tty = out.isatty() and os.environ.get("TERM", "") != "dumb"
         mode = "tty" if is_tty else "plain"
     if mode == "tty":
-        return TtyRenderer(out)
+        return TtyRenderer(out, output=output)
     if mode == "plain":
         return PlainRenderer(out)
     if mode == "json":

@@ -307,16 +307,25 @@ def default_root() -> Path:
     """The store root used when :class:`SnapshotStore` is given none.
 
     ``$SOLVER_CACHE_DIR/snapshots`` if that variable is set and not empty, else
-    ``$XDG_CACHE_HOME/solver-engine/snapshots`` (when ``XDG_CACHE_HOME`` is an
-    absolute path, as the XDG spec requires), else
-    ``~/.cache/solver-engine/snapshots``. Read from the environment at each call.
+    ``snapshots`` in the user's cache directory for ``solver-engine`` as
+    :func:`platformdirs.user_cache_dir` names it: on Linux
+    ``$XDG_CACHE_HOME/solver-engine`` (when ``XDG_CACHE_HOME`` is an absolute
+    path, as the XDG spec requires) or ``~/.cache/solver-engine``; on macOS
+    ``~/Library/Caches/solver-engine`` (recent platformdirs releases honour
+    ``XDG_CACHE_HOME`` there too); on Windows under ``%LOCALAPPDATA%``. Read
+    from the environment at each call.
     """
+    # Imported here, where it is used: one function of the store needs it.
+    import platformdirs
+
     explicit = os.environ.get("SOLVER_CACHE_DIR")
     if explicit:
-        cache = Path(explicit)
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME", "")
-        cache = (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "solver-engine"
+        return Path(explicit) / "snapshots"
+    cache = Path(platformdirs.user_cache_dir("solver-engine"))
+    if not cache.is_absolute():
+        # Older platformdirs releases take a relative XDG_CACHE_HOME as it is;
+        # the spec says to ignore it, and a store root must not depend on the cwd.
+        cache = Path.home() / ".cache" / "solver-engine"
     return cache / "snapshots"
 
 
