@@ -76,7 +76,7 @@ def demo_context(log: Path, text: str = DEMO, version: str = "2.0.1\n") -> Defin
 @contextlib.asynccontextmanager
 async def open_solver(tmp_path: Path, **frontends: Frontend) -> AsyncIterator[Solver]:
     async with (
-        Worker(tmp_path / "snapshots") as worker,
+        Worker(tmp_path / "snapshots", sandbox="none") as worker,
         Solver(op_kinds=worker.op_kinds, frontends=frontends) as solver,
     ):
         yield solver

@@ -781,7 +781,10 @@ EXPECTED_FILES = {"c.txt": b"HELLO\nHELLO\n", "d.txt": b"one!"}
 async def export_from_a_worker(tmp_path: Path) -> Path:
     """Build the graph once, exporting it to tmp_path/min and tmp_path/max."""
     log = tmp_path / "execs.log"
-    async with Worker(tmp_path / "first") as worker, Solver(worker=worker) as solver:
+    async with (
+        Worker(tmp_path / "first", sandbox="none") as worker,
+        Solver(worker=worker) as solver,
+    ):
         request = SolveRequest(
             definition=worker_graph(log),
             cache_exports=[
@@ -803,7 +806,7 @@ async def test_worker_export_then_import_on_an_empty_cache_hits_every_step(
     # the index names one blob (min: the merge) or four (max: the three execs too)
     assert len(index_of(tmp_path / mode)["blobs"]) == (1 if mode == "min" else 4)
     fresh = tmp_path / "fresh"
-    async with Worker(fresh) as worker, Solver(worker=worker) as solver:
+    async with Worker(fresh, sandbox="none") as worker, Solver(worker=worker) as solver:
         request = SolveRequest(
             definition=worker_graph(log), cache_imports=[LocalCacheImport(tmp_path / mode)]
         )
@@ -828,7 +831,10 @@ async def test_worker_import_changed_leaf_reruns_only_its_dependants(
     tmp_path: Path, mode: str, ran: list[str]
 ) -> None:
     log = await export_from_a_worker(tmp_path)
-    async with Worker(tmp_path / "fresh") as worker, Solver(worker=worker) as solver:
+    async with (
+        Worker(tmp_path / "fresh", sandbox="none") as worker,
+        Solver(worker=worker) as solver,
+    ):
         request = SolveRequest(
             definition=worker_graph(log, other="two"),
             cache_imports=[LocalCacheImport(tmp_path / mode)],
@@ -862,7 +868,10 @@ async def test_worker_import_refuses_a_blob_that_leaves_the_snapshot(
             result["blob"] = digest
     (cache / "index.json").write_text(json.dumps(doc))
 
-    async with Worker(tmp_path / "fresh") as worker, Solver(worker=worker) as solver:
+    async with (
+        Worker(tmp_path / "fresh", sandbox="none") as worker,
+        Solver(worker=worker) as solver,
+    ):
         with caplog.at_level(logging.WARNING, logger="solver"):
             files, _ = await solve_watched(
                 solver,
@@ -917,7 +926,7 @@ async def test_frontend_solve_exports_and_imports_every_result(tmp_path: Path) -
     frontends: Any = {"fw": Forwarder(build)}
     export = SolveRequest(frontend="fw", cache_exports=[LocalCacheExport(cache, "max")])
     async with (
-        Worker(tmp_path / "one") as worker,
+        Worker(tmp_path / "one", sandbox="none") as worker,
         Solver(worker=worker, frontends=frontends) as s,
         await s.solve(export) as res,
     ):
@@ -928,7 +937,7 @@ async def test_frontend_solve_exports_and_imports_every_result(tmp_path: Path) -
 
     imported = SolveRequest(frontend="fw", cache_imports=[LocalCacheImport(cache)])
     async with (
-        Worker(tmp_path / "two") as worker,
+        Worker(tmp_path / "two", sandbox="none") as worker,
         Solver(worker=worker, frontends=frontends) as s,
         await s.solve(imported) as res,
     ):
@@ -958,7 +967,8 @@ def test_cli_export_then_import_on_an_empty_cache_dir(tmp_path: Path) -> None:
     defn.write_text(worker_graph(log).to_json())
     cache = tmp_path / "exported"
     r = cli(
-        "build", str(defn), "--progress", "plain", "--cache-dir", str(tmp_path / "one"),
+        "build", str(defn), "--progress", "plain", "--sandbox", "none",
+        "--cache-dir", str(tmp_path / "one"),
         "--export-cache", f"type=local,dest={cache},mode=max",
     )
     assert r.returncode == 0, r.stderr
@@ -968,7 +978,8 @@ def test_cli_export_then_import_on_an_empty_cache_dir(tmp_path: Path) -> None:
 
     out = tmp_path / "out"
     r = cli(
-        "build", str(defn), "--progress", "plain", "--cache-dir", str(tmp_path / "two"),
+        "build", str(defn), "--progress", "plain", "--sandbox", "none",
+        "--cache-dir", str(tmp_path / "two"),
         "--import-cache", f"src={tmp_path / 'nothing-here'}",
         "--import-cache", f"type=local,src={cache}",
         "--output", str(out),
@@ -982,7 +993,8 @@ def test_cli_export_then_import_on_an_empty_cache_dir(tmp_path: Path) -> None:
     # a corrupt index is an error, not a silent miss
     (cache / "index.json").write_text('{"version": 1, "records": []}')
     r = cli(
-        "build", str(defn), "--progress", "plain", "--cache-dir", str(tmp_path / "three"),
+        "build", str(defn), "--progress", "plain", "--sandbox", "none",
+        "--cache-dir", str(tmp_path / "three"),
         "--import-cache", f"type=local,src={cache}",
     )
     assert r.returncode == 1

@@ -18,14 +18,7 @@ import pytest
 from solver import Definition, DefinitionError, SolveError, Solver
 from solver.cli import main
 from solver.cli._main import build_definition, parse_duration, parse_output, parse_size
-from solver.cli._progress import (
-    JsonRenderer,
-    PlainRenderer,
-    TtyRenderer,
-    VertexView,
-    make_renderer,
-    render_frame,
-)
+from solver.cli._progress import JsonRenderer, PlainRenderer, make_renderer
 from solver.worker import SnapshotStore, State, Worker, run
 from solver.worker._export import export_to_dir, export_to_tar
 
@@ -35,11 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def graph() -> State:
     src = State.inline({"a.txt": "hello\n", "sub/c.txt": "sea\n"}).with_name("sources")
-    return run(
-        [PY, "-c", "import pathlib; print('made b'); pathlib.Path('b.txt').write_text('bee')"],
-        root=src,
-        name="make b",
-    )
+    return run(["sh", "-c", "echo made b; printf bee > b.txt"], root=src, name="make b")
 
 
 def cli(*args: str, cache: Path, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
@@ -155,10 +144,10 @@ async def test_second_build_is_cached(tmp_path: Path) -> None:
 
 def test_failing_exec(tmp_path: Path) -> None:
     build_py = tmp_path / "fail.py"
-    build_py.write_text(textwrap.dedent(f"""
+    build_py.write_text(textwrap.dedent("""
         from solver.worker import State, run
-        definition = run([{PY!r}, "-c", "import sys; print('boom', file=sys.stderr); "
-                          "sys.exit(3)"], root=State.scratch(), name="fail step")
+        definition = run(["sh", "-c", "echo boom >&2; exit 3"], root=State.scratch(),
+                         name="fail step")
     """))
     r = cli("build", str(build_py), "--progress", "plain", "-o", str(tmp_path / "o"),
             cache=tmp_path / "cache")
@@ -166,7 +155,7 @@ def test_failing_exec(tmp_path: Path) -> None:
     err = r.stderr.decode()
     assert "#1 [fail step] ERROR" in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("error: ")
+    assert last.startswith("solver: error: ")
     assert "exit code 3" in last
     assert "boom" in last
     assert "Traceback" not in err
@@ -418,42 +407,6 @@ def test_plain_and_json_renderers() -> None:
     assert isinstance(make_renderer("auto", io.StringIO()), PlainRenderer)  # not a tty
 
 
-def test_tty_frame() -> None:
-    running = VertexView("compile a very long vertex name indeed", started=100.0)
-    running.logs.extend(f"line {i}" for i in range(10))
-    done = VertexView("fetch", status="completed", started=100.0, ended=100.5)
-    cached = VertexView("base", status="cached")
-    failed = VertexView("bad", status="error", error="exit 1")
-    frame = render_frame([cached, done, running, failed], now=102.25, width=40, started=99.0)
-    assert frame == [
-        "[+] Building 3.2s (2/4)",
-        " => [base]  CACHED",
-        " => [fetch]  DONE 0.5s",
-        " => [compile a very long vertex…]  2.2s",
-        "    | line 5",
-        "    | line 6",
-        "    | line 7",
-        "    | line 8",
-        "    | line 9",
-        " => [bad]  ERROR exit 1",
-    ]
-    assert all(len(line) <= 39 for line in frame)
-    # on a short terminal, finished steps are folded away first
-    short = render_frame([cached, done, running], now=102.25, width=40, height=8, started=99.0)
-    assert len(short) < 8
-    assert short[1] == " => (2 finished step(s) not shown)"
-    # the renderer redraws in place
-    out = io.StringIO()
-    tty = TtyRenderer(out)
-    tty.handle(_ev("v", "step", "started", 1.0))  # type: ignore[arg-type]
-    tty.tick(force=True)
-    tty.handle(_ev("v", "step", "completed", 2.0))  # type: ignore[arg-type]
-    tty.close()
-    text = out.getvalue()
-    assert "\x1b[2F" in text  # moved up over the two-line first frame
-    assert " => [step]  DONE 1.0s" in text
-
-
 @pytest.mark.anyio
 async def test_export_functions(tmp_path: Path) -> None:
     state = State.inline({"d/f.txt": "f"}).mkdir("e")
@@ -625,3 +578,51 @@ def test_version_without_installed_metadata(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr(importlib.metadata, "version", missing)
     assert version_text() == f"solver {solver.__version__}"
+
+
+def test_sandbox_none_is_explicit_and_shown(tmp_path: Path) -> None:
+    """``--sandbox none`` runs exec steps on the host: it must be asked for, and
+    progress says so; the default runs them in the sandbox (a host path outside
+    the system root is not visible there)."""
+    outside = tmp_path / "host-only.txt"
+    outside.write_text("on the host")
+    build_py = tmp_path / "peek.py"
+    build_py.write_text(textwrap.dedent(f"""
+        from solver.worker import State, run
+        definition = run(["sh", "-c", "cat {outside} > seen.txt"], root=State.scratch(),
+                         name="peek")
+    """))
+    sandboxed = cli("build", str(build_py), "--progress", "plain", "-o", str(tmp_path / "a"),
+                    cache=tmp_path / "cache")
+    assert sandboxed.returncode == 1
+    assert "No such file or directory" in sandboxed.stderr.decode()
+    host = cli("build", str(build_py), "--progress", "plain", "--sandbox", "none",
+               "-o", str(tmp_path / "b"), cache=tmp_path / "cache")
+    assert host.returncode == 0, host.stderr.decode()
+    assert "[sandbox=none]" in host.stderr.decode()
+    assert (tmp_path / "b" / "seen.txt").read_text() == "on the host"
+
+
+def test_secret_option(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cr3t-value")
+    build_py = tmp_path / "secret.py"
+    build_py.write_text(textwrap.dedent("""
+        from solver.worker import State, run
+        definition = run(["sh", "-c", "wc -c < /run/secrets/tok > n.txt"],
+                         root=State.scratch(), secrets=["tok"], name="count")
+    """))
+    r = cli("build", str(build_py), "--progress", "plain", "--secret", f"id=tok,src={token}",
+            "-o", str(tmp_path / "out"), cache=tmp_path / "cache")
+    assert r.returncode == 0, r.stderr.decode()
+    assert (tmp_path / "out" / "n.txt").read_text().strip() == "12"
+    assert "s3cr3t" not in r.stderr.decode()
+    missing = tmp_path / "missing"
+    for spec, message in [
+        ("tok", "--secret takes id=ID,src=PATH, not 'tok'"),
+        (f"id=tok,src={missing}", f"--secret tok: {missing} is not a file"),
+    ]:
+        bad = cli("build", str(build_py), "--secret", spec, cache=tmp_path / "cache")
+        assert bad.returncode == 2
+        assert message in bad.stderr.decode()
+        assert "Traceback" not in bad.stderr.decode()

@@ -594,8 +594,7 @@ def model_prune(
 
 def graph() -> State:
     src = State.inline({"a.txt": "hello\n"}).with_name("sources")
-    return run([PY, "-c", "import pathlib; pathlib.Path('b.txt').write_text('bee')"],
-               root=src, name="make b")
+    return run(["sh", "-c", "printf bee > b.txt"], root=src, name="make b")
 
 
 @pytest.mark.anyio
@@ -705,7 +704,7 @@ async def test_solver_with_a_worker_collects_after_every_solve(
     sources_only = [PrunePolicy(filters=("kind==source.inline",))]
     with anyio.fail_after(60):
         async with (
-            Worker(tmp_path / "w", gc_policy=sources_only) as worker,
+            Worker(tmp_path / "w", gc_policy=sources_only, sandbox="none") as worker,
             Solver(worker=worker) as solver,
         ):
             # 1: both steps run; the source's snapshot, idle once the job is

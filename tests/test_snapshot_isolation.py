@@ -76,7 +76,7 @@ async def test_hard_link_to_a_host_file_leaves_it_alone_and_keeps_the_cache_inta
     )
     root = tmp_path / "store"
     with anyio.fail_after(30):
-        async with Worker(root) as worker, Solver(worker=worker) as solver:
+        async with Worker(root, sandbox="none") as worker, Solver(worker=worker) as solver:
             async with await solver.solve(step.definition()) as result:
                 view = view_of(result)
                 assert await view.read_bytes("hard") == ORIGINAL
@@ -96,7 +96,7 @@ async def test_hard_link_to_a_host_file_leaves_it_alone_and_keeps_the_cache_inta
                 assert await view_of(result).read_bytes("hard") == ORIGINAL
         # a fully cached rebuild after reopening the store (the persistent cache)
         async with (
-            Worker(root) as worker,
+            Worker(root, sandbox="none") as worker,
             Solver(worker=worker) as solver,
             await solver.solve(step.definition()) as result,
         ):
@@ -113,7 +113,7 @@ async def test_hard_links_into_the_output_from_other_mounts_and_snapshots_are_br
     root = tmp_path / "store"
     with anyio.fail_after(30):
         async with (
-            Worker(root) as worker,
+            Worker(root, sandbox="none") as worker,
             Solver(worker=worker) as solver,
             await solver.solve(source.definition()) as src_result,
         ):
@@ -183,7 +183,7 @@ async def test_hard_links_inside_one_output_stay_linked_to_each_other_only(
     )
     with anyio.fail_after(30):
         async with (
-            Worker(tmp_path / "store") as worker,
+            Worker(tmp_path / "store", sandbox="none") as worker,
             Solver(worker=worker) as solver,
             await solver.solve(run(sh(script)).definition()) as result,
         ):
@@ -248,7 +248,10 @@ async def test_a_symlinked_parent_of_a_nested_mount_never_reaches_the_host(
         },
     )
     with anyio.fail_after(30):
-        async with Worker(tmp_path / "store") as worker, Solver(worker=worker) as solver:
+        async with (
+            Worker(tmp_path / "store", sandbox="none") as worker,
+            Solver(worker=worker) as solver,
+        ):
             if output:
                 # the output mount is out of reach: an error, not the host's b/
                 with pytest.raises(SolveError, match="replaced a parent directory of"):
@@ -280,7 +283,10 @@ async def test_hidden_content_is_never_restored_through_a_symlinked_parent(
         inputs=[base.output],
     )
     with anyio.fail_after(30):
-        async with Worker(tmp_path / "store") as worker, Solver(worker=worker) as solver:
+        async with (
+            Worker(tmp_path / "store", sandbox="none") as worker,
+            Solver(worker=worker) as solver,
+        ):
             with pytest.raises(SolveError, match="cannot restore what mount 'a/b' was hiding"):
                 await solver.solve(Definition.of(step))
     assert os.listdir(host) == []

@@ -34,7 +34,10 @@ async def test_concurrent_solves_run_each_process_once(
     defn = final.definition()
     results: list[bytes] = []
     with anyio.fail_after(30):
-        async with Worker(tmp_path / "w") as worker, Solver(op_kinds=worker.op_kinds) as s:
+        async with (
+            Worker(tmp_path / "w", sandbox="none") as worker,
+            Solver(op_kinds=worker.op_kinds) as s,
+        ):
 
             async def solve_one() -> None:
                 async with await s.solve(defn) as result:

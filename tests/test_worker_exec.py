@@ -28,7 +28,7 @@ from solver import (
     node,
 )
 from solver.testing import HandleTracker
-from solver.worker import SnapshotStore, SnapshotView
+from solver.worker import DEFAULT_ROOTFS, SandboxMode, SnapshotStore, SnapshotView
 from solver.worker._exec import STDERR_TAIL, OutputHook, register_exec
 
 pytestmark = pytest.mark.anyio
@@ -67,15 +67,19 @@ class FilesOp:
 
 @asynccontextmanager
 async def solving(
-    tmp_path: Path, on_output: OutputHook | None = None, execs: list[str] | None = None
+    tmp_path: Path,
+    on_output: OutputHook | None = None,
+    execs: list[str] | None = None,
+    sandbox: SandboxMode = "bwrap",
 ) -> AsyncIterator[tuple[SnapshotStore, Solver]]:
     """An open store, a registry with ``exec`` and ``test.files``, and a Solver.
     On exit, checks that the exec left nothing in the store's tmp/ and that no
-    snapshot is still in use once the Solver is gone."""
+    snapshot is still in use once the Solver is gone. Steps run in the sandbox
+    unless ``sandbox="none"`` (tests that watch the process from the host)."""
     log = execs if execs is not None else []
     async with SnapshotStore(tmp_path / "store") as store:
         reg = OpKindRegistry()
-        register_exec(reg, store, on_output=on_output)
+        register_exec(reg, store, on_output=on_output, sandbox=sandbox)
         reg.register("test.files", lambda ctx: FilesOp(ctx, store, log))
         async with Solver(op_kinds=reg) as s:
             yield store, s
@@ -85,6 +89,27 @@ async def solving(
 
 def py(code: str) -> list[JSONValue]:
     return [sys.executable, "-c", code]
+
+
+# The test's Python is outside the default system root: a sandboxed step that runs
+# it names its installation (the virtual environment and the base one).
+PY_ROOTFS: list[JSONValue] = list(dict.fromkeys([*DEFAULT_ROOTFS, sys.prefix, sys.base_prefix]))
+
+
+class Runs:
+    """Counts the runs of a step that prints ``RAN`` (the ``on_output`` hook): how a
+    test sees from outside the sandbox that a cached step did not run again."""
+
+    def __init__(self) -> None:
+        self.out = b""
+
+    def __call__(self, fd: int, chunk: bytes) -> None:
+        if fd == 1:
+            self.out += chunk
+
+    @property
+    def count(self) -> int:
+        return self.out.count(b"RAN")
 
 
 def files(contents: dict[str, str]) -> Node:
@@ -134,8 +159,8 @@ def alive(pid: int) -> bool:
 async def test_reads_input_writes_output_runs_once(
     tmp_path: Path, handle_tracker: HandleTracker
 ) -> None:
-    counter = tmp_path / "counter"
-    script = f"""
+    runs = Runs()
+    script = """
 import os, pathlib
 root = pathlib.Path(os.environ["SOLVER_ROOT"])
 assert pathlib.Path.cwd() == root / "out", pathlib.Path.cwd()
@@ -151,14 +176,14 @@ for name in ("in/a.txt", "in/new.txt"):
         (root / name).write_text("clobbered")
     except OSError:
         pass
-with open({str(counter)!r}, "a") as f:
-    f.write("x")
+print("RAN")
 """
     src = files({"a.txt": "hello ", "sub/b.txt": "world"})
     run = node(
         "exec",
         {
             "args": py(script),
+            "rootfs": PY_ROOTFS,
             "env": {"GREETING": "hi"},
             "cwd": "out",
             "mounts": [
@@ -169,13 +194,13 @@ with open({str(counter)!r}, "a") as f:
         inputs=[src],
     )
     with anyio.fail_after(30):
-        async with solving(tmp_path) as (store, s):
+        async with solving(tmp_path, on_output=runs) as (store, s):
             async with await s.solve(Definition.of(run)) as res:
                 assert await read(res.ref, "r.txt") == "hi HELLO WORLD"
                 assert await listing(res.ref) == ["r.txt"]
             async with await s.solve(Definition.of(run)) as res:
                 assert await read(res.ref, "r.txt") == "hi HELLO WORLD"
-            assert counter.read_text() == "x"
+            assert runs.count == 1
             async with await s.solve(Definition.of(src)) as res:
                 assert await read(res.ref, "a.txt") == "hello "
                 assert await listing(res.ref) == ["a.txt", "sub", "sub/b.txt"]
@@ -185,7 +210,7 @@ with open({str(counter)!r}, "a") as f:
 async def test_two_outputs_and_writable_copy_of_input(
     tmp_path: Path, handle_tracker: HandleTracker
 ) -> None:
-    counter = tmp_path / "counter"
+    runs = Runs()
     src = files({"a.txt": "A"})
     run = node(
         "exec",
@@ -193,8 +218,8 @@ async def test_two_outputs_and_writable_copy_of_input(
             "args": [
                 "/bin/sh",
                 "-c",
-                f"echo new > work/new.txt && echo B >> work/a.txt && echo log > logs/l.txt "
-                f'&& printf x >> "{counter}" && sleep 0.5',
+                "echo new > work/new.txt && echo B >> work/a.txt && echo log > logs/l.txt "
+                "&& echo RAN && sleep 0.5",
             ],
             "mounts": [
                 {"input": None, "dest": "logs", "output": 0},
@@ -205,7 +230,7 @@ async def test_two_outputs_and_writable_copy_of_input(
         inputs=[src],
     )
     with anyio.fail_after(30):
-        async with solving(tmp_path) as (_store, s):
+        async with solving(tmp_path, on_output=runs) as (_store, s):
             # Both outputs asked for at once: one active vertex, one process.
             seen: dict[int, list[str]] = {}
 
@@ -219,10 +244,10 @@ async def test_two_outputs_and_writable_copy_of_input(
                 tg.start_soon(solve, 0)
                 tg.start_soon(solve, 1)
             assert seen == {0: ["l.txt"], 1: ["a.txt", "new.txt"]}
-            assert counter.read_text() == "x"
+            assert runs.count == 1
             async with await s.solve(Definition.of(run.output(0))) as res:
                 assert await listing(res.ref) == ["l.txt"]
-            assert counter.read_text() == "x"
+            assert runs.count == 1
             async with await s.solve(Definition.of(src)) as res:
                 assert await listing(res.ref) == ["a.txt"]
                 assert await read(res.ref, "a.txt") == "A"
@@ -269,7 +294,14 @@ async def test_on_output_receives_stdout_and_stderr(
         "    sys.stdout.write(f'out{i};'); sys.stdout.flush()\n"
         "    sys.stderr.write(f'err{i};'); sys.stderr.flush()\n"
     )
-    run = node("exec", {"args": py(script), "mounts": [{"input": None, "dest": "o", "output": 0}]})
+    run = node(
+        "exec",
+        {
+            "args": py(script),
+            "rootfs": PY_ROOTFS,
+            "mounts": [{"input": None, "dest": "o", "output": 0}],
+        },
+    )
     with anyio.fail_after(30):
         hook = solving(tmp_path, on_output=lambda fd, b: chunks.append((fd, b)))
         async with hook as (_, s), await s.solve(Definition.of(run)):
@@ -290,7 +322,8 @@ async def test_background_child_does_not_keep_the_op_alive(
         },
     )
     with anyio.fail_after(15):
-        async with solving(tmp_path) as (_, s), await s.solve(Definition.of(run)):
+        # The pid file is on the host: no sandbox (test_sandbox.py has the sandboxed case).
+        async with solving(tmp_path, sandbox="none") as (_, s), await s.solve(Definition.of(run)):
             pass
     pid = int(pidfile.read_text())
     await wait_until(lambda: not alive(pid))
@@ -412,7 +445,8 @@ async def test_cancellation_kills_the_process_group_and_cleans_up(
         },
     )
     with anyio.fail_after(20):
-        async with solving(tmp_path) as (store, s):
+        # The pid file is on the host: no sandbox (test_sandbox.py has the sandboxed case).
+        async with solving(tmp_path, sandbox="none") as (store, s):
             scope = anyio.CancelScope()
 
             async def solve() -> None:
@@ -503,6 +537,26 @@ INVALID: list[tuple[dict[str, JSONValue], str]] = [
         {"args": ["ls"], "mounts": [{"input": None, "dest": "a", "readonly": "yes"}]},
         r"mounts\[0\]\.readonly must be true or false",
     ),
+    ({"args": ["ls"], "env": {"SOLVER_SECRETS": "/x"}}, "may not set SOLVER_SECRETS"),
+    ({"args": ["ls"], "rootfs": "/usr"}, "'rootfs' must be a list of absolute host paths"),
+    ({"args": ["ls"], "rootfs": ["usr"]}, r"rootfs\[0\] must be an absolute host path"),
+    ({"args": ["ls"], "rootfs": ["/usr/../etc"]}, r"rootfs\[0\] '/usr/\.\./etc' is not a normal"),
+    ({"args": ["ls"], "rootfs": ["/usr/"]}, r"rootfs\[0\] '/usr/' is not a normalised"),
+    ({"args": ["ls"], "rootfs": ["/"]}, r"rootfs\[0\] '/' is not a normalised"),
+    ({"args": ["ls"], "rootfs": ["/proc/1"]}, r"rootfs\[0\] '/proc/1' overlaps '/proc'"),
+    ({"args": ["ls"], "rootfs": ["/build"]}, r"rootfs\[0\] '/build' overlaps '/build'"),
+    ({"args": ["ls"], "rootfs": ["/run"]}, r"rootfs\[0\] '/run' overlaps '/run/secrets'"),
+    ({"args": ["ls"], "rootfs": ["/tmp"]}, r"rootfs\[0\] '/tmp' would replace"),
+    ({"args": ["ls"], "rootfs": ["/usr", "/usr"]}, r"rootfs\[1\] '/usr' is listed twice"),
+    ({"args": ["ls"], "network": "bridge"}, "'network' must be \"none\" or \"host\""),
+    ({"args": ["ls"], "limits": 5}, "'limits' must be an object"),
+    ({"args": ["ls"], "limits": {"cpu": 1}}, r"limits: unknown field\(s\) 'cpu'"),
+    ({"args": ["ls"], "limits": {"timeout": 0}}, r"limits\.timeout must be an integer > 0"),
+    ({"args": ["ls"], "limits": {"memory": "1G"}}, r"limits\.memory must be an integer > 0"),
+    ({"args": ["ls"], "limits": {"processes": True}}, r"limits\.processes must be an integer"),
+    ({"args": ["ls"], "secrets": "tok"}, "'secrets' must be a list of secret ids"),
+    ({"args": ["ls"], "secrets": ["../x"]}, r"secrets\[0\] must be a secret id"),
+    ({"args": ["ls"], "secrets": ["a", "a"]}, r"secrets\[1\] 'a' is listed twice"),
 ]
 
 
@@ -558,7 +612,7 @@ async def test_cancellation_kills_a_process_ignoring_sigterm(
     )
     run = node("exec", {"args": py(script), "mounts": [{"input": None, "dest": "o", "output": 0}]})
     with anyio.fail_after(20):
-        async with solving(tmp_path) as (store, s):
+        async with solving(tmp_path, sandbox="none") as (store, s):  # a host pid file
             with anyio.CancelScope() as scope:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(s.solve, Definition.of(run))
@@ -578,6 +632,7 @@ async def test_process_output_is_progress_of_its_vertex(
     state = run(
         [sys.executable, "-c", "import sys; print('to out'); print('to err', file=sys.stderr)"],
         name="talk",
+        rootfs=[str(p) for p in PY_ROOTFS],
     )
     with anyio.fail_after(20):
         async with Worker(tmp_path / "w") as worker, Solver(op_kinds=worker.op_kinds) as s:

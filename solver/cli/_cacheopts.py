@@ -5,8 +5,9 @@ command line, in the manner of BuildKit's ``--export-cache``/``--import-cache``.
   result's cache to ``DIR`` (``mode`` defaults to ``min``: the result's own chain;
   ``max`` also every intermediate result). Repeatable.
 * ``--import-cache type=local,src=DIR``: use the cache in ``DIR`` while building.
-  Repeatable. A directory without an index (a first CI run, say) is skipped with a
-  warning on stderr; a corrupt index is an error (exit status 1).
+  Repeatable. A ``DIR`` that does not exist, or has no index (a first CI run, say),
+  is skipped with a warning on stderr; a ``DIR`` that is a file, or a corrupt
+  index, is an error (exit status 1).
 
 ``type`` may be left out (``local`` is the only type). See ``docs/cache-format.md``.
 """
@@ -120,11 +121,13 @@ def existing_imports(
     out = err if err is not None else sys.stderr
     kept = []
     for spec in imports:
-        if (Path(spec.src) / INDEX_NAME).is_file():
+        src = Path(spec.src)
+        if (src / INDEX_NAME).is_file():
             kept.append(spec)
-        else:
-            out.write(
-                f"warning: no cache to import at {spec.src} (it has no {INDEX_NAME}); "
-                "building without it\n"
-            )
+            continue
+        why = f"it has no {INDEX_NAME}" if src.is_dir() else "no such directory"
+        out.write(
+            f"solver: warning: no cache to import at {spec.src} ({why}); "
+            "building without it\n"
+        )
     return kept

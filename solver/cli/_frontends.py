@@ -51,7 +51,7 @@ from ..bridge import Attestation, Frontend, Solver, SolveRequest, SolveResult
 from ..definition import Definition
 from ..worker import State, export_parts_to_dir, export_to_dir, export_to_tar
 from ._cacheopts import existing_imports
-from ._progress import make_renderer, run_progress
+from ._progress import describe_output, make_renderer, run_progress
 
 if TYPE_CHECKING:
     # type-only: _main dispatches to this module
@@ -286,7 +286,8 @@ async def build_with_frontend(
     and release everything. Raises :class:`~solver.SolveError`."""
     if output is not None and output.type not in ("local", "tar"):
         raise SolveError(f"--output type={output.type} is not supported with --frontend")
-    renderer = make_renderer(progress, sys.stderr)
+    shown = None if output is None else describe_output(output.type, output.dest)
+    renderer = make_renderer(progress, sys.stderr, output=shown)
     job = solver.new_job()
     failure: BaseException | None = None
     async with anyio.create_task_group() as tg:
@@ -306,12 +307,15 @@ async def build_with_frontend(
 
 
 def _error(message: str) -> None:
-    sys.stderr.write(f"error: {' '.join(message.split())}\n")
+    # The command line's one-line form (solver.cli._main reports the rest).
+    sys.stderr.write(f"solver: error: {' '.join(message.split())}\n")
     sys.stderr.flush()
 
 
 def cmd_build_frontend(args: argparse.Namespace, open_solver: OpenSolver) -> int:
-    """``solver build --frontend ...``: the exit status (see ``solver.cli``)."""
+    """``solver build --frontend ...``: the exit status (see ``solver.cli``). A
+    failed build raises :class:`~solver.SolveError` (and Ctrl-C
+    ``KeyboardInterrupt``), which :func:`solver.cli.main` reports as one line."""
     if args.frontend is None:
         _error("--opt and --allow-frontend-source need --frontend")
         return 2
@@ -325,8 +329,13 @@ def cmd_build_frontend(args: argparse.Namespace, open_solver: OpenSolver) -> int
     try:
         frontend = make_frontend(args.frontend, args.allow_frontend_source)
     except ImportError as exc:
-        sys.stderr.write(f"error: cannot load frontend {args.frontend!r}:\n")
-        traceback.print_exception(exc, file=sys.stderr)
+        # Not found or broken: one line saying which, the traceback with --debug.
+        if getattr(args, "debug", False):
+            traceback.print_exception(exc, file=sys.stderr)
+            _error(f"cannot load frontend {args.frontend!r}: {type(exc).__name__}: {exc}")
+        else:
+            _error(f"cannot load frontend {args.frontend!r}: {type(exc).__name__}: {exc} "
+                   "(re-run with --debug for the traceback)")
         return 1
     request = SolveRequest(
         frontend=args.frontend,
@@ -341,11 +350,7 @@ def cmd_build_frontend(args: argparse.Namespace, open_solver: OpenSolver) -> int
             await build_with_frontend(solver, request, progress=args.progress,
                                       output=args.output)
 
-    try:
-        anyio.run(run)
-    except SolveError as exc:
-        _error(str(exc))
-        return 1
+    anyio.run(run)
     return 0
 
 

@@ -17,13 +17,30 @@ source=CMD`` (a frontend program), ``FILE`` is a build context directory or a
 build file in one, built by that frontend with its ``--opt KEY=VALUE`` options
 (see :mod:`solver.cli._frontends` and ``docs/buildfile.md``).
 
-Exit status: 0 on success, 1 when the build (or reading ``FILE``, or an export)
-fails, with a one-paragraph message on stderr and no traceback (the traceback of
-an exception raised by a Python build file is shown, as it is the file's bug),
-2 for bad arguments, 130 when interrupted.
+Errors. Every failure ends with one line on stderr, ``solver: error: MESSAGE``
+(``solver: interrupted`` for Ctrl-C), and no traceback: the message names what was
+wrong (the path, the option, the definition file and line). ``--debug`` (before or
+after the subcommand) also prints the traceback, for a failure that is a bug (an
+unexpected exception, reported as ``internal error``) or an exception raised by a
+Python build file. Library warnings (the ``solver`` logger) are one line each,
+``solver: warning: MESSAGE``.
+
+Exit status: 0 on success; 1 when the build fails, or reading ``FILE``, a path
+given on the command line (``--cache-dir``, ``--output``, ``--export-cache``,
+``--import-cache``), the cache, or an export; 2 when the command line itself is
+wrong (as argparse: an unknown flag or option value, a malformed spec, conflicting
+flags); 130 when interrupted (the cache stays usable: what was running is
+cancelled, and the store is closed as on any exit).
+
+Paths are checked before anything is built: a ``--cache-dir``, ``--output`` or
+``--export-cache`` directory must be a directory, or creatable, and writable; a
+tar ``--output`` must not be a directory; an ``--import-cache`` source that exists
+must be a directory (one that does not exist is skipped with a warning, as a
+first CI run has none).
 
 The snapshot store is ``--cache-dir DIR``/snapshots when given, else the worker's
-default (``$SOLVER_CACHE_DIR``/snapshots, else ``~/.cache/solver-engine/snapshots``).
+default (``$SOLVER_CACHE_DIR``/snapshots, else snapshots in the platform's user
+cache directory, e.g. ``~/.cache/solver-engine/snapshots`` on Linux).
 Progress goes to stderr; stdout carries only data (a tar for ``--output
 type=tar,dest=-``, the tables of ``du`` and ``prune``). ``--output DIR`` may name
 a directory an earlier build exported to: its output is replaced (see
@@ -39,42 +56,51 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
+import functools
 import importlib.metadata
 import json
+import logging
+import os
 import re
 import runpy
 import sys
 import time
 import traceback
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 import anyio
 
-from .._errors import SolveError
+from .._errors import InternalError, SolveError
 from ..bridge import Solver, opened_imports, run_exports, with_cache_sources
 from ..cache import LocalCacheExport, LocalCacheImport
-from ..definition import Definition
+from ..definition import Definition, DefinitionError
 from ..worker import (
+    DiskUsage,
     PrunePolicy,
+    SandboxMode,
+    SecretSource,
     SnapshotInfo,
-    SnapshotStore,
     State,
     Worker,
     default_root,
+    disk_usage,
     export_to_dir,
     export_to_tar,
+    prune,
     snapshot_kind,
     snapshot_label,
 )
 from ._cacheopts import add_cache_arguments, existing_imports
 from ._frontends import add_frontend_arguments, cmd_build_frontend
-from ._progress import make_renderer, run_progress
+from ._progress import describe_output, make_renderer, run_progress
 
 __all__ = [
     "BuildFileError",
+    "CommandError",
     "OutputSpec",
     "build_definition",
     "load_definition",
@@ -86,6 +112,27 @@ __all__ = [
 ]
 
 PROGRESS_MODES = ("auto", "tty", "plain", "json")
+
+
+#: Appended to the one line of a failure whose traceback would help.
+DEBUG_HINT = "re-run with --debug for the traceback"
+
+
+class CommandError(Exception):
+    """A failure the command line reports as ``solver: error: MESSAGE`` and exits
+    with ``status`` (1: the build or its inputs failed; 2: the command line is
+    wrong). The message says what was wrong and where; the traceback of its
+    ``__cause__``, if any, is what ``--debug`` shows."""
+
+    def __init__(self, message: str, status: int = 1, *, hint: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        #: Whether the line ends with :data:`DEBUG_HINT` (when ``--debug`` is off).
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class BuildFileError(Exception):
@@ -204,15 +251,29 @@ def load_definition(file: str) -> Definition:
     if file == "-":
         return Definition.from_json(sys.stdin.buffer.read())
     path = Path(file)
+    if path.is_dir():
+        raise BuildFileError(
+            f"{file} is a directory, not a definition file (a build context directory "
+            "is built with --frontend buildfile)"
+        )
     if not path.is_file():
         raise BuildFileError(f"{file}: no such file")
     if path.suffix == ".py":
         try:
+            with path.open("rb"):  # unreadable is a path problem, not the file's bug
+                pass
+        except OSError as exc:
+            raise BuildFileError(f"cannot read {file}: {exc.strerror or exc}") from exc
+        try:
             namespace = runpy.run_path(str(path), run_name="__solver_build__")
+        except KeyboardInterrupt:
+            raise
+        except SystemExit as exc:
+            raise _UserCodeError(
+                f"{file} called sys.exit({exc.code!r}) instead of defining a definition"
+            ) from exc
         except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                raise
-            raise _UserCodeError(f"{file} raised {type(exc).__name__}") from exc
+            raise _UserCodeError(_user_code_problem(file, exc, "")) from exc
         if "definition" in namespace:
             return _as_definition(namespace["definition"], f"{file}: 'definition'")
         build = namespace.get("build")
@@ -220,7 +281,7 @@ def load_definition(file: str) -> Definition:
             try:
                 value = build()
             except Exception as exc:
-                raise _UserCodeError(f"{file}: build() raised {type(exc).__name__}") from exc
+                raise _UserCodeError(_user_code_problem(file, exc, "build() raised ")) from exc
             return _as_definition(value, f"{file}: the value build() returned")
         raise BuildFileError(
             f"{file} defines neither a top-level 'definition' nor a function 'build()' "
@@ -233,15 +294,48 @@ def load_definition(file: str) -> Definition:
     return Definition.from_json(data)
 
 
+def _user_code_problem(file: str, exc: BaseException, what: str) -> str:
+    """One line for an exception a Python build file raised: where in the file
+    (its innermost line in the traceback, which is what the user needs to look
+    at), then what was raised."""
+    where = file
+    if isinstance(exc, SyntaxError) and exc.filename and exc.lineno:
+        where = f"{file}:{exc.lineno}"
+        text = exc.msg
+    else:
+        target = os.path.realpath(file)
+        for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+            if frame.lineno is not None and os.path.realpath(frame.filename) == target:
+                where = f"{file}:{frame.lineno}"
+                break
+        text = str(exc)
+    name = type(exc).__name__
+    return f"{where}: {what}{name}: {text}" if text else f"{where}: {what}{name}"
+
+
 @contextlib.asynccontextmanager
-async def open_solver(cache_dir: str | None) -> AsyncIterator[Solver]:
+async def open_solver(
+    cache_dir: str | None,
+    *,
+    sandbox: SandboxMode = "bwrap",
+    secrets: Mapping[str, SecretSource] | None = None,
+) -> AsyncIterator[Solver]:
     """A solver over the built-in worker on ``cache_dir``/snapshots (default: the
     worker's default root) and its persistent cache, so that building again
-    executes nothing that was built before. Waits while another process has the
-    cache directory open."""
-    root = Path(cache_dir) / "snapshots" if cache_dir is not None else None
-    async with Worker(root) as worker, Solver(worker=worker) as solver:
-        yield solver
+    executes nothing that was built before; its exec steps run in ``sandbox`` with
+    ``secrets`` available to the steps that name them. Waits while another process
+    has the cache directory open. Raises :class:`CommandError` naming the cache
+    directory when its store cannot be opened (a file where a directory should
+    be, no permission)."""
+    root = _store_root(cache_dir)
+    worker = Worker(root, sandbox=sandbox, secrets=secrets)
+    with _opening_cache(cache_dir):
+        await worker.open()
+    try:
+        async with Solver(worker=worker) as solver:
+            yield solver
+    finally:
+        await worker.close()
 
 
 async def build_definition(
@@ -261,7 +355,8 @@ async def build_definition(
     :class:`~solver.SolveError` on failure."""
     defn.validate(solver.op_kinds)
     out = progress_out if progress_out is not None else sys.stderr
-    renderer = make_renderer(progress, out)
+    shown = None if output is None else describe_output(output.type, output.dest)
+    renderer = make_renderer(progress, out, output=shown)
     job = solver.new_job()
     failure: BaseException | None = None
     exported: list[str] = []
@@ -293,31 +388,208 @@ async def build_definition(
         raise failure
 
 
+def _one_line(text: str) -> str:
+    # A message may hold a failing step's output; runs of whitespace (newlines
+    # included) become one space so that the failure is always one line.
+    return " ".join(text.split())
+
+
 def _error(message: str) -> None:
-    text = " ".join(message.split())
-    sys.stderr.write(f"error: {text}\n")
+    sys.stderr.write(f"solver: error: {_one_line(message)}\n")
     sys.stderr.flush()
 
 
+def _warning(message: str) -> None:
+    sys.stderr.write(f"solver: warning: {_one_line(message)}\n")
+    sys.stderr.flush()
+
+
+# -- paths given on the command line ---------------------------------------------------
+
+
+def _os_reason(exc: OSError) -> str:
+    """What an OSError says, with its path: ``PATH: Permission denied``."""
+    reason = exc.strerror or str(exc)
+    if exc.filename is None:
+        return reason
+    if exc.filename2 is not None:
+        return f"{exc.filename} -> {exc.filename2}: {reason}"
+    return f"{exc.filename}: {reason}"
+
+
+def _not_a_dir(path: Path) -> str:
+    """``is a file, not a directory`` and the like, for a path that exists (or is
+    a dangling link) and is not a directory."""
+    if path.is_symlink() and not path.exists():
+        return "is a dangling symbolic link, not a directory"
+    return "is a file, not a directory" if path.is_file() else "is not a directory"
+
+
+def _check_creatable(path: Path, what: str) -> None:
+    """Raise :class:`CommandError` unless ``path``, which does not exist, can be
+    made: its nearest existing ancestor is a directory that can be written."""
+    parent = path.parent
+    while not (parent.exists() or parent.is_symlink()) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CommandError(f"{what} cannot be created: {parent} {_not_a_dir(parent)}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CommandError(f"{what} cannot be created: {parent} is not writable")
+
+
+def _check_dir_arg(path: str | os.PathLike[str], what: str) -> None:
+    """Raise :class:`CommandError` (status 1) unless ``path`` is a writable
+    directory or can be created as one; ``what`` names it in the message, e.g.
+    ``--cache-dir /x``: ``--cache-dir /x is a file, not a directory``. Checked
+    before a build starts, so that a bad path fails at once, not after the build."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise CommandError(f"{what} is not writable")
+        elif p.exists() or p.is_symlink():
+            raise CommandError(f"{what} {_not_a_dir(p)}")
+        else:
+            _check_creatable(p, what)
+    except OSError as exc:  # e.g. a search permission missing on the way
+        raise CommandError(f"{what}: {_os_reason(exc)}") from exc
+
+
+def _check_file_arg(path: str | os.PathLike[str], what: str) -> None:
+    """Raise :class:`CommandError` unless ``path`` can be written as a file: an
+    existing writable file, or a new one in a directory that is (or can be) made."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise CommandError(f"{what} is a directory, not a file")
+        if p.exists():
+            if not os.access(p, os.W_OK):
+                raise CommandError(f"{what} is not writable")
+        else:
+            _check_creatable(p, what)
+    except OSError as exc:
+        raise CommandError(f"{what}: {_os_reason(exc)}") from exc
+
+
+def _cache_dir_name(cache_dir: str | None) -> str:
+    """How messages name the cache directory: the flag when it was given, else
+    where the default came from."""
+    if cache_dir is not None:
+        return f"--cache-dir {cache_dir}"
+    where = default_root().parent
+    if os.environ.get("SOLVER_CACHE_DIR"):
+        return f"the cache directory {where} ($SOLVER_CACHE_DIR)"
+    return f"the default cache directory {where}"
+
+
+def _check_cache_dir(cache_dir: str | None) -> None:
+    """:func:`_check_dir_arg` for the cache directory and its ``snapshots`` store
+    root (a file there is as fatal as the directory being one)."""
+    what = _cache_dir_name(cache_dir)
+    root = _store_root(cache_dir)
+    _check_dir_arg(root.parent, what)
+    if root.exists() or root.is_symlink():
+        _check_dir_arg(root, f"{what} is not a usable cache directory: {root}")
+
+
+@contextlib.contextmanager
+def _opening_cache(cache_dir: str | None) -> Iterator[None]:
+    """Turn an OSError from opening the store in ``cache_dir`` into one line that
+    names the cache directory: the store's layout inside it is not what it should
+    be (``meta`` is a file, ``lock`` a directory...), or a permission is missing."""
+    try:
+        yield
+    except OSError as exc:
+        what = _cache_dir_name(cache_dir)
+        if exc.errno == errno.EEXIST and exc.filename is not None:
+            # what mkdir(exist_ok=True) raises for a path that is not a directory
+            reason = f"{exc.filename} is not a directory"
+        else:
+            reason = _os_reason(exc)
+        raise CommandError(f"{what} is not a usable cache directory: {reason}") from exc
+
+
+def _check_build_paths(args: argparse.Namespace) -> None:
+    """Every path ``build`` writes or reads besides ``FILE``, before anything is
+    built (a bad ``--output`` would otherwise fail only after the whole build)."""
+    _check_cache_dir(args.cache_dir)
+    output: OutputSpec | None = args.output
+    if output is not None and output.type == "local":
+        _check_dir_arg(output.dest, f"--output {output.dest}")
+    elif output is not None and output.dest != "-":
+        _check_file_arg(output.dest, f"--output type=tar,dest={output.dest}")
+    for spec in args.export_cache:
+        _check_dir_arg(spec.dest, f"--export-cache dest={spec.dest}")
+    for spec in args.import_cache:
+        src = Path(spec.src)
+        if (src.exists() or src.is_symlink()) and not src.is_dir():
+            raise CommandError(f"--import-cache src={spec.src} {_not_a_dir(src)}")
+
+
+# -- build -------------------------------------------------------------------------------
+
+
+def _secret_arg(spec: str) -> tuple[str, Path]:
+    """``id=ID,src=PATH`` as (ID, PATH); the file must exist."""
+    fields: dict[str, str] = {}
+    for part in spec.split(","):
+        key, eq, value = part.partition("=")
+        if not eq or key not in ("id", "src") or key in fields or not value:
+            raise argparse.ArgumentTypeError(
+                f"--secret takes id=ID,src=PATH, not {spec!r}"
+            )
+        fields[key] = value
+    if set(fields) != {"id", "src"}:
+        raise argparse.ArgumentTypeError(f"--secret takes id=ID,src=PATH, not {spec!r}")
+    src = Path(fields["src"])
+    if not src.is_file():
+        raise argparse.ArgumentTypeError(f"--secret {fields['id']}: {src} is not a file")
+    return fields["id"], src
+
+
+class _MergeSecrets(argparse.Action):
+    """``--secret`` given several times: one mapping of id to file."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        assert isinstance(values, tuple)
+        secrets = dict(getattr(namespace, self.dest) or {})
+        if values[0] in secrets:
+            parser.error(f"--secret {values[0]} is given twice")
+        secrets[values[0]] = values[1]
+        setattr(namespace, self.dest, secrets)
+
+
 def _cmd_build(args: argparse.Namespace) -> int:
-    if args.frontend is not None or args.opt or args.allow_frontend_source:
-        return cmd_build_frontend(args, open_solver)
+    if args.frontend is None and (args.opt or args.allow_frontend_source):
+        raise CommandError("--opt and --allow-frontend-source need --frontend", 2)
+    _check_build_paths(args)
+    if args.frontend is not None:
+        return cmd_build_frontend(
+            args,
+            functools.partial(open_solver, sandbox=args.sandbox, secrets=args.secrets),
+        )
     try:
         defn = load_definition(args.file)
     except _UserCodeError as exc:
-        cause = exc.__cause__
-        sys.stderr.write(f"error: {exc}:\n")
-        if cause is not None:
-            traceback.print_exception(cause, file=sys.stderr)
-        return 1
-    except (BuildFileError, SolveError) as exc:
-        _error(f"{args.file}: {exc}" if isinstance(exc, SolveError) else str(exc))
-        return 1
+        # The file's own bug: one line saying where, its traceback with --debug.
+        raise CommandError(str(exc), hint=True) from exc.__cause__
+    except BuildFileError as exc:
+        raise CommandError(str(exc)) from exc
+    except DefinitionError as exc:
+        raise CommandError(f"{args.file}: {exc}") from exc
 
     imports = existing_imports(args.import_cache)
 
     async def run() -> None:
-        async with open_solver(args.cache_dir) as solver:
+        async with open_solver(
+            args.cache_dir, sandbox=args.sandbox, secrets=args.secrets
+        ) as solver:
             await build_definition(
                 solver,
                 defn,
@@ -329,13 +601,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     try:
         anyio.run(run)
-    except SolveError as exc:
-        name = exc.vertex_name
-        if name and name not in str(exc):
-            _error(f"building {name!r} failed: {exc}")
-        else:
-            _error(str(exc))
-        return 1
+    except DefinitionError as exc:  # checked against the op kinds: which file
+        raise CommandError(f"{args.file}: {exc}") from exc
     return 0
 
 
@@ -343,7 +610,11 @@ def _store_root(cache_dir: str | None) -> Path:
     return Path(cache_dir) / "snapshots" if cache_dir is not None else default_root()
 
 
+# -- du and prune ------------------------------------------------------------------------
+
+
 def human_size(n: float) -> str:
+    """``n`` bytes as ``512B``, ``1.5kB``, ``10.0GB`` (powers of 1000)."""
     for unit in ("B", "kB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
             return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
@@ -352,6 +623,7 @@ def human_size(n: float) -> str:
 
 
 def human_age(seconds: float) -> str:
+    """``seconds`` ago as ``5s ago``, ``3m ago``, ``2h ago``, ``4d ago``."""
     seconds = max(0.0, seconds)
     if seconds < 60:
         return f"{seconds:.0f}s ago"
@@ -382,32 +654,16 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     ]
 
 
-def _lru_order(infos: Sequence[SnapshotInfo]) -> list[SnapshotInfo]:
-    return sorted(infos, key=lambda info: (info.last_used, info.id))
-
-
-def _per_kind(infos: Sequence[SnapshotInfo]) -> dict[str, tuple[int, int, int]]:
-    """Kind -> (snapshots, bytes, bytes in use), kinds sorted by name."""
-    kinds: dict[str, tuple[int, int, int]] = {}
-    for info in infos:
-        kind = snapshot_kind(info.description) or "-"
-        count, size, in_use = kinds.get(kind, (0, 0, 0))
-        kinds[kind] = (count + 1, size + info.size, in_use + (info.size if info.in_use else 0))
-    return dict(sorted(kinds.items()))
-
-
-def format_usage(
-    infos: Sequence[SnapshotInfo], now: float, *, free: int | None = None, verbose: bool = False
-) -> list[str]:
+def format_usage(usage: DiskUsage, now: float, *, verbose: bool = False) -> list[str]:
     """The ``du`` report: one row per snapshot, least recently used first (the
     order in which pruning deletes), then the totals per op kind and overall."""
     lines: list[str] = []
-    if infos:
+    if usage.entries:
         head = ["ID", "SIZE", "LAST USED", "IN USE", "DESCRIPTION"]
         if verbose:
             head.insert(3, "CREATED")
         rows = [head]
-        for info in _lru_order(infos):
+        for info in usage.entries:
             row = [
                 info.id if verbose else info.id[:12],
                 human_size(info.size),
@@ -421,21 +677,20 @@ def format_usage(
         lines += _table(rows)
         lines.append("")
         kinds = [["KIND", "SNAPSHOTS", "SIZE", "IN USE"]]
-        for kind, (count, size, in_use) in _per_kind(infos).items():
-            kinds.append([kind, str(count), human_size(size), human_size(in_use)])
+        for kind, totals in usage.kinds.items():
+            kinds.append([kind or "-", str(totals.snapshots), human_size(totals.size),
+                          human_size(totals.in_use)])
         lines += _table(kinds)
-    total = sum(info.size for info in infos)
-    in_use_total = sum(info.size for info in infos if info.in_use)
-    summary = f"Total: {human_size(total)} in {len(infos)} snapshot(s)"
-    if in_use_total:
-        summary += f", {human_size(in_use_total)} in use"
-    if free is not None:
-        summary += f"; {human_size(free)} free on the cache's file system"
+    summary = f"Total: {human_size(usage.size)} in {usage.snapshots} snapshot(s)"
+    if usage.in_use:
+        summary += f", {human_size(usage.in_use)} in use"
+    if usage.free is not None:
+        summary += f"; {human_size(usage.free)} free on the cache's file system"
     lines.append(summary)
     return lines
 
 
-def usage_json(infos: Sequence[SnapshotInfo], *, free: int | None = None) -> str:
+def usage_json(usage: DiskUsage) -> str:
     """The ``du --format json`` document (see ``docs/worker.md``)."""
     doc = {
         "snapshots": [
@@ -450,41 +705,26 @@ def usage_json(infos: Sequence[SnapshotInfo], *, free: int | None = None) -> str
                 "description": info.description,
                 "parents": list(info.parents),
             }
-            for info in _lru_order(infos)
+            for info in usage.entries
         ],
         "kinds": {
-            kind: {"snapshots": count, "size": size, "in_use": in_use}
-            for kind, (count, size, in_use) in _per_kind(infos).items()
+            kind or "-": {"snapshots": t.snapshots, "size": t.size, "in_use": t.in_use}
+            for kind, t in usage.kinds.items()
         },
-        "total": {
-            "snapshots": len(infos),
-            "size": sum(info.size for info in infos),
-            "in_use": sum(info.size for info in infos if info.in_use),
-        },
-        "free": free,
+        "total": {"snapshots": usage.snapshots, "size": usage.size, "in_use": usage.in_use},
+        "free": usage.free,
     }
     return json.dumps(doc, indent=2, sort_keys=True)
 
 
 def _cmd_du(args: argparse.Namespace) -> int:
-    async def run() -> tuple[list[SnapshotInfo], int | None]:
-        async with SnapshotStore(_store_root(args.cache_dir)) as store:
-            infos = await store.usage()
-            try:
-                free: int | None = await store.free_space()
-            except OSError:
-                free = None
-            return infos, free
-
-    try:
-        infos, free = anyio.run(run)
-    except SolveError as exc:
-        _error(str(exc))
-        return 1
+    _check_cache_dir(args.cache_dir)
+    with _opening_cache(args.cache_dir):
+        usage = anyio.run(disk_usage, _store_root(args.cache_dir))
     if args.format == "json":
-        print(usage_json(infos, free=free))
+        print(usage_json(usage))
         return 0
-    for line in format_usage(infos, time.time(), free=free, verbose=args.verbose):
+    for line in format_usage(usage, time.time(), verbose=args.verbose):
         print(line)
     return 0
 
@@ -496,8 +736,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     limits = [name for name in _LIMIT_FLAGS if getattr(args, name) is not None]
     if args.all and limits:
         given = ", ".join("--" + name.replace("_", "-") for name in limits)
-        _error(f"--all deletes every unused snapshot; it cannot be combined with {given}")
-        return 2
+        raise CommandError(
+            f"--all deletes every unused snapshot; it cannot be combined with {given}", 2
+        )
     try:
         policy = PrunePolicy(
             keep_duration=args.keep_duration or 0.0,
@@ -507,26 +748,14 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             filters=tuple(args.filter),
         )
     except (TypeError, ValueError) as exc:
-        _error(str(exc))
-        return 2
-
-    async def run() -> tuple[list[SnapshotInfo], int]:
-        # The whole worker, so that its persistent cache drops the records of what
-        # is deleted at once (its delete listener), not at its next open.
-        async with Worker(_store_root(args.cache_dir)) as worker:
-            deleted = await worker.prune(policy)
-            return deleted, worker.store.used_space
-
-    try:
-        freed, left = anyio.run(run)
-    except (SolveError, OSError) as exc:
-        _error(str(exc))
-        return 1
-    for info in freed:
+        raise CommandError(str(exc), 2) from exc
+    _check_cache_dir(args.cache_dir)
+    with _opening_cache(args.cache_dir):
+        report = anyio.run(prune, _store_root(args.cache_dir), policy)
+    for info in report.deleted:
         print(f"deleted {info.id[:12]}  {human_size(info.size)}  {_describe(info)}")
-    total = sum(info.size for info in freed)
-    print(f"Total: freed {human_size(total)} in {len(freed)} snapshot(s); "
-          f"{human_size(left)} left")
+    print(f"Total: freed {human_size(report.freed)} in {len(report.deleted)} snapshot(s); "
+          f"{human_size(report.remaining)} left")
     return 0
 
 
@@ -572,17 +801,39 @@ def version_text() -> str:
     return f"solver {version}"
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, as every other failure of the
+    command line (argparse prints the whole usage first), naming where the help is.
+    Subcommand parsers are made of this class too (``add_subparsers`` uses the
+    parent's class)."""
+
+    def error(self, message: str) -> NoReturn:
+        _error(f"{message} (see '{self.prog} --help')")
+        self.exit(2)
+
+
+_DEBUG_HELP = "on failure, also print the traceback (for bug reports)"
+
+
+def _add_debug(subcommand: argparse.ArgumentParser) -> None:
+    # Accepted after the subcommand too. SUPPRESS: when it is not given there,
+    # the namespace keeps the value the top-level parser set.
+    subcommand.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                            help=_DEBUG_HELP)
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser of the command line (its subcommands and flags)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="solver", description="Build graphs with the solver engine's built-in worker."
     )
     parser.add_argument("--version", action="version", version=version_text(),
                         help="print the version and exit")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cache_help = (
         "snapshot cache directory (snapshots live in DIR/snapshots); default "
-        "$SOLVER_CACHE_DIR, else ~/.cache/solver-engine"
+        "$SOLVER_CACHE_DIR, else the user cache directory (e.g. ~/.cache/solver-engine)"
     )
 
     b = sub.add_parser(
@@ -610,11 +861,30 @@ def make_parser() -> argparse.ArgumentParser:
         "--progress",
         choices=PROGRESS_MODES,
         default="auto",
-        help="progress output on stderr (auto: tty on a terminal, else plain)",
+        help="progress output on stderr (auto: tty on a terminal, else plain; "
+        "NO_COLOR turns colour off)",
     )
     b.add_argument("--cache-dir", metavar="DIR", default=None, help=cache_help)
+    b.add_argument(
+        "--sandbox",
+        choices=("bwrap", "none"),
+        default="bwrap",
+        help="how exec steps run: bwrap (default: in a bubblewrap sandbox that sees "
+        "only its mounts and the system root) or none (on the host, no isolation)",
+    )
+    b.add_argument(
+        "--secret",
+        dest="secrets",
+        type=_secret_arg,
+        action=_MergeSecrets,
+        default={},
+        metavar="id=ID,src=PATH",
+        help="a file exec steps may mount as secret ID (repeatable); never part of "
+        "a cache key, record or exported cache",
+    )
     add_frontend_arguments(b)
     add_cache_arguments(b)
+    _add_debug(b)
     b.set_defaults(func=_cmd_build)
 
     d = sub.add_parser(
@@ -628,6 +898,7 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", choices=("table", "json"), default="table",
                    help="table (default) or a JSON document")
     d.add_argument("--cache-dir", metavar="DIR", default=None, help=cache_help)
+    _add_debug(d)
     d.set_defaults(func=_cmd_du)
 
     p = sub.add_parser(
@@ -664,23 +935,120 @@ def make_parser() -> argparse.ArgumentParser:
                    help="delete every unused snapshot (that passes --filter); the default "
                    "when no limit is given; not with --keep-duration or space limits")
     p.add_argument("--cache-dir", metavar="DIR", default=None, help=cache_help)
+    _add_debug(p)
     p.set_defaults(func=_cmd_prune)
     return parser
 
 
+class _LogLines(logging.Handler):
+    """The ``solver`` logger's warnings and errors as one ``solver: warning:``
+    line each on stderr (looked up at each record, so that a replaced
+    ``sys.stderr`` is used): a logged exception adds its type and message, its
+    traceback only with ``--debug``. All are warnings, errors included: what is
+    logged did not stop the command (a failed automatic GC, a metadata file that
+    could not be written), and ``solver: error:`` is kept for the one line that
+    says why the command failed."""
+
+    def __init__(self, debug: bool) -> None:
+        super().__init__(logging.WARNING)
+        self.debug = debug
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = record.getMessage()
+            exc = record.exc_info[1] if record.exc_info else None
+            if exc is not None:
+                text += f": {type(exc).__name__}: {exc}"
+                if self.debug:
+                    traceback.print_exception(exc, file=sys.stderr)
+            _warning(text)
+        except Exception:
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def _log_lines(debug: bool) -> Iterator[None]:
+    logger = logging.getLogger("solver")
+    handler = _LogLines(debug)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+def _single(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member exception groups (a task
+    group wraps what it re-raises); ``exc`` itself otherwise."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _silence_stdout() -> None:
+    # stdout's reader went away (`solver du | head -1`): point stdout at
+    # /dev/null so that the interpreter's final flush does not fail again.
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _report(exc: BaseException, debug: bool) -> int:
+    """Print the one line for a failure (after its traceback with ``debug``) and
+    return the exit status."""
+    exc = _single(exc)
+    if debug:
+        # A CommandError is the message; what went wrong is its cause.
+        shown = exc.__cause__ if isinstance(exc, CommandError) else None
+        traceback.print_exception(shown or exc, file=sys.stderr)
+    hint = "" if debug else f" ({DEBUG_HINT})"
+    if isinstance(exc, KeyboardInterrupt):
+        sys.stderr.write("solver: interrupted\n")
+        sys.stderr.flush()
+        return 130
+    if isinstance(exc, CommandError):
+        _error(exc.message + (hint if exc.hint else ""))
+        return exc.status
+    if isinstance(exc, InternalError):
+        _error(f"internal error: {exc}; this is a bug{hint}")
+        return 1
+    if isinstance(exc, SolveError):
+        name = exc.vertex_name
+        text = str(exc)
+        _error(f"building {name!r} failed: {text}" if name and name not in text else text)
+        return 1
+    if isinstance(exc, BrokenPipeError) and exc.filename is None:
+        _silence_stdout()
+        return 1
+    if isinstance(exc, OSError):
+        _error(_os_reason(exc))
+        return 1
+    # Anything else is a bug of this program, not of the input: say so, and
+    # where to get the traceback.
+    text = str(exc)
+    _error(f"internal error: {type(exc).__name__}{': ' + text if text else ''}; "
+           f"this is a bug{hint}")
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the
-    exit status (argument errors return 2 after printing usage)."""
+    exit status (see the module docs). Every failure is reported as one line on
+    stderr, never as a traceback (unless ``--debug`` is given)."""
     parser = make_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or bad arguments (2)
+    except SystemExit as exc:  # --help, --version (0) or bad arguments (2)
         return exc.code if isinstance(exc.code, int) else 2
-    try:
-        status: int = args.func(args)
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        return 130
+    debug = bool(getattr(args, "debug", False))
+    with _log_lines(debug):
+        try:
+            status: int = args.func(args)
+        except (SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # every failure is one line
+            return _report(exc, debug)
     return status
 
 

@@ -13,7 +13,7 @@ from ._cacheblobs import (
     SNAPSHOT_BLOB_MEDIA_TYPE as SNAPSHOT_BLOB_MEDIA_TYPE,
     SnapshotBlobCodec as SnapshotBlobCodec,
 )
-from ._exec import register_exec as register_exec
+from ._exec import SecretSource as SecretSource, register_exec as register_exec
 from ._export import (
     MANIFEST_NAME as MANIFEST_NAME,
     export_parts_to_dir as export_parts_to_dir,
@@ -26,6 +26,13 @@ from ._gc import (
     snapshot_kind as snapshot_kind,
     snapshot_label as snapshot_label,
 )
+from ._sandbox import (
+    DEFAULT_ROOTFS as DEFAULT_ROOTFS,
+    SANDBOX_ROOT as SANDBOX_ROOT,
+    SECRETS_DIR as SECRETS_DIR,
+    Network as Network,
+    SandboxMode as SandboxMode,
+)
 from ._snapshots import (
     FileStat as FileStat,
     MutableSnapshot as MutableSnapshot,
@@ -37,6 +44,14 @@ from ._snapshots import (
     SnapshotView as SnapshotView,
     UnsafePathError as UnsafePathError,
     default_root as default_root,
+)
+from ._usage import (
+    DiskUsage as DiskUsage,
+    KindUsage as KindUsage,
+    PruneReport as PruneReport,
+    StoreTarget as StoreTarget,
+    disk_usage as disk_usage,
+    prune as prune,
 )
 from ._worker import Worker as Worker, register_builtin_kinds as register_builtin_kinds
 from .state import State as State, merge as merge, run as run

@@ -1,9 +1,12 @@
 """The built-in ``exec`` op kind: run a process over snapshot mounts.
 
 ``register_exec(registry, store)`` registers the kind ``exec`` in an
-:class:`~solver.OpKindRegistry`. An ``exec`` op runs one process on the host (no
-container, no user namespace) in a fresh per-exec directory ``R`` in which each of
-its mounts is materialised, and turns some of those mounts into output snapshots.
+:class:`~solver.OpKindRegistry`. An ``exec`` op runs one process in a fresh per-exec
+directory ``R`` in which each of its mounts is materialised, and turns some of
+those mounts into output snapshots. The process runs in a bubblewrap sandbox
+(:mod:`solver.worker._sandbox`: it sees ``R`` at ``/build``, a read-only system
+root, a private ``/tmp``, no network, only its declared environment), or, with
+``register_exec(..., sandbox="none")``, as a plain host process.
 
 Payload
 -------
@@ -20,7 +23,13 @@ Payload
          "readonly": false,                    # optional, default false
          "output": 0 | null},                  # optional: becomes that output
         ...
-      ]
+      ],
+      "rootfs":  ["/usr", "/bin", ...],        # optional, default DEFAULT_ROOTFS
+      "network": "none" | "host",              # optional, default "none"
+      "limits":  {"timeout": 600,              # optional: seconds of wall clock,
+                  "memory": 2**32,             #   bytes of address space,
+                  "processes": 512},           #   processes at once (integers > 0)
+      "secrets": ["id", ...]                   # optional: worker secrets to expose
     }
 
 * A **read-only** mount of input ``i`` is a private copy of that input snapshot,
@@ -40,10 +49,20 @@ Payload
 * The number of outputs is the number of mounts with an ``output`` index; the
   indexes are ``0..n-1``, each used once.
 * ``cwd`` is relative to ``R``; it is created (as plain directories) if missing.
-* The environment is exactly ``env``, plus ``PATH`` from the host when ``env``
-  has none, plus ``SOLVER_ROOT`` = the absolute path of ``R`` (``env`` may not set
-  it). ``args[0]`` is looked up on that ``PATH`` (or relative to ``cwd`` when it
-  contains a ``/``).
+* The environment is exactly :data:`~solver.worker._sandbox.BASE_ENV` (a fixed
+  ``PATH``, ``HOME``, ``LANG=C.UTF-8``) updated with ``env``, plus
+  ``SOLVER_ROOT`` = the path of ``R`` as the process sees it (``/build`` in the
+  sandbox) and, when the op names secrets, ``SOLVER_SECRETS`` = their directory
+  (``env`` may set neither); nothing of the worker's own environment. ``args[0]``
+  is looked up on that ``PATH`` (or relative to ``cwd`` when it contains a ``/``).
+* ``rootfs``, ``network``, ``secrets``: see :mod:`solver.worker._sandbox` and
+  ``docs/worker.md`` ("Sandbox"). A secret is a worker secret
+  (``register_exec(..., secrets={id: bytes or path})``) exposed as a read-only
+  file ``$SOLVER_SECRETS/<id>``; its contents are never part of anything recorded.
+* ``limits``: ``timeout`` kills the step (its process group; in the sandbox its
+  PID namespace) and fails it with "exceeded its time limit"; ``memory`` is
+  ``RLIMIT_AS``; ``processes`` is ``RLIMIT_NPROC``, or for a root worker (which
+  the kernel exempts from it) a pids cgroup.
 
 Paths (``dest``, ``cwd``) are relative with ``/`` separators; absolute paths,
 ``..``, NUL bytes and two mounts at the same destination are refused by the kind's
@@ -74,8 +93,9 @@ failure are released. The per-exec directory lives under the store's ``tmp/``
 (``tmp/exec-<random>/``), which the store empties when it is next opened, so even
 a crash leaves nothing behind for long.
 
-Cache map: the digest of the canonical JSON of ``{"kind": "exec", "payload": ...}``
-and one :class:`~solver.CacheMapDep` per input (no selector, no content key).
+Cache map: :func:`cache_digest` (the payload without ``limits``, the sandbox mode,
+and in the sandbox the system root and network, defaults filled in) and one
+:class:`~solver.CacheMapDep` per input (no selector, no content key).
 """
 
 from __future__ import annotations
@@ -104,6 +124,21 @@ from .._op import CacheMap, CacheMapDep, Op
 from .._progress import log_output
 from .._result import Result
 from ..definition import DefinitionError, JSONValue, OpContext, OpKindRegistry, canonical_json
+from ._sandbox import (
+    BASE_ENV,
+    DEFAULT_ROOTFS,
+    INSTALL_HINT,
+    SANDBOX_ROOT,
+    SECRETS_DIR,
+    Network,
+    PidsCgroup,
+    SandboxMode,
+    SandboxSpec,
+    bwrap_argv,
+    find_bwrap,
+    limit_prefix,
+    resolve_rootfs,
+)
 from ._snapshots import MutableSnapshot, SnapshotRef, SnapshotStore, SnapshotView
 
 __all__ = [
@@ -112,6 +147,8 @@ __all__ = [
     "ExecOp",
     "ExecPayloadError",
     "OutputHook",
+    "SecretSource",
+    "cache_digest",
     "register_exec",
 ]
 
@@ -126,8 +163,28 @@ STDERR_TAIL: Final = 4096
 KILL_GRACE: Final = 2.0
 """Seconds between ``SIGTERM`` and ``SIGKILL`` when an exec is cancelled."""
 
+SecretSource = bytes | str | os.PathLike[str]
+"""A secret: its contents (``bytes``), or the path of a host file holding them."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Tools:
+    bwrap: str | None  # None: sandbox="none"
+    prlimit: str | None  # None: no rlimit to set
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
 _KIND: Final = "exec"
-_KEYS: Final = frozenset({"args", "env", "cwd", "mounts"})
+_KEYS: Final = frozenset(
+    {"args", "env", "cwd", "mounts", "rootfs", "network", "limits", "secrets"}
+)
+_LIMIT_KEYS: Final = frozenset({"timeout", "memory", "processes"})
+_RESERVED_ENV: Final = frozenset({"SOLVER_ROOT", "SOLVER_SECRETS"})
+# System-root paths that would hide what the sandbox itself puts there.
+# (A path below /tmp is fine: it is bound on top of the private /tmp.)
+_SANDBOX_PATHS: Final = ("/proc", "/dev", SANDBOX_ROOT, SECRETS_DIR)
 _MOUNT_KEYS: Final = frozenset({"input", "dest", "readonly", "output"})
 _WRITE_BITS: Final = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
 
@@ -157,6 +214,12 @@ class _Spec:
     cwd: tuple[str, ...]
     mounts: tuple[_Mount, ...]
     outputs: int
+    rootfs: tuple[str, ...] = DEFAULT_ROOTFS
+    network: Network = "none"
+    timeout: int | None = None
+    memory: int | None = None
+    processes: int | None = None
+    secrets: tuple[str, ...] = ()
 
 
 def _rel_parts(value: object, where: str) -> tuple[str, ...]:
@@ -221,9 +284,10 @@ def _parse(payload: Mapping[str, JSONValue]) -> _Spec:
     for name, value in env_value.items():
         if not isinstance(name, str) or not name or "=" in name or "\0" in name:
             raise ExecPayloadError(f"env name {name!r} is invalid (non-empty, no '=' or NUL)")
-        if name == "SOLVER_ROOT":
+        if name in _RESERVED_ENV:
             raise ExecPayloadError(
-                "env may not set SOLVER_ROOT: the exec op sets it to the exec root"
+                f"env may not set {name}: the exec op sets it (SOLVER_ROOT: the exec "
+                "root; SOLVER_SECRETS: the directory of the secrets)"
             )
         if not isinstance(value, str) or "\0" in value:
             raise ExecPayloadError(
@@ -291,7 +355,115 @@ def _parse(payload: Mapping[str, JSONValue]) -> _Spec:
         raise ExecPayloadError(
             f"output indexes must be 0..{len(outs) - 1} without gaps, got {outs}"
         )
-    return _Spec(tuple(str(a) for a in args), env, cwd, tuple(mounts), len(outs))
+    timeout, memory, processes = _parse_limits(payload.get("limits", {}))
+    return _Spec(
+        tuple(str(a) for a in args),
+        env,
+        cwd,
+        tuple(mounts),
+        len(outs),
+        rootfs=_parse_rootfs(payload.get("rootfs", list(DEFAULT_ROOTFS))),
+        network=_parse_network(payload.get("network", "none")),
+        timeout=timeout,
+        memory=memory,
+        processes=processes,
+        secrets=_parse_secrets(payload.get("secrets", [])),
+    )
+
+
+def _parse_rootfs(value: object) -> tuple[str, ...]:
+    """The system root: absolute, normalised host paths, each once."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise ExecPayloadError(
+            f"'rootfs' must be a list of absolute host paths, got {_describe(value)}"
+        )
+    paths: list[str] = []
+    for i, path in enumerate(value):
+        where = f"rootfs[{i}]"
+        if not isinstance(path, str) or not path.startswith("/") or "\0" in path:
+            raise ExecPayloadError(
+                f"{where} must be an absolute host path (a string starting with '/'), "
+                f"got {_describe(path)}"
+            )
+        parts = path.split("/")[1:]
+        if any(p in ("", ".", "..") for p in parts) or path == "/":
+            raise ExecPayloadError(
+                f"{where} {path!r} is not a normalised path below '/' (no '.', '..', "
+                "empty components, trailing '/', and not '/' itself)"
+            )
+        if path == "/tmp":
+            raise ExecPayloadError(
+                f"{where} '/tmp' would replace the step's private /tmp; name paths below it"
+            )
+        for taken in _SANDBOX_PATHS:
+            if path == taken or path.startswith(taken + "/") or taken.startswith(path + "/"):
+                raise ExecPayloadError(
+                    f"{where} {path!r} overlaps {taken!r}, which the sandbox provides itself"
+                )
+        if path in paths:
+            raise ExecPayloadError(f"{where} {path!r} is listed twice")
+        paths.append(path)
+    return tuple(paths)
+
+
+def _parse_network(value: object) -> Network:
+    if value == "none":
+        return "none"
+    if value == "host":
+        return "host"
+    raise ExecPayloadError(f"'network' must be \"none\" or \"host\", got {_describe(value)}")
+
+
+def _parse_limits(value: object) -> tuple[int | None, int | None, int | None]:
+    """``timeout`` (seconds), ``memory`` (bytes), ``processes``: integers > 0."""
+    if not isinstance(value, Mapping):
+        raise ExecPayloadError(
+            "'limits' must be an object with 'timeout' (seconds), 'memory' (bytes) "
+            f"and/or 'processes', got {_describe(value)}"
+        )
+    unknown = sorted(set(value) - _LIMIT_KEYS)
+    if unknown:
+        raise ExecPayloadError(
+            f"limits: unknown field(s) {', '.join(map(repr, unknown))}; "
+            f"allowed: {', '.join(sorted(_LIMIT_KEYS))}"
+        )
+    # Integers only: payloads are canonical JSON, which has no floats.
+    ints: list[int | None] = []
+    for name, unit in (("timeout", " (seconds)"), ("memory", " (bytes)"), ("processes", "")):
+        n = value.get(name)
+        if n is not None and (type(n) is not int or n <= 0):
+            raise ExecPayloadError(
+                f"limits.{name} must be an integer > 0{unit}, got {_describe(n)}"
+            )
+        ints.append(n)
+    return ints[0], ints[1], ints[2]
+
+
+def _parse_secrets(value: object) -> tuple[str, ...]:
+    """Secret ids: file names in the secrets directory, each once."""
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise ExecPayloadError(f"'secrets' must be a list of secret ids, got {_describe(value)}")
+    ids: list[str] = []
+    for i, name in enumerate(value):
+        if (
+            not isinstance(name, str)
+            or not name
+            or name in (".", "..")
+            or any(c not in _SECRET_ID_CHARS for c in name)
+        ):
+            raise ExecPayloadError(
+                f"secrets[{i}] must be a secret id (letters, digits, '.', '_', '-'), "
+                f"got {_describe(name)}"
+            )
+        if name in ids:
+            raise ExecPayloadError(f"secrets[{i}] {name!r} is listed twice")
+        ids.append(name)
+    return tuple(ids)
+
+
+_SECRET_ID_CHARS: Final = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
+)
 
 
 def _validate(payload: Mapping[str, JSONValue]) -> None:
@@ -309,7 +481,16 @@ class ExecOp:
     """The op of one ``exec`` vertex (see the module docstring). Made by the factory
     that :func:`register_exec` registers; ``exec`` runs the process once."""
 
-    __slots__ = ("_digest", "_inputs", "_name", "_on_output", "_spec", "_store")
+    __slots__ = (
+        "_digest",
+        "_inputs",
+        "_name",
+        "_on_output",
+        "_sandbox",
+        "_secrets",
+        "_spec",
+        "_store",
+    )
 
     def __init__(
         self,
@@ -319,13 +500,18 @@ class ExecOp:
         store: SnapshotStore,
         on_output: OutputHook | None,
         name: str = "",
+        *,
+        sandbox: SandboxMode = "bwrap",
+        secrets: Mapping[str, SecretSource] | None = None,
     ) -> None:
         self._spec = spec
         self._inputs = inputs
         self._store = store
         self._on_output = on_output
         self._name = name
-        self._digest = digest_of(canonical_json({"kind": _KIND, "payload": payload}))
+        self._sandbox: SandboxMode = sandbox
+        self._secrets: Mapping[str, SecretSource] = secrets or {}
+        self._digest = cache_digest(payload, spec, sandbox)
 
     async def cache_map(self, index: int) -> tuple[CacheMap, bool]:
         """The payload's digest and one plain dependency per input."""
@@ -337,6 +523,13 @@ class ExecOp:
         store = self._store
         if store.closed:
             raise SolveError("cannot run exec: the snapshot store is closed")
+        tools = self._tools()  # before any work: a missing bwrap fails at once
+        for name in spec.secrets:
+            if name not in self._secrets:
+                raise SolveError(
+                    f"{self._label()}: secret {name!r} is not provided; give it to the "
+                    "worker: Worker(secrets={" + repr(name) + ": b'...' or a file path})"
+                )
         work = store.root / "tmp" / f"exec-{secrets.token_hex(8)}"
         root = work / "root"
         mutables: dict[int, MutableSnapshot] = {}
@@ -349,9 +542,9 @@ class ExecOp:
                 raise SolveError(f"cannot create the exec directory {work}: {exc}") from exc
             stashes = await self._materialise(inputs, work, root, order, mutables)
             cwd = await anyio.to_thread.run_sync(_ensure_dir, root, spec.cwd, "cwd")
-            code, tail = await self._run(root, cwd)
+            code, tail, pids_hit = await self._run(work, root, cwd, tools)
             if code != 0:
-                raise SolveError(self._failure(code, tail))
+                raise SolveError(self._failure(code, tail, pids_hit))
             await anyio.to_thread.run_sync(
                 _unmount, spec.mounts, order, root, work, mutables, stashes
             )
@@ -417,17 +610,148 @@ class ExecOp:
                 stashes[i] = stash
         return stashes
 
-    async def _run(self, root: Path, cwd: Path) -> tuple[int, bytes]:
-        """Run the process to its end; its exit code and stderr tail."""
+    def _tools(self) -> _Tools:
+        """The host programs this step needs, or a :class:`SolveError` saying how
+        to get them."""
         spec = self._spec
-        env = dict(spec.env)
-        if "PATH" not in env:
-            env["PATH"] = os.environ.get("PATH", os.defpath)
-        env["SOLVER_ROOT"] = os.fspath(root)
+        bwrap = None
+        if self._sandbox == "bwrap":
+            bwrap = find_bwrap()
+            if bwrap is None:
+                raise SolveError(
+                    f"{self._label()}: exec steps run in a sandbox, which needs "
+                    f"bubblewrap ('bwrap'), but it is not installed: {INSTALL_HINT}"
+                )
+        prlimit = None
+        if spec.memory is not None or spec.processes is not None:
+            prlimit = shutil.which("prlimit") or shutil.which("prlimit", path="/usr/bin:/bin")
+            if prlimit is None:
+                raise SolveError(
+                    f"{self._label()}: the step has limits, which need 'prlimit' "
+                    "(util-linux), but it is not installed"
+                )
+        return _Tools(bwrap, prlimit)
+
+    async def _command_line(
+        self, work: Path, root: Path, cwd: Path, tools: _Tools
+    ) -> tuple[list[str], Path, dict[str, str]]:
+        """The command line to start, its working directory and environment."""
+        spec = self._spec
+        env = {**BASE_ENV, **spec.env}
+        secrets = await anyio.to_thread.run_sync(self._write_secrets, work)
+        if tools.bwrap is None:
+            # sandbox="none": a plain host process, with the same environment rules.
+            env["SOLVER_ROOT"] = os.fspath(root)
+            if "HOME" not in spec.env:
+                home = work / "home"
+                await anyio.to_thread.run_sync(os.mkdir, home)
+                env["HOME"] = os.fspath(home)
+            if secrets:
+                env["SOLVER_SECRETS"] = os.fspath(work / "secrets")
+            return list(spec.args), cwd, env
+        env["SOLVER_ROOT"] = SANDBOX_ROOT
+        if secrets:
+            env["SOLVER_SECRETS"] = SECRETS_DIR
+        rootfs = await anyio.to_thread.run_sync(resolve_rootfs, spec.rootfs)
+        readonly = tuple(
+            m.parts for m in sorted(spec.mounts, key=lambda m: len(m.parts)) if m.readonly
+        )
+        sandbox = SandboxSpec(
+            args=spec.args,
+            root=os.fspath(root),
+            cwd=spec.cwd,
+            env=env,
+            rootfs=rootfs,
+            readonly=readonly,
+            network=spec.network,
+            secrets=secrets,
+            as_root=_is_root(),
+        )
+        # bwrap itself gets an almost empty environment; the step's is set by
+        # --clearenv/--setenv.
+        return bwrap_argv(tools.bwrap, sandbox), work, {"PATH": BASE_ENV["PATH"]}
+
+    def _write_secrets(self, work: Path) -> dict[str, str]:
+        """The host file of each secret the step names. A secret given as bytes is
+        written, readable by its owner only, into the per-exec directory (removed
+        with it); without a sandbox a file secret is copied there too, so that all
+        of them are in one directory."""
+        spec = self._spec
+        if not spec.secrets:
+            return {}
+        folder = work / "secrets"
+        os.mkdir(folder, 0o700)
+        files: dict[str, str] = {}
+        for name in spec.secrets:
+            source = self._secrets[name]
+            path = folder / name
+            if isinstance(source, bytes):
+                data = source
+            elif self._sandbox == "bwrap":
+                if not os.path.isfile(source):
+                    raise SolveError(
+                        f"{self._label()}: secret {name!r}: {os.fspath(source)!r} is not a file"
+                    )
+                files[name] = os.fspath(source)
+                continue
+            else:
+                try:
+                    data = Path(source).read_bytes()
+                except OSError as exc:
+                    raise SolveError(f"{self._label()}: secret {name!r}: {exc}") from exc
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            files[name] = os.fspath(path)
+        return files
+
+    async def _run(
+        self, work: Path, root: Path, cwd: Path, tools: _Tools
+    ) -> tuple[int, bytes, bool]:
+        """Run the process to its end; its exit code, its stderr tail, and whether
+        a fork failed on the process limit."""
+        spec = self._spec
+        argv, start_dir, env = await self._command_line(work, root, cwd, tools)
+        if tools.bwrap is None:
+            # An explicit choice; it still shows, in the vertex's progress.
+            log_output(
+                b"[sandbox=none] this step runs on the host, without a sandbox\n", 2
+            )
+        cgroup: PidsCgroup | None = None
+        rlimit_procs = spec.processes
+        if spec.processes is not None and _is_root():
+            # The kernel does not apply RLIMIT_NPROC to root: use a pids cgroup.
+            cgroup = await anyio.to_thread.run_sync(
+                PidsCgroup.create, f"solver-{work.name}", spec.processes
+            )
+            if cgroup is None:
+                raise SolveError(
+                    f"{self._label()}: cannot enforce the process limit "
+                    f"({spec.processes}): the worker runs as root, for which the kernel "
+                    "ignores RLIMIT_NPROC, and no writable pids cgroup was found "
+                    "under /sys/fs/cgroup"
+                )
+            rlimit_procs = None
+        prefix: list[str] = []
+        if cgroup is not None:
+            prefix += cgroup.join_prefix()
+        if tools.prlimit is not None:
+            prefix += limit_prefix(tools.prlimit, memory=spec.memory, processes=rlimit_procs)
+        try:
+            return await self._spawn([*prefix, *argv], start_dir, env, cgroup)
+        finally:
+            if cgroup is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(cgroup.remove)
+
+    async def _spawn(
+        self, argv: list[str], cwd: Path, env: dict[str, str], cgroup: PidsCgroup | None
+    ) -> tuple[int, bytes, bool]:
+        spec = self._spec
         posix = sys.platform != "win32"
         try:
             process = await anyio.open_process(
-                list(spec.args),
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -438,22 +762,38 @@ class ExecOp:
         except OSError as exc:
             raise SolveError(f"cannot start {self._command()}: {exc}") from exc
         tail = bytearray()
+        timed_out = False
         try:
             async with anyio.create_task_group() as tg:
                 assert process.stdout is not None
                 assert process.stderr is not None
                 tg.start_soon(self._pump, process.stdout, 1, None)
                 tg.start_soon(self._pump, process.stderr, 2, tail)
-                code = await process.wait()
-                # The process is gone; anything left in its group would hold the
-                # pipes open (and the op) forever.
+                with anyio.move_on_after(spec.timeout) as limit:
+                    code = await process.wait()
+                if limit.cancelled_caught:
+                    timed_out = True
+                    # Killed outright: a step that overran gets no grace period.
+                    # In the sandbox, bwrap's death takes its PID namespace with it.
+                    _signal_group(process, signal.SIGKILL if posix else signal.SIGTERM)
+                    code = await process.wait()
+                pids_hit = cgroup is not None and cgroup.hit_limit()
+                # The process is gone; anything left in its group (or cgroup) would
+                # hold the pipes open (and the op) forever.
                 _signal_group(process, signal.SIGKILL if posix else signal.SIGTERM)
-            return code, bytes(tail)
+                if cgroup is not None:
+                    await anyio.to_thread.run_sync(cgroup.remove)
         finally:
             with anyio.CancelScope(shield=True):
                 if process.returncode is None:
                     await _kill(process)
                 await process.aclose()
+        if timed_out:
+            raise SolveError(
+                f"{self._label()}: process {self._command()} exceeded its time limit of "
+                f"{spec.timeout}s and was killed"
+            )
+        return code, bytes(tail), pids_hit
 
     async def _pump(
         self, stream: anyio.abc.ByteReceiveStream, fd: int, tail: bytearray | None
@@ -471,7 +811,34 @@ class ExecOp:
     def _command(self) -> str:
         return shlex.join(self._spec.args)
 
-    def _failure(self, code: int, tail: bytes) -> str:
+    def _label(self) -> str:
+        label = f" {self._name!r}" if self._name and self._name != _KIND else ""
+        return f"exec{label}"
+
+    def _failure(self, code: int, tail: bytes, pids_hit: bool = False) -> str:
+        spec = self._spec
+        text = tail.decode("utf-8", "replace").rstrip()
+        # bwrap (or prlimit) reports a program it cannot start on stderr, exit 1.
+        for marker in ("bwrap: execvp ", "prlimit: failed to execute "):
+            if code == 1 and text.startswith(marker) and "\n" not in text:
+                where = " in the sandbox" if self._sandbox == "bwrap" else ""
+                hint = (
+                    " (only the system root and the mounts are visible; a tool "
+                    "elsewhere needs its directories in the op's 'rootfs')"
+                    if self._sandbox == "bwrap"
+                    else ""
+                )
+                return (
+                    f"{self._label()}: cannot start {self._command()}{where}: "
+                    f"{text.rsplit(': ', 1)[-1]}{hint}"
+                )
+        if self._sandbox == "bwrap" and code == 1 and text.startswith("bwrap: "):
+            # bwrap's own failure (no user namespaces, a mount refused), not the step's.
+            return (
+                f"{self._label()}: the sandbox for {self._command()} could not be set up: "
+                f"{text}; if this host cannot run bubblewrap, run steps without a sandbox "
+                'explicitly with Worker(sandbox="none")'
+            )
         if code < 0:
             try:
                 how = f"was killed by signal {signal.Signals(-code).name}"
@@ -480,9 +847,16 @@ class ExecOp:
             how += f" (exit code {code})"
         else:
             how = f"exited with exit code {code}"
-        text = tail.decode("utf-8", "replace").rstrip()
-        label = f" {self._name!r}" if self._name and self._name != _KIND else ""
-        msg = f"exec{label}: process {self._command()} {how}"
+        msg = f"{self._label()}: process {self._command()} {how}"
+        if pids_hit:
+            msg += f"; it hit its process limit of {spec.processes} (a fork failed)"
+        elif spec.processes is not None:
+            msg += f"; it ran with a process limit of {spec.processes}"
+        if spec.memory is not None:
+            msg += (
+                f"; it ran with a memory limit of {spec.memory} bytes (address space), "
+                "so a failed allocation may be the cause"
+            )
         if text:
             return f"{msg}; stderr (last {STDERR_TAIL} bytes at most):\n{text}"
         return f"{msg}; it wrote nothing to stderr"
@@ -491,12 +865,30 @@ class ExecOp:
         return f"<ExecOp {self._command()} mounts={len(self._spec.mounts)}>"
 
 
+def cache_digest(
+    payload: Mapping[str, JSONValue], spec: _Spec, sandbox: SandboxMode
+) -> str:
+    """The cache key of an exec op: its payload without ``limits`` (a limit does not
+    change what a successful step makes), the sandbox mode, and, in the sandbox,
+    the system root and the network it gets (defaults filled in, so changing
+    :data:`DEFAULT_ROOTFS` changes the keys of ops that rely on it). Secrets are
+    named by id only; their contents are never part of it."""
+    keyed: dict[str, JSONValue] = {k: v for k, v in payload.items() if k != "limits"}
+    key: dict[str, JSONValue] = {"kind": _KIND, "payload": keyed, "sandbox": sandbox}
+    if sandbox == "bwrap":
+        key["rootfs"] = list(spec.rootfs)
+        key["network"] = spec.network
+    return digest_of(canonical_json(key))
+
+
 def register_exec(
     registry: OpKindRegistry,
     store: SnapshotStore,
     *,
     on_output: OutputHook | None = None,
     replace: bool = False,
+    sandbox: SandboxMode = "bwrap",
+    secrets: Mapping[str, SecretSource] | None = None,
 ) -> None:
     """Register the op kind ``exec`` in ``registry``, running over ``store``.
 
@@ -507,7 +899,19 @@ def register_exec(
     wired in (there is no per-vertex log API yet). ``replace`` is passed to
     :meth:`OpKindRegistry.register`. Payloads are checked by the kind's ``validate``
     hook, and ``outputs`` gives the number of output mounts.
+
+    ``sandbox`` is ``"bwrap"`` (every step in a bubblewrap sandbox; see
+    :mod:`solver.worker._sandbox`) or ``"none"`` (host processes: an explicit
+    choice, logged in each step's progress and part of its cache key).
+    ``secrets`` maps the secret ids ops may name to their contents (``bytes``) or
+    to a host file that holds them (a path).
     """
+    if sandbox not in ("bwrap", "none"):
+        raise ValueError(f"sandbox must be 'bwrap' or 'none', got {sandbox!r}")
+    secret_map = dict(secrets or {})
+    for name, source in secret_map.items():
+        if not isinstance(source, bytes | str | os.PathLike):
+            raise TypeError(f"secret {name!r} must be bytes or a file path, got {source!r}")
 
     def factory(ctx: OpContext) -> Op:
         spec = _parse(ctx.payload)
@@ -519,7 +923,16 @@ def register_exec(
                     op=ctx.vertex.digest,
                     kind=ctx.kind,
                 )
-        return ExecOp(spec, ctx.payload, ctx.inputs, store, on_output, ctx.vertex.name)
+        return ExecOp(
+            spec,
+            ctx.payload,
+            ctx.inputs,
+            store,
+            on_output,
+            ctx.vertex.name,
+            sandbox=sandbox,
+            secrets=secret_map,
+        )
 
     registry.register(_KIND, factory, outputs=_count_outputs, validate=_validate, replace=replace)
 

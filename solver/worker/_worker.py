@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 
 import anyio.lowlevel
@@ -29,10 +29,11 @@ from .._errors import SolveError
 from ..cache import KeyedCacheManager
 from ..definition import OpKindRegistry
 from ._cacheresults import open_worker_cache
-from ._exec import register_exec
+from ._exec import SecretSource, register_exec
 from ._fileops import register_file
 from ._gc import PrunePolicy, as_rules
 from ._merge import register_merge
+from ._sandbox import SandboxMode
 from ._snapshots import SnapshotInfo, SnapshotStore
 from ._sources import register_sources
 
@@ -41,13 +42,20 @@ __all__ = ["Worker", "register_builtin_kinds"]
 _log = logging.getLogger("solver")
 
 
-def register_builtin_kinds(registry: OpKindRegistry, store: SnapshotStore) -> None:
+def register_builtin_kinds(
+    registry: OpKindRegistry,
+    store: SnapshotStore,
+    *,
+    sandbox: SandboxMode = "bwrap",
+    secrets: Mapping[str, SecretSource] | None = None,
+) -> None:
     """Register the built-in kinds (``source.inline``, ``source.local``, ``file``,
-    ``merge``, ``exec``) into ``registry``, bound to ``store``."""
+    ``merge``, ``exec``) into ``registry``, bound to ``store``; ``sandbox`` and
+    ``secrets`` are :func:`register_exec`'s."""
     register_sources(registry, store)
     register_file(registry, store)
     register_merge(registry, store)
-    register_exec(registry, store)
+    register_exec(registry, store, sandbox=sandbox, secrets=secrets)
 
 
 class Worker:
@@ -65,6 +73,16 @@ class Worker:
     ``gc_policy`` is the prune policy (ordered :class:`PrunePolicy` rules) that
     :meth:`after_solve` applies; without one there is no automatic garbage
     collection.
+
+    ``sandbox`` is how ``exec`` steps run: ``"bwrap"`` (the default) in a
+    bubblewrap sandbox that sees only its mounts and a read-only system root
+    (``docs/worker.md``, "Sandbox"); ``"none"`` as plain host processes, which only
+    this explicit option gives (each such step says so in its progress, and the
+    mode is part of the cache keys, so results never mix). ``secrets`` maps the
+    secret ids ``exec`` ops may name (payload ``"secrets"``) to their contents
+    (``bytes``) or to a host file (a path); a step sees them as read-only files in
+    ``/run/secrets``, and they are never part of a cache key, a record, progress
+    or an export.
     """
 
     def __init__(
@@ -73,10 +91,13 @@ class Worker:
         *,
         gc_policy: PrunePolicy | Sequence[PrunePolicy] | None = None,
         lock_timeout: float | None = None,
+        sandbox: SandboxMode = "bwrap",
+        secrets: Mapping[str, SecretSource] | None = None,
     ) -> None:
         self.store = SnapshotStore(root, lock_timeout=lock_timeout)
         self.op_kinds = OpKindRegistry()
-        register_builtin_kinds(self.op_kinds, self.store)
+        self.sandbox: SandboxMode = sandbox
+        register_builtin_kinds(self.op_kinds, self.store, sandbox=sandbox, secrets=secrets)
         self.gc_policy: tuple[PrunePolicy, ...] = (
             as_rules(gc_policy) if gc_policy is not None else ()
         )
@@ -156,4 +177,7 @@ class Worker:
         await self.close()
 
     def __repr__(self) -> str:
-        return f"<Worker at {self.store.root} kinds={self.op_kinds.names()}>"
+        return (
+            f"<Worker at {self.store.root} kinds={self.op_kinds.names()} "
+            f"sandbox={self.sandbox}>"
+        )

@@ -316,6 +316,12 @@ def run(
     env: Mapping[str, str] | None = None,
     cwd: str = "",
     name: str = "",
+    rootfs: Sequence[str] | None = None,
+    network: str = "none",
+    timeout: int | None = None,
+    memory: int | None = None,
+    processes: int | None = None,
+    secrets: Sequence[str] = (),
 ) -> State:
     """An ``exec`` op: run ``args`` in a directory laid out from states, and return
     the state of that directory after the process exits 0.
@@ -324,7 +330,15 @@ def run(
     result; ``mounts`` maps further paths inside it to states, exposed read-only
     when listed in ``readonly`` (writable mounts are scratch copies whose changes
     are dropped). ``cwd`` is relative to the root. The process sees its root in
-    ``$SOLVER_ROOT``."""
+    ``$SOLVER_ROOT``.
+
+    The step runs in the worker's sandbox (``docs/worker.md``, "Sandbox"):
+    ``rootfs`` is its read-only system root (host paths; default
+    :data:`~solver.worker.DEFAULT_ROOTFS`), ``network="host"`` gives it the host's
+    network (default ``"none"``); ``timeout`` (whole seconds), ``memory`` (bytes of
+    address space) and ``processes`` limit it; ``secrets`` are the ids of the
+    worker's secrets it reads from ``/run/secrets/<id>``. Everything but the
+    limits is part of the cache key; a secret's contents never are."""
     ro = set(readonly)
     inputs: list[NodeOutput] = []
     payload_mounts: list[JSONValue] = []
@@ -350,4 +364,21 @@ def run(
         "cwd": cwd,
         "mounts": payload_mounts,
     }
+    # Only what differs from the defaults, so that a plain step's payload (and
+    # cache key) stays as it was before these options existed.
+    if rootfs is not None:
+        payload["rootfs"] = list(rootfs)
+    if network != "none":
+        payload["network"] = network
+    limits: dict[str, JSONValue] = {}
+    if timeout is not None:
+        limits["timeout"] = timeout
+    if memory is not None:
+        limits["memory"] = memory
+    if processes is not None:
+        limits["processes"] = processes
+    if limits:
+        payload["limits"] = limits
+    if secrets:
+        payload["secrets"] = list(secrets)
     return State.from_node(NodeOutput(node("exec", payload, inputs=inputs, name=name), 0))
