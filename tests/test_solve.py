@@ -155,3 +155,26 @@ async def test_ignore_cache_reruns_the_op_and_its_direct_consumers(
             assert res.ref is not None
             assert res.ref.sys == "abcs!"
         assert sorted(ops.execs) == ["a", "b"]  # not "c", "!" above b, nor "s"
+
+
+async def test_a_cancelled_step_reports_canceled_in_progress(
+    handle_tracker: HandleTracker,
+) -> None:
+    """A step cancelled because its sibling failed ends with an error event that
+    says "canceled", not the backend's text about cancel scopes."""
+    from frontend_support import Ops
+
+    ops = Ops()
+    gate = node("test.gate", {"text": "g"})
+    fail = node("test.fail", {"message": "boom"})
+    defn = Definition.of(node("test.text", {"text": "top"}, inputs=[gate, fail]))
+    async with Solver(op_kinds=ops.registry()) as s:
+        job = s.new_job()
+        with pytest.raises(SolveError, match="boom"):
+            await s.solve(defn, job=job)
+        await job.discard()
+        events = [ev async for ev in job.status()]
+    assert ops.cancelled == ["g"]
+    errors = {ev.error for ev in events if ev.status == "error"}
+    assert "canceled" in errors, errors
+    assert not any("cancel scope" in (e or "") for e in errors), errors

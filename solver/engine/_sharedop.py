@@ -254,7 +254,10 @@ class SharedOp:
             try:
                 outputs = list(await op.exec(inputs))
             except BaseException as exc:
-                st.emit(ERROR, exc)
+                # A cancellation (no job wants the step any more, or the solver
+                # is closing) says so, not the backend's text about cancel scopes.
+                cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+                st.emit(ERROR, "canceled" if cancelled else exc)
                 raise
             st.emit(COMPLETED)
         finally:
