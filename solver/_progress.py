@@ -37,7 +37,8 @@ class ProgressEvent:
     """One thing that happened to one vertex.
 
     ``status`` is one of ``"started"``, ``"completed"``, ``"cached"`` (the result
-    came from a cache), ``"error"`` (``error`` holds the message) or ``"log"``
+    came from a cache), ``"error"`` (``error`` holds the message: ``"canceled"``
+    for a step that was cancelled because no job wanted it any more) or ``"log"``
     (``data`` holds output bytes from ``stream``: 1 for stdout, 2 for stderr).
     ``timestamp`` is ``time.time()`` when it happened.
     """
