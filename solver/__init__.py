@@ -79,6 +79,7 @@ from .definition import (
     JSONValue as JSONValue,
     Node as Node,
     NodeOutput as NodeOutput,
+    OpChange as OpChange,
     OpContext as OpContext,
     OpDef as OpDef,
     OpFactory as OpFactory,
@@ -88,6 +89,7 @@ from .definition import (
     OutputRef as OutputRef,
     canonical_json as canonical_json,
     default_op_kinds as default_op_kinds,
+    diff_definitions as diff_definitions,
     node as node,
     op_digest as op_digest,
 )

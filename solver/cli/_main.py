@@ -77,7 +77,7 @@ import anyio
 from .._errors import InternalError, SolveError
 from ..bridge import Solver, opened_imports, run_exports, with_cache_sources
 from ..cache import LocalCacheExport, LocalCacheImport
-from ..definition import Definition, DefinitionError
+from ..definition import Definition, DefinitionError, diff_definitions
 from ..worker import (
     DiskUsage,
     PrunePolicy,
@@ -574,15 +574,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             args,
             functools.partial(open_solver, sandbox=args.sandbox, secrets=args.secrets),
         )
-    try:
-        defn = load_definition(args.file)
-    except _UserCodeError as exc:
-        # The file's own bug: one line saying where, its traceback with --debug.
-        raise CommandError(str(exc), hint=True) from exc.__cause__
-    except BuildFileError as exc:
-        raise CommandError(str(exc)) from exc
-    except DefinitionError as exc:
-        raise CommandError(f"{args.file}: {exc}") from exc
+    defn = _load_for_command(args.file)
 
     imports = existing_imports(args.import_cache)
 
@@ -715,6 +707,41 @@ def usage_json(usage: DiskUsage) -> str:
         "free": usage.free,
     }
     return json.dumps(doc, indent=2, sort_keys=True)
+
+
+def _load_for_command(file: str) -> Definition:
+    """:func:`load_definition` with its failures as :class:`CommandError` (the
+    file's own bug: one line saying where, its traceback with ``--debug``)."""
+    try:
+        return load_definition(file)
+    except _UserCodeError as exc:
+        raise CommandError(str(exc), hint=True) from exc.__cause__
+    except BuildFileError as exc:
+        raise CommandError(str(exc)) from exc
+    except DefinitionError as exc:
+        raise CommandError(f"{file}: {exc}") from exc
+
+
+def _cmd_diff(args: argparse.Namespace) -> int:
+    changes = diff_definitions(_load_for_command(args.a), _load_for_command(args.b))
+    if args.format == "json":
+        doc = [
+            {
+                "a": c.a,
+                "b": c.b,
+                "name": c.name,
+                "field": c.field,
+                "before": c.before,
+                "after": c.after,
+                "cause": c.cause,
+                "root_cause": c.root_cause,
+            }
+            for c in changes
+        ]
+        sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    else:
+        sys.stdout.writelines(c.describe() + "\n" for c in changes)
+    return 1 if changes else 0
 
 
 def _cmd_du(args: argparse.Namespace) -> int:
@@ -937,6 +964,21 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", metavar="DIR", default=None, help=cache_help)
     _add_debug(p)
     p.set_defaults(func=_cmd_prune)
+
+    f = sub.add_parser(
+        "diff",
+        help="list the ops that differ between two definitions",
+        description="Compare definitions A and B (JSON files, or Python files as for "
+        "build): the ops whose own fields differ first (the root causes, deepest "
+        "first, each with its first differing field), then the ops that differ only "
+        "through an input. Exit status 0 when they are the same, 1 when they differ.",
+    )
+    f.add_argument("a", metavar="A")
+    f.add_argument("b", metavar="B")
+    f.add_argument("--format", choices=("text", "json"), default="text",
+                   help="one line per op (default) or a JSON list")
+    _add_debug(f)
+    f.set_defaults(func=_cmd_diff)
     return parser
 
 

@@ -25,6 +25,10 @@ from ._definition import (
     node as node,
     op_digest as op_digest,
 )
+from ._diff import (
+    OpChange as OpChange,
+    diff_definitions as diff_definitions,
+)
 from ._opkind import (
     OpContext as OpContext,
     OpFactory as OpFactory,
