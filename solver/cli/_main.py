@@ -1,4 +1,4 @@
-"""The command line: ``solver build``, ``solver du``, ``solver prune``.
+"""The command line: ``solver build``, ``solver du``, ``solver prune``, ``solver diff``.
 
 ``solver build FILE`` solves a build graph with the built-in worker and can export
 the result. ``FILE`` is either
@@ -49,7 +49,9 @@ prints ``solver VERSION``.
 
 ``solver du`` lists the snapshots (least recently used first), their totals per op
 kind and the free space; ``solver prune`` applies one prune rule built from its
-flags (see ``docs/worker.md``, "Garbage collection").
+flags (see ``docs/worker.md``, "Garbage collection"). ``solver diff A B`` lists
+the ops that differ between two definitions, root cause first, and exits 1 when
+they differ (``docs/definition-format.md``, "Comparing definitions").
 """
 
 from __future__ import annotations
