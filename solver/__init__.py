@@ -48,9 +48,13 @@ from .bridge import (
     Bridge as Bridge,
     Frontend as Frontend,
     FrontendResult as FrontendResult,
+    OpState as OpState,
+    Plan as Plan,
+    PlanOp as PlanOp,
     Solver as Solver,
     SolveRequest as SolveRequest,
     SolveResult as SolveResult,
+    plan as plan,
 )
 from .cache import (
     CacheBlob as CacheBlob,

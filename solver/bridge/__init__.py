@@ -30,6 +30,12 @@ from ._frontend import (
     FrontendResult as FrontendResult,
     ResultMap as ResultMap,
 )
+from ._plan import (
+    OpState as OpState,
+    Plan as Plan,
+    PlanOp as PlanOp,
+    plan as plan,
+)
 from ._request import (
     SolveRequest as SolveRequest,
     SolveResult as SolveResult,

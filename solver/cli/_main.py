@@ -1,4 +1,4 @@
-"""The command line: ``solver build``, ``solver du``, ``solver prune``, ``solver diff``.
+"""The command line: ``solver build``, ``du``, ``prune``, ``diff`` and ``graph``.
 
 ``solver build FILE`` solves a build graph with the built-in worker and can export
 the result. ``FILE`` is either
@@ -51,7 +51,9 @@ prints ``solver VERSION``.
 kind and the free space; ``solver prune`` applies one prune rule built from its
 flags (see ``docs/worker.md``, "Garbage collection"). ``solver diff A B`` lists
 the ops that differ between two definitions, root cause first, and exits 1 when
-they differ (``docs/definition-format.md``, "Comparing definitions").
+they differ (``docs/definition-format.md``, "Comparing definitions"); ``solver
+graph FILE`` prints the op graph as DOT or Mermaid with each op's cache state,
+running nothing ("Showing the graph" there).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ from ..worker import (
 )
 from ._cacheopts import add_cache_arguments, existing_imports
 from ._frontends import add_frontend_arguments, cmd_build_frontend
+from ._graph import add_graph_command
 from ._progress import describe_output, make_renderer, run_progress
 
 __all__ = [
@@ -981,6 +984,15 @@ def make_parser() -> argparse.ArgumentParser:
                    help="one line per op (default) or a JSON list")
     _add_debug(f)
     f.set_defaults(func=_cmd_diff)
+
+    add_graph_command(
+        sub,
+        open_solver=open_solver,
+        load_definition=_load_for_command,
+        check_cache_dir=_check_cache_dir,
+        add_debug=_add_debug,
+        cache_help=cache_help,
+    )
     return parser
 
 
