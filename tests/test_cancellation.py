@@ -1203,3 +1203,49 @@ async def test_cancel_after_each_hook_call(with_cache: bool, handle_tracker: Han
             tracker.check()
         except (AssertionError, TimeoutError) as exc:
             raise AssertionError(f"cancelled at hook call {k} of {total}: {exc!r}") from exc
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_cancelling_the_scope_around_the_whole_solver(backend: str) -> None:
+    """A scope holding the whole ``async with Solver()`` is cancelled while a solve
+    runs: the op is cancelled, the solve and the solver exit, nothing leaks.
+
+    The engine's workers used to die with that scope, leaving the caller waiting
+    (shielded) for work nobody would finish: a hang that no timeout could end,
+    so the check runs in a child process with a deadline of its own."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(tests)!r})
+        import anyio
+        from frontend_support import Ops, text
+        from solver import Solver
+        from solver.testing import track_handles
+
+        async def main():
+            ops = Ops()
+            with track_handles() as tracker:
+                with anyio.CancelScope() as scope:
+                    async with Solver(op_kinds=ops.registry()) as s:
+                        async def cancel_when_started():
+                            await ops.start_signal("g").wait()
+                            scope.cancel()
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(cancel_when_started)
+                            await s.solve(text("a", "g", kind="test.gate"))
+                tracker.check()
+            assert scope.cancelled_caught
+            print("cancelled", ops.cancelled, "live", ops.live_values())
+
+        anyio.run(main, backend={backend!r})
+    """)
+    r = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "cancelled ['g'] live []"

@@ -423,6 +423,8 @@ class Engine:
             self._closed = True
             self._scheduler.close()
             tg.cancel_scope.cancel()
+            if self._pool is not None:
+                self._pool.close()
         finally:
             # The body's own exception (if any) propagates unchanged: it is not
             # handed to the task group, which would wrap it in an ExceptionGroup.

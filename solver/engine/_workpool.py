@@ -84,9 +84,11 @@ class WorkPool:
     """
 
     __slots__ = (
+        "_closed",
         "_dispatcher",
         "_free",
         "_queue",
+        "_shields",
         "_tg",
         "_wake",
         "_workers",
@@ -103,6 +105,9 @@ class WorkPool:
         self._free = 0  # workers idle or started and not yet busy
         self._workers = 0
         self._wake: anyio.Event | None = None
+        # One shielded scope per worker: see _worker. close() cancels them.
+        self._shields: set[anyio.CancelScope] = set()
+        self._closed = False
         if dispatcher is not None:
             self._start_worker()
 
@@ -134,13 +139,31 @@ class WorkPool:
         d = self._dispatcher
         return bool(self._queue) or (d is not None and not self.dispatching and d.pending())
 
+    def close(self) -> None:
+        """Stop every worker (the engine is closing): the units they run are
+        cancelled, and workers started from now on stop at once."""
+        self._closed = True
+        for shield in self._shields:
+            shield.cancel()
+
     async def _worker(self) -> None:
+        # Workers are shielded from a cancellation of the scope around the engine:
+        # the engine decides when work stops (when no job wants it any more, or at
+        # close()). Otherwise cancelling a scope that holds the whole engine kills
+        # the workers with work half done, and a caller waiting, shielded, for that
+        # work to stop (Scheduler.build) waits forever.
+        shield = anyio.CancelScope(shield=True)
+        if self._closed:
+            shield.cancel()
+        self._shields.add(shield)
         try:
-            while True:
-                with anyio.CancelScope() as scope:
-                    if not await self._serve(scope):
-                        return
+            with shield:
+                while True:
+                    with anyio.CancelScope() as scope:
+                        if not await self._serve(scope):
+                            return
         finally:
+            self._shields.discard(shield)
             self._free -= 1
             self._workers -= 1
 
