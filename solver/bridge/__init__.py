@@ -23,6 +23,14 @@ from ._caches import (
     run_exports as run_exports,
     with_cache_sources as with_cache_sources,
 )
+from ._check import (
+    CheckReport as CheckReport,
+    CheckStatus as CheckStatus,
+    FileDifference as FileDifference,
+    OpCheck as OpCheck,
+    check_determinism as check_determinism,
+    tree_digest as tree_digest,
+)
 from ._frontend import (
     Attestation as Attestation,
     Bridge as Bridge,

@@ -49,7 +49,9 @@ prints ``solver VERSION``.
 
 ``solver du`` lists the snapshots (least recently used first), their totals per op
 kind and the free space; ``solver prune`` applies one prune rule built from its
-flags (see ``docs/worker.md``, "Garbage collection"). ``solver diff A B`` lists
+flags (see ``docs/worker.md``, "Garbage collection"). ``solver build --check``
+rebuilds every op in a scratch store after the build and exits 1 when an output
+differs or a rebuild fails. ``solver diff A B`` lists
 the ops that differ between two definitions, root cause first, and exits 1 when
 they differ (``docs/definition-format.md``, "Comparing definitions"); ``solver
 graph FILE`` prints the op graph as DOT or Mermaid with each op's cache state,
@@ -99,6 +101,7 @@ from ..worker import (
     snapshot_label,
 )
 from ._cacheopts import add_cache_arguments, existing_imports
+from ._check import run_check
 from ._frontends import add_frontend_arguments, cmd_build_frontend
 from ._graph import add_graph_command
 from ._progress import describe_output, make_renderer, run_progress
@@ -573,6 +576,8 @@ class _MergeSecrets(argparse.Action):
 def _cmd_build(args: argparse.Namespace) -> int:
     if args.frontend is None and (args.opt or args.allow_frontend_source):
         raise CommandError("--opt and --allow-frontend-source need --frontend", 2)
+    if args.check and args.frontend is not None:
+        raise CommandError("--check builds a definition file; it does not take --frontend", 2)
     _check_build_paths(args)
     if args.frontend is not None:
         return cmd_build_frontend(
@@ -583,7 +588,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     imports = existing_imports(args.import_cache)
 
-    async def run() -> None:
+    async def run() -> int:
         async with open_solver(
             args.cache_dir, sandbox=args.sandbox, secrets=args.secrets
         ) as solver:
@@ -595,12 +600,17 @@ def _cmd_build(args: argparse.Namespace) -> int:
                 cache_imports=imports,
                 cache_exports=args.export_cache,
             )
+            if not args.check:
+                return 0
+            # stdout carries only data: a tar when --output type=tar,dest=-
+            tar_out = args.output is not None and args.output.dest == "-"
+            out = sys.stderr if tar_out else sys.stdout
+            return await run_check(solver, defn, out, secrets=args.secrets)
 
     try:
-        anyio.run(run)
+        return anyio.run(run)
     except DefinitionError as exc:  # checked against the op kinds: which file
         raise CommandError(f"{args.file}: {exc}") from exc
-    return 0
 
 
 def _store_root(cache_dir: str | None) -> Path:
@@ -913,6 +923,13 @@ def make_parser() -> argparse.ArgumentParser:
         metavar="id=ID,src=PATH",
         help="a file exec steps may mount as secret ID (repeatable); never part of "
         "a cache key, record or exported cache",
+    )
+    b.add_argument(
+        "--check",
+        action="store_true",
+        help="after the build, rebuild every op from scratch in a temporary store and "
+        "compare each output with the build's: list the ops whose outputs differ and "
+        "exit 1 if one does (docs/worker.md)",
     )
     add_frontend_arguments(b)
     add_cache_arguments(b)
