@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from ._cache import CacheManager
 
-__all__ = ["Edge", "Vertex", "VertexOptions"]
+__all__ = ["Edge", "Vertex", "VertexOptions", "inputs_first"]
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -60,3 +60,32 @@ class Edge:
 
     vertex: Vertex
     index: int = 0
+
+
+def inputs_first(root: Edge) -> tuple[list[Vertex], dict[str, list[int]]]:
+    """The vertices of ``root``'s graph, every one after its inputs (inputs in
+    their order), and the outputs of each (by digest) that the graph uses, in the
+    order first met. Iterative: any depth. O(vertices + inputs)."""
+    used: dict[str, list[int]] = {root.vertex.digest: [root.index]}
+    order: list[Vertex] = []
+    visited: set[str] = set()
+    stack: list[tuple[Vertex, bool]] = [(root.vertex, False)]
+    while stack:
+        v, expanded = stack.pop()
+        if expanded:
+            order.append(v)
+            continue
+        if v.digest in visited:
+            continue
+        visited.add(v.digest)
+        stack.append((v, True))
+        # reversed: the first input is expanded first, so the order follows the
+        # definition's input order (deterministic, and what a reader expects)
+        for inp in reversed(v.inputs):
+            d = inp.vertex.digest
+            outs = used.setdefault(d, [])
+            if inp.index not in outs:
+                outs.append(inp.index)
+            if d not in visited:
+                stack.append((inp.vertex, False))
+    return order, used

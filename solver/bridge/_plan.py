@@ -46,7 +46,7 @@ from enum import StrEnum
 
 from .._cache import CacheKey, CacheKeyWithSelector, CacheManager, ExportableCacheKey
 from .._errors import SolveError
-from .._graph import Edge, Vertex
+from .._graph import Edge, Vertex, inputs_first
 from .._op import CacheMap, CacheMapDep, Op
 from .._result import CachedResult
 from ..definition import Definition, OpDef, OutputRef
@@ -234,7 +234,7 @@ async def plan(solver: Solver, definition: Definition) -> Plan:
     """
     solver._check_open()
     edge = definition.to_vertices(solver.op_kinds)  # validates first
-    order, used = _inputs_first(edge)
+    order, used = inputs_first(edge)
     cache = solver.default_cache
     found: dict[tuple[str, int], _Output] = {}
     states: dict[str, OpState] = {}
@@ -367,32 +367,3 @@ async def _resolve(
 def _exportable(key: CacheKey) -> ExportableCacheKey:
     # Queries take keys with exporters; a plan exports nothing, so none is made.
     return ExportableCacheKey(key)
-
-
-def _inputs_first(root: Edge) -> tuple[list[Vertex], dict[str, list[int]]]:
-    """The vertices of ``root``'s graph, every one after its inputs, and the
-    outputs of each (by digest) that the graph uses, in the order first met.
-    Iterative: any depth."""
-    used: dict[str, list[int]] = {root.vertex.digest: [root.index]}
-    order: list[Vertex] = []
-    visited: set[str] = set()
-    stack: list[tuple[Vertex, bool]] = [(root.vertex, False)]
-    while stack:
-        v, expanded = stack.pop()
-        if expanded:
-            order.append(v)
-            continue
-        if v.digest in visited:
-            continue
-        visited.add(v.digest)
-        stack.append((v, True))
-        # reversed: the first input is expanded first, so the order follows the
-        # definition's input order (deterministic, and what a reader expects)
-        for inp in reversed(v.inputs):
-            d = inp.vertex.digest
-            outs = used.setdefault(d, [])
-            if inp.index not in outs:
-                outs.append(inp.index)
-            if d not in visited:
-                stack.append((inp.vertex, False))
-    return order, used

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .._cache import CacheKey, CacheKeyWithSelector, CacheRecord, ExportableCacheKey
-from .._graph import Edge, Vertex
+from .._graph import Edge, Vertex, inputs_first
 from ..cache import FoundKeyExporter, KeyExporter
 from ._scheduler import Pipe
 from ._sharedop import SharedOp
@@ -86,7 +86,7 @@ async def seed_cached_root(solver: Engine, root: Edge) -> bool:
     root_state = actives.get(digest)
     if root_state is None or root_state.edges or len(solver._index):
         return False
-    order, needed = _inputs_first(root)
+    order, needed = inputs_first(root)
     states: list[VertexState] = []
     for v in order:
         st = actives.get(v.digest)
@@ -208,34 +208,6 @@ async def _cache_maps(solver: Engine, states: list[VertexState]) -> list[CacheMa
                 return None
         maps.append(cache_map)
     return maps
-
-
-def _inputs_first(root: Edge) -> tuple[list[Vertex], dict[str, list[int]]]:
-    """The vertices of ``root``'s graph, every one after its inputs, and the
-    outputs of each (by digest) that the graph uses. Iterative."""
-    needed: dict[str, list[int]] = {root.vertex.digest: [root.index]}
-    order: list[Vertex] = []
-    visited: set[str] = set()
-    stack: list[tuple[Vertex, bool]] = [(root.vertex, False)]
-    while stack:
-        v, expanded = stack.pop()
-        if expanded:
-            order.append(v)
-            continue
-        if v.digest in visited:
-            continue
-        visited.add(v.digest)
-        stack.append((v, True))
-        for inp in v.inputs:
-            d = inp.vertex.digest
-            outs = needed.get(d)
-            if outs is None:
-                needed[d] = [inp.index]
-            elif inp.index not in outs:
-                outs.append(inp.index)
-            if d not in visited:
-                stack.append((inp.vertex, False))
-    return order, needed
 
 
 async def _resolve(
