@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import anyio
 import pytest
 
 from solver import SolveError
@@ -317,3 +318,39 @@ def test_cli_build_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "differs" not in capsys.readouterr().out
     assert main(["build", str(steady), "--check", "--frontend", "buildfile", *cache]) == 2
     assert "does not take --frontend" in capsys.readouterr().err
+
+
+async def test_a_check_cancelled_while_it_rebuilds_releases_everything(
+    tmp_path: Path, handle_tracker: HandleTracker
+) -> None:
+    """Cancelled while the scratch rebuild runs a step: the step is stopped, every
+    handle is released (the tracker checks at teardown), the scratch store is gone
+    and the user's store gained nothing but the build's own snapshots."""
+    marker = tmp_path / "started"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    # the step signals through a host file that the rebuild (its second run) began
+    step = run(
+        ["/bin/sh", "-c", f'echo x >> "{marker}"; n=$(wc -l < "{marker}"); '
+         'if [ "$n" -gt 1 ]; then /bin/sleep 30; fi; echo done > out.txt'],
+        root=State.scratch(),
+        name="slow on rebuild",
+    )
+    async with solving(tmp_path, sandbox="none") as solver:
+        async with await solver.solve(step.definition()):
+            pass
+        before = snapshot_ids(tmp_path / "store")
+        with anyio.fail_after(20):
+            with anyio.CancelScope() as scope:
+
+                async def cancel_when_rebuilding() -> None:
+                    while len(marker.read_text().splitlines()) < 2:  # noqa: ASYNC110 - a host file
+                        await anyio.sleep(0.01)
+                    scope.cancel()
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(cancel_when_rebuilding)
+                    await check_determinism(solver, step.definition(), scratch_dir=scratch)
+            assert scope.cancelled_caught
+        assert list(scratch.iterdir()) == []
+        assert snapshot_ids(tmp_path / "store") == before
