@@ -1,0 +1,183 @@
+"""Op history: the definitions of ops built before, so that a miss can name a field.
+
+A cache key holds an op's *cache digest*, never its definition: when an op
+misses because its definition changed, the key walk (``solver.bridge``'s
+``explain``) knows *that* it changed, not *how*. The history keeps, for each op
+a solve saw, its :class:`OpDef` (kind, payload, inputs), its display name and
+its *place* (below), so that the walk can find the op's earlier version and
+compare the two field by field (as :func:`~solver.diff_definitions` does).
+
+The earlier version of an op is, by :meth:`OpHistory.previous`:
+
+* for an op with inputs, the most recently seen other op over exactly the same
+  inputs (the same ``(digest, index)`` refs, in order): when the inputs' keys are
+  unchanged and the op's own key is new, this is the op the last build ran there;
+* else (a leaf, or nothing over those inputs) the most recently seen other op at
+  the same place.
+
+A *place* is where an op stands in its graph, independent of any digest: the
+output op's kind, then for each step down ``/<input index>:<kind>`` along the
+shortest path from the output (``exec/0:file/1:source.inline``). Digests change
+with every edit below; places do not, so a leaf whose payload changed is found
+at the place where its earlier version stood.
+
+A history is bounded (:data:`DEFAULT_MAX_OPS` ops, least recently seen out
+first), like the in-memory cache it explains. ``InMemoryOpHistory`` lives as long
+as its solver; the built-in worker keeps a persistent one beside its cache
+(``solver.worker``), so that a miss in one process is explained from the builds
+of earlier ones.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Final, Protocol, runtime_checkable
+
+import anyio.lowlevel
+
+from ._definition import Definition, OpDef, OutputRef
+
+__all__ = [
+    "DEFAULT_MAX_OPS",
+    "InMemoryOpHistory",
+    "OpHistory",
+    "OpRecord",
+    "history_records",
+    "inputs_key",
+]
+
+DEFAULT_MAX_OPS: Final = 10_000
+"""How many ops a history keeps by default (the in-memory cache's default bound)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OpRecord:
+    """One op as a solve saw it: its definition, display name (the metadata name,
+    else the kind), place in its graph (see the module docs) and when it was last
+    seen (``time.time()``)."""
+
+    op: OpDef
+    name: str
+    place: str
+    seen_at: float
+
+    @property
+    def digest(self) -> str:
+        return self.op.digest
+
+
+def inputs_key(inputs: Sequence[OutputRef]) -> str:
+    """The inputs of an op as one string (``digest@index`` joined by commas): how a
+    history finds the ops over the same inputs. Empty for a leaf."""
+    return ",".join(f"{r.digest}@{r.index}" for r in inputs)
+
+
+def history_records(definition: Definition, seen_at: float | None = None) -> list[OpRecord]:
+    """One :class:`OpRecord` per op reachable from the output of ``definition``,
+    output first, each with its place (the shortest path from the output,
+    breadth first). O(ops + inputs)."""
+    now = time.time() if seen_at is None else seen_at
+    ops, meta = definition.ops, definition.metadata
+    out = definition.output.digest
+    places = {out: ops[out].kind}
+    queue = deque([out])
+    records: list[OpRecord] = []
+    while queue:
+        digest = queue.popleft()
+        op = ops[digest]
+        m = meta.get(digest)
+        records.append(OpRecord(op, (m.name if m is not None else "") or op.kind,
+                                places[digest], now))
+        for i, ref in enumerate(op.inputs):
+            if ref.digest not in places:
+                places[ref.digest] = f"{places[digest]}/{i}:{ops[ref.digest].kind}"
+                queue.append(ref.digest)
+    return records
+
+
+@runtime_checkable
+class OpHistory(Protocol):
+    """Where the op definitions of past solves are kept (see the module docs)."""
+
+    async def record(self, records: Iterable[OpRecord]) -> None:
+        """Keep ``records`` (an op seen again gets its new name, place and time),
+        then forget the least recently seen ops beyond the bound."""
+        ...
+
+    async def get(self, digest: str) -> OpRecord | None:
+        """The record of the op ``digest``, if kept."""
+        ...
+
+    async def previous(self, op: OpDef, place: str) -> OpRecord | None:
+        """The earlier version of ``op`` (never ``op`` itself): the most recently
+        seen op over the same inputs, else at ``place``; ``None`` if neither is
+        kept."""
+        ...
+
+
+class InMemoryOpHistory:
+    """An :class:`OpHistory` in memory, bounded to ``max_ops`` ops (least recently
+    seen out first). Every method is O(1) per op, plus O(ops over the same inputs
+    or at the same place) for :meth:`previous`."""
+
+    def __init__(self, max_ops: int = DEFAULT_MAX_OPS) -> None:
+        if max_ops < 1:
+            raise ValueError(f"an op history keeps at least 1 op, not {max_ops}")
+        self.max_ops = max_ops
+        self._ops: OrderedDict[str, OpRecord] = OrderedDict()
+        # the digests over each inputs key and at each place, least recently seen first
+        self._by_inputs: dict[str, OrderedDict[str, None]] = {}
+        self._by_place: dict[str, OrderedDict[str, None]] = {}
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def __repr__(self) -> str:
+        return f"<InMemoryOpHistory {len(self._ops)}/{self.max_ops} ops>"
+
+    async def record(self, records: Iterable[OpRecord]) -> None:
+        for rec in records:
+            self._forget(rec.digest)
+            self._ops[rec.digest] = rec
+            _index_add(self._by_inputs, inputs_key(rec.op.inputs), rec.digest)
+            _index_add(self._by_place, rec.place, rec.digest)
+        while len(self._ops) > self.max_ops:
+            self._forget(next(iter(self._ops)))
+        await anyio.lowlevel.checkpoint()
+
+    async def get(self, digest: str) -> OpRecord | None:
+        await anyio.lowlevel.checkpoint()
+        return self._ops.get(digest)
+
+    async def previous(self, op: OpDef, place: str) -> OpRecord | None:
+        await anyio.lowlevel.checkpoint()
+        candidates: list[str] = []
+        if op.inputs:
+            candidates.extend(reversed(self._by_inputs.get(inputs_key(op.inputs), {})))
+        candidates.extend(reversed(self._by_place.get(place, {})))
+        for digest in candidates:
+            if digest != op.digest:
+                return self._ops[digest]
+        return None
+
+    def _forget(self, digest: str) -> None:
+        rec = self._ops.pop(digest, None)
+        if rec is not None:
+            _index_remove(self._by_inputs, inputs_key(rec.op.inputs), digest)
+            _index_remove(self._by_place, rec.place, digest)
+
+
+def _index_add(index: dict[str, OrderedDict[str, None]], key: str, digest: str) -> None:
+    if key:
+        index.setdefault(key, OrderedDict())[digest] = None
+
+
+def _index_remove(index: dict[str, OrderedDict[str, None]], key: str, digest: str) -> None:
+    entries = index.get(key)
+    if entries is not None:
+        entries.pop(digest, None)
+        if not entries:
+            del index[key]
