@@ -20,7 +20,14 @@ from .._cache import CacheManager
 from .._errors import SolveError
 from .._graph import Vertex
 from .._op import Builder, Op, ResolveOp
-from ..definition import Definition, OpDef, OpKindRegistry
+from ..definition import (
+    Definition,
+    InMemoryOpHistory,
+    OpDef,
+    OpHistory,
+    OpKindRegistry,
+    history_records,
+)
 from ..engine import Engine, Job
 from ..worker import Worker
 from ._bridge import SolverBridge, to_solve_result
@@ -52,6 +59,10 @@ class Solver(Engine):
     its ``after_solve()`` (automatic garbage collection) runs at the end of every
     :meth:`solve`.
     ``frontends`` maps names to frontends for :meth:`solve`.
+    ``op_history`` keeps the op definitions of past solves, so that a cache miss
+    can be explained (:func:`~solver.explain`): the worker's persistent one
+    (:attr:`Worker.op_history <solver.worker.Worker.op_history>`) when the solver
+    has a worker, else one in memory, unless given.
     """
 
     def __init__(
@@ -62,6 +73,7 @@ class Solver(Engine):
         *,
         op_kinds: OpKindRegistry | None = None,
         worker: Worker | None = None,
+        op_history: OpHistory | None = None,
     ) -> None:
         # the worker this solver made (and opens and closes), if any
         self._worker: Worker | None = None
@@ -79,6 +91,29 @@ class Solver(Engine):
         super().__init__(resolve_op, default_cache)
         self.op_kinds = op_kinds
         self.frontends: dict[str, Frontend] = dict(frontends or {})
+        self._op_history = op_history
+        if op_history is None and self._solve_worker is None:
+            self._op_history = InMemoryOpHistory()
+
+    @property
+    def op_history(self) -> OpHistory:
+        """Where the op definitions of past solves are kept (see the class docs);
+        the worker's is available once the worker is open."""
+        if self._op_history is not None:
+            return self._op_history
+        assert self._solve_worker is not None
+        return self._solve_worker.op_history
+
+    async def record_definition(self, definition: Definition) -> None:
+        """Record the ops of ``definition`` in :attr:`op_history`, as :meth:`solve`
+        does after building one, so that a later miss can name what changed (for
+        a build made some other way, such as ``Job.build``). A failure to write
+        the history is logged at ERROR on the ``solver`` logger, never raised.
+        O(ops)."""
+        try:
+            await self.op_history.record(history_records(definition))
+        except Exception:
+            logger.exception("recording the definition's ops in the op history failed")
 
     def resolve_op(self, vertex: Vertex, builder: Builder) -> Op:
         """The op of ``vertex``: through ``op_kinds`` for definition vertices when
@@ -133,6 +168,8 @@ class Solver(Engine):
             try:
                 if own_job:
                     await job.discard()
+                if solved is not None and request.definition is not None:
+                    await self.record_definition(request.definition)
                 await self._after_solve()
             except BaseException:
                 if solved is not None:
