@@ -440,11 +440,40 @@ async def test_history_records_name_each_place() -> None:
     mid = node("file", {"actions": []}, inputs=[leaf])
     top = node("test.text", {"text": "t"}, inputs=[mid, leaf], name="top")
     records = history_records(Definition.of(top), seen_at=7.0)
+
+    def place(*steps: str) -> str:
+        at = ""
+        for step in steps:
+            at = digest_of(f"{at}/{step}".encode())
+        return at
+
     assert [(r.name, r.place, r.seen_at) for r in records] == [
-        ("top", "test.text", 7.0),
-        ("file", "test.text/0:file", 7.0),
-        ("src", "test.text/1:test.text", 7.0),  # the shortest path
+        ("top", place("0:test.text"), 7.0),
+        ("file", place("0:test.text", "0:file"), 7.0),
+        ("src", place("0:test.text", "1:test.text"), 7.0),  # the shortest path
     ]
+    # the same place at any depth is one digest long
+    deep = history_records(chain(*(f"t{i}" for i in range(300))))
+    assert {len(r.place) for r in deep} == {71}
+
+
+async def test_a_solver_records_a_definition_once() -> None:
+    class Counting(InMemoryOpHistory):
+        calls: list[int] = []  # noqa: RUF012
+
+        async def record(self, records: Any) -> None:
+            records = list(records)
+            self.calls.append(len(records))
+            await super().record(records)
+
+    history = Counting()
+    async with Solver(op_kinds=Ops().registry(), op_history=history) as s:
+        for defn in (chain("a", "b"), chain("a", "b"), chain("a", "c"), chain("a", "b")):
+            async with await s.solve(defn):
+                pass
+        await s.record_definition(chain("a", "c"))
+    assert history.calls == [2, 2]  # each definition once; the repeats cost nothing
+    assert len(history) == 3
 
 
 async def test_an_unreadable_row_is_no_earlier_version(tmp_path: Path) -> None:

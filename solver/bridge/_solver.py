@@ -11,10 +11,12 @@ given. ``await solver.solve(request)`` is the high-level entry.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
-from typing import Any, Self
+from typing import Any, Final, Self
 
 import anyio
+import anyio.lowlevel
 
 from .._cache import CacheManager
 from .._errors import SolveError
@@ -26,6 +28,7 @@ from ..definition import (
     OpDef,
     OpHistory,
     OpKindRegistry,
+    OutputRef,
     history_records,
 )
 from ..engine import Engine, Job
@@ -38,6 +41,9 @@ from ._request import SolveRequest, SolveResult
 __all__ = ["Solver"]
 
 logger = logging.getLogger("solver")
+
+#: How many recorded definitions (by output) a solver remembers not to record again.
+_RECORDED_OUTPUTS: Final = 1_000
 
 
 class Solver(Engine):
@@ -92,6 +98,8 @@ class Solver(Engine):
         self.op_kinds = op_kinds
         self.frontends: dict[str, Frontend] = dict(frontends or {})
         self._op_history = op_history
+        # the outputs of the definitions this solver recorded, most recent last
+        self._recorded: OrderedDict[OutputRef, None] = OrderedDict()
         if op_history is None and self._solve_worker is None:
             self._op_history = InMemoryOpHistory()
 
@@ -109,11 +117,25 @@ class Solver(Engine):
         does after building one, so that a later miss can name what changed (for
         a build made some other way, such as ``Job.build``). A failure to write
         the history is logged at ERROR on the ``solver`` logger, never raised.
-        O(ops)."""
+        O(ops); O(1) for a definition (the same output op) this solver recorded
+        before, among its last 1,000. Always a checkpoint."""
+        recorded = self._recorded
+        if definition.output in recorded:
+            # Solved again by this solver: its ops are kept already. Not writing
+            # them again keeps a warm re-solve O(1) here (a 1,000-op chain costs
+            # 3 to 7 ms to record in memory, 10 to 14 ms in SQLite); their "last
+            # seen" time is that of this solver's first solve of them.
+            recorded.move_to_end(definition.output)
+            await anyio.lowlevel.checkpoint()
+            return
         try:
             await self.op_history.record(history_records(definition))
         except Exception:
             logger.exception("recording the definition's ops in the op history failed")
+            return
+        recorded[definition.output] = None
+        if len(recorded) > _RECORDED_OUTPUTS:
+            recorded.popitem(last=False)
 
     def resolve_op(self, vertex: Vertex, builder: Builder) -> Op:
         """The op of ``vertex``: through ``op_kinds`` for definition vertices when

@@ -15,11 +15,13 @@ The earlier version of an op is, by :meth:`OpHistory.previous`:
 * else (a leaf, or nothing over those inputs) the most recently seen other op at
   the same place.
 
-A *place* is where an op stands in its graph, independent of any digest: the
-output op's kind, then for each step down ``/<input index>:<kind>`` along the
-shortest path from the output (``exec/0:file/1:source.inline``). Digests change
-with every edit below; places do not, so a leaf whose payload changed is found
-at the place where its earlier version stood.
+A *place* is where an op stands in its graph, independent of any op digest:
+the path from the output op down to it, each step ``/<input index>:<kind>`` (the
+output op is ``/0:<kind>``), along the shortest path, breadth first; it is
+kept as a digest of that path, chained step by step (``digest_of(parent place +
+"/1:file")``), so that it has the same size at any depth. Op digests change with
+every edit below; places do not, so a leaf whose payload changed is found at the
+place where its earlier version stood.
 
 A history is bounded (:data:`DEFAULT_MAX_OPS` ops, least recently seen out
 first), like the in-memory cache it explains. ``InMemoryOpHistory`` lives as long
@@ -38,6 +40,7 @@ from typing import Final, Protocol, runtime_checkable
 
 import anyio.lowlevel
 
+from .._digest import digest_of
 from ._definition import Definition, OpDef, OutputRef
 
 __all__ = [
@@ -82,7 +85,7 @@ def history_records(definition: Definition, seen_at: float | None = None) -> lis
     now = time.time() if seen_at is None else seen_at
     ops, meta = definition.ops, definition.metadata
     out = definition.output.digest
-    places = {out: ops[out].kind}
+    places = {out: _place("", 0, ops[out].kind)}
     queue = deque([out])
     records: list[OpRecord] = []
     while queue:
@@ -93,9 +96,14 @@ def history_records(definition: Definition, seen_at: float | None = None) -> lis
                                 places[digest], now))
         for i, ref in enumerate(op.inputs):
             if ref.digest not in places:
-                places[ref.digest] = f"{places[digest]}/{i}:{ops[ref.digest].kind}"
+                places[ref.digest] = _place(places[digest], i, ops[ref.digest].kind)
                 queue.append(ref.digest)
     return records
+
+
+def _place(parent: str, index: int, kind: str) -> str:
+    # a digest of the path, not the path: a place is O(1) in size at any depth
+    return digest_of(f"{parent}/{index}:{kind}".encode())
 
 
 @runtime_checkable
