@@ -345,6 +345,39 @@ async def test_a_later_process_names_the_field(tmp_path: Path) -> None:
     }
 
 
+def picked(version: str, util: str = "1", readme: str = "notes") -> Definition:
+    """sources (inline) -> pick (a file op copying src/ and VERSION from it: a
+    content key)."""
+    sources = State.inline({
+        "src/main.c": "int main(void) { return 0; }\n",
+        "src/util.c": f"int util(void) {{ return {util}; }}\n",
+        "VERSION": version,
+        "README": readme,
+    }).with_name("sources")
+    pick = State.scratch().copy(sources, "src", "src").copy(sources, "VERSION", "VERSION")
+    return pick.with_name("pick").definition()
+
+
+async def test_a_content_key_names_the_files_that_changed(tmp_path: Path) -> None:
+    async with Worker(tmp_path, sandbox="none") as w, Solver(worker=w) as s:
+        await run(s, picked("1.0"))
+    async with Worker(tmp_path, sandbox="none") as w, Solver(worker=w) as s:
+        ran = await run(s, picked("1.1", util="2"))
+        assert why(ran) == {
+            "sources": "definition changed: payload.files[1].data: '1.0' -> '1.1'",
+            "pick": "input 0 changed, from sources, and so did the files the op reads "
+                    "from it: VERSION, src/util.c",
+        }
+        pick = ran[1].reason
+        assert pick is not None
+        assert (pick.kind, pick.files) == (CONTENT, ("VERSION", "src/util.c"))
+        # a file the copies do not read: sources runs, pick is loaded
+        ran = await run(s, picked("1.1", util="2", readme="more notes"))
+        assert why(ran) == {
+            "sources": "definition changed: payload.files[0].data: 'notes' -> 'more notes'"
+        }
+
+
 async def test_a_corrupt_history_file_is_replaced(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -428,6 +461,24 @@ async def test_history_is_bounded_least_recently_seen_out_first(
     await h.record([rec(a, "p", 3)])  # a is seen again: b is now the oldest
     await h.record([rec(c, "p", 4)])
     assert [await h.get(x.digest) is not None for x in (a, b, c)] == [True, False, True]
+
+
+async def test_history_content_keys_name_the_files_that_differ(
+    history_factory: Callable[[int], Any],
+) -> None:
+    h: OpHistory = await history_factory(2)
+    await h.record_content("v1", 0, "slot", "d1", {"a": "1", "b": "1", "gone": "1"})
+    assert h.changed_files("v1", 0) is None  # nothing to compare with
+    await h.record_content("v2", 0, "slot", "d2", {"a": "1", "b": "2", "new": "1"})
+    assert h.changed_files("v2", 0) == ("b", "gone", "new")
+    await h.record_content("v3", 1, "slot", "d2", {"a": "1", "b": "2", "new": "1"})
+    assert h.changed_files("v3", 1) is None  # the same key: nothing changed
+    assert h.changed_files("v2", 1) is None
+    # bounded: two slots kept, least recently recorded out first
+    await h.record_content("w", 0, "other", "x", {})
+    await h.record_content("w", 0, "third", "y", {})
+    await h.record_content("v4", 0, "slot", "d3", {"a": "9"})
+    assert h.changed_files("v4", 0) is None
 
 
 def test_history_bounds_are_checked() -> None:

@@ -14,6 +14,8 @@ nothing runs, nothing is loaded), and names the reason (:class:`MissKind`):
 * ``content changed``: as above, for an input the op reads through a content
   ("slow") key (``CacheMapDep.compute_digest``): once the input is built the
   engine asks for its content's key, and the op runs only if that misses too;
+  the op history then knows which of the files the key covers changed (for the
+  built-in ``file`` op, which records them: ``OpHistory.record_content``);
 * ``pruned``: the key is known (the inputs' keys link to it, or a leaf's root
   key exists) but has no record left: it was pruned or evicted;
 * ``definition changed``: every input's key is known but none links to this
@@ -44,8 +46,9 @@ next miss can be explained.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
+from typing import Final
 
 import anyio
 
@@ -75,6 +78,9 @@ __all__ = [
 ]
 
 
+_FILES_SHOWN: Final = 5  # files named in a reason's line; the rest are counted
+
+
 class MissKind(StrEnum):
     """Why an op misses the cache (see the module docs)."""
 
@@ -98,7 +104,11 @@ class MissReason:
     ``previous`` is the op's own digest. For ``INPUT_CHANGED`` and
     ``CONTENT_CHANGED``: ``input``, the index of the (first) input that changed,
     and ``cause`` / ``cause_name``, the digest and name of the op where the
-    change started (the input itself, or the op its own reason names).
+    change started (the input itself, or the op its own reason names). For
+    ``CONTENT_CHANGED``, ``files``: the files of the input the content key covers
+    whose digests changed since that key was last computed (``<src>:<path>`` for
+    the built-in ``file`` op; known once the build computed the key, see
+    :meth:`Explanation.executed`), or ``None`` when not known.
     """
 
     kind: MissKind
@@ -109,6 +119,7 @@ class MissReason:
     input: int | None = None
     cause: str | None = None
     cause_name: str | None = None
+    files: tuple[str, ...] | None = None
 
     def describe(self) -> str:
         """One short line: ``definition changed: payload.args[1]: 'a' -> 'b'``,
@@ -119,9 +130,13 @@ class MissReason:
         if kind is MissKind.INPUT_CHANGED:
             return f"input {self.input} changed, from {self.cause_name}"
         if kind is MissKind.CONTENT_CHANGED:
-            return (
-                f"input {self.input} changed, from {self.cause_name}, and so did the "
-                "content the op reads from it (its content key)"
+            text = f"input {self.input} changed, from {self.cause_name}, and so did "
+            if not self.files:
+                return text + "the content the op reads from it (its content key)"
+            shown = ", ".join(self.files[:_FILES_SHOWN])
+            more = len(self.files) - _FILES_SHOWN
+            return text + "the files the op reads from it: " + shown + (
+                f" and {more} more" if more > 0 else ""
             )
         if kind is MissKind.CACHE_KEY_CHANGED:
             return (
@@ -172,11 +187,35 @@ class Explanation:
         """The reason of every op that would miss, by digest, inputs first."""
         return {e.digest: e.reason for e in self.ops if e.reason is not None}
 
-    def executed(self, events: Iterable[ProgressEvent]) -> tuple[OpExplanation, ...]:
+    def executed(
+        self, events: Iterable[ProgressEvent], history: OpHistory | None = None
+    ) -> tuple[OpExplanation, ...]:
         """The entries of the ops that ran according to ``events`` (a build's
-        progress: an op that executes emits ``started``), inputs first."""
+        progress: an op that executes emits ``started``), inputs first; with the
+        ``history`` the build's content keys were recorded in (the solver's
+        :attr:`~solver.Solver.op_history`), a ``CONTENT_CHANGED`` reason names the
+        files that changed (:meth:`with_files`)."""
         ran = {ev.vertex for ev in events if ev.status == STARTED}
-        return tuple(e for e in self.ops if e.digest in ran and e.reason is not None)
+        return tuple(
+            self.with_files(e, history)
+            for e in self.ops
+            if e.digest in ran and e.reason is not None
+        )
+
+    @staticmethod
+    def with_files(entry: OpExplanation, history: OpHistory | None) -> OpExplanation:
+        """``entry`` with the files its content key found changed, from
+        ``history`` (:meth:`OpHistory.changed_files
+        <solver.definition.OpHistory.changed_files>`), when its reason is
+        ``CONTENT_CHANGED`` and the history knows them; else ``entry``."""
+        reason = entry.reason
+        if history is None or reason is None or reason.kind is not MissKind.CONTENT_CHANGED:
+            return entry
+        assert reason.input is not None
+        files = history.changed_files(entry.digest, reason.input)
+        if files is None:
+            return entry
+        return replace(entry, reason=replace(reason, files=files))
 
 
 @dataclass(slots=True)
@@ -247,7 +286,7 @@ async def solve_explained(
         result = await solver.solve(request, job=job)
         await job.discard()  # ends the job's status stream: its events are all there
         events = [ev async for ev in job.status()]
-        return result, explanation.executed(events)
+        return result, explanation.executed(events, solver.op_history)
     except BaseException:
         with anyio.CancelScope(shield=True):
             await job.discard()  # a second discard of a discarded job does nothing

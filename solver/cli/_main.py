@@ -74,7 +74,7 @@ import runpy
 import sys
 import time
 import traceback
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TextIO
@@ -85,7 +85,7 @@ from .._errors import InternalError, SolveError
 from .._progress import STARTED, ProgressEvent
 from ..bridge import Explanation, Solver, explain, opened_imports, run_exports, with_cache_sources
 from ..cache import LocalCacheExport, LocalCacheImport
-from ..definition import Definition, DefinitionError, diff_definitions
+from ..definition import Definition, DefinitionError, OpHistory, diff_definitions
 from ..worker import (
     DiskUsage,
     PrunePolicy,
@@ -371,9 +371,7 @@ async def build_definition(
     defn.validate(solver.op_kinds)
     out = progress_out if progress_out is not None else sys.stderr
     shown = None if output is None else describe_output(output.type, output.dest)
-    reasons = None if explanation is None else {
-        digest: reason.describe() for digest, reason in explanation.reasons().items()
-    }
+    reasons = None if explanation is None else _reason_lookup(explanation, solver)
     renderer = make_renderer(progress, out, output=shown, reasons=reasons)
     job = solver.new_job()
     failure: BaseException | None = None
@@ -404,18 +402,36 @@ async def build_definition(
             await job.discard()  # ends the status stream, and so the renderer
     out.writelines(exported)
     if explanation is not None:
-        out.writelines(await explain_lines(explanation, job.status()))
+        out.writelines(await explain_lines(explanation, job.status(), solver.op_history))
     if failure is not None:
         raise failure
 
 
 async def explain_lines(
-    explanation: Explanation, events: AsyncIterator[ProgressEvent]
+    explanation: Explanation,
+    events: AsyncIterator[ProgressEvent],
+    history: OpHistory | None = None,
 ) -> list[str]:
     """``explain: NAME: REASON``, one line per op that ran according to
-    ``events`` (a discarded job's status: they end), inputs first."""
+    ``events`` (a discarded job's status: they end), inputs first; ``history``
+    names the files of a content key that changed."""
     ran = [ev async for ev in events if ev.status == STARTED]
-    return [f"explain: {op.describe()}\n" for op in explanation.executed(ran)]
+    return [f"explain: {op.describe()}\n" for op in explanation.executed(ran, history)]
+
+
+def _reason_lookup(explanation: Explanation, solver: Solver) -> Callable[[str], str | None]:
+    """Why the op ``vertex`` runs, asked when it starts (by then a content key
+    has been computed and its changed files are known)."""
+    entries = {e.digest: e for e in explanation.ops if e.reason is not None}
+
+    def reason(vertex: str) -> str | None:
+        entry = entries.get(vertex)
+        if entry is None:
+            return None
+        described = Explanation.with_files(entry, solver.op_history).reason
+        return None if described is None else described.describe()
+
+    return reason
 
 
 def _one_line(text: str) -> str:

@@ -48,7 +48,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TextIO
 
@@ -157,11 +157,12 @@ class PlainRenderer:
 
 class JsonRenderer:
     """One JSON object per event, one per line; ``reasons`` (vertex digest ->
-    why it missed the cache) adds ``reason`` to the ``started`` events."""
+    why it missed the cache, or ``None``; asked when the vertex starts) adds
+    ``reason`` to the ``started`` events."""
 
-    def __init__(self, out: TextIO, reasons: Mapping[str, str] | None = None) -> None:
+    def __init__(self, out: TextIO, reasons: Callable[[str], str | None] | None = None) -> None:
         self.out = out
-        self.reasons: Mapping[str, str] = reasons or {}
+        self.reasons = reasons
 
     def handle(self, event: ProgressEvent) -> None:
         obj: dict[str, object] = {
@@ -172,8 +173,10 @@ class JsonRenderer:
         }
         if event.error is not None:
             obj["error"] = event.error
-        if event.status == STARTED and event.vertex in self.reasons:
-            obj["reason"] = self.reasons[event.vertex]
+        if event.status == STARTED and self.reasons is not None:
+            reason = self.reasons(event.vertex)
+            if reason is not None:
+                obj["reason"] = reason
         if event.status == LOG:
             obj["stream"] = event.stream
             obj["data"] = event.data.decode("utf-8", "replace")
@@ -477,14 +480,14 @@ def make_renderer(
     out: TextIO,
     *,
     output: str | None = None,
-    reasons: Mapping[str, str] | None = None,
+    reasons: Callable[[str], str | None] | None = None,
 ) -> Renderer:
     """The renderer for ``mode`` (``auto``, ``tty``, ``plain`` or ``json``);
     ``auto`` is ``tty`` when ``out`` is a terminal (and ``TERM`` is not ``dumb``),
     else ``plain``. ``output`` (see :func:`describe_output`) is named in the tty
     summary; ``plain`` and ``json`` keep their formats and ignore it. ``reasons``
-    (vertex digest -> why it missed the cache) go into ``json``'s ``started``
-    events; the other modes ignore them."""
+    (vertex digest -> why it missed the cache, or ``None``) go into ``json``'s
+    ``started`` events; the other modes ignore them."""
     if mode == "auto":
         is_tty = out.isatty() and os.environ.get("TERM", "") != "dumb"
         mode = "tty" if is_tty else "plain"

@@ -35,8 +35,10 @@ from ._history import (
     InMemoryOpHistory as InMemoryOpHistory,
     OpHistory as OpHistory,
     OpRecord as OpRecord,
+    files_that_differ as files_that_differ,
     history_records as history_records,
     inputs_key as inputs_key,
+    note_changed_files as note_changed_files,
 )
 from ._opkind import (
     OpContext as OpContext,

@@ -7,6 +7,11 @@ a solve saw, its :class:`OpDef` (kind, payload, inputs), its display name and
 its *place* (below), so that the walk can find the op's earlier version and
 compare the two field by field (as :func:`~solver.diff_definitions` does).
 
+It also keeps, for ops whose cache key reads an input's content (a content or
+"slow" key: the built-in ``file`` op copying from an input), the files that key
+covered and their digests (:meth:`OpHistory.record_content`), so that when the
+key changes the files that changed can be named (:meth:`OpHistory.changed_files`).
+
 The earlier version of an op is, by :meth:`OpHistory.previous`:
 
 * for an op with inputs, the most recently seen other op over exactly the same
@@ -34,7 +39,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol, runtime_checkable
 
@@ -48,12 +53,18 @@ __all__ = [
     "InMemoryOpHistory",
     "OpHistory",
     "OpRecord",
+    "files_that_differ",
     "history_records",
     "inputs_key",
+    "note_changed_files",
 ]
 
 DEFAULT_MAX_OPS: Final = 10_000
-"""How many ops a history keeps by default (the in-memory cache's default bound)."""
+"""How many ops a history keeps by default (the in-memory cache's default bound),
+and how many content keys."""
+
+MAX_CHANGED: Final = 10_000
+"""How many ``(op, input)`` changed-file lists a history keeps for this process."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +136,23 @@ class OpHistory(Protocol):
         kept."""
         ...
 
+    async def record_content(
+        self, vertex: str, input: int, slot: str, digest: str, files: Mapping[str, str]
+    ) -> None:
+        """Keep the content key ``digest`` that op ``vertex`` computed for its input
+        ``input``, with ``files`` (each file the key covers -> its digest), under
+        ``slot`` (what stays the same between builds of that op: its cache digest
+        and the input's index). When ``slot`` held another content key, the files
+        that differ from it (changed, added or removed; sorted) become what
+        :meth:`changed_files` answers for ``(vertex, input)``."""
+        ...
+
+    def changed_files(self, vertex: str, input: int) -> tuple[str, ...] | None:
+        """The files that made op ``vertex``'s content key for input ``input``
+        differ from the one before, as :meth:`record_content` found them in this
+        process; ``None`` if it found no earlier content key to compare with."""
+        ...
+
 
 class InMemoryOpHistory:
     """An :class:`OpHistory` in memory, bounded to ``max_ops`` ops (least recently
@@ -139,6 +167,9 @@ class InMemoryOpHistory:
         # the digests over each inputs key and at each place, least recently seen first
         self._by_inputs: dict[str, OrderedDict[str, None]] = {}
         self._by_place: dict[str, OrderedDict[str, None]] = {}
+        # content keys by slot: (digest, files), least recently recorded first
+        self._contents: OrderedDict[str, tuple[str, dict[str, str]]] = OrderedDict()
+        self._changed: OrderedDict[tuple[str, int], tuple[str, ...]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._ops)
@@ -171,11 +202,45 @@ class InMemoryOpHistory:
                 return self._ops[digest]
         return None
 
+    async def record_content(
+        self, vertex: str, input: int, slot: str, digest: str, files: Mapping[str, str]
+    ) -> None:
+        before = self._contents.pop(slot, None)
+        self._contents[slot] = (digest, dict(files))
+        if len(self._contents) > self.max_ops:
+            self._contents.popitem(last=False)
+        if before is not None and before[0] != digest:
+            note_changed_files(self._changed, vertex, input, files_that_differ(before[1], files))
+        await anyio.lowlevel.checkpoint()
+
+    def changed_files(self, vertex: str, input: int) -> tuple[str, ...] | None:
+        return self._changed.get((vertex, input))
+
     def _forget(self, digest: str) -> None:
         rec = self._ops.pop(digest, None)
         if rec is not None:
             _index_remove(self._by_inputs, inputs_key(rec.op.inputs), digest)
             _index_remove(self._by_place, rec.place, digest)
+
+
+def files_that_differ(before: Mapping[str, str], after: Mapping[str, str]) -> tuple[str, ...]:
+    """The paths whose digests differ between ``before`` and ``after`` (each path
+    -> digest), those on one side only included; sorted. O(files)."""
+    return tuple(sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p)))
+
+
+def note_changed_files(
+    changed: OrderedDict[tuple[str, int], tuple[str, ...]],
+    vertex: str,
+    input: int,
+    files: tuple[str, ...],
+) -> None:
+    """Remember ``files`` for ``(vertex, input)`` in ``changed``, the
+    :data:`MAX_CHANGED` most recent kept."""
+    changed.pop((vertex, input), None)
+    changed[vertex, input] = files
+    if len(changed) > MAX_CHANGED:
+        changed.popitem(last=False)
 
 
 def _index_add(index: dict[str, OrderedDict[str, None]], key: str, digest: str) -> None:

@@ -9,7 +9,11 @@ explained from the builds of earlier ones. One table::
 
 ``op`` is the op's canonical encoding (:meth:`OpDef.canonical_bytes`, as text),
 ``inputs`` its inputs as :func:`~solver.definition.inputs_key` gives them
-(indexed, as is ``place``). Each :meth:`SQLiteOpHistory.record` is one
+(indexed, as is ``place``). A second table keeps the last content key of each
+slot (:meth:`~solver.definition.OpHistory.record_content`), bounded the same way::
+
+    contents(slot PRIMARY KEY, digest, files, seen_at)      files: JSON {path: digest}
+ Each :meth:`SQLiteOpHistory.record` is one
 transaction that upserts the rows and then deletes the least recently seen rows
 beyond ``max_ops``; each call runs in a worker thread, one at a time (a capacity
 limiter of one), and always checkpoints. The store's lock on its root covers this
@@ -27,7 +31,9 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Final, TypeVar
 
@@ -35,7 +41,15 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from ..definition import DEFAULT_MAX_OPS, OpDef, OpRecord, OutputRef, inputs_key
+from ..definition import (
+    DEFAULT_MAX_OPS,
+    OpDef,
+    OpRecord,
+    OutputRef,
+    files_that_differ,
+    inputs_key,
+    note_changed_files,
+)
 
 __all__ = ["OP_HISTORY_DB_NAME", "SQLiteOpHistory"]
 
@@ -58,6 +72,13 @@ CREATE TABLE IF NOT EXISTS ops (
 CREATE INDEX IF NOT EXISTS ops_by_inputs ON ops (inputs, seen_at);
 CREATE INDEX IF NOT EXISTS ops_by_place ON ops (place, seen_at);
 CREATE INDEX IF NOT EXISTS ops_by_seen ON ops (seen_at);
+CREATE TABLE IF NOT EXISTS contents (
+    slot TEXT PRIMARY KEY NOT NULL,
+    digest TEXT NOT NULL,
+    files TEXT NOT NULL,
+    seen_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS contents_by_seen ON contents (seen_at);
 """
 
 _COLUMNS: Final = "digest, op, name, place, seen_at"
@@ -74,6 +95,7 @@ class SQLiteOpHistory:
         self._conn: sqlite3.Connection | None = conn
         self._lock = threading.Lock()
         self._limiter = anyio.CapacityLimiter(1)
+        self._changed: OrderedDict[tuple[str, int], tuple[str, ...]] = OrderedDict()
 
     @classmethod
     async def open(
@@ -102,6 +124,17 @@ class SQLiteOpHistory:
 
     async def previous(self, op: OpDef, place: str) -> OpRecord | None:
         return await self._call(_previous, op.digest, inputs_key(op.inputs), place)
+
+    async def record_content(
+        self, vertex: str, input: int, slot: str, digest: str, files: Mapping[str, str]
+    ) -> None:
+        text = json.dumps(dict(files), sort_keys=True)
+        before = await self._call(_record_content, slot, digest, text, time.time(), self.max_ops)
+        if before is not None and before[0] != digest:
+            note_changed_files(self._changed, vertex, input, files_that_differ(before[1], files))
+
+    def changed_files(self, vertex: str, input: int) -> tuple[str, ...] | None:
+        return self._changed.get((vertex, input))
 
     async def close(self) -> None:
         """Close the database; idempotent."""
@@ -159,6 +192,29 @@ def _record(conn: sqlite3.Connection, rows: list[tuple[object, ...]], max_ops: i
         "(SELECT digest FROM ops ORDER BY seen_at DESC, rowid DESC LIMIT -1 OFFSET ?)",
         (max_ops,),
     )
+
+
+def _record_content(
+    conn: sqlite3.Connection, slot: str, digest: str, files: str, now: float, max_ops: int
+) -> tuple[str, dict[str, str]] | None:
+    """Store the content key of ``slot``; return the one it replaces (its digest
+    and files), if any."""
+    row = conn.execute("SELECT digest, files FROM contents WHERE slot = ?", (slot,)).fetchone()
+    conn.execute(
+        "INSERT INTO contents (slot, digest, files, seen_at) VALUES (?, ?, ?, ?) "
+        "ON CONFLICT (slot) DO UPDATE SET digest = excluded.digest, files = excluded.files, "
+        "seen_at = excluded.seen_at",
+        (slot, digest, files, now),
+    )
+    conn.execute(
+        "DELETE FROM contents WHERE slot IN "
+        "(SELECT slot FROM contents ORDER BY seen_at DESC, rowid DESC LIMIT -1 OFFSET ?)",
+        (max_ops,),
+    )
+    if row is None:
+        return None
+    before = json.loads(row[1])
+    return row[0], before if isinstance(before, dict) else {}
 
 
 def _get(conn: sqlite3.Connection, digest: str) -> OpRecord | None:

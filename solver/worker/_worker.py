@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 
 import anyio
@@ -50,12 +50,14 @@ def register_builtin_kinds(
     *,
     sandbox: SandboxMode = "bwrap",
     secrets: Mapping[str, SecretSource] | None = None,
+    history: Callable[[], OpHistory | None] | None = None,
 ) -> None:
     """Register the built-in kinds (``source.inline``, ``source.local``, ``file``,
     ``merge``, ``exec``) into ``registry``, bound to ``store``; ``sandbox`` and
-    ``secrets`` are :func:`register_exec`'s."""
+    ``secrets`` are :func:`register_exec`'s; ``history()`` is the op history the
+    ``file`` op records its content keys in (:func:`register_file`)."""
     register_sources(registry, store)
-    register_file(registry, store)
+    register_file(registry, store, history)
     register_merge(registry, store)
     register_exec(registry, store, sandbox=sandbox, secrets=secrets)
 
@@ -100,7 +102,10 @@ class Worker:
         self.store = SnapshotStore(root, lock_timeout=lock_timeout)
         self.op_kinds = OpKindRegistry()
         self.sandbox: SandboxMode = sandbox
-        register_builtin_kinds(self.op_kinds, self.store, sandbox=sandbox, secrets=secrets)
+        register_builtin_kinds(
+            self.op_kinds, self.store, sandbox=sandbox, secrets=secrets,
+            history=lambda: self._op_history,
+        )
         self.gc_policy: tuple[PrunePolicy, ...] = (
             as_rules(gc_policy) if gc_policy is not None else ()
         )
