@@ -378,6 +378,19 @@ async def test_a_content_key_names_the_files_that_changed(tmp_path: Path) -> Non
         }
 
 
+async def test_a_history_that_fails_does_not_fail_the_content_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with Worker(tmp_path, sandbox="none") as w, Solver(worker=w) as s:
+        await run(s, picked("1.0"))
+        await w.op_history.close()  # SQLiteOpHistory: every call now raises
+        async with await s.solve(picked("1.1")) as result:
+            assert result.ref is not None
+            assert await result.ref.sys.read_bytes("VERSION") == b"1.1"
+    assert "recording its content key's files failed" in caplog.text
+    assert "recording the definition's ops in the op history failed" in caplog.text
+
+
 async def test_a_corrupt_history_file_is_replaced(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -668,6 +681,26 @@ def test_build_explain_json_carries_the_reason_in_the_started_event(
     code, _, err = _cli([*base, str(one)], capsys)
     assert code == 0
     assert '"reason"' not in err
+
+
+def test_build_explain_json_names_the_files_of_a_content_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = tmp_path / "cache"
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    one.write_text(picked("1.0").to_json())
+    two.write_text(picked("1.0", util="2").to_json())
+    base = ["build", "--cache-dir", str(cache), "--sandbox", "none", "--progress", "json"]
+    assert _cli([*base, str(one)], capsys)[0] == 0
+    code, _, err = _cli([*base, "--explain", str(two)], capsys)
+    assert code == 0
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    reasons = {e["name"]: e["reason"] for e in events if e["status"] == "started"}
+    assert reasons["pick"] == (
+        "input 0 changed, from sources, and so did the files the op reads from it: "
+        "src/util.c"
+    )
+    assert err.splitlines()[-1] == f"explain: pick: {reasons['pick']}"
 
 
 def test_build_explain_with_a_frontend_is_refused(

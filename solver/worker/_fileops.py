@@ -31,6 +31,7 @@ import base64
 import binascii
 import fnmatch
 import hashlib
+import logging
 import os
 import shutil
 import stat
@@ -48,6 +49,8 @@ from .._result import Result
 from ..definition import JSONValue, OpContext, OpHistory, OpKindRegistry, canonical_json
 from ._paths import check_regular_kind, resolve_in
 from ._snapshots import SnapshotRef, SnapshotStore, SnapshotView, UnsafePathError
+
+_log = logging.getLogger("solver")
 
 __all__ = [
     "Entry",
@@ -596,9 +599,13 @@ class FileOp:
         history = self.history() if self.history is not None else None
         if history is None:
             return
-        files = await anyio.to_thread.run_sync(_content_files, os.fspath(view.path), copies)
-        slot = f"{digest_of(b'solver.worker/file/v1' + canonical_json(self.payload))}#{index}"
-        await history.record_content(self.vertex, index, slot, digest, files)
+        try:
+            files = await anyio.to_thread.run_sync(_content_files, os.fspath(view.path), copies)
+            slot = f"{digest_of(b'solver.worker/file/v1' + canonical_json(self.payload))}#{index}"
+            await history.record_content(self.vertex, index, slot, digest, files)
+        except Exception as exc:  # a help for explaining, never worth a failed build
+            _log.warning("file op %r: recording its content key's files failed: %s",
+                         self.name, exc)
 
     async def exec(self, inputs: Sequence[Result]) -> Sequence[Result]:
         views = [snapshot_view(r, f"input {i} of file op {self.name!r}")
