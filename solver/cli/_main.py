@@ -54,9 +54,8 @@ rebuilds every op in a scratch store after the build and exits 1 when an output
 differs or a rebuild fails; ``solver build --explain`` says after the build why
 each op that ran missed the cache (``docs/explain.md``). ``solver diff A B`` lists
 the ops that differ between two definitions, root cause first, and exits 1 when
-they differ (``docs/definition-format.md``, "Comparing definitions"); ``solver
-graph FILE`` prints the op graph as DOT or Mermaid with each op's cache state,
-running nothing ("Showing the graph" there).
+they differ; ``solver graph FILE`` prints the op graph as DOT or Mermaid with
+each op's cache state, running nothing (all four: ``docs/explain.md``).
 """
 
 from __future__ import annotations
@@ -973,7 +972,7 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="after the build, rebuild every op from scratch in a temporary store and "
         "compare each output with the build's: list the ops whose outputs differ and "
-        "exit 1 if one does (docs/worker.md)",
+        "exit 1 if one does (docs/explain.md)",
     )
     b.add_argument(
         "--explain",
