@@ -208,6 +208,26 @@ async def test_a_whole_pruned_chain_keeps_no_key() -> None:
         assert ops.execs == ["a", "b", "c", "b", "c"]
 
 
+async def test_a_record_lost_between_the_walk_and_the_build() -> None:
+    ops = Ops()
+    async with Solver(op_kinds=ops.registry()) as s:
+        await run(s, chain("a", "b"))
+        before = await explain(s, chain("a", "b"))
+        assert [op.state for op in before.ops] == [OpState.CACHED, OpState.CACHED]
+        await s.default_cache.release("ab-2")  # b's record goes after the walk
+        job = s.new_job()
+        async with await s.solve(chain("a", "b"), job=job):
+            pass
+        await job.discard()
+        ran = before.executed([ev async for ev in job.status()], s.op_history)
+        assert why(ran) == {
+            "b": "it was cached before the build, but its record was gone or failed to "
+                 "load when the build came to it"
+        }
+        assert ran[0].reason == MissReason(MissKind.RECORD_LOST)
+        assert ops.execs == ["a", "b", "b"]
+
+
 async def test_a_content_key_that_misses_and_one_that_matches() -> None:
     ops, slow = Ops(), SlowOps()
     kinds = slow.register(ops.registry())

@@ -29,7 +29,9 @@ nothing runs, nothing is loaded), and names the reason (:class:`MissKind`):
   definition is the same and its cache key is not, because what the key is
   computed from besides the definition changed (the files a ``source.local``
   reads, the worker's sandbox mode), or its whole chain of records was pruned;
-* ``new op``: as above, with no earlier version in the history.
+* ``new op``: as above, with no earlier version in the history;
+* ``record lost``: the walk found a record, but the op ran: the record was
+  pruned, or failed to load, between the walk and the build's use of it.
 
 Which ops *did* run is known only from the build (a content key decides during
 it): :meth:`Explanation.executed` picks them from the build's progress events
@@ -91,6 +93,7 @@ class MissKind(StrEnum):
     CONTENT_CHANGED = "content changed"
     IGNORE_CACHE = "ignore-cache"
     PRUNED = "pruned"
+    RECORD_LOST = "record lost"
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +151,11 @@ class MissReason:
             return "new op: no record of its definition"
         if kind is MissKind.IGNORE_CACHE:
             return "ignore-cache was set"
+        if kind is MissKind.RECORD_LOST:
+            return (
+                "it was cached before the build, but its record was gone or failed to "
+                "load when the build came to it"
+            )
         return "its cache key is known but its record was pruned"
 
 
@@ -191,15 +199,18 @@ class Explanation:
         self, events: Iterable[ProgressEvent], history: OpHistory | None = None
     ) -> tuple[OpExplanation, ...]:
         """The entries of the ops that ran according to ``events`` (a build's
-        progress: an op that executes emits ``started``), inputs first; with the
+        progress: an op that executes emits ``started``), inputs first (an op the
+        walk found cached that ran anyway gets ``RECORD_LOST``); with the
         ``history`` the build's content keys were recorded in (the solver's
         :attr:`~solver.Solver.op_history`), a ``CONTENT_CHANGED`` reason names the
         files that changed (:meth:`with_files`)."""
         ran = {ev.vertex for ev in events if ev.status == STARTED}
         return tuple(
             self.with_files(e, history)
+            if e.reason is not None
+            else replace(e, reason=MissReason(MissKind.RECORD_LOST))
             for e in self.ops
-            if e.digest in ran and e.reason is not None
+            if e.digest in ran
         )
 
     @staticmethod
@@ -231,6 +242,8 @@ async def explain(solver: Solver, definition: Definition) -> Explanation:
     """Why each op of ``definition`` would miss ``solver``'s main cache, found
     without running anything (see the module docs). Call it before the build it
     explains: the build adds the records it looks for. ``solver`` must be open.
+    Only the main cache is asked, not cache imports: an op the build then loads
+    from an import does not run, so :meth:`Explanation.executed` leaves it out.
 
     Raises :class:`~solver.DefinitionError` for an invalid definition and
     :class:`~solver.SolveError` naming the op when an op's factory or cache map
