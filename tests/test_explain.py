@@ -398,6 +398,30 @@ async def test_a_content_key_names_the_files_that_changed(tmp_path: Path) -> Non
         }
 
 
+async def test_a_local_source_names_the_files_that_changed(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("a.c", "b.c", "c.c"):
+        (src / name).write_text(f"/* {name} */\n")
+    defn = State.local(src, name="checkout").mkfile("built", "x").with_name("build").definition()
+    store = tmp_path / "store"
+    async with Worker(store, sandbox="none") as w, Solver(worker=w) as s:
+        await run(s, defn)
+    (src / "b.c").write_text("/* edited */\n")
+    (src / "c.c").unlink()
+    (src / "d.c").write_text("/* new */\n")
+    async with Worker(store, sandbox="none") as w, Solver(worker=w) as s:
+        ran = await run(s, defn)
+        assert why(ran) == {
+            "checkout": "cache key changed, definition unchanged: the files it reads "
+                        "changed: b.c, c.c, d.c",
+            "build": "input 0 changed, from checkout",
+        }
+        assert ran[0].reason is not None
+        assert ran[0].reason.files == ("b.c", "c.c", "d.c")
+        assert await run(s, defn) == ()  # unchanged: a hit, and nothing to say
+
+
 async def test_a_history_that_fails_does_not_fail_the_content_key(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

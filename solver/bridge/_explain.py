@@ -28,7 +28,8 @@ nothing runs, nothing is loaded), and names the reason (:class:`MissKind`):
 * ``cache key changed``: as above, but the history holds this very op: its
   definition is the same and its cache key is not, because what the key is
   computed from besides the definition changed (the files a ``source.local``
-  reads, the worker's sandbox mode), or its whole chain of records was pruned;
+  reads, named when the history recorded them; the worker's sandbox mode), or
+  its whole chain of records was pruned;
 * ``new op``: as above, with no earlier version in the history;
 * ``record lost``: the walk found a record, but the op ran: the record was
   pruned, or failed to load, between the walk and the build's use of it.
@@ -109,9 +110,10 @@ class MissReason:
     and ``cause`` / ``cause_name``, the digest and name of the op where the
     change started (the input itself, or the op its own reason names). For
     ``CONTENT_CHANGED``, ``files``: the files of the input the content key covers
-    whose digests changed since that key was last computed (``<src>:<path>`` for
-    the built-in ``file`` op; known once the build computed the key, see
-    :meth:`Explanation.executed`), or ``None`` when not known.
+    whose digests changed since that key was last computed (paths in the input;
+    known once the build computed the key, see :meth:`Explanation.executed`),
+    or ``None`` when not known; for ``CACHE_KEY_CHANGED``, the files of the op's
+    own key that changed (a ``source.local`` directory's), when known.
     """
 
     kind: MissKind
@@ -136,12 +138,12 @@ class MissReason:
             text = f"input {self.input} changed, from {self.cause_name}, and so did "
             if not self.files:
                 return text + "the content the op reads from it (its content key)"
-            shown = ", ".join(self.files[:_FILES_SHOWN])
-            more = len(self.files) - _FILES_SHOWN
-            return text + "the files the op reads from it: " + shown + (
-                f" and {more} more" if more > 0 else ""
-            )
+            return text + _files("the files the op reads from it: ", self.files)
         if kind is MissKind.CACHE_KEY_CHANGED:
+            if self.files:
+                return "cache key changed, definition unchanged: " + _files(
+                    "the files it reads changed: ", self.files
+                )
             return (
                 "cache key changed, definition unchanged: what the key is computed "
                 "from (files it reads, worker settings) changed, or its records were "
@@ -410,7 +412,11 @@ async def _own_reason(history: OpHistory, op: OpDef, place: str) -> MissReason:
     """Why an op whose key is unknown while its inputs' keys are known misses: how
     its definition differs from its earlier version in ``history``."""
     if await history.get(op.digest) is not None:
-        return MissReason(MissKind.CACHE_KEY_CHANGED, previous=op.digest)
+        # what its key covers besides the definition may be files (source.local's)
+        return MissReason(
+            MissKind.CACHE_KEY_CHANGED, previous=op.digest,
+            files=history.changed_files(op.digest, -1),
+        )
     previous = await history.previous(op, place)
     if previous is None:
         return MissReason(MissKind.NEW_OP)
@@ -433,6 +439,12 @@ def _cause(vertex: Vertex, reason: MissReason | None) -> tuple[str, str]:
     ):
         return reason.cause, reason.cause_name or reason.cause
     return vertex.digest, vertex.name
+
+
+def _files(head: str, files: Sequence[str]) -> str:
+    shown = ", ".join(files[:_FILES_SHOWN])
+    more = len(files) - _FILES_SHOWN
+    return head + shown + (f" and {more} more" if more > 0 else "")
 
 
 def _refs(op: OpDef) -> JSONValue:

@@ -206,6 +206,10 @@ class InMemoryOpHistory:
         self, vertex: str, input: int, slot: str, digest: str, files: Mapping[str, str]
     ) -> None:
         before = self._contents.pop(slot, None)
+        if before is not None and before[0] == digest:
+            self._contents[slot] = before  # the same key: only its recency changes
+            await anyio.lowlevel.checkpoint()
+            return
         self._contents[slot] = (digest, dict(files))
         if len(self._contents) > self.max_ops:
             self._contents.popitem(last=False)

@@ -128,9 +128,10 @@ class SQLiteOpHistory:
     async def record_content(
         self, vertex: str, input: int, slot: str, digest: str, files: Mapping[str, str]
     ) -> None:
-        text = json.dumps(dict(files), sort_keys=True)
-        before = await self._call(_record_content, slot, digest, text, time.time(), self.max_ops)
-        if before is not None and before[0] != digest:
+        before = await self._call(
+            _record_content, slot, digest, files, time.time(), self.max_ops
+        )
+        if before is not None:
             note_changed_files(self._changed, vertex, input, files_that_differ(before[1], files))
 
     def changed_files(self, vertex: str, input: int) -> tuple[str, ...] | None:
@@ -195,16 +196,25 @@ def _record(conn: sqlite3.Connection, rows: list[tuple[object, ...]], max_ops: i
 
 
 def _record_content(
-    conn: sqlite3.Connection, slot: str, digest: str, files: str, now: float, max_ops: int
+    conn: sqlite3.Connection,
+    slot: str,
+    digest: str,
+    files: Mapping[str, str],
+    now: float,
+    max_ops: int,
 ) -> tuple[str, dict[str, str]] | None:
     """Store the content key of ``slot``; return the one it replaces (its digest
-    and files), if any."""
+    and files) when that one differs. The same key again only refreshes its
+    time: a warm build of a large ``source.local`` tree writes no file list."""
     row = conn.execute("SELECT digest, files FROM contents WHERE slot = ?", (slot,)).fetchone()
+    if row is not None and row[0] == digest:
+        conn.execute("UPDATE contents SET seen_at = ? WHERE slot = ?", (now, slot))
+        return None
     conn.execute(
         "INSERT INTO contents (slot, digest, files, seen_at) VALUES (?, ?, ?, ?) "
         "ON CONFLICT (slot) DO UPDATE SET digest = excluded.digest, files = excluded.files, "
         "seen_at = excluded.seen_at",
-        (slot, digest, files, now),
+        (slot, digest, json.dumps(dict(files), sort_keys=True), now),
     )
     conn.execute(
         "DELETE FROM contents WHERE slot IN "

@@ -55,8 +55,9 @@ def register_builtin_kinds(
     """Register the built-in kinds (``source.inline``, ``source.local``, ``file``,
     ``merge``, ``exec``) into ``registry``, bound to ``store``; ``sandbox`` and
     ``secrets`` are :func:`register_exec`'s; ``history()`` is the op history the
-    ``file`` op records its content keys in (:func:`register_file`)."""
-    register_sources(registry, store)
+    ``file`` op records its content keys in and ``source.local`` the files of
+    its cache digest (:func:`register_file`, :func:`register_sources`)."""
+    register_sources(registry, store, history)
     register_file(registry, store, history)
     register_merge(registry, store)
     register_exec(registry, store, sandbox=sandbox, secrets=secrets)
