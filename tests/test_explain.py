@@ -260,6 +260,31 @@ async def test_a_content_key_that_misses_and_one_that_matches() -> None:
         assert (ops.execs, slow.execs) == (["a", "t", "a", "A", "t"], ["s", "s"])
 
 
+async def test_an_input_kept_by_its_content_key_leaves_the_op_its_own_reason() -> None:
+    ops, slow = Ops(), SlowOps()
+    kinds = slow.register(ops.registry())
+
+    def graph(top: str, *, ignore: bool = False) -> Definition:
+        a = node("test.text", {"text": "a"}, name="a", ignore_cache=ignore)
+        s_node = node("test.slow", {"text": "s"}, inputs=[a], name="s")
+        return Definition.of(node("test.text", {"text": top}, inputs=[s_node], name="top"))
+
+    async with Solver(op_kinds=kinds) as s:
+        await run(s, graph("t"))
+        # a runs again and makes the same content: s is loaded, and top runs
+        # only because its own text changed
+        e = await explain(s, graph("T", ignore=True))
+        assert e.ops[2].reason is not None
+        assert e.ops[2].reason.kind is INPUT  # what the walk could tell
+        assert e.ops[2].fallback is not None
+        ran = await run(s, graph("T", ignore=True))
+        assert why(ran) == {
+            "a": "ignore-cache was set",
+            "top": "definition changed: payload.text: 't' -> 'T'",
+        }
+        assert (ops.execs, slow.execs) == (["a", "t", "a", "T"], ["s"])
+
+
 @dataclass
 class EnvOps:
     """``test.env``: a leaf whose cache digest is read from ``values`` (the way

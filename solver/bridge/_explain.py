@@ -164,14 +164,19 @@ class MissReason:
 @dataclass(frozen=True, slots=True)
 class OpExplanation:
     """One op of an :class:`Explanation`: its ``digest``, display ``name``,
-    ``kind``, cache ``state`` (as :func:`~solver.bridge.plan` gives it) and
-    ``reason`` (``None`` when the op is cached)."""
+    ``kind``, cache ``state`` (as :func:`~solver.bridge.plan` gives it),
+    ``reason`` (``None`` when the op is cached), ``inputs`` (the digests of its
+    input ops, in order) and ``fallback``: for an op whose reason is a changed
+    input that may yet be loaded through a content key (state ``unknown``), why
+    it runs if that input does not (its own definition, from the op history)."""
 
     digest: str
     name: str
     kind: str
     state: OpState
     reason: MissReason | None
+    inputs: tuple[str, ...] = ()
+    fallback: MissReason | None = None
 
     def describe(self) -> str:
         """``name: <reason>`` (``name: cached`` for a cached op)."""
@@ -207,13 +212,23 @@ class Explanation:
         :attr:`~solver.Solver.op_history`), a ``CONTENT_CHANGED`` reason names the
         files that changed (:meth:`with_files`)."""
         ran = {ev.vertex for ev in events if ev.status == STARTED}
-        return tuple(
-            self.with_files(e, history)
-            if e.reason is not None
-            else replace(e, reason=MissReason(MissKind.RECORD_LOST))
-            for e in self.ops
-            if e.digest in ran
-        )
+        out: list[OpExplanation] = []
+        for e in self.ops:
+            if e.digest not in ran:
+                continue
+            reason = e.reason
+            if reason is None:
+                e = replace(e, reason=MissReason(MissKind.RECORD_LOST))
+            elif (
+                reason.input is not None
+                and e.fallback is not None
+                and e.inputs[reason.input] not in ran
+            ):
+                # the input matched through its content key after all: it kept
+                # its key, so this op ran for a reason of its own
+                e = replace(e, reason=e.fallback)
+            out.append(self.with_files(e, history))
+        return tuple(out)
 
     @staticmethod
     def with_files(entry: OpExplanation, history: OpHistory | None) -> OpExplanation:
@@ -278,7 +293,18 @@ async def explain(solver: Solver, definition: Definition) -> Explanation:
             else OpState.UNKNOWN
         )
         reason = missing[0].reason if missing else None
-        entries.append(OpExplanation(v.digest, v.name, op.kind, state, reason))
+        inputs = tuple(inp.vertex.digest for inp in v.inputs)
+        fallback = None
+        if (
+            reason is not None
+            and reason.input is not None
+            and found[inputs[reason.input], v.inputs[reason.input].index].state
+            is OpState.UNKNOWN
+        ):
+            fallback = await _own_reason(history, op, places[v.digest])
+        entries.append(
+            OpExplanation(v.digest, v.name, op.kind, state, reason, inputs, fallback)
+        )
     return Explanation(tuple(entries))
 
 
