@@ -770,6 +770,9 @@ def test_build_explain_json_names_the_files_of_a_content_key(
         "src/util.c"
     )
     assert err.splitlines()[-1] == f"explain: pick: {reasons['pick']}"
+    # every started event carries the reason of the line after the build
+    lines = [line for line in err.splitlines() if line.startswith("explain: ")]
+    assert lines == [f"explain: {name}: {why}" for name, why in reasons.items()]
 
 
 def test_build_explain_with_a_frontend_is_refused(

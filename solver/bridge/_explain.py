@@ -48,7 +48,7 @@ next miss can be explained.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Final
@@ -212,23 +212,28 @@ class Explanation:
         :attr:`~solver.Solver.op_history`), a ``CONTENT_CHANGED`` reason names the
         files that changed (:meth:`with_files`)."""
         ran = {ev.vertex for ev in events if ev.status == STARTED}
-        out: list[OpExplanation] = []
-        for e in self.ops:
-            if e.digest not in ran:
-                continue
-            reason = e.reason
-            if reason is None:
-                e = replace(e, reason=MissReason(MissKind.RECORD_LOST))
-            elif (
-                reason.input is not None
-                and e.fallback is not None
-                and e.inputs[reason.input] not in ran
-            ):
-                # the input matched through its content key after all: it kept
-                # its key, so this op ran for a reason of its own
-                e = replace(e, reason=e.fallback)
-            out.append(self.with_files(e, history))
-        return tuple(out)
+        return tuple(self.ran(e, ran, history) for e in self.ops if e.digest in ran)
+
+    def ran(
+        self, entry: OpExplanation, ran: Container[str], history: OpHistory | None = None
+    ) -> OpExplanation:
+        """``entry``, for an op that ran in a build in which the ops ``ran`` ran
+        (those before it are enough: its inputs start before it), with its final
+        reason: ``RECORD_LOST`` if the walk found it cached; its ``fallback`` if
+        its reason is an input that did not run after all (kept by its content
+        key); a content key's files from ``history`` (:meth:`with_files`)."""
+        reason = entry.reason
+        if reason is None:
+            entry = replace(entry, reason=MissReason(MissKind.RECORD_LOST))
+        elif (
+            reason.input is not None
+            and entry.fallback is not None
+            and entry.inputs[reason.input] not in ran
+        ):
+            # the input matched through its content key after all: it kept its
+            # key, so this op ran for a reason of its own
+            entry = replace(entry, reason=entry.fallback)
+        return self.with_files(entry, history)
 
     @staticmethod
     def with_files(entry: OpExplanation, history: OpHistory | None) -> OpExplanation:

@@ -419,16 +419,19 @@ async def explain_lines(
 
 
 def _reason_lookup(explanation: Explanation, solver: Solver) -> Callable[[str], str | None]:
-    """Why the op ``vertex`` runs, asked when it starts (by then a content key
-    has been computed and its changed files are known)."""
-    entries = {e.digest: e for e in explanation.ops if e.reason is not None}
+    """Why the op ``vertex`` runs, asked when it starts: by then its inputs that
+    ran have started (they were asked before it) and its content keys have been
+    computed, so the reason is the one the line after the build gives."""
+    entries = {e.digest: e for e in explanation.ops}
+    started: set[str] = set()
 
     def reason(vertex: str) -> str | None:
+        started.add(vertex)
         entry = entries.get(vertex)
         if entry is None:
             return None
-        described = Explanation.with_files(entry, solver.op_history).reason
-        return None if described is None else described.describe()
+        final = explanation.ran(entry, started, solver.op_history).reason
+        return None if final is None else final.describe()
 
     return reason
 
