@@ -460,6 +460,29 @@ async def test_a_history_that_fails_does_not_fail_the_content_key(
     assert "recording the definition's ops in the op history failed" in caplog.text
 
 
+async def test_a_determinism_check_leaves_the_places_of_the_history(tmp_path: Path) -> None:
+    from solver.bridge import check_determinism
+
+    async with Worker(tmp_path, sandbox="none") as w, Solver(worker=w) as s:
+        await run(s, files("one"))
+        history = s.op_history
+        leaf = next(d for d, op in files("one").ops.items() if op.kind == "source.inline")
+        place = (await history.get(leaf)).place
+        report = await check_determinism(s, files("one"), scratch_dir=tmp_path)
+        assert report.ok
+        # each op output was solved alone: the leaf as an output of its own
+        assert (await history.get(leaf)).place == place
+    # so a changed leaf is still found at its place
+    changed = State.inline({"src.txt": "bye"}).with_name("sources")
+    mid = State.from_node(changed.mkfile("mid.txt", "one").with_name("mid").output)
+    defn = mid.mkfile("top.txt", "t").with_name("top").definition()
+    async with Worker(tmp_path, sandbox="none") as w, Solver(worker=w) as s:
+        ran = await run(s, defn)
+    assert why(ran)["sources"] == (
+        "definition changed: payload.files[0].data: 'hello' -> 'bye'"
+    )
+
+
 async def test_a_corrupt_history_file_is_replaced(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -10,9 +10,11 @@ given. ``await solver.solve(request)`` is the high-level entry.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
 from typing import Any, Final, Self
 
 import anyio
@@ -38,12 +40,28 @@ from ._caches import build_with_caches, opened_imports, run_exports
 from ._frontend import Frontend
 from ._request import SolveRequest, SolveResult
 
-__all__ = ["Solver"]
+__all__ = ["Solver", "definitions_unrecorded"]
 
 logger = logging.getLogger("solver")
 
 #: How many recorded definitions (by output) a solver remembers not to record again.
 _RECORDED_OUTPUTS: Final = 1_000
+
+# False while a solve is made of a part of a graph (``check_determinism`` solves
+# each op output alone): its ops would be recorded at places relative to that
+# part, overwriting where they stand in the graph the user builds.
+_recording: ContextVar[bool] = ContextVar("solver_recording_definitions", default=True)
+
+
+@contextlib.contextmanager
+def definitions_unrecorded() -> Iterator[None]:
+    """Solves in this context (this task and what it awaits) leave the op history
+    as it is."""
+    token = _recording.set(False)
+    try:
+        yield
+    finally:
+        _recording.reset(token)
 
 
 class Solver(Engine):
@@ -118,8 +136,12 @@ class Solver(Engine):
         a build made some other way, such as ``Job.build``). A failure to write
         the history is logged at ERROR on the ``solver`` logger, never raised.
         O(ops); O(1) for a definition (the same output op) this solver recorded
-        before, among its last 1,000. Always a checkpoint."""
+        before, among its last 1,000, and inside :func:`definitions_unrecorded`
+        (nothing is recorded). Always a checkpoint."""
         recorded = self._recorded
+        if not _recording.get():
+            await anyio.lowlevel.checkpoint()
+            return
         if definition.output in recorded:
             # Solved again by this solver: its ops are kept already. Not writing
             # them again keeps a warm re-solve O(1) here (a 1,000-op chain costs
