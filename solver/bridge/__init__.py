@@ -58,4 +58,5 @@ from ._request import (
 )
 from ._solver import (
     Solver as Solver,
+    definitions_unrecorded as definitions_unrecorded,
 )
