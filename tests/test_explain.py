@@ -495,6 +495,28 @@ async def test_a_corrupt_history_file_is_replaced(
     assert "unreadable" in caplog.text
 
 
+async def test_a_history_of_another_schema_is_replaced(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with sqlite3.connect(tmp_path / "h.db") as conn:
+        conn.execute("CREATE TABLE ops (digest TEXT PRIMARY KEY, other TEXT)")
+    h = await SQLiteOpHistory.open(tmp_path / "h.db")
+    try:
+        a = op("a")
+        await h.record([rec(a, "p", 1)])
+        assert (await h.previous(op("b"), "p")).op == a
+    finally:
+        await h.close()
+    assert "unreadable" in caplog.text
+
+
+async def test_a_history_that_cannot_be_opened_is_not_deleted(tmp_path: Path) -> None:
+    (tmp_path / "dir.db").mkdir()  # a directory where the file should be
+    with pytest.raises(sqlite3.OperationalError):
+        await SQLiteOpHistory.open(tmp_path / "dir.db")
+    assert (tmp_path / "dir.db").is_dir()
+
+
 async def test_the_worker_history_needs_an_open_worker(tmp_path: Path) -> None:
     w = Worker(tmp_path)
     with pytest.raises(Exception, match="not open: its op history"):

@@ -157,10 +157,21 @@ class SQLiteOpHistory:
                 return func(conn, *args)
 
 
+# Errors that say the file is in use or out of reach, not that it is bad: never
+# a reason to delete it.
+_NOT_THE_FILE: Final = frozenset({
+    sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM,
+    sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL,
+})
+
+
 def _connect(path: Path) -> sqlite3.Connection:
     try:
         return _prepare(path)
     except sqlite3.DatabaseError as exc:
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF in _NOT_THE_FILE:  # primary code
+            raise
         _log.warning("the op history %s is unreadable (%s); starting a new one", path, exc)
         for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
             name.unlink(missing_ok=True)
