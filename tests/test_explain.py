@@ -367,6 +367,24 @@ async def test_a_frontend_request_is_refused() -> None:
             await solve_explained(s, SolveRequest(frontend="x"))
 
 
+def test_long_file_lists_are_cut_at_five() -> None:
+    files = tuple(f"f{i}" for i in range(8))
+    content = MissReason(CONTENT, input=1, cause="x", cause_name="gen", files=files)
+    assert content.describe() == (
+        "input 1 changed, from gen, and so did the files the op reads from it: "
+        "f0, f1, f2, f3, f4 and 3 more"
+    )
+    local = MissReason(MissKind.CACHE_KEY_CHANGED, files=files[:5])
+    assert local.describe() == (
+        "cache key changed, definition unchanged: the files it reads changed: "
+        "f0, f1, f2, f3, f4"
+    )
+    long_value = MissReason(DEFINITION, field="payload.data", before="x" * 100, after="y")
+    assert long_value.describe() == (
+        f"definition changed: payload.data: '{'x' * 56}... -> 'y'"
+    )
+
+
 # -- across processes: the worker's persistent history ---------------------------------
 
 
