@@ -6,6 +6,7 @@ checked by name, with the exec counts that show the ops really ran (or not)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -738,6 +739,60 @@ async def test_cancelled_while_recording_the_result_is_released(
             tg.cancel_scope.cancel()
         assert ops.execs == ["a", "b"]
     assert ops.live_values() == []
+    handle_tracker.check()
+
+
+async def test_the_cli_build_cancelled_while_recording_releases_everything(
+    handle_tracker: HandleTracker,
+) -> None:
+    import io
+
+    from solver.cli._main import build_definition
+
+    ops = Ops()
+    history = _BlockingHistory()
+    async with Solver(op_kinds=ops.registry(), op_history=history) as s:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(
+                functools.partial(build_definition, s, chain("a", "b"), progress_out=io.StringIO())
+            )
+            await history.recording.wait()
+            tg.cancel_scope.cancel()
+        assert ops.execs == ["a", "b"]
+    assert ops.live_values() == []
+    handle_tracker.check()
+
+
+class _BlockingContentHistory(InMemoryOpHistory):
+    """Its ``record_content`` waits until cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recording = anyio.Event()
+
+    async def record_content(self, *args: Any) -> None:
+        self.recording.set()
+        await anyio.sleep_forever()
+
+
+async def test_cancelled_while_a_content_key_is_recorded_nothing_stays_in_use(
+    tmp_path: Path, handle_tracker: HandleTracker
+) -> None:
+    from solver.worker import disk_usage
+
+    async with Worker(tmp_path, sandbox="none") as w, Solver(worker=w) as s:
+        await run(s, picked("1.0"))
+        blocking = _BlockingContentHistory()
+        kept, w._op_history = w._op_history, blocking  # type: ignore[assignment]
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(s.solve, picked("1.1"))
+                await blocking.recording.wait()  # pick's content key, sources built
+                tg.cancel_scope.cancel()
+        finally:
+            w._op_history = kept
+        usage = await disk_usage(w.store)
+        assert usage.in_use == 0
     handle_tracker.check()
 
 
