@@ -31,6 +31,14 @@ from ._check import (
     check_determinism as check_determinism,
     tree_digest as tree_digest,
 )
+from ._explain import (
+    Explanation as Explanation,
+    MissKind as MissKind,
+    MissReason as MissReason,
+    OpExplanation as OpExplanation,
+    explain as explain,
+    solve_explained as solve_explained,
+)
 from ._frontend import (
     Attestation as Attestation,
     Bridge as Bridge,
@@ -50,4 +58,5 @@ from ._request import (
 )
 from ._solver import (
     Solver as Solver,
+    definitions_unrecorded as definitions_unrecorded,
 )

@@ -60,7 +60,7 @@ from .._errors import SolveError
 from ..definition import Definition, OpDef, OpMetadata, OutputRef
 from ..engine import Job
 from ..worker import FileStat, SecretSource, SnapshotView, Worker
-from ._solver import Solver
+from ._solver import Solver, definitions_unrecorded
 
 __all__ = [
     "CheckReport",
@@ -274,7 +274,10 @@ async def _check_output(
     ops = {op: definition.ops[op] for op in _post_order(definition.ops, d)}
     cached_metadata = {op: m for op, m in definition.metadata.items() if op in ops}
     fresh_metadata = {op: m for op, m in fresh.metadata.items() if op in ops}
-    async with await solver.solve(Definition(ops, out, cached_metadata), job=job) as cached:
+    # a part of the graph: its ops' places in the history stay those of the whole
+    with definitions_unrecorded():
+        part = await solver.solve(Definition(ops, out, cached_metadata), job=job)
+    async with part as cached:
         try:
             rebuilt = await rebuilder.solve(Definition(ops, out, fresh_metadata), job=rejob)
         except SolveError as exc:

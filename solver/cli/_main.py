@@ -51,11 +51,11 @@ prints ``solver VERSION``.
 kind and the free space; ``solver prune`` applies one prune rule built from its
 flags (see ``docs/worker.md``, "Garbage collection"). ``solver build --check``
 rebuilds every op in a scratch store after the build and exits 1 when an output
-differs or a rebuild fails. ``solver diff A B`` lists
+differs or a rebuild fails; ``solver build --explain`` says after the build why
+each op that ran missed the cache (``docs/explain.md``). ``solver diff A B`` lists
 the ops that differ between two definitions, root cause first, and exits 1 when
-they differ (``docs/definition-format.md``, "Comparing definitions"); ``solver
-graph FILE`` prints the op graph as DOT or Mermaid with each op's cache state,
-running nothing ("Showing the graph" there).
+they differ; ``solver graph FILE`` prints the op graph as DOT or Mermaid with
+each op's cache state, running nothing (all four: ``docs/explain.md``).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ import runpy
 import sys
 import time
 import traceback
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TextIO
@@ -81,9 +81,10 @@ from typing import NoReturn, TextIO
 import anyio
 
 from .._errors import InternalError, SolveError
-from ..bridge import Solver, opened_imports, run_exports, with_cache_sources
+from .._progress import STARTED, ProgressEvent
+from ..bridge import Explanation, Solver, explain, opened_imports, run_exports, with_cache_sources
 from ..cache import LocalCacheExport, LocalCacheImport
-from ..definition import Definition, DefinitionError, diff_definitions
+from ..definition import Definition, DefinitionError, OpHistory, diff_definitions
 from ..worker import (
     DiskUsage,
     PrunePolicy,
@@ -355,16 +356,22 @@ async def build_definition(
     output: OutputSpec | None = None,
     cache_imports: Sequence[LocalCacheImport] = (),
     cache_exports: Sequence[LocalCacheExport] = (),
+    explanation: Explanation | None = None,
 ) -> None:
     """Solve ``defn`` in a new job of ``solver``, rendering its progress to
     ``progress_out`` (default stderr), export the result to ``output`` if given,
     and release everything. ``cache_imports`` are used while building and
-    ``cache_exports`` written after (a line each on ``progress_out``). Raises
+    ``cache_exports`` written after (a line each on ``progress_out``). With an
+    ``explanation`` (:func:`~solver.explain` of ``defn``, made before), the
+    ``json`` progress gives each op's ``started`` event its ``reason``, and one
+    line per op that ran says why, after the build (also when it fails). The
+    ops of a successful build are recorded in the solver's op history. Raises
     :class:`~solver.SolveError` on failure."""
     defn.validate(solver.op_kinds)
     out = progress_out if progress_out is not None else sys.stderr
     shown = None if output is None else describe_output(output.type, output.dest)
-    renderer = make_renderer(progress, out, output=shown)
+    reasons = None if explanation is None else _reason_lookup(explanation, solver)
+    renderer = make_renderer(progress, out, output=shown, reasons=reasons)
     job = solver.new_job()
     failure: BaseException | None = None
     exported: list[str] = []
@@ -375,6 +382,7 @@ async def build_definition(
             async with opened_imports(cache_imports, solver.worker) as sources:
                 result = await job.build(with_cache_sources(edge, sources))
                 try:
+                    await solver.record_definition(defn)
                     stats = await run_exports(result, cache_exports, solver.worker)
                     for spec, st in zip(cache_exports, stats, strict=True):
                         exported.append(
@@ -392,8 +400,40 @@ async def build_definition(
         finally:
             await job.discard()  # ends the status stream, and so the renderer
     out.writelines(exported)
+    if explanation is not None:
+        out.writelines(await explain_lines(explanation, job.status(), solver.op_history))
     if failure is not None:
         raise failure
+
+
+async def explain_lines(
+    explanation: Explanation,
+    events: AsyncIterator[ProgressEvent],
+    history: OpHistory | None = None,
+) -> list[str]:
+    """``explain: NAME: REASON``, one line per op that ran according to
+    ``events`` (a discarded job's status: they end), inputs first; ``history``
+    names the files of a content key that changed."""
+    ran = [ev async for ev in events if ev.status == STARTED]
+    return [f"explain: {op.describe()}\n" for op in explanation.executed(ran, history)]
+
+
+def _reason_lookup(explanation: Explanation, solver: Solver) -> Callable[[str], str | None]:
+    """Why the op ``vertex`` runs, asked when it starts: by then its inputs that
+    ran have started (they were asked before it) and its content keys have been
+    computed, so the reason is the one the line after the build gives."""
+    entries = {e.digest: e for e in explanation.ops}
+    started: set[str] = set()
+
+    def reason(vertex: str) -> str | None:
+        started.add(vertex)
+        entry = entries.get(vertex)
+        if entry is None:
+            return None
+        final = explanation.ran(entry, started, solver.op_history).reason
+        return None if final is None else final.describe()
+
+    return reason
 
 
 def _one_line(text: str) -> str:
@@ -578,6 +618,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
         raise CommandError("--opt and --allow-frontend-source need --frontend", 2)
     if args.check and args.frontend is not None:
         raise CommandError("--check builds a definition file; it does not take --frontend", 2)
+    if args.explain and args.frontend is not None:
+        raise CommandError(
+            "--explain builds a definition file; it does not take --frontend", 2
+        )
     _check_build_paths(args)
     if args.frontend is not None:
         return cmd_build_frontend(
@@ -592,6 +636,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         async with open_solver(
             args.cache_dir, sandbox=args.sandbox, secrets=args.secrets
         ) as solver:
+            explanation = await explain(solver, defn) if args.explain else None
             await build_definition(
                 solver,
                 defn,
@@ -599,6 +644,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
                 output=args.output,
                 cache_imports=imports,
                 cache_exports=args.export_cache,
+                explanation=explanation,
             )
             if not args.check:
                 return 0
@@ -929,7 +975,14 @@ def make_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="after the build, rebuild every op from scratch in a temporary store and "
         "compare each output with the build's: list the ops whose outputs differ and "
-        "exit 1 if one does (docs/worker.md)",
+        "exit 1 if one does (docs/explain.md)",
+    )
+    b.add_argument(
+        "--explain",
+        action="store_true",
+        help="say why each op that ran missed the cache: one line per op after the "
+        "build, and a 'reason' in its started event with --progress json "
+        "(docs/explain.md)",
     )
     add_frontend_arguments(b)
     add_cache_arguments(b)

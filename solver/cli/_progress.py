@@ -14,7 +14,9 @@ stdout stays free for data):
 
 * ``json``: one JSON object per event per line, for tools: ``vertex``, ``name``,
   ``status``, ``timestamp`` and, when set, ``error``; log events add ``stream``
-  and ``data`` (decoded as UTF-8, invalid bytes replaced).
+  and ``data`` (decoded as UTF-8, invalid bytes replaced); with ``solver build
+  --explain``, the ``started`` event of an op (it runs) adds ``reason``, why it
+  missed the cache (``docs/explain.md``).
 * ``tty``: drawn with `rich <https://rich.readthedocs.io>`_. At the bottom, one
   live line per running step with its elapsed time and, under it, the last line
   the step wrote (if any), redrawn at most 10 times a second. Above it, each step
@@ -154,10 +156,13 @@ class PlainRenderer:
 
 
 class JsonRenderer:
-    """One JSON object per event, one per line."""
+    """One JSON object per event, one per line; ``reasons`` (vertex digest ->
+    why it missed the cache, or ``None``; asked when the vertex starts) adds
+    ``reason`` to the ``started`` events."""
 
-    def __init__(self, out: TextIO) -> None:
+    def __init__(self, out: TextIO, reasons: Callable[[str], str | None] | None = None) -> None:
         self.out = out
+        self.reasons = reasons
 
     def handle(self, event: ProgressEvent) -> None:
         obj: dict[str, object] = {
@@ -168,6 +173,10 @@ class JsonRenderer:
         }
         if event.error is not None:
             obj["error"] = event.error
+        if event.status == STARTED and self.reasons is not None:
+            reason = self.reasons(event.vertex)
+            if reason is not None:
+                obj["reason"] = reason
         if event.status == LOG:
             obj["stream"] = event.stream
             obj["data"] = event.data.decode("utf-8", "replace")
@@ -466,11 +475,19 @@ class TtyRenderer:
         self.console.file.flush()
 
 
-def make_renderer(mode: str, out: TextIO, *, output: str | None = None) -> Renderer:
+def make_renderer(
+    mode: str,
+    out: TextIO,
+    *,
+    output: str | None = None,
+    reasons: Callable[[str], str | None] | None = None,
+) -> Renderer:
     """The renderer for ``mode`` (``auto``, ``tty``, ``plain`` or ``json``);
     ``auto`` is ``tty`` when ``out`` is a terminal (and ``TERM`` is not ``dumb``),
     else ``plain``. ``output`` (see :func:`describe_output`) is named in the tty
-    summary; ``plain`` and ``json`` keep their formats and ignore it."""
+    summary; ``plain`` and ``json`` keep their formats and ignore it. ``reasons``
+    (vertex digest -> why it missed the cache, or ``None``) go into ``json``'s
+    ``started`` events; the other modes ignore them."""
     if mode == "auto":
         is_tty = out.isatty() and os.environ.get("TERM", "") != "dumb"
         mode = "tty" if is_tty else "plain"
@@ -479,7 +496,7 @@ def make_renderer(mode: str, out: TextIO, *, output: str | None = None) -> Rende
     if mode == "plain":
         return PlainRenderer(out)
     if mode == "json":
-        return JsonRenderer(out)
+        return JsonRenderer(out, reasons)
     raise ValueError(f"unknown progress mode {mode!r}")
 
 

@@ -28,6 +28,17 @@ from ._definition import (
 from ._diff import (
     OpChange as OpChange,
     diff_definitions as diff_definitions,
+    op_difference as op_difference,
+)
+from ._history import (
+    DEFAULT_MAX_OPS as DEFAULT_MAX_OPS,
+    InMemoryOpHistory as InMemoryOpHistory,
+    OpHistory as OpHistory,
+    OpRecord as OpRecord,
+    files_that_differ as files_that_differ,
+    history_records as history_records,
+    inputs_key as inputs_key,
+    note_changed_files as note_changed_files,
 )
 from ._opkind import (
     OpContext as OpContext,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from ._definition import Definition, JSONValue, OpDef, OpMetadata
 
-__all__ = ["OpChange", "diff_definitions"]
+__all__ = ["OpChange", "diff_definitions", "op_difference"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +133,14 @@ def diff_definitions(a: Definition, b: Definition) -> list[OpChange]:
             break  # the first differing input is the one a user follows
     changes.extend(_metadata_changes(a, b))
     return changes
+
+
+def op_difference(a: OpDef, b: OpDef) -> tuple[str, JSONValue, JSONValue] | None:
+    """The first of ``a``'s own fields that differs in ``b``, as ``(field, value in
+    a, value in b)``: ``"kind"``, then ``"payload.<path>"`` (sorted keys, depth
+    first), then ``"inputs"`` (their number); ``None`` when only the inputs'
+    digests differ, or nothing does. O(payload size)."""
+    return _own_difference(a, b)
 
 
 def _own_difference(a: OpDef, b: OpDef) -> tuple[str, JSONValue, JSONValue] | None:

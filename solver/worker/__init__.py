@@ -26,6 +26,10 @@ from ._gc import (
     snapshot_kind as snapshot_kind,
     snapshot_label as snapshot_label,
 )
+from ._ophistory import (
+    OP_HISTORY_DB_NAME as OP_HISTORY_DB_NAME,
+    SQLiteOpHistory as SQLiteOpHistory,
+)
 from ._sandbox import (
     DEFAULT_ROOTFS as DEFAULT_ROOTFS,
     SANDBOX_ROOT as SANDBOX_ROOT,

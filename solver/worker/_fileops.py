@@ -31,10 +31,11 @@ import base64
 import binascii
 import fnmatch
 import hashlib
+import logging
 import os
 import shutil
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -45,9 +46,11 @@ from .._digest import digest_of
 from .._errors import SolveError
 from .._op import CacheMap, CacheMapDep, ComputeDigest
 from .._result import Result
-from ..definition import JSONValue, OpContext, OpKindRegistry, canonical_json
+from ..definition import JSONValue, OpContext, OpHistory, OpKindRegistry, canonical_json
 from ._paths import check_regular_kind, resolve_in
 from ._snapshots import SnapshotRef, SnapshotStore, SnapshotView, UnsafePathError
+
+_log = logging.getLogger("solver")
 
 __all__ = [
     "Entry",
@@ -400,6 +403,28 @@ def _content_digest(root: str, actions: Sequence[Mapping[str, JSONValue]]) -> st
     return "sha256:" + h.hexdigest()
 
 
+def _content_files(root: str, actions: Sequence[Mapping[str, JSONValue]]) -> dict[str, str]:
+    """Each entry the copy ``actions`` take from the input at ``root``, by its
+    path in the input (``src`` for a file, ``src/<path below it>`` for a
+    directory's entries) -> the digest of its :func:`entry_record`: what
+    :func:`_content_digest` covers, one entry at a time."""
+    files: dict[str, str] = {}
+    for action in actions:
+        src = str(action["src"])
+        try:
+            kind, entries = _copy_selection(root, action)
+        except (SolveError, OSError) as exc:
+            files[src] = digest_of(str(exc).encode())
+            continue
+        top = src.strip("/")
+        for e in entries:
+            name = top if kind != "dir" else f"{top}/{e.rel}" if top not in ("", ".") else e.rel
+            files[name] = digest_of(entry_record(e.rel, e.path, e.mode))
+        if not entries:
+            files[src] = digest_of(kind.encode())
+    return files
+
+
 def _apply(
     out: str, roots: Sequence[str], actions: Sequence[Mapping[str, JSONValue]]
 ) -> None:
@@ -505,8 +530,14 @@ def write_file(root: str, real: str, data: bytes, mode: int, path: str) -> None:
 class FileOp:
     """The op of one ``file`` vertex."""
 
-    def __init__(self, ctx: OpContext, store: SnapshotStore) -> None:
+    def __init__(
+        self,
+        ctx: OpContext,
+        store: SnapshotStore,
+        history: Callable[[], OpHistory | None] | None = None,
+    ) -> None:
         self.store = store
+        self.history = history
         self.payload = ctx.payload
         self.name = ctx.vertex.name
         self.vertex = ctx.vertex.digest
@@ -552,9 +583,29 @@ class FileOp:
     def _content_key(self, index: int, copies: list[Mapping[str, JSONValue]]) -> ComputeDigest:
         async def compute(result: Result) -> str:
             view = snapshot_view(result, f"input {index} of file op {self.name!r}")
-            return await anyio.to_thread.run_sync(_content_digest, os.fspath(view.path), copies)
+            digest = await anyio.to_thread.run_sync(_content_digest, os.fspath(view.path), copies)
+            await self._record_content(index, copies, view, digest)
+            return digest
 
         return compute
+
+    async def _record_content(
+        self, index: int, copies: list[Mapping[str, JSONValue]], view: SnapshotView, digest: str
+    ) -> None:
+        """Tell the worker's op history which files the content key ``digest`` of
+        input ``index`` covers, so that a miss can name the files that changed
+        (``docs/explain.md``). The files are hashed a second time for it (see
+        there for the cost)."""
+        history = self.history() if self.history is not None else None
+        if history is None:
+            return
+        try:
+            files = await anyio.to_thread.run_sync(_content_files, os.fspath(view.path), copies)
+            slot = f"{digest_of(b'solver.worker/file/v1' + canonical_json(self.payload))}#{index}"
+            await history.record_content(self.vertex, index, slot, digest, files)
+        except Exception as exc:  # a help for explaining, never worth a failed build
+            _log.warning("file op %r: recording its content key's files failed: %s",
+                         self.name, exc)
 
     async def exec(self, inputs: Sequence[Result]) -> Sequence[Result]:
         views = [snapshot_view(r, f"input {i} of file op {self.name!r}")
@@ -573,7 +624,12 @@ class FileOp:
         return [ref]
 
 
-def register_file(registry: OpKindRegistry, store: SnapshotStore) -> None:
-    """Register the ``file`` kind, bound to ``store``."""
-    registry.register("file", lambda ctx: FileOp(ctx, store), validate=validate_file)
+def register_file(
+    registry: OpKindRegistry,
+    store: SnapshotStore,
+    history: Callable[[], OpHistory | None] | None = None,
+) -> None:
+    """Register the ``file`` kind, bound to ``store``; ``history()`` (when given)
+    is the op history its content keys are recorded in, if any."""
+    registry.register("file", lambda ctx: FileOp(ctx, store, history), validate=validate_file)
 

@@ -22,9 +22,10 @@ or one of its parent directories matches.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
 import anyio
@@ -34,7 +35,7 @@ from .._digest import digest_of
 from .._errors import SolveError
 from .._op import CacheMap
 from .._result import Result
-from ..definition import JSONValue, OpContext, OpKindRegistry, canonical_json
+from ..definition import JSONValue, OpContext, OpHistory, OpKindRegistry, canonical_json
 from ._fileops import (
     FILE_MODE,
     check_fields,
@@ -42,6 +43,7 @@ from ._fileops import (
     check_mode,
     copy_entries,
     decode_data,
+    entry_record,
     hash_entries,
     select_tree,
     write_file,
@@ -50,6 +52,8 @@ from ._paths import resolve_in
 from ._snapshots import SnapshotRef, SnapshotStore
 
 __all__ = ["register_sources"]
+
+_log = logging.getLogger("solver")
 
 _INLINE: Final = "source.inline"
 _LOCAL: Final = "source.local"
@@ -146,14 +150,36 @@ def _local_digest(path: str, include: list[str], exclude: list[str]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def _local_digest_and_files(
+    path: str, include: list[str], exclude: list[str]
+) -> tuple[str, dict[str, str]]:
+    """:func:`_local_digest`, and each selected entry's path -> the digest of its
+    :func:`~solver.worker._fileops.entry_record`, in the same pass (for the op
+    history: which files changed when the digest does)."""
+    top = _local_top(path)
+    h = hashlib.sha256(b"solver.worker/source.local/v1\n")
+    files: dict[str, str] = {}
+    for e in select_tree(top, include, exclude, what=f"{_LOCAL} entry"):
+        record = entry_record(e.rel, e.path, e.mode)
+        h.update(record)
+        files[e.rel] = digest_of(record)
+    return "sha256:" + h.hexdigest(), files
+
+
 def _copy_local(path: str, include: list[str], exclude: list[str], out: str) -> None:
     top = _local_top(path)
     copy_entries(select_tree(top, include, exclude, what=f"{_LOCAL} entry"), out)
 
 
 class LocalOp:
-    def __init__(self, ctx: OpContext, store: SnapshotStore) -> None:
+    def __init__(
+        self,
+        ctx: OpContext,
+        store: SnapshotStore,
+        history: Callable[[], OpHistory | None] | None = None,
+    ) -> None:
         self.store = store
+        self.history = history
         self.vertex = ctx.vertex.digest
         self.name = ctx.vertex.name
         self.path = str(ctx.payload["path"])
@@ -161,10 +187,26 @@ class LocalOp:
         self.exclude = _strings(ctx.payload.get("exclude"))
 
     async def cache_map(self, index: int) -> tuple[CacheMap, bool]:
+        history = self.history() if self.history is not None else None
+        if history is not None:
+            return CacheMap(await self._digest_recorded(history)), True
         digest = await anyio.to_thread.run_sync(
             _local_digest, self.path, self.include, self.exclude
         )
         return CacheMap(digest), True
+
+    async def _digest_recorded(self, history: OpHistory) -> str:
+        """The cache digest, with the digest of each file it covers recorded in the
+        op history (as input ``-1``: the op's own key), so that a miss can name
+        the files that changed (``docs/explain.md``)."""
+        digest, files = await anyio.to_thread.run_sync(
+            _local_digest_and_files, self.path, self.include, self.exclude
+        )
+        try:
+            await history.record_content(self.vertex, -1, f"{self.vertex}#local", digest, files)
+        except Exception as exc:  # a help for explaining, never worth a failed build
+            _log.warning("%s %r: recording its files failed: %s", _LOCAL, self.name, exc)
+        return digest
 
     async def exec(self, inputs: Sequence[Result]) -> Sequence[Result]:
         mutable = await self.store.new_mutable(
@@ -187,7 +229,13 @@ def _strings(value: JSONValue) -> list[str]:
     return [str(v) for v in value]
 
 
-def register_sources(registry: OpKindRegistry, store: SnapshotStore) -> None:
-    """Register ``source.inline`` and ``source.local``, bound to ``store``."""
+def register_sources(
+    registry: OpKindRegistry,
+    store: SnapshotStore,
+    history: Callable[[], OpHistory | None] | None = None,
+) -> None:
+    """Register ``source.inline`` and ``source.local``, bound to ``store``;
+    ``history()`` (when given) is the op history ``source.local`` records the
+    files of its cache digest in, if any."""
     registry.register(_INLINE, lambda ctx: InlineOp(ctx, store), validate=validate_inline)
-    registry.register(_LOCAL, lambda ctx: LocalOp(ctx, store), validate=validate_local)
+    registry.register(_LOCAL, lambda ctx: LocalOp(ctx, store, history), validate=validate_local)

@@ -20,19 +20,21 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 
+import anyio
 import anyio.lowlevel
 
 from .._errors import SolveError
 from ..cache import KeyedCacheManager
-from ..definition import OpKindRegistry
+from ..definition import OpHistory, OpKindRegistry
 from ._cacheresults import open_worker_cache
 from ._exec import SecretSource, register_exec
 from ._fileops import register_file
 from ._gc import PrunePolicy, as_rules
 from ._merge import register_merge
+from ._ophistory import OP_HISTORY_DB_NAME, SQLiteOpHistory
 from ._sandbox import SandboxMode
 from ._snapshots import SnapshotInfo, SnapshotStore
 from ._sources import register_sources
@@ -48,12 +50,15 @@ def register_builtin_kinds(
     *,
     sandbox: SandboxMode = "bwrap",
     secrets: Mapping[str, SecretSource] | None = None,
+    history: Callable[[], OpHistory | None] | None = None,
 ) -> None:
     """Register the built-in kinds (``source.inline``, ``source.local``, ``file``,
     ``merge``, ``exec``) into ``registry``, bound to ``store``; ``sandbox`` and
-    ``secrets`` are :func:`register_exec`'s."""
-    register_sources(registry, store)
-    register_file(registry, store)
+    ``secrets`` are :func:`register_exec`'s; ``history()`` is the op history the
+    ``file`` op records its content keys in and ``source.local`` the files of
+    its cache digest (:func:`register_file`, :func:`register_sources`)."""
+    register_sources(registry, store, history)
+    register_file(registry, store, history)
     register_merge(registry, store)
     register_exec(registry, store, sandbox=sandbox, secrets=secrets)
 
@@ -65,7 +70,8 @@ class Worker:
     Open it (``await worker.open()`` or ``async with``) before solving; closing it
     closes the store (snapshots stay on disk for the next process). Opening also
     opens the worker's persistent cache, :attr:`cache` (``cache.db`` in the store's
-    root); closing closes it.
+    root) and its op history, :attr:`op_history` (``ophistory.db``); closing closes
+    them.
 
     ``lock_timeout`` is how long :meth:`open` waits while another process has the
     root open (``None``: as long as it takes; see :class:`SnapshotStore`).
@@ -97,12 +103,16 @@ class Worker:
         self.store = SnapshotStore(root, lock_timeout=lock_timeout)
         self.op_kinds = OpKindRegistry()
         self.sandbox: SandboxMode = sandbox
-        register_builtin_kinds(self.op_kinds, self.store, sandbox=sandbox, secrets=secrets)
+        register_builtin_kinds(
+            self.op_kinds, self.store, sandbox=sandbox, secrets=secrets,
+            history=lambda: self._op_history,
+        )
         self.gc_policy: tuple[PrunePolicy, ...] = (
             as_rules(gc_policy) if gc_policy is not None else ()
         )
         self._collecting = False
         self._cache: KeyedCacheManager | None = None
+        self._op_history: SQLiteOpHistory | None = None
 
     @property
     def cache(self) -> KeyedCacheManager:
@@ -116,6 +126,18 @@ class Worker:
                 "('async with Worker(...)' or 'await worker.open()')"
             )
         return self._cache
+
+    @property
+    def op_history(self) -> OpHistory:
+        """The persistent op history (``<store root>/ophistory.db``, see
+        :mod:`solver.worker._ophistory`): the op definitions of past solves, which
+        explain a later cache miss. Available once the worker is open."""
+        if self._op_history is None:
+            raise SolveError(
+                f"the worker at {self.store.root} is not open: its op history is opened "
+                "with it ('async with Worker(...)' or 'await worker.open()')"
+            )
+        return self._op_history
 
     async def prune(self, policy: PrunePolicy | Sequence[PrunePolicy]) -> list[SnapshotInfo]:
         """Apply ``policy`` to the store now (:meth:`SnapshotStore.prune_by_policy`);
@@ -152,13 +174,20 @@ class Worker:
         await self.store.open()
         try:
             self._cache = await open_worker_cache(self.store)
+            self._op_history = await SQLiteOpHistory.open(self.store.root / OP_HISTORY_DB_NAME)
         except BaseException:
-            await self.store.close()
+            with anyio.CancelScope(shield=True):
+                if self._cache is not None:
+                    await self._cache.close()
+                    self._cache = None
+                await self.store.close()
             raise
 
     async def close(self) -> None:
         """Close the cache, then the store; idempotent."""
         try:
+            if self._op_history is not None:
+                await self._op_history.close()
             if self._cache is not None:
                 await self._cache.close()
         finally:
