@@ -161,6 +161,8 @@ class SharedCache:
         self._originals: list[OpKind] = []
         self._spool: Path | None = None
         self._prefetch_lock: anyio.Lock | None = None
+        self._fetch_lock: anyio.Lock | None = None
+        self._using: dict[str, int] = {}
         # vertex digests whose records were not asked for yet / were
         self._pending: dict[str, None] = {}
         self._looked_up: set[str] = set()
@@ -205,6 +207,7 @@ class SharedCache:
         """Connect. A server that cannot be reached is one WARNING and a cache that
         runs everything locally (``strict``: :class:`SharedCacheError`)."""
         self._prefetch_lock = anyio.Lock()
+        self._fetch_lock = anyio.Lock()
         self._spool = Path(tempfile.mkdtemp(prefix="solver-shared-"))
         self._open = True
         try:
@@ -357,13 +360,18 @@ class SharedCache:
         """New snapshots (the caller's handles) made from the record's blobs;
         ``None`` when a blob is refused or cannot be had (the record is then
         deleted when it was refused)."""
-        paths = await self._blobs(record)
-        if paths is None:
-            return None
         assert self._codec is not None
+        assert self._fetch_lock is not None
+        wanted = [d for d, _ in record.outputs]
+        async with self._fetch_lock:  # one blob batch in flight; the next may be served by it
+            paths = await self._blobs(record)
+            if paths is None:
+                return None
+            for digest in wanted:  # a file in use by a restore is not deleted under it
+                self._using[digest] = self._using.get(digest, 0) + 1
         outs: list[Result] = []
         try:
-            for digest, _size in record.outputs:
+            for digest in wanted:
                 ref = await self._codec.unpack(paths[digest])
                 outs.append(ref)
                 self._digests[ref.sys.id] = digest
@@ -374,7 +382,11 @@ class SharedCache:
             raise
         finally:
             with anyio.CancelScope(shield=True):
-                for digest, _size in record.outputs:
+                for digest in wanted:
+                    self._using[digest] -= 1
+                    if self._using[digest]:
+                        continue
+                    del self._using[digest]
                     path = self._fetched.pop(digest, None)
                     if path is not None:
                         await anyio.to_thread.run_sync(_unlink, path)

@@ -257,6 +257,8 @@ class PostgresCacheStore:
         self.blob_batch_count = blob_batch_count
         self._conn: psycopg.Connection[Any] | None = None
         self._limiter = anyio.CapacityLimiter(1)
+        self._lease_conn: psycopg.Connection[Any] | None = None
+        self._lease_limiter = anyio.CapacityLimiter(1)
         self._mutex = threading.Lock()
         self._closed = False
         self.queries = 0
@@ -301,6 +303,10 @@ class PostgresCacheStore:
                 await anyio.to_thread.run_sync(_close_quietly, conn, limiter=self._limiter)
             else:
                 await anyio.lowlevel.checkpoint()
+            async with self._lease_limiter:
+                lease_conn, self._lease_conn = self._lease_conn, None
+            if lease_conn is not None:
+                await anyio.to_thread.run_sync(_close_quietly, lease_conn)
 
     def _connect(self) -> psycopg.Connection[Any]:
         import psycopg
@@ -407,20 +413,35 @@ class PostgresCacheStore:
     async def lease(self, action: str) -> AsyncIterator[None]:
         """Hold the lease on ``action`` for the body: wait (polling every
         :data:`LEASE_POLL` seconds, cancellable) while another session holds it.
-        The lease is a session advisory lock on a connection of its own, closed on
-        exit (which releases it, also if this process dies)."""
-        conn = await anyio.to_thread.run_sync(self._connect)
+
+        Every lease of this store is a session advisory lock on one connection of
+        its own (the main one stays free for lookups; one connection per lease
+        would run a server out of connections on a wide graph), unlocked on exit;
+        when the process dies, the connection and so every lease it held go."""
+        key = _lock_id(action)
+        # polled: the holder is another machine, no event can say it let go
+        while not await self._lease_call(self._try_lock, key):  # noqa: ASYNC110
+            await anyio.sleep(LEASE_POLL)
         try:
-            key = _lock_id(action)
-            # polled: the holder is another machine, no event can say it let go
-            while not await anyio.to_thread.run_sync(  # noqa: ASYNC110
-                self._try_lock, conn, key
-            ):
-                await anyio.sleep(LEASE_POLL)
             yield
         finally:
             with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_close_quietly, conn)
+                try:
+                    await self._lease_call(self._unlock, key)
+                except SharedCacheError:
+                    pass  # the connection is gone, and the lease with it
+
+    async def _lease_call(self, func: Callable[[psycopg.Connection[Any], int], bool],
+                          key: int) -> bool:
+        if self._closed:
+            raise anyio.ClosedResourceError("the shared cache store is closed")
+
+        def run() -> bool:
+            if self._lease_conn is None:
+                self._lease_conn = self._connect()
+            return func(self._lease_conn, key)
+
+        return await anyio.to_thread.run_sync(run, limiter=self._lease_limiter)
 
     def _try_lock(self, conn: psycopg.Connection[Any], key: int) -> bool:
         import psycopg
@@ -430,6 +451,16 @@ class PostgresCacheStore:
             row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
         except psycopg.Error as exc:
             raise self._error(exc, "taking a lease") from None
+        return bool(row and row[0])
+
+    def _unlock(self, conn: psycopg.Connection[Any], key: int) -> bool:
+        import psycopg
+
+        try:
+            self.queries += 1
+            row = conn.execute("SELECT pg_advisory_unlock(%s)", (key,)).fetchone()
+        except psycopg.Error as exc:
+            raise self._error(exc, "releasing a lease") from None
         return bool(row and row[0])
 
     # -- usage and prune -----------------------------------------------------------------
@@ -597,7 +628,7 @@ def _write_blobs(
             refused.append(BlobDigestError(digest, actual))
             continue
         path = directory / digest.partition(":")[2]
-        tmp = path.with_suffix(".part")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.part")
         tmp.write_bytes(data)
         os.replace(tmp, path)
         written[digest] = path

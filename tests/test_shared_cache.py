@@ -1,0 +1,206 @@
+"""The shared cache in one process, on both backends, on a real PostgreSQL server:
+workers with separate stores sharing a database, refused blobs, batched round
+trips, read-only mode, prune and usage, credentials, and cancellation at every
+suspension of a build that restores from the shared cache."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import psycopg
+import pytest
+from shared_cache_support import PASSWORD, PgServer, pg_server, shared_url
+from test_solve_checkpoints import cancel_at_suspension
+
+from solver import Definition, SharedCache, SharedCacheError, Solver
+from solver.cache import PostgresCacheStore, redact_url
+from solver.worker import State, Worker, merge, run
+
+__all__ = ["pg_server", "shared_url"]  # fixtures, re-exported for pytest
+
+pytestmark = pytest.mark.anyio
+
+
+def uuid_graph() -> Definition:
+    words = State.inline({"words.txt": "pear\nfig\napple\nfig\n"})
+    unique = run(
+        ["/bin/sh", "-c", "/usr/bin/sort -u in/words.txt > sorted.txt; "
+         "cat /proc/sys/kernel/random/uuid > id.txt"],
+        mounts={"in": words}, readonly=["in"], name="sort",
+    )
+    return run(["/bin/sh", "-c", "/usr/bin/wc -l < sorted.txt > count.txt"],
+               root=unique, name="count").definition()
+
+
+def wide_graph(n: int) -> Definition:
+    """``n`` inline sources merged by one op: ``n + 1`` vertices, no exec."""
+    return merge([State.inline({f"f{i}.txt": f"{i}\n"}) for i in range(n)],
+                 name="all").definition()
+
+
+async def build(
+    root: Path, shared: SharedCache, defn: Definition, path: str = "id.txt"
+) -> bytes:
+    async with Worker(root) as worker:
+        shared.attach(worker)
+        try:
+            async with Solver(worker=worker) as solver, await solver.solve(defn) as result:
+                assert result.ref is not None
+                return await result.ref.sys.read_bytes(path)
+        finally:
+            shared.detach()
+
+
+async def test_a_second_worker_restores_every_step(tmp_path: Path, shared_url: str) -> None:
+    defn = uuid_graph()
+    async with SharedCache(shared_url) as shared:
+        first = await build(tmp_path / "a", shared, defn)
+        st = shared.stats()
+        assert (st.restored, st.executed, st.published) == (0, 3, 3)
+    async with SharedCache(shared_url) as shared:
+        second = await build(tmp_path / "b", shared, defn)
+        st = shared.stats()
+        assert (st.restored, st.executed, st.published) == (3, 0, 0)
+    assert second == first
+
+
+async def test_a_blob_that_does_not_match_is_refused_reported_and_rebuilt(
+    tmp_path: Path, shared_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    defn = uuid_graph()
+    async with SharedCache(shared_url) as shared:
+        first = await build(tmp_path / "a", shared, defn)
+    # the sort step's output blob: flip its bytes behind the store's back
+    with psycopg.connect(shared_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT o.blob FROM solver_outputs o JOIN solver_blobs b ON b.digest = o.blob "
+            "JOIN solver_actions a ON a.action = o.action WHERE a.kind = 'exec' "
+            "ORDER BY a.created_at LIMIT 1"
+        ).fetchone()
+        assert row is not None
+        bad = row[0]
+        conn.execute("UPDATE solver_blobs SET data = data || '\\x00'::bytea WHERE digest = %s",
+                     (bad,))
+    with caplog.at_level(logging.WARNING, logger="solver"):
+        async with SharedCache(shared_url) as shared:
+            second = await build(tmp_path / "b", shared, defn)
+            st = shared.stats()
+    assert st.refused == 1
+    assert st.executed >= 1  # the sort step ran here again
+    assert second != first  # a new uuid: the refused output was not used
+    messages = [r.getMessage() for r in caplog.records]
+    refused = [m for m in messages if "does not match its digest" in m]
+    assert len(refused) == 1
+    assert bad in refused[0]
+    # a third machine gets the rebuilt, good record
+    async with SharedCache(shared_url) as shared:
+        third = await build(tmp_path / "c", shared, defn)
+        assert shared.stats().refused == 0
+        assert shared.stats().executed == 0
+    assert third == second
+
+
+async def test_a_warm_build_asks_in_batches(tmp_path: Path, shared_url: str) -> None:
+    n = 200
+    defn = wide_graph(n)
+    async with SharedCache(shared_url) as shared:
+        await build(tmp_path / "a", shared, defn, "f7.txt")
+        assert shared.stats().published == n + 1
+    async with SharedCache(shared_url, batch_size=50, blob_batch_count=50) as shared:
+        opened = shared.store.queries
+        assert await build(tmp_path / "b", shared, defn, "f7.txt") == b"7\n"
+        st = shared.stats()
+    assert (st.restored, st.executed) == (n + 1, 0)
+    # ceil(201 / 50) record statements and ceil(201 / 50) blob statements
+    assert st.queries - opened == 5 + 5, st
+
+
+async def test_read_only_mode_publishes_nothing(tmp_path: Path, shared_url: str) -> None:
+    defn = uuid_graph()
+    async with SharedCache(shared_url) as shared:  # sets the schema up
+        await build(tmp_path / "a", shared, wide_graph(2), "f1.txt")
+    async with SharedCache(shared_url, mode="ro") as shared:
+        await build(tmp_path / "b", shared, defn)
+        st = shared.stats()
+        assert (st.executed, st.published) == (3, 0)
+    async with SharedCache(shared_url, mode="ro") as shared:
+        await build(tmp_path / "c", shared, defn)
+        assert shared.stats().restored == 0
+
+
+async def test_prune_and_usage_of_the_shared_store(tmp_path: Path, shared_url: str) -> None:
+    async with SharedCache(shared_url) as shared:
+        await build(tmp_path / "a", shared, uuid_graph())
+        usage = await shared.store.usage()
+        assert (usage.records, usage.blobs) == (3, 3)
+        assert usage.size > 0
+        kept = await shared.store.prune(keep_duration=3600)
+        assert (kept.records, kept.blobs, kept.freed) == (0, 0, 0)
+        some = await shared.store.prune(max_used_space=usage.size - 1)
+        assert some.records >= 1
+        assert some.remaining <= usage.size - 1
+        everything = await shared.store.prune()
+        assert everything.remaining == 0
+        assert (await shared.store.usage()).records == 0
+    async with SharedCache(shared_url) as shared:
+        await build(tmp_path / "b", shared, uuid_graph())
+        assert shared.stats().executed == 3  # pruned: built again
+
+
+async def test_credentials_never_appear(
+    tmp_path: Path, pg_server: PgServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = pg_server.url("no_such_database")
+    assert PASSWORD in url
+    assert PASSWORD not in redact_url(url)
+    assert "solver:***@" in redact_url(url)
+    assert redact_url("host=x password=hunter2 user=u") == "host=x password=*** user=u"
+    with pytest.raises(SharedCacheError) as info:
+        async with SharedCache(url, strict=True):
+            pass
+    assert PASSWORD not in str(info.value)
+    assert "no_such_database" in str(info.value)
+    with caplog.at_level(logging.DEBUG, logger="solver"):
+        async with SharedCache(url) as shared:
+            assert not shared.available
+            assert PASSWORD not in repr(shared)
+            await build(tmp_path / "a", shared, wide_graph(2), "f1.txt")
+            assert shared.stats().executed == 3
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert all(PASSWORD not in r.getMessage() for r in caplog.records)
+    store = PostgresCacheStore(url)
+    assert PASSWORD not in repr(store)
+
+
+async def test_cancelled_anywhere_in_a_shared_restore_leaks_nothing(
+    tmp_path: Path, shared_url: str
+) -> None:
+    defn = uuid_graph()
+    async with SharedCache(shared_url) as shared:
+        await build(tmp_path / "seed", shared, defn)
+
+    async def attempt(n: int) -> bool:
+        root = tmp_path / f"r{n}"
+        async with Worker(root) as worker, SharedCache(shared_url) as shared:
+            shared.attach(worker)
+            async with Solver(worker=worker) as solver:
+
+                async def solve() -> bytes:
+                    async with await solver.solve(defn) as result:
+                        assert result.ref is not None
+                        return await result.ref.sys.read_bytes("count.txt")
+
+                value, _ = await cancel_at_suspension(n, solve)
+            infos = await worker.store.usage()
+            assert [i.id for i in infos if i.in_use] == [], n
+            return value is not None
+
+    for n in range(1, 2000):
+        if await attempt(n):
+            assert n > 10  # the restore path really was cut at many points
+            return
+    raise AssertionError("the build never completed")
+
+
