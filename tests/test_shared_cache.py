@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import anyio
+import anyio.to_thread
 import psycopg
 import pytest
 from shared_cache_support import PASSWORD, PgServer, pg_server, shared_url
@@ -204,3 +206,51 @@ async def test_cancelled_anywhere_in_a_shared_restore_leaks_nothing(
     raise AssertionError("the build never completed")
 
 
+
+
+def advisory_locks(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_cancelled_anywhere_in_a_cold_build_leaks_nothing(
+    tmp_path: Path, shared_url: str
+) -> None:
+    """The lease, run and publish path: cancelled at every suspension in turn, no
+    snapshot stays in use, no lease stays held, and every record in the store is
+    whole (each names as many blobs as its op has outputs, all present)."""
+    defn = wide_graph(2)
+
+    async def attempt(n: int) -> bool:
+        async with Worker(tmp_path / f"r{n}") as worker, SharedCache(shared_url) as shared:
+            shared.attach(worker)
+            async with Solver(worker=worker) as solver:
+
+                async def solve() -> bytes:
+                    async with await solver.solve(defn) as result:
+                        assert result.ref is not None
+                        return await result.ref.sys.read_bytes("f1.txt")
+
+                value, _ = await cancel_at_suspension(n, solve)
+            assert await anyio.to_thread.run_sync(advisory_locks, shared_url) == 0, n
+            infos = await worker.store.usage()
+            assert [i.id for i in infos if i.in_use] == [], n
+        if value is None:
+            # start the next attempt from an empty shared store: every attempt is cold
+            with psycopg.connect(shared_url, autocommit=True) as conn:
+                whole = conn.execute(
+                    "SELECT count(*) FROM solver_actions a WHERE NOT EXISTS "
+                    "(SELECT 1 FROM solver_outputs o WHERE o.action = a.action)"
+                ).fetchone()
+                assert whole == (0,), n
+                conn.execute("DELETE FROM solver_actions")
+                conn.execute("DELETE FROM solver_blobs")
+        return value is not None
+
+    for n in range(1, 2000):
+        if await attempt(n):
+            assert n > 10
+            return
+    raise AssertionError("the build never completed")

@@ -8,6 +8,7 @@ output make "ran again" visible in the bytes too. Processes are killed by PID on
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -247,3 +248,64 @@ def test_strict_fails_with_a_clear_error_when_the_server_is_down(
     assert proc.returncode == 1, proc.stderr
     assert "solver: error: shared cache postgresql://solver:***@/" in proc.stderr
     assert "cannot connect" in proc.stderr
+
+
+def solver_cmd(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "solver", *argv], env=env or _env(),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert PASSWORD not in proc.stdout + proc.stderr
+    return proc
+
+
+def test_du_and_prune_show_and_prune_the_shared_store(tmp_path: Path, shared_url: str) -> None:
+    defn = tmp_path / "uuid_defn.py"
+    defn.write_text(UUID_GRAPH)
+    # the URL from the environment this time
+    env = dict(_env(), SOLVER_SHARED_CACHE=shared_url)
+    built = subprocess.run(_build_argv(defn, tmp_path / "a", None, None), env=env,
+                           capture_output=True, text=True, timeout=180, check=False)
+    assert built.returncode == 0, built.stderr
+    assert summary(built.stderr) == (0, 3, 3)
+    du = solver_cmd("du", "--cache-dir", str(tmp_path / "a"), "--shared-cache", shared_url)
+    assert du.returncode == 0, du.stderr
+    assert re.search(r"^Shared cache postgresql://solver:\*\*\*@/\S+: 3 records, 3 blobs, ",
+                     du.stdout, re.MULTILINE), du.stdout
+    du_json = solver_cmd("du", "--cache-dir", str(tmp_path / "a"), "--format", "json", env=env)
+    doc = json.loads(du_json.stdout)
+    assert doc["shared"]["records"] == 3
+    assert doc["shared"]["blobs"] == 3
+    assert "***" in doc["shared"]["url"]
+    kept = solver_cmd("prune", "--cache-dir", str(tmp_path / "a"), "--keep-duration", "1h",
+                      "--shared-cache", shared_url)
+    assert kept.returncode == 0, kept.stderr
+    assert "deleted 0 records and 0 blobs" in kept.stdout
+    gone = solver_cmd("prune", "--cache-dir", str(tmp_path / "a"), "--shared-cache", shared_url)
+    assert gone.returncode == 0, gone.stderr
+    assert "deleted 3 records and 3 blobs" in gone.stdout
+    assert "; 0B left" in gone.stdout
+    ro = solver_cmd("prune", "--cache-dir", str(tmp_path / "a"),
+                    "--shared-cache", shared_url + "&mode=ro")
+    assert ro.returncode == 1
+    assert "is read-only (mode=ro)" in ro.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (f"postgresql://solver:{PASSWORD}@/db?mode=rx",
+         "mode=rx: the shared cache mode is rw or ro"),
+        (f"postgresql://solver:{PASSWORD}@/db?strict=yes", "strict=yes: strict is true or false"),
+        (f"mysql://solver:{PASSWORD}@/db", "a shared cache URL starts with postgresql://"),
+    ],
+)
+def test_a_bad_shared_cache_url_is_refused_without_its_password(
+    tmp_path: Path, spec: str, message: str
+) -> None:
+    flag = solver_cmd("du", "--cache-dir", str(tmp_path / "a"), "--shared-cache", spec)
+    assert flag.returncode == 2
+    assert message in flag.stderr
+    env = dict(_env(), SOLVER_SHARED_CACHE=spec)
+    from_env = solver_cmd("du", "--cache-dir", str(tmp_path / "a"), env=env)
+    assert from_env.returncode == 2
+    assert "$SOLVER_SHARED_CACHE=" in from_env.stderr
+    assert message in from_env.stderr
