@@ -60,7 +60,12 @@ from .._digest import digest_of
 from .._errors import SolveError
 from .._op import CacheMap, Op
 from .._result import Result
-from ..cache import ActionRecord, PostgresCacheStore, SharedCacheError
+from ..cache import (
+    ActionRecord,
+    BlobDigestError,
+    PostgresCacheStore,
+    SharedCacheError,
+)
 from ..definition import OpContext, OpKind, OpKindRegistry
 from ..worker import SnapshotBlobCodec, SnapshotView, Worker
 
@@ -456,15 +461,15 @@ class SharedCache:
                 if digest is None:
                     return  # not a snapshot: nothing to share
                 outputs.append((digest, path.stat().st_size))
+            record = ActionRecord(action, vertex, kind, tuple(outputs))
+            by_digest = {digest: path for (digest, _), path in zip(outputs, files, strict=True)}
             try:
-                missing = await self.store.missing([d for d, _ in outputs])
-                for (digest, _size), path in zip(outputs, files, strict=True):
-                    if digest in missing:
-                        await self.store.put(digest, path)
-                        missing.discard(digest)
-                await self.store.add_record(ActionRecord(action, vertex, kind, tuple(outputs)))
+                await self.store.publish(record, by_digest)
             except SharedCacheError as exc:
                 self._fail(exc)
+                return
+            except BlobDigestError as exc:  # the packed file changed under us
+                _log.warning("shared cache %s: not published: %s", self.display, exc)
                 return
             for out, (digest, _size) in zip(outs, outputs, strict=True):
                 assert isinstance(out.sys, SnapshotView)

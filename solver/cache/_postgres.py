@@ -19,11 +19,13 @@ records of every vertex of its graph at once (the round trips, below).
     solver_outputs(action, idx, blob)               its outputs, in order; blob is a
                                                     foreign key into solver_blobs
 
-Crash safety. A blob is one ``INSERT`` (whole or absent); a record and its output
-rows are one transaction, written after its blobs, and the foreign key from
-``solver_outputs.blob`` to ``solver_blobs`` makes a record naming a missing blob
-impossible. A blob is read back through :meth:`PostgresCacheStore.get_many`, which
-hashes it and refuses it when it does not match.
+Crash safety. :meth:`PostgresCacheStore.publish` writes the missing blobs, then
+the record and its output rows, in one transaction: a record and its blobs
+appear together or not at all (a prune cannot take a blob between the two), and
+the foreign key from ``solver_outputs.blob`` to ``solver_blobs`` makes a record
+naming a missing blob impossible whatever writes it. A blob is read back through
+:meth:`PostgresCacheStore.get_many`, which hashes it and refuses it when it does
+not match.
 
 Leases (cross-machine single-flight)
 ------------------------------------
@@ -368,6 +370,23 @@ class PostgresCacheStore:
         self._writable()
         return await self._call(_add_record, record, time.time(), doing="storing a record")
 
+    async def publish(self, record: ActionRecord, files: Mapping[str, Path]) -> bool:
+        """Store the blobs of ``record`` that are missing (``files`` maps each
+        output digest to its file), then the record, in one transaction: a prune
+        running at the same time cannot take a blob between the two. False when
+        the record was there already. O(size of the missing blobs), held in
+        memory while the transaction runs."""
+        self._writable()
+        datas: dict[str, bytes] = {}
+        for digest, _size in record.outputs:
+            if digest not in datas:
+                data = await anyio.to_thread.run_sync(files[digest].read_bytes)
+                actual = "sha256:" + hashlib.sha256(data).hexdigest()
+                if actual != digest:
+                    raise BlobDigestError(digest, actual)
+                datas[digest] = data
+        return await self._call(_publish, record, datas, time.time(), doing="publishing")
+
     async def delete_record(self, action: str) -> None:
         """Forget ``action`` (a record whose blob was refused)."""
         self._writable()
@@ -558,13 +577,16 @@ def _records_for(c: _Counter, vertices: list[str], now: float | None) -> list[Ac
             "WHERE a.vertex = ANY(%s) ORDER BY a.action, o.idx"
         )
         return _records(c.execute(sql, (vertices,)).fetchall())
+    # Marked used in the same statement. SKIP LOCKED: builds touching the same
+    # records at once never wait on (or deadlock with) each other; a record
+    # skipped is being marked used by the other build.
     sql = (
-        "WITH touched AS (UPDATE solver_actions SET last_used = %s WHERE vertex = ANY(%s) "
-        "RETURNING action, vertex, kind) "
-        + _RECORD_COLUMNS.format(source="touched")
-        + "ORDER BY a.action, o.idx"
+        "WITH touched AS (UPDATE solver_actions SET last_used = %s WHERE action IN "
+        "(SELECT action FROM solver_actions WHERE vertex = ANY(%s) FOR UPDATE SKIP LOCKED)) "
+        + _RECORD_COLUMNS.format(source="solver_actions")
+        + "WHERE a.vertex = ANY(%s) ORDER BY a.action, o.idx"
     )
-    return _records(c.execute(sql, (now, vertices)).fetchall())
+    return _records(c.execute(sql, (now, vertices, vertices)).fetchall())
 
 
 def _record(c: _Counter, action: str) -> ActionRecord | None:
@@ -587,6 +609,12 @@ def _add_record(c: _Counter, record: ActionRecord, now: float) -> bool:
             (record.action, idx, blob),
         )
     return True
+
+
+def _publish(c: _Counter, record: ActionRecord, datas: dict[str, bytes], now: float) -> bool:
+    for digest in _missing(c, list(datas)):
+        _put_blob(c, digest, datas[digest], now)
+    return _add_record(c, record, now)
 
 
 def _delete_record(c: _Counter, action: str) -> None:
