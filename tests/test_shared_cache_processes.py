@@ -142,6 +142,7 @@ def test_second_process_builds_the_readme_example_from_the_shared_cache(
     second = build(defn, tmp_path / "b", shared_url, tmp_path / "out-b")
     assert second.returncode == 0, second.stderr
     assert summary(second.stderr) == (3, 0, 0)  # 0 execs
+    assert second.stderr.count("| restored from the shared cache") == 3
     assert tree(tmp_path / "out-b") == tree(tmp_path / "out-a")
     assert tree(tmp_path / "out-a")["count.txt"].strip() == b"3"
     # the second machine's local cache now has it: no shared lookup answers again
@@ -198,6 +199,7 @@ def test_a_killed_holder_loses_its_lease_and_another_takes_over(
     assert waiter.returncode == 0, err
     _restored, ran, published = summary(err)
     assert ran == 1  # the slow step, which the killed holder never published
+    assert "[slow] | waiting for another machine that runs this step" in err
     assert published == 1
     assert (tmp_path / "o" / "id.txt").read_bytes().strip()
     assert advisory_locks(shared_url) == 0

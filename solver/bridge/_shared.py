@@ -59,6 +59,7 @@ import anyio.to_thread
 from .._digest import digest_of
 from .._errors import SolveError
 from .._op import CacheMap, Op
+from .._progress import log_output
 from .._result import Result
 from ..cache import (
     ActionRecord,
@@ -77,6 +78,9 @@ SHARED_KINDS: Final = ("source.inline", "source.local", "file", "merge", "exec")
 """The built-in kinds whose results :meth:`SharedCache.attach` shares."""
 
 _ACTION_VERSION: Final = "solver-engine/action/v1"
+
+RESTORED_LINE: Final = b"restored from the shared cache\n"
+"""What a step restored from the shared cache logs in its progress."""
 
 SharedCacheMode = Literal["rw", "ro"]
 
@@ -481,8 +485,9 @@ class SharedCache:
                     await anyio.to_thread.run_sync(_unlink, path)
 
     def lease(self, action: str) -> Any:
-        """The store's lease on ``action`` (an async context manager)."""
-        return self.store.lease(action)
+        """The store's lease on ``action`` (an async context manager); the step's
+        progress says so when another machine holds it."""
+        return self.store.lease(action, on_wait=_say_waiting)
 
 
 class _SharedOp:
@@ -531,6 +536,7 @@ class _SharedOp:
         if record is not None:
             outs = await shared.restore(record)
             if outs is not None:
+                log_output(RESTORED_LINE, 2)
                 return outs
         if shared.mode == "ro" or not shared.available:
             shared._executed += 1
@@ -546,6 +552,7 @@ class _SharedOp:
                     shared._lease_waits += 1
                     outs = await shared.restore(record)
                     if outs is not None:
+                        log_output(RESTORED_LINE, 2)
                         return outs
                 shared._executed += 1
                 outs = list(await self._inner.exec(inputs))
@@ -562,6 +569,10 @@ class _SharedOp:
             shared._fail(exc)
         shared._executed += 1
         return await self._inner.exec(inputs)
+
+
+def _say_waiting() -> None:
+    log_output(b"waiting for another machine that runs this step (shared cache lease)\n", 2)
 
 
 def _unlink(path: Path) -> None:

@@ -429,9 +429,12 @@ class PostgresCacheStore:
     # -- leases -------------------------------------------------------------------------
 
     @asynccontextmanager
-    async def lease(self, action: str) -> AsyncIterator[None]:
+    async def lease(
+        self, action: str, on_wait: Callable[[], object] | None = None
+    ) -> AsyncIterator[None]:
         """Hold the lease on ``action`` for the body: wait (polling every
-        :data:`LEASE_POLL` seconds, cancellable) while another session holds it.
+        :data:`LEASE_POLL` seconds, cancellable) while another session holds it,
+        calling ``on_wait()`` once when it starts waiting.
 
         Every lease of this store is a session advisory lock on one connection of
         its own (the main one stays free for lookups; one connection per lease
@@ -439,7 +442,10 @@ class PostgresCacheStore:
         when the process dies, the connection and so every lease it held go."""
         key = _lock_id(action)
         # polled: the holder is another machine, no event can say it let go
-        while not await self._lease_call(self._try_lock, key):  # noqa: ASYNC110
+        while not await self._lease_call(self._try_lock, key):
+            if on_wait is not None:
+                on_wait()
+                on_wait = None
             await anyio.sleep(LEASE_POLL)
         try:
             yield
