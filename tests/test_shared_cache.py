@@ -51,7 +51,7 @@ async def build(
                 assert result.ref is not None
                 return await result.ref.sys.read_bytes(path)
         finally:
-            shared.detach()
+            await shared.detach()
 
 
 async def test_a_second_worker_restores_every_step(tmp_path: Path, shared_url: str) -> None:
@@ -254,3 +254,29 @@ async def test_cancelled_anywhere_in_a_cold_build_leaks_nothing(
             assert n > 10
             return
     raise AssertionError("the build never completed")
+
+
+async def test_a_restored_input_keeps_its_blob_digest_in_a_later_process(
+    tmp_path: Path, shared_url: str
+) -> None:
+    """A snapshot restored from a blob and loaded from the local cache by a later
+    solver still counts as that blob (tar extraction cannot restore a symlink's
+    mtime, so packing it again would give another digest and its consumers
+    action keys no other machine uses)."""
+    made = run(["/bin/sh", "-c", "echo hi > f; ln -s f link; "
+                "cat /proc/sys/kernel/random/uuid > id.txt"],
+               root=State.inline({"a.txt": "x"}), name="mk")
+    first = run(["/bin/sh", "-c", "cat link > one.txt"], root=made, name="one").definition()
+    second = run(["/bin/sh", "-c", "cat link > two.txt"], root=made, name="two").definition()
+    async with SharedCache(shared_url) as shared:
+        await build(tmp_path / "a", shared, first, "one.txt")
+        await build(tmp_path / "a", shared, second, "two.txt")
+        assert shared.stats().published == 4
+    async with SharedCache(shared_url) as shared:
+        await build(tmp_path / "b", shared, first, "one.txt")
+        assert shared.stats().restored == 3
+    assert (tmp_path / "b" / "shared-digests.db").is_file()
+    async with SharedCache(shared_url) as shared:  # a later process on b
+        assert await build(tmp_path / "b", shared, second, "two.txt") == b"hi\n"
+        st = shared.stats()
+    assert (st.restored, st.executed) == (1, 0)  # "two" from A; "mk" from b's local cache

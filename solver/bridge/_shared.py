@@ -68,7 +68,8 @@ from ..cache import (
     SharedCacheError,
 )
 from ..definition import OpContext, OpKind, OpKindRegistry
-from ..worker import SnapshotBlobCodec, SnapshotView, Worker
+from ..worker import SnapshotBlobCodec, SnapshotStore, SnapshotView, Worker
+from ._shareddigests import SnapshotDigests
 
 __all__ = ["SHARED_KINDS", "SharedCache", "SharedCacheStats", "parse_shared_cache_url"]
 
@@ -180,8 +181,11 @@ class SharedCache:
         self._fetched: dict[str, Path] = {}
         self._refused: set[str] = set()
         self._ahead: dict[str, int] = {}
-        # snapshot id -> the digest of its blob (known when made from or into one)
-        self._digests: dict[str, str] = {}
+        # snapshot id -> the digest of its blob (known when made from or into one),
+        # kept beside the attached worker's store
+        self._store: SnapshotStore | None = None
+        self._index: SnapshotDigests | None = None
+        self._index_lock: anyio.Lock | None = None
         self._restored = self._executed = self._published = 0
         self._refused_count = self._lease_waits = 0
 
@@ -217,6 +221,7 @@ class SharedCache:
         runs everything locally (``strict``: :class:`SharedCacheError`)."""
         self._prefetch_lock = anyio.Lock()
         self._fetch_lock = anyio.Lock()
+        self._index_lock = anyio.Lock()
         self._spool = Path(tempfile.mkdtemp(prefix="solver-shared-"))
         self._open = True
         try:
@@ -235,7 +240,7 @@ class SharedCache:
         """Put the worker's kinds back, close the connection, delete fetched blobs
         not used. Idempotent, shielded."""
         with anyio.CancelScope(shield=True):
-            self.detach()
+            await self.detach()
             self._open = False
             await self.store.close()
             if self._spool is not None:
@@ -265,6 +270,7 @@ class SharedCache:
         if self._registry is not None:
             raise SolveError("this SharedCache is already attached to a worker")
         self._codec = SnapshotBlobCodec(worker.store)
+        self._store = worker.store
         self._registry = worker.op_kinds
         for name in SHARED_KINDS:
             kind = worker.op_kinds.get(name)
@@ -274,13 +280,43 @@ class SharedCache:
             wrapped = OpKind(name, self._factory(kind), kind.outputs, kind.validate)
             worker.op_kinds.add(wrapped, replace=True)
 
-    def detach(self) -> None:
-        """Put the original kinds back (nothing when not attached)."""
+    async def detach(self) -> None:
+        """Put the original kinds back and save the snapshot digests learnt
+        (nothing when not attached). Shielded."""
         registry, self._registry = self._registry, None
         if registry is not None:
             for kind in self._originals:
                 registry.add(kind, replace=True)
         self._originals = []
+        index, self._index = self._index, None
+        store, self._store = self._store, None
+        with anyio.CancelScope(shield=True):
+            if index is not None:
+                try:
+                    live = None
+                    if store is not None and store.is_open:
+                        live = [info.id for info in await store.usage()]
+                    await index.flush(live)
+                except Exception:
+                    _log.exception("saving the shared cache's snapshot digests failed")
+                finally:
+                    await index.close()
+            else:
+                await anyio.lowlevel.checkpoint()
+
+    async def _digests(self) -> SnapshotDigests:
+        assert self._index_lock is not None
+        async with self._index_lock:
+            if self._index is None:
+                assert self._store is not None
+                self._index = await SnapshotDigests.open(self._store.root)
+            return self._index
+
+    async def _remember(self, snapshot_id: str, digest: str) -> None:
+        index = await self._digests()
+        if index.put(snapshot_id, digest):
+            with anyio.CancelScope(shield=True):
+                await index.flush()
 
     def _factory(self, kind: OpKind) -> Callable[[OpContext], Op]:
         inner_factory = kind.factory
@@ -313,7 +349,7 @@ class SharedCache:
         view = result.sys
         if not isinstance(view, SnapshotView):
             return None
-        known = self._digests.get(view.id)
+        known = (await self._digests()).get(view.id)
         if known is not None:
             return known
         assert self._codec is not None
@@ -325,7 +361,7 @@ class SharedCache:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(_unlink, path)
         if digest is not None:
-            self._digests[view.id] = digest
+            await self._remember(view.id, digest)
         return digest
 
     async def find(self, action: str, vertex: str) -> ActionRecord | None:
@@ -383,7 +419,7 @@ class SharedCache:
             for digest in wanted:
                 ref = await self._codec.unpack(paths[digest])
                 outs.append(ref)
-                self._digests[ref.sys.id] = digest
+                await self._remember(ref.sys.id, digest)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 for out in outs:
@@ -477,7 +513,7 @@ class SharedCache:
                 return
             for out, (digest, _size) in zip(outs, outputs, strict=True):
                 assert isinstance(out.sys, SnapshotView)
-                self._digests[out.sys.id] = digest
+                await self._remember(out.sys.id, digest)
             self._published += 1
         finally:
             with anyio.CancelScope(shield=True):
