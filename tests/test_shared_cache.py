@@ -15,7 +15,7 @@ import pytest
 from shared_cache_support import PASSWORD, PgServer, pg_server, shared_url
 from test_solve_checkpoints import cancel_at_suspension
 
-from solver import Definition, SharedCache, SharedCacheError, Solver
+from solver import Definition, NodeOutput, SharedCache, SharedCacheError, SolveError, Solver, node
 from solver.cache import PostgresCacheStore, redact_url
 from solver.worker import State, Worker, merge, run
 
@@ -280,3 +280,42 @@ async def test_a_restored_input_keeps_its_blob_digest_in_a_later_process(
         assert await build(tmp_path / "b", shared, second, "two.txt") == b"hi\n"
         st = shared.stats()
     assert (st.restored, st.executed) == (1, 0)  # "two" from A; "mk" from b's local cache
+
+
+def uuid_step(*, ignore_cache: bool = False) -> Definition:
+    """One exec step writing a fresh uuid, optionally ignore-cache."""
+    step = run(["/bin/sh", "-c", "cat /proc/sys/kernel/random/uuid > id.txt"],
+               root=State.inline({"a.txt": "x"}), name="uuid")
+    n = step.output.node
+    flagged = node(n.op.kind, n.op.payload, inputs=n.inputs, name="uuid",
+                   ignore_cache=ignore_cache)
+    return State(NodeOutput(flagged, 0)).definition()
+
+
+async def test_an_ignore_cache_step_bypasses_the_shared_cache(
+    tmp_path: Path, shared_url: str
+) -> None:
+    async with SharedCache(shared_url) as shared:
+        first = await build(tmp_path / "a", shared, uuid_step(ignore_cache=True))
+        st = shared.stats()
+        assert (st.executed, st.published) == (1, 1)  # only the inline source went through it
+    async with SharedCache(shared_url) as shared:
+        second = await build(tmp_path / "b", shared, uuid_step(ignore_cache=True))
+        assert shared.stats().restored == 1
+    assert second != first  # the step ran again
+
+
+async def test_a_failing_step_publishes_nothing_and_lets_its_lease_go(
+    tmp_path: Path, shared_url: str
+) -> None:
+    failing = run(["/bin/sh", "-c", "echo broken >&2; exit 3"],
+                  root=State.inline({"a.txt": "x"}), name="broken").definition()
+    for root in ("a", "b"):
+        async with SharedCache(shared_url) as shared:
+            with pytest.raises(SolveError, match="broken"):
+                await build(tmp_path / root, shared, failing)
+            st = shared.stats()
+            assert st.executed == (2 if root == "a" else 1), st  # b restores the source
+            assert st.published == (1 if root == "a" else 0), st
+            assert await anyio.to_thread.run_sync(advisory_locks, shared_url) == 0
+            assert (await shared.store.usage()).records == 1  # the source only

@@ -311,3 +311,25 @@ def test_a_bad_shared_cache_url_is_refused_without_its_password(
     assert from_env.returncode == 2
     assert "$SOLVER_SHARED_CACHE=" in from_env.stderr
     assert message in from_env.stderr
+
+
+def test_strict_fails_when_the_server_stops_mid_build(
+    tmp_path: Path, own_server: PgServer
+) -> None:
+    url = own_server.new_database()
+    defn = tmp_path / "slow.py"
+    defn.write_text(SLOW_GRAPH.format(seconds=2))
+    proc = subprocess.Popen(_build_argv(defn, tmp_path / "a", url + "&strict=true", None),
+                            env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_lease(url, proc, hold=0.2)
+        own_server.stop("immediate")
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    assert PASSWORD not in out + err
+    assert re.search(r"solver: error: .*shared cache postgresql://solver:\*\*\*@/", err), err
