@@ -53,6 +53,7 @@ from .bridge import (
     PlanOp as PlanOp,
     SharedCache as SharedCache,
     SharedCacheStats as SharedCacheStats,
+    SharedGCPolicy as SharedGCPolicy,
     Solver as Solver,
     SolveRequest as SolveRequest,
     SolveResult as SolveResult,

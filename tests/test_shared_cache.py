@@ -15,8 +15,18 @@ import pytest
 from shared_cache_support import PASSWORD, PgServer, pg_server, shared_url
 from test_solve_checkpoints import cancel_at_suspension
 
-from solver import Definition, NodeOutput, SharedCache, SharedCacheError, SolveError, Solver, node
+from solver import (
+    Definition,
+    NodeOutput,
+    SharedCache,
+    SharedCacheError,
+    SharedGCPolicy,
+    SolveError,
+    Solver,
+    node,
+)
 from solver.cache import PostgresCacheStore, redact_url
+from solver.cache._postgres import GC_LOCK
 from solver.worker import State, Worker, merge, run
 
 __all__ = ["pg_server", "shared_url"]  # fixtures, re-exported for pytest
@@ -319,3 +329,37 @@ async def test_a_failing_step_publishes_nothing_and_lets_its_lease_go(
             assert st.published == (1 if root == "a" else 0), st
             assert await anyio.to_thread.run_sync(advisory_locks, shared_url) == 0
             assert (await shared.store.usage()).records == 1  # the source only
+
+
+async def test_automatic_gc_runs_once_per_interval_across_machines(
+    tmp_path: Path, shared_url: str
+) -> None:
+    with pytest.raises(ValueError, match="needs keep_duration or max_used_space"):
+        SharedGCPolicy()
+    policy = SharedGCPolicy(keep_duration=3600)
+    async with SharedCache(shared_url, gc_policy=policy) as shared:
+        await build(tmp_path / "a", shared, uuid_graph())
+    assert shared.last_collection is not None  # the first collection ran: nothing old
+    assert shared.last_collection.records == 0
+
+    def age_records() -> None:
+        with psycopg.connect(shared_url, autocommit=True) as conn:
+            conn.execute("UPDATE solver_actions SET last_used = last_used - 7200")
+
+    await anyio.to_thread.run_sync(age_records)
+    async with SharedCache(shared_url, gc_policy=policy) as shared:
+        pass
+    assert shared.last_collection is None  # collected less than an hour ago
+    with psycopg.connect(shared_url, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (GC_LOCK,))
+        now = SharedGCPolicy(keep_duration=3600, interval=0)
+        async with SharedCache(shared_url, gc_policy=now) as shared:
+            pass
+        assert shared.last_collection is None  # another machine is collecting
+    async with SharedCache(shared_url, gc_policy=now) as shared:
+        assert (await shared.store.usage()).records == 3
+    assert shared.last_collection is not None
+    assert (shared.last_collection.records, shared.last_collection.blobs) == (3, 3)
+    async with SharedCache(shared_url, mode="ro", gc_policy=now) as shared:
+        pass
+    assert shared.last_collection is None  # read-only never collects

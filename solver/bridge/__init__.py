@@ -52,6 +52,7 @@ from ._shared import (
     SHARED_KINDS as SHARED_KINDS,
     SharedCache as SharedCache,
     SharedCacheStats as SharedCacheStats,
+    SharedGCPolicy as SharedGCPolicy,
     parse_shared_cache_url as parse_shared_cache_url,
 )
 from ._solver import (

@@ -66,12 +66,19 @@ from ..cache import (
     BlobDigestError,
     PostgresCacheStore,
     SharedCacheError,
+    SharedPruneReport,
 )
 from ..definition import OpContext, OpKind, OpKindRegistry
 from ..worker import SnapshotBlobCodec, SnapshotStore, SnapshotView, Worker
 from ._shareddigests import SnapshotDigests
 
-__all__ = ["SHARED_KINDS", "SharedCache", "SharedCacheStats", "parse_shared_cache_url"]
+__all__ = [
+    "SHARED_KINDS",
+    "SharedCache",
+    "SharedCacheStats",
+    "SharedGCPolicy",
+    "parse_shared_cache_url",
+]
 
 _log = logging.getLogger("solver")
 
@@ -126,6 +133,28 @@ def parse_shared_cache_url(spec: str) -> tuple[str, SharedCacheMode, bool]:
     return url, mode, strict
 
 
+@dataclass(frozen=True, slots=True)
+class SharedGCPolicy:
+    """Automatic garbage collection of the shared store, run by
+    :meth:`SharedCache.close` (read-write mode) at most once per ``interval``
+    seconds across every machine: records unused for ``keep_duration`` seconds
+    go, least recently used first, and with ``max_used_space`` only until the
+    blobs left fit (:meth:`~solver.cache.PostgresCacheStore.prune`)."""
+
+    keep_duration: float = 0.0
+    max_used_space: int = 0
+    interval: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.keep_duration < 0 or self.max_used_space < 0 or self.interval < 0:
+            raise ValueError("a shared GC policy's durations and sizes are not negative")
+        if not self.keep_duration and not self.max_used_space:
+            raise ValueError(
+                "a shared GC policy needs keep_duration or max_used_space "
+                "(without either it would delete everything)"
+            )
+
+
 class SharedCache:
     """A shared cache on PostgreSQL for a :class:`~solver.worker.Worker`.
 
@@ -152,6 +181,7 @@ class SharedCache:
         batch_size: int = 500,
         blob_batch_bytes: int = 32 << 20,
         blob_batch_count: int = 100,
+        gc_policy: SharedGCPolicy | None = None,
     ) -> None:
         if mode not in ("rw", "ro"):
             raise ValueError(f"mode {mode!r}: the shared cache mode is 'rw' or 'ro'")
@@ -164,6 +194,9 @@ class SharedCache:
         )
         self.mode: SharedCacheMode = mode
         self.strict = strict
+        self.gc_policy = gc_policy
+        self.last_collection: SharedPruneReport | None = None
+        """What the automatic collection at :meth:`close` deleted, if it ran."""
         self._down = False
         self._open = False
         self._codec: SnapshotBlobCodec | None = None
@@ -241,11 +274,33 @@ class SharedCache:
         not used. Idempotent, shielded."""
         with anyio.CancelScope(shield=True):
             await self.detach()
+            await self._collect()
             self._open = False
             await self.store.close()
             if self._spool is not None:
                 spool, self._spool = self._spool, None
                 await anyio.to_thread.run_sync(shutil.rmtree, spool, True)
+
+    async def _collect(self) -> None:
+        policy = self.gc_policy
+        if policy is None or self.mode == "ro" or not self.available:
+            return
+        try:
+            report = await self.store.collect(
+                keep_duration=policy.keep_duration,
+                max_used_space=policy.max_used_space,
+                interval=policy.interval,
+            )
+        except SharedCacheError as exc:  # never fails a build that is over
+            _log.warning("%s (automatic garbage collection)", exc)
+            return
+        self.last_collection = report
+        if report is not None and report.records:
+            _log.info(
+                "shared cache %s: garbage collection deleted %d record(s) and %d blob(s), "
+                "%d bytes",
+                self.display, report.records, report.blobs, report.freed,
+            )
 
     async def __aenter__(self) -> SharedCache:
         await self.open()

@@ -506,6 +506,20 @@ class PostgresCacheStore:
             _prune, keep_duration, max_used_space, time.time(), doing="pruning"
         )
 
+    async def collect(
+        self, *, keep_duration: float = 0.0, max_used_space: int = 0, interval: float = 3600.0
+    ) -> SharedPruneReport | None:
+        """Garbage collection for a fleet: :meth:`prune` with these limits, unless
+        another machine is collecting right now or one collected less than
+        ``interval`` seconds ago (``None`` then). One transaction, which takes an
+        advisory lock without waiting and keeps the last collection's time in
+        ``solver_meta``, so many machines calling it after every build prune at
+        most once per interval between them."""
+        self._writable()
+        return await self._call(
+            _collect, keep_duration, max_used_space, interval, time.time(), doing="collecting"
+        )
+
     def _writable(self) -> None:
         if self.read_only:
             raise SharedCacheError(f"shared cache {self.display} is read-only (mode=ro)")
@@ -673,6 +687,27 @@ def _usage(c: _Counter) -> SharedUsage:
     records, oldest = c.execute("SELECT count(*), min(last_used) FROM solver_actions").fetchone()
     blobs, size = c.execute("SELECT count(*), coalesce(sum(size), 0) FROM solver_blobs").fetchone()
     return SharedUsage(int(records), int(blobs), int(size), oldest)
+
+
+GC_LOCK: Final = _SCHEMA_LOCK + 1
+"""The advisory lock a garbage collection of the shared store holds."""
+
+
+def _collect(
+    c: _Counter, keep_duration: float, max_used_space: int, interval: float, now: float
+) -> SharedPruneReport | None:
+    if not c.execute("SELECT pg_try_advisory_xact_lock(%s)", (GC_LOCK,)).fetchone()[0]:
+        return None
+    row = c.execute("SELECT value FROM solver_meta WHERE name = 'last_gc'").fetchone()
+    if row is not None and now - float(row[0]) < interval:
+        return None
+    report = _prune(c, keep_duration, max_used_space, now)
+    c.execute(
+        "INSERT INTO solver_meta (name, value) VALUES ('last_gc', %s) "
+        "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        (repr(now),),
+    )
+    return report
 
 
 def _prune(c: _Counter, keep_duration: float, max_used_space: int, now: float) -> SharedPruneReport:
