@@ -233,8 +233,10 @@ class SharedCache:
 
     @property
     def available(self) -> bool:
-        """False once the server could not be reached (everything runs locally)."""
-        return self._open and not self._down
+        """True while open, attached to a worker and the server reachable; False
+        once the server could not be reached (everything runs locally from then
+        on), and after :meth:`detach` (an op made before it runs locally)."""
+        return self._open and not self._down and self._store is not None
 
     def stats(self) -> SharedCacheStats:
         """What the cache did so far (a frozen value)."""
@@ -283,7 +285,7 @@ class SharedCache:
 
     async def _collect(self) -> None:
         policy = self.gc_policy
-        if policy is None or self.mode == "ro" or not self.available:
+        if policy is None or self.mode == "ro" or self._down or not self._open:
             return
         try:
             report = await self.store.collect(
