@@ -363,3 +363,14 @@ async def test_automatic_gc_runs_once_per_interval_across_machines(
     async with SharedCache(shared_url, mode="ro", gc_policy=now) as shared:
         pass
     assert shared.last_collection is None  # read-only never collects
+
+
+async def test_a_missing_driver_is_a_clear_shared_cache_error(
+    monkeypatch: pytest.MonkeyPatch, pg_server: PgServer
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # import psycopg raises ImportError
+    with pytest.raises(SharedCacheError, match=r"pip install 'solver-engine\[shared\]'"):
+        async with SharedCache(pg_server.url(), strict=True):
+            pass

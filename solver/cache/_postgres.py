@@ -311,8 +311,13 @@ class PostgresCacheStore:
                 await anyio.to_thread.run_sync(_close_quietly, lease_conn)
 
     def _connect(self) -> psycopg.Connection[Any]:
-        import psycopg
-
+        try:
+            import psycopg
+        except ImportError:
+            raise SharedCacheError(
+                f"shared cache {self.display}: the PostgreSQL driver is not installed "
+                "(pip install 'solver-engine[shared]')"
+            ) from None
         try:
             return psycopg.connect(
                 self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT, **_KEEPALIVES
