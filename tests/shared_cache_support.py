@@ -4,7 +4,8 @@ The Debian server binaries (``initdb``, ``pg_ctl``: package ``postgresql``, whic
 ``.ci/run`` and the README's test command install) refuse to run as root, so as
 root the server runs as ``nobody``: its data directory and Unix socket live in a
 fresh directory under /tmp that ``nobody`` owns. It listens on the socket only
-(no TCP port), with ``trust`` authentication for that socket. Stopping it goes
+(no TCP port), and asks for the password (``scram-sha-256``): user ``solver``,
+password :data:`PASSWORD`, so that the credential tests use a real one. Stopping it goes
 through ``pg_ctl`` (which signals the postmaster by the PID in its pid file).
 """
 
@@ -64,8 +65,13 @@ class PgServer:
         )
 
     def init(self) -> None:
+        pwfile = self.base / "pwfile"
+        pwfile.write_text(PASSWORD + "\n")
+        if self.user is not None:
+            os.chown(pwfile, *self.user)
         self._run(str(self.bindir / "initdb"), "-D", str(self.data), "-U", "solver",
-                  "--auth=trust", "-E", "UTF8", "--no-sync")
+                  "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--no-sync")
+        pwfile.unlink()
 
     def start(self) -> None:
         options = (

@@ -374,3 +374,39 @@ async def test_a_missing_driver_is_a_clear_shared_cache_error(
     with pytest.raises(SharedCacheError, match=r"pip install 'solver-engine\[shared\]'"):
         async with SharedCache(pg_server.url(), strict=True):
             pass
+
+
+async def test_credentials_from_the_environment_or_a_password_file(
+    tmp_path: Path, shared_url: str, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    url = shared_url.replace(f":{PASSWORD}@", "@")  # the server asks for a password
+    assert PASSWORD not in url
+    monkeypatch.delenv("PGPASSWORD", raising=False)
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "none"))
+    with pytest.raises(SharedCacheError, match="password") as info:
+        async with SharedCache(url, strict=True):
+            pass
+    assert PASSWORD not in str(info.value)
+    monkeypatch.setenv("PGPASSWORD", PASSWORD)
+    async with SharedCache(url, strict=True) as shared:
+        assert shared.available is False  # open, not attached
+        assert (await shared.store.usage()).records >= 0
+    monkeypatch.delenv("PGPASSWORD")
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"*:*:*:solver:{PASSWORD}\n")
+    passfile.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(passfile))
+    async with SharedCache(url, strict=True) as shared:
+        await build(tmp_path / "a", shared, wide_graph(1), "f0.txt")
+        assert shared.stats().published == 2
+    # a wrong password in the environment: refused, and never shown
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "none"))
+    monkeypatch.setenv("PGPASSWORD", "wrong-" + PASSWORD)
+    with caplog.at_level(logging.DEBUG, logger="solver"):
+        async with SharedCache(url) as shared:
+            assert shared.store.display == url
+        assert not shared.available
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert "password authentication failed" in messages
+    assert PASSWORD not in messages
