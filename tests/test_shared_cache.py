@@ -410,3 +410,24 @@ async def test_credentials_from_the_environment_or_a_password_file(
     messages = " ".join(r.getMessage() for r in caplog.records)
     assert "password authentication failed" in messages
     assert PASSWORD not in messages
+
+
+async def test_two_builders_at_once_run_each_step_once(tmp_path: Path, shared_url: str) -> None:
+    """Single-flight across two sessions of the server in one process (each
+    ``SharedCache`` has its own connections, as two machines would)."""
+    defn = uuid_graph()
+    outputs: dict[str, bytes] = {}
+    stats = []
+
+    async def builder(name: str) -> None:
+        async with SharedCache(shared_url) as shared:
+            outputs[name] = await build(tmp_path / name, shared, defn)
+            stats.append(shared.stats())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(builder, "a")
+        tg.start_soon(builder, "b")
+    assert outputs["a"] == outputs["b"]
+    assert sum(st.executed for st in stats) == 3, stats
+    assert sum(st.restored for st in stats) == 3, stats
+    assert sum(st.published for st in stats) == 3, stats
