@@ -5,6 +5,7 @@ suspension of a build that restores from the shared cache."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from solver import (
     Solver,
     node,
 )
-from solver.cache import PostgresCacheStore, redact_url
+from solver.cache import BlobDigestError, BlobStore, PostgresCacheStore, redact_url
 from solver.cache._postgres import GC_LOCK
 from solver.worker import State, Worker, merge, run
 
@@ -431,3 +432,28 @@ async def test_two_builders_at_once_run_each_step_once(tmp_path: Path, shared_ur
     assert sum(st.executed for st in stats) == 3, stats
     assert sum(st.restored for st in stats) == 3, stats
     assert sum(st.published for st in stats) == 3, stats
+
+
+async def test_the_postgres_store_is_a_blob_store(tmp_path: Path, shared_url: str) -> None:
+    good, other = b"a blob\n", b"another blob\n"
+    digests = {data: "sha256:" + hashlib.sha256(data).hexdigest() for data in (good, other)}
+    (tmp_path / "good").write_bytes(good)
+    store = PostgresCacheStore(shared_url)
+    await store.open()
+    try:
+        assert isinstance(store, BlobStore)
+        assert await store.missing([digests[good], digests[other]]) == set(digests.values())
+        await store.put(digests[good], tmp_path / "good")
+        await store.put(digests[good], tmp_path / "good")  # stored once
+        assert await store.missing([digests[good], digests[other]]) == {digests[other]}
+        with pytest.raises(BlobDigestError, match="does not match its digest"):
+            await store.put(digests[other], tmp_path / "good")
+        out = tmp_path / "out"
+        out.mkdir()
+        written, refused = await store.get_many([digests[good], digests[other]], out)
+        assert refused == []
+        assert list(written) == [digests[good]]
+        assert written[digests[good]].read_bytes() == good
+        assert (await store.usage()).blobs == 1
+    finally:
+        await store.close()

@@ -15,7 +15,6 @@ from __future__ import annotations
 from ._blobs import (
     BlobDigestError as BlobDigestError,
     BlobStore as BlobStore,
-    file_digest as file_digest,
 )
 from ._directory import (
     INDEX_NAME as INDEX_NAME,

@@ -14,14 +14,13 @@ instead of writing the file (a torn upload, a disk error, a tampered row).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from .._errors import SolveError
 
-__all__ = ["BlobDigestError", "BlobStore", "file_digest"]
+__all__ = ["BlobDigestError", "BlobStore"]
 
 
 class BlobDigestError(SolveError):
@@ -56,12 +55,3 @@ class BlobStore(Protocol):
         match its digest is not written and is reported in ``refused``; an absent
         one is in neither. One round trip per batch the store chooses."""
         ...
-
-
-def file_digest(path: Path) -> str:
-    """The blob digest of the file at ``path``. O(size); blocks (call it in a thread)."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-    return "sha256:" + sha.hexdigest()
