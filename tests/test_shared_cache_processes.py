@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -210,6 +211,7 @@ def own_server() -> PgServer:
     server = start_server()
     yield server  # type: ignore[misc]
     server.stop("immediate")
+    shutil.rmtree(server.base, ignore_errors=True)
 
 
 def test_server_stopped_mid_build_goes_on_locally(tmp_path: Path, own_server: PgServer) -> None:
