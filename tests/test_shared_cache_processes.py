@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -207,11 +208,14 @@ def test_a_killed_holder_loses_its_lease_and_another_takes_over(
 
 
 @pytest.fixture
-def own_server() -> PgServer:
+def own_server() -> Iterator[PgServer]:
+    """A server of the test's own, which the test may stop."""
     server = start_server()
-    yield server  # type: ignore[misc]
-    server.stop("immediate")
-    shutil.rmtree(server.base, ignore_errors=True)
+    try:
+        yield server
+    finally:
+        server.stop("immediate")
+        shutil.rmtree(server.base, ignore_errors=True)
 
 
 def test_server_stopped_mid_build_goes_on_locally(tmp_path: Path, own_server: PgServer) -> None:
