@@ -56,6 +56,13 @@ from ._request import (
     SolveRequest as SolveRequest,
     SolveResult as SolveResult,
 )
+from ._shared import (
+    SHARED_KINDS as SHARED_KINDS,
+    SharedCache as SharedCache,
+    SharedCacheStats as SharedCacheStats,
+    SharedGCPolicy as SharedGCPolicy,
+    parse_shared_cache_url as parse_shared_cache_url,
+)
 from ._solver import (
     Solver as Solver,
     definitions_unrecorded as definitions_unrecorded,

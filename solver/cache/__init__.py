@@ -12,6 +12,10 @@ layer or the worker: a codec that packs results into blobs is handed in.
 
 from __future__ import annotations
 
+from ._blobs import (
+    BlobDigestError as BlobDigestError,
+    BlobStore as BlobStore,
+)
 from ._directory import (
     INDEX_NAME as INDEX_NAME,
     INDEX_VERSION as INDEX_VERSION,
@@ -40,6 +44,14 @@ from ._manager import (
     InMemoryCacheManager as InMemoryCacheManager,
     KeyedCacheManager as KeyedCacheManager,
     best_record as best_record,
+)
+from ._postgres import (
+    ActionRecord as ActionRecord,
+    PostgresCacheStore as PostgresCacheStore,
+    SharedCacheError as SharedCacheError,
+    SharedPruneReport as SharedPruneReport,
+    SharedUsage as SharedUsage,
+    redact_url as redact_url,
 )
 from ._sqlite import (
     SQLiteCacheStorage as SQLiteCacheStorage,

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import functools
 import importlib.metadata
@@ -106,6 +107,13 @@ from ._check import run_check
 from ._frontends import add_frontend_arguments, cmd_build_frontend
 from ._graph import add_graph_command
 from ._progress import describe_output, make_renderer, run_progress
+from ._sharedopts import (
+    add_shared_cache_argument,
+    attached_shared_cache,
+    prune_shared,
+    shared_cache_spec,
+    shared_usage,
+)
 
 __all__ = [
     "BuildFileError",
@@ -328,6 +336,7 @@ async def open_solver(
     *,
     sandbox: SandboxMode = "bwrap",
     secrets: Mapping[str, SecretSource] | None = None,
+    shared_cache: str | None = None,
 ) -> AsyncIterator[Solver]:
     """A solver over the built-in worker on ``cache_dir``/snapshots (default: the
     worker's default root) and its persistent cache, so that building again
@@ -335,13 +344,17 @@ async def open_solver(
     ``secrets`` available to the steps that name them. Waits while another process
     has the cache directory open. Raises :class:`CommandError` naming the cache
     directory when its store cannot be opened (a file where a directory should
-    be, no permission)."""
+    be, no permission). ``shared_cache`` is a shared cache URL
+    (``docs/shared-cache.md``) put behind the worker's cache."""
     root = _store_root(cache_dir)
     worker = Worker(root, sandbox=sandbox, secrets=secrets)
     with _opening_cache(cache_dir):
         await worker.open()
     try:
-        async with Solver(worker=worker) as solver:
+        async with (
+            attached_shared_cache(worker, shared_cache, sys.stderr),
+            Solver(worker=worker) as solver,
+        ):
             yield solver
     finally:
         await worker.close()
@@ -623,10 +636,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
             "--explain builds a definition file; it does not take --frontend", 2
         )
     _check_build_paths(args)
+    shared = _shared_spec(args)
     if args.frontend is not None:
         return cmd_build_frontend(
             args,
-            functools.partial(open_solver, sandbox=args.sandbox, secrets=args.secrets),
+            functools.partial(
+                open_solver, sandbox=args.sandbox, secrets=args.secrets, shared_cache=shared
+            ),
         )
     defn = _load_for_command(args.file)
 
@@ -634,7 +650,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with open_solver(
-            args.cache_dir, sandbox=args.sandbox, secrets=args.secrets
+            args.cache_dir, sandbox=args.sandbox, secrets=args.secrets, shared_cache=shared
         ) as solver:
             explanation = await explain(solver, defn) if args.explain else None
             await build_definition(
@@ -657,6 +673,13 @@ def _cmd_build(args: argparse.Namespace) -> int:
         return anyio.run(run)
     except DefinitionError as exc:  # checked against the op kinds: which file
         raise CommandError(f"{args.file}: {exc}") from exc
+
+
+def _shared_spec(args: argparse.Namespace) -> str | None:
+    try:
+        return shared_cache_spec(args)
+    except ValueError as exc:
+        raise CommandError(str(exc), 2) from exc
 
 
 def _store_root(cache_dir: str | None) -> Path:
@@ -809,11 +832,22 @@ def _cmd_du(args: argparse.Namespace) -> int:
     _check_cache_dir(args.cache_dir)
     with _opening_cache(args.cache_dir):
         usage = anyio.run(disk_usage, _store_root(args.cache_dir))
+    shared = _shared_spec(args)
+    shown = None if shared is None else anyio.run(shared_usage, shared)
     if args.format == "json":
-        print(usage_json(usage))
+        if shown is None:
+            print(usage_json(usage))
+        else:
+            doc = json.loads(usage_json(usage))
+            doc["shared"] = {"url": shown[0], **dataclasses.asdict(shown[1])}
+            print(json.dumps(doc, indent=2))
         return 0
     for line in format_usage(usage, time.time(), verbose=args.verbose):
         print(line)
+    if shown is not None:
+        url, su = shown
+        print(f"Shared cache {url}: {su.records} records, {su.blobs} blobs, "
+              f"{human_size(su.size)}")
     return 0
 
 
@@ -838,12 +872,20 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     except (TypeError, ValueError) as exc:
         raise CommandError(str(exc), 2) from exc
     _check_cache_dir(args.cache_dir)
+    shared = _shared_spec(args)
     with _opening_cache(args.cache_dir):
         report = anyio.run(prune, _store_root(args.cache_dir), policy)
     for info in report.deleted:
         print(f"deleted {info.id[:12]}  {human_size(info.size)}  {_describe(info)}")
     print(f"Total: freed {human_size(report.freed)} in {len(report.deleted)} snapshot(s); "
           f"{human_size(report.remaining)} left")
+    if shared is not None:
+        url, sp = anyio.run(functools.partial(
+            prune_shared, shared, keep_duration=args.keep_duration or 0.0,
+            max_used_space=args.max_used_space or 0,
+        ))
+        print(f"Shared cache {url}: deleted {sp.records} records and {sp.blobs} blobs, "
+              f"freed {human_size(sp.freed)}; {human_size(sp.remaining)} left")
     return 0
 
 
@@ -986,6 +1028,7 @@ def make_parser() -> argparse.ArgumentParser:
     )
     add_frontend_arguments(b)
     add_cache_arguments(b)
+    add_shared_cache_argument(b)
     _add_debug(b)
     b.set_defaults(func=_cmd_build)
 
@@ -1000,6 +1043,7 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--format", choices=("table", "json"), default="table",
                    help="table (default) or a JSON document")
     d.add_argument("--cache-dir", metavar="DIR", default=None, help=cache_help)
+    add_shared_cache_argument(d)
     _add_debug(d)
     d.set_defaults(func=_cmd_du)
 
@@ -1037,6 +1081,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="delete every unused snapshot (that passes --filter); the default "
                    "when no limit is given; not with --keep-duration or space limits")
     p.add_argument("--cache-dir", metavar="DIR", default=None, help=cache_help)
+    add_shared_cache_argument(p)
     _add_debug(p)
     p.set_defaults(func=_cmd_prune)
 
