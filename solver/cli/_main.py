@@ -102,6 +102,7 @@ from ..worker import (
 )
 from ._cacheopts import add_cache_arguments, existing_imports
 from ._check import run_check
+from ._cluster import add_cluster_argument, cluster_address, open_cluster
 from ._frontends import add_frontend_arguments, cmd_build_frontend
 from ._graph import add_graph_command
 from ._progress import describe_output, make_renderer, run_progress
@@ -327,6 +328,7 @@ async def open_solver(
     *,
     sandbox: SandboxMode = "bwrap",
     secrets: Mapping[str, SecretSource] | None = None,
+    cluster: str | None = None,
 ) -> AsyncIterator[Solver]:
     """A solver over the built-in worker on ``cache_dir``/snapshots (default: the
     worker's default root) and its persistent cache, so that building again
@@ -340,7 +342,9 @@ async def open_solver(
     with _opening_cache(cache_dir):
         await worker.open()
     try:
-        async with Solver(worker=worker) as solver:
+        async with open_cluster(cluster) as remote, Solver(
+            worker=worker, cluster=remote
+        ) as solver:
             yield solver
     finally:
         await worker.close()
@@ -582,7 +586,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.frontend is not None:
         return cmd_build_frontend(
             args,
-            functools.partial(open_solver, sandbox=args.sandbox, secrets=args.secrets),
+            functools.partial(
+                open_solver, sandbox=args.sandbox, secrets=args.secrets,
+                cluster=cluster_address(args.cluster),
+            ),
         )
     defn = _load_for_command(args.file)
 
@@ -590,7 +597,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with open_solver(
-            args.cache_dir, sandbox=args.sandbox, secrets=args.secrets
+            args.cache_dir, sandbox=args.sandbox, secrets=args.secrets,
+            cluster=cluster_address(args.cluster),
         ) as solver:
             await build_definition(
                 solver,
@@ -931,6 +939,7 @@ def make_parser() -> argparse.ArgumentParser:
         "compare each output with the build's: list the ops whose outputs differ and "
         "exit 1 if one does (docs/worker.md)",
     )
+    add_cluster_argument(b)
     add_frontend_arguments(b)
     add_cache_arguments(b)
     _add_debug(b)
