@@ -91,7 +91,7 @@ def on_cluster(workers: int, runs: list[tuple[State, int]], sandbox: Any) -> lis
     times = []
     with distributed.LocalCluster(
         n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-        dashboard_address=None, silence_logs=40,
+        dashboard_address=":0", silence_logs=40,
     ) as cluster, distributed.Client(cluster.scheduler_address, set_as_default=False) as client:
         client.wait_for_workers(workers, timeout=120)
         for state, count in runs:

@@ -37,7 +37,7 @@ def _local_cluster(n: int = 2, **kwargs: Any) -> Any:
         threads_per_worker=1,
         processes=True,
         host="127.0.0.1",
-        dashboard_address=None,
+        dashboard_address=":0",
         silence_logs=40,
         **kwargs,
     )
@@ -147,7 +147,8 @@ async def test_remote_build_matches_local_and_shares_cache_keys(
         await res.release()
         await job.discard()
         statuses = [ev.status async for ev in job.status()]
-        assert "started" not in statuses and "cached" in statuses
+        assert "started" not in statuses
+        assert "cached" in statuses
         assert (tmp_path / "out" / "count.txt").read_bytes() == b"3\n"
     assert executed(client) - before == 2
 
@@ -178,7 +179,7 @@ async def test_a_failing_step_fails_the_build_with_its_message(
     async with remote_solver(tmp_path, cluster.scheduler_address) as (_, _, s):
         with pytest.raises(SolveError) as info:
             await s.solve(sh("echo nope >&2; exit 3", name="fails").definition())
-    assert "exit" in str(info.value) and "3" in str(info.value)
+    assert "exit code 3" in str(info.value)
     assert "nope" in str(info.value)
 
 
@@ -293,10 +294,12 @@ async def test_a_worker_killed_mid_op_has_the_op_retried_elsewhere(
             killed.append(pids[found[0]])
             os.kill(pids[found[0]], signal.SIGKILL)
 
-        async with remote_solver(tmp_path, c.scheduler_address) as (_, _, s):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(kill_its_worker)
-                files = await files_of(s, step)
+        async with (
+            remote_solver(tmp_path, c.scheduler_address) as (_, _, s),
+            anyio.create_task_group() as tg,
+        ):
+            tg.start_soon(kill_its_worker)
+            files = await files_of(s, step)
         assert files == {"out.txt": b"survived\n"}
         assert len(killed) == 1
         assert killed[0] not in client.run(os.getpid).values()  # it did die
@@ -373,7 +376,7 @@ async def test_cpu_hints_become_dask_resources(
 def test_cpus_is_validated() -> None:
     from solver.worker._exec import ExecPayloadError, _parse
 
-    with pytest.raises(ExecPayloadError, match="limits.cpus must be an integer > 0"):
+    with pytest.raises(ExecPayloadError, match=r"limits\.cpus must be an integer > 0"):
         _parse(
             {"args": ["true"], "env": {}, "cwd": "", "mounts": [
                 {"input": None, "dest": "", "readonly": False, "output": 0}],

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import tempfile
 import threading
 import time
@@ -169,8 +170,7 @@ class _Host:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._portal_cm = anyio.from_thread.start_blocking_portal()
-        self.portal = self._portal_cm.__enter__()
+        self.portal = _start_portal()
         self.store = SnapshotStore(root)
         self.portal.call(self.store.open)
         self.codec = SnapshotBlobCodec(self.store)
@@ -284,6 +284,20 @@ class _Host:
                 for out in outputs:
                     if isinstance(out, SnapshotRef) and not out.released:
                         await out.release()
+
+
+def _start_portal() -> anyio.from_thread.BlockingPortal:
+    """An event loop in a daemon thread, for the life of the process (a worker
+    process that exits does not wait for it), and the portal into it."""
+    ready: queue.SimpleQueue[anyio.from_thread.BlockingPortal] = queue.SimpleQueue()
+
+    async def serve() -> None:
+        async with anyio.from_thread.BlockingPortal() as portal:
+            ready.put(portal)
+            await portal.sleep_until_stopped()
+
+    threading.Thread(target=anyio.run, args=(serve,), name="solver-remote", daemon=True).start()
+    return ready.get()
 
 
 class _Wanted:
