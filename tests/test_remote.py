@@ -413,3 +413,20 @@ def test_cli_build_on_a_cluster(tmp_path: Path, cluster: Any, client: Any) -> No
     assert bad.returncode == 1
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.anyio
+async def test_attach_runs_a_workers_kinds_remotely_until_close(
+    tmp_path: Path, cluster: Any, client: Any, handle_tracker: HandleTracker
+) -> None:
+    step = sh("echo attached > a.txt", name="attached")
+    before = executed(client)
+    async with Worker(tmp_path / "w") as worker:
+        plain = worker.op_kinds.require("exec")
+        async with DaskCluster(cluster.scheduler_address) as dask:
+            dask.attach(worker)
+            assert worker.op_kinds.require("exec") is not plain
+            async with Solver(worker=worker) as s:
+                assert await files_of(s, step) == {"a.txt": b"attached\n"}
+        assert worker.op_kinds.require("exec") is plain  # put back at close
+    assert executed(client) - before == 1

@@ -30,7 +30,8 @@ import anyio
 import anyio.to_thread
 
 from .._errors import SolveError
-from ..worker import SnapshotBlobCodec, SnapshotRef, SnapshotStore, SnapshotView
+from ..definition import OpKind, OpKindRegistry
+from ..worker import SnapshotBlobCodec, SnapshotRef, SnapshotStore, SnapshotView, Worker
 from ._task import BlobInput, RemoteOpError, RemoteOutcome, RemoteTask, run_op
 
 if TYPE_CHECKING:
@@ -102,6 +103,8 @@ class DaskCluster:
         self._blobs: OrderedDict[str, tuple[str, Any, int]] = OrderedDict()
         self._resources: frozenset[str] = frozenset()
         self._errors: tuple[type[BaseException], ...] = ()
+        # registries attach() changed, and the kinds they held before
+        self._attached: list[tuple[OpKindRegistry, list[OpKind]]] = []
 
     def __repr__(self) -> str:
         state = "open" if self._client is not None else "closed"
@@ -152,9 +155,27 @@ class DaskCluster:
             names.update(worker.get("resources", {}) or {})
         self._resources = frozenset(names)
 
+    def attach(self, worker: Worker) -> None:
+        """Run ``worker``'s kinds in :attr:`kinds` on this cluster, in place: every
+        solver using ``worker.op_kinds`` (``Solver(worker=worker)``) runs them here
+        from now on; :meth:`close` puts the kinds back. ``Solver(worker=worker,
+        cluster=cluster)`` does the same on a copy of the kinds, for that solver
+        only. Attach the cluster before a :class:`~solver.SharedCache`, so that the
+        shared cache's lookup wraps the remote run (``docs/remote.md``)."""
+        from ._ops import attach_cluster  # _ops builds on this module
+
+        registry = worker.op_kinds
+        originals = [registry.require(name) for name in self.kinds]
+        attach_cluster(registry, self, worker.store, sandbox=worker.sandbox)
+        self._attached.append((registry, originals))
+
     async def close(self) -> None:
-        """Let go of every blob held on the cluster and, if this object connected,
-        disconnect. Idempotent."""
+        """Put back the kinds :meth:`attach` replaced, let go of every blob held on
+        the cluster and, if this object connected, disconnect. Idempotent."""
+        for registry, originals in reversed(self._attached):
+            for kind in originals:
+                registry.add(kind, replace=True)
+        self._attached.clear()
         client, self._client = self._client, None
         futures = [entry[1] for entry in self._blobs.values()]
         self._blobs.clear()
