@@ -34,6 +34,7 @@ from ..definition import (
     history_records,
 )
 from ..engine import Engine, Job
+from ..remote import DaskCluster, attach_cluster
 from ..worker import Worker
 from ._bridge import SolverBridge, to_solve_result
 from ._caches import build_with_caches, opened_imports, run_exports
@@ -87,6 +88,10 @@ class Solver(Engine):
     can be explained (:func:`~solver.explain`): the worker's persistent one
     (:attr:`Worker.op_history <solver.worker.Worker.op_history>`) when the solver
     has a worker, else one in memory, unless given.
+    ``cluster``, an open :class:`solver.remote.DaskCluster` (the caller's), runs
+    the worker's ``exec`` and ``file`` ops on a Dask cluster: the solver uses a copy
+    of the worker's kinds with those wrapped (``docs/remote.md``); it needs a
+    built-in worker (``worker=`` or the one ``Solver()`` makes).
     """
 
     def __init__(
@@ -98,6 +103,7 @@ class Solver(Engine):
         op_kinds: OpKindRegistry | None = None,
         worker: Worker | None = None,
         op_history: OpHistory | None = None,
+        cluster: DaskCluster | None = None,
     ) -> None:
         # the worker this solver made (and opens and closes), if any
         self._worker: Worker | None = None
@@ -112,6 +118,8 @@ class Solver(Engine):
             # the built-in worker, on the default root
             self._worker = self._solve_worker = Worker()
             op_kinds = self._worker.op_kinds
+        if cluster is not None:
+            op_kinds = _with_cluster(cluster, self._solve_worker, op_kinds)
         super().__init__(resolve_op, default_cache)
         self.op_kinds = op_kinds
         self.frontends: dict[str, Frontend] = dict(frontends or {})
@@ -287,3 +295,17 @@ class Solver(Engine):
             if self._worker is not None:
                 with anyio.CancelScope(shield=True):
                     await self._worker.close()
+
+
+def _with_cluster(
+    cluster: DaskCluster, worker: Worker | None, op_kinds: OpKindRegistry | None
+) -> OpKindRegistry:
+    """A copy of ``op_kinds`` whose remote kinds run on ``cluster``."""
+    if worker is None or op_kinds is None:
+        raise ValueError(
+            "Solver(cluster=...) runs the built-in worker's ops remotely: give it a "
+            "worker (Solver(worker=worker, cluster=cluster)) or no resolve_op"
+        )
+    kinds = op_kinds.copy()
+    attach_cluster(kinds, cluster, worker.store, sandbox=worker.sandbox)
+    return kinds

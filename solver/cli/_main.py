@@ -104,6 +104,7 @@ from ..worker import (
 )
 from ._cacheopts import add_cache_arguments, existing_imports
 from ._check import run_check
+from ._cluster import add_cluster_argument, attached_cluster, cluster_address
 from ._frontends import add_frontend_arguments, cmd_build_frontend
 from ._graph import add_graph_command
 from ._progress import describe_output, make_renderer, run_progress
@@ -337,6 +338,7 @@ async def open_solver(
     sandbox: SandboxMode = "bwrap",
     secrets: Mapping[str, SecretSource] | None = None,
     shared_cache: str | None = None,
+    cluster: str | None = None,
 ) -> AsyncIterator[Solver]:
     """A solver over the built-in worker on ``cache_dir``/snapshots (default: the
     worker's default root) and its persistent cache, so that building again
@@ -345,13 +347,16 @@ async def open_solver(
     has the cache directory open. Raises :class:`CommandError` naming the cache
     directory when its store cannot be opened (a file where a directory should
     be, no permission). ``shared_cache`` is a shared cache URL
-    (``docs/shared-cache.md``) put behind the worker's cache."""
+    (``docs/shared-cache.md``) put behind the worker's cache; ``cluster`` the
+    address of a Dask scheduler whose workers run the exec and file steps
+    (``docs/remote.md``; attached before the shared cache, which wraps it)."""
     root = _store_root(cache_dir)
     worker = Worker(root, sandbox=sandbox, secrets=secrets)
     with _opening_cache(cache_dir):
         await worker.open()
     try:
         async with (
+            attached_cluster(worker, cluster),
             attached_shared_cache(worker, shared_cache, sys.stderr),
             Solver(worker=worker) as solver,
         ):
@@ -641,7 +646,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
         return cmd_build_frontend(
             args,
             functools.partial(
-                open_solver, sandbox=args.sandbox, secrets=args.secrets, shared_cache=shared
+                open_solver, sandbox=args.sandbox, secrets=args.secrets, shared_cache=shared,
+                cluster=cluster_address(args.cluster),
             ),
         )
     defn = _load_for_command(args.file)
@@ -650,7 +656,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with open_solver(
-            args.cache_dir, sandbox=args.sandbox, secrets=args.secrets, shared_cache=shared
+            args.cache_dir, sandbox=args.sandbox, secrets=args.secrets, shared_cache=shared,
+            cluster=cluster_address(args.cluster),
         ) as solver:
             explanation = await explain(solver, defn) if args.explain else None
             await build_definition(
@@ -1026,6 +1033,7 @@ def make_parser() -> argparse.ArgumentParser:
         "build, and a 'reason' in its started event with --progress json "
         "(docs/explain.md)",
     )
+    add_cluster_argument(b)
     add_frontend_arguments(b)
     add_cache_arguments(b)
     add_shared_cache_argument(b)

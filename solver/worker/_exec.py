@@ -180,7 +180,7 @@ _KIND: Final = "exec"
 _KEYS: Final = frozenset(
     {"args", "env", "cwd", "mounts", "rootfs", "network", "limits", "secrets"}
 )
-_LIMIT_KEYS: Final = frozenset({"timeout", "memory", "processes"})
+_LIMIT_KEYS: Final = frozenset({"timeout", "memory", "processes", "cpus"})
 _RESERVED_ENV: Final = frozenset({"SOLVER_ROOT", "SOLVER_SECRETS"})
 # System-root paths that would hide what the sandbox itself puts there.
 # (A path below /tmp is fine: it is bound on top of the private /tmp.)
@@ -415,7 +415,9 @@ def _parse_network(value: object) -> Network:
 
 
 def _parse_limits(value: object) -> tuple[int | None, int | None, int | None]:
-    """``timeout`` (seconds), ``memory`` (bytes), ``processes``: integers > 0."""
+    """``timeout`` (seconds), ``memory`` (bytes), ``processes``: integers > 0.
+    ``cpus`` (an integer > 0) is a scheduling hint only: a remote cluster asks for
+    that many ``CPU`` (``docs/remote.md``); it limits nothing locally."""
     if not isinstance(value, Mapping):
         raise ExecPayloadError(
             "'limits' must be an object with 'timeout' (seconds), 'memory' (bytes) "
@@ -429,14 +431,16 @@ def _parse_limits(value: object) -> tuple[int | None, int | None, int | None]:
         )
     # Integers only: payloads are canonical JSON, which has no floats.
     ints: list[int | None] = []
-    for name, unit in (("timeout", " (seconds)"), ("memory", " (bytes)"), ("processes", "")):
+    for name, unit in (
+        ("timeout", " (seconds)"), ("memory", " (bytes)"), ("processes", ""), ("cpus", "")
+    ):
         n = value.get(name)
         if n is not None and (type(n) is not int or n <= 0):
             raise ExecPayloadError(
                 f"limits.{name} must be an integer > 0{unit}, got {_describe(n)}"
             )
         ints.append(n)
-    return ints[0], ints[1], ints[2]
+    return ints[0], ints[1], ints[2]  # ints[3], cpus, is a hint for remote clusters
 
 
 def _parse_secrets(value: object) -> tuple[str, ...]:

@@ -322,6 +322,7 @@ def run(
     memory: int | None = None,
     processes: int | None = None,
     secrets: Sequence[str] = (),
+    cpus: int | None = None,
 ) -> State:
     """An ``exec`` op: run ``args`` in a directory laid out from states, and return
     the state of that directory after the process exits 0.
@@ -337,7 +338,8 @@ def run(
     :data:`~solver.worker.DEFAULT_ROOTFS`), ``network="host"`` gives it the host's
     network (default ``"none"``); ``timeout`` (whole seconds), ``memory`` (bytes of
     address space) and ``processes`` limit it; ``secrets`` are the ids of the
-    worker's secrets it reads from ``/run/secrets/<id>``. Everything but the
+    worker's secrets it reads from ``/run/secrets/<id>``; ``cpus`` is a hint for a
+    remote cluster (``docs/remote.md``; it limits nothing). Everything but the
     limits is part of the cache key; a secret's contents never are."""
     ro = set(readonly)
     inputs: list[NodeOutput] = []
@@ -377,6 +379,8 @@ def run(
         limits["memory"] = memory
     if processes is not None:
         limits["processes"] = processes
+    if cpus is not None:
+        limits["cpus"] = cpus
     if limits:
         payload["limits"] = limits
     if secrets:
