@@ -22,12 +22,17 @@ ALLOWED: dict[str, frozenset[str]] = {
     "definition": frozenset({"base"}),
     "engine": frozenset({"base", "cache"}),
     "worker": frozenset({"base", "cache", "definition"}),
-    "bridge": frozenset({"base", "cache", "definition", "engine", "worker"}),
-    "cli": frozenset({"base", "cache", "definition", "engine", "worker", "bridge", "api"}),
+    "insight": frozenset({"base"}),
+    "bridge": frozenset({"base", "cache", "definition", "engine", "worker", "insight"}),
+    "cli": frozenset(
+        {"base", "cache", "definition", "engine", "worker", "insight", "bridge", "api"}
+    ),
     # solver/__init__.py, __main__.py, testing.py: the public surface
-    "api": frozenset({"base", "cache", "definition", "engine", "worker", "bridge", "cli"}),
+    "api": frozenset(
+        {"base", "cache", "definition", "engine", "worker", "insight", "bridge", "cli"}
+    ),
 }
-FOLDERS = frozenset({"cache", "definition", "engine", "worker", "bridge", "cli"})
+FOLDERS = frozenset({"cache", "definition", "engine", "worker", "insight", "bridge", "cli"})
 
 
 def layer_of(module: str) -> str:

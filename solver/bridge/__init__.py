@@ -51,3 +51,7 @@ from ._request import (
 from ._solver import (
     Solver as Solver,
 )
+from ._summary import (
+    build_summary as build_summary,
+    job_events as job_events,
+)

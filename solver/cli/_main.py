@@ -84,6 +84,7 @@ from .._errors import InternalError, SolveError
 from ..bridge import Solver, opened_imports, run_exports, with_cache_sources
 from ..cache import LocalCacheExport, LocalCacheImport
 from ..definition import Definition, DefinitionError, diff_definitions
+from ..insight import BuildHistory, BuildSummary
 from ..worker import (
     DiskUsage,
     PrunePolicy,
@@ -105,6 +106,7 @@ from ._check import run_check
 from ._frontends import add_frontend_arguments, cmd_build_frontend
 from ._graph import add_graph_command
 from ._progress import describe_output, make_renderer, run_progress
+from ._summary import add_gate_arguments, finish_build, gate_failures
 
 __all__ = [
     "BuildFileError",
@@ -355,12 +357,15 @@ async def build_definition(
     output: OutputSpec | None = None,
     cache_imports: Sequence[LocalCacheImport] = (),
     cache_exports: Sequence[LocalCacheExport] = (),
-) -> None:
+    history: BuildHistory | None = None,
+) -> BuildSummary:
     """Solve ``defn`` in a new job of ``solver``, rendering its progress to
     ``progress_out`` (default stderr), export the result to ``output`` if given,
     and release everything. ``cache_imports`` are used while building and
-    ``cache_exports`` written after (a line each on ``progress_out``). Raises
-    :class:`~solver.SolveError` on failure."""
+    ``cache_exports`` written after (a line each on ``progress_out``). The
+    build's summary ends the progress output and is returned; it is recorded in
+    ``history`` when given (also on failure). Raises :class:`~solver.SolveError`
+    on failure."""
     defn.validate(solver.op_kinds)
     out = progress_out if progress_out is not None else sys.stderr
     shown = None if output is None else describe_output(output.type, output.dest)
@@ -368,10 +373,11 @@ async def build_definition(
     job = solver.new_job()
     failure: BaseException | None = None
     exported: list[str] = []
+    edge = defn.to_vertices(solver.op_kinds)
+    started = time.time()
     async with anyio.create_task_group() as tg:
         tg.start_soon(run_progress, job.status(), renderer)
         try:
-            edge = defn.to_vertices(solver.op_kinds)
             async with opened_imports(cache_imports, solver.worker) as sources:
                 result = await job.build(with_cache_sources(edge, sources))
                 try:
@@ -392,8 +398,10 @@ async def build_definition(
         finally:
             await job.discard()  # ends the status stream, and so the renderer
     out.writelines(exported)
+    summary = await finish_build(job, edge, started, renderer, out, history)
     if failure is not None:
         raise failure
+    return summary
 
 
 def _one_line(text: str) -> str:
@@ -592,14 +600,21 @@ def _cmd_build(args: argparse.Namespace) -> int:
         async with open_solver(
             args.cache_dir, sandbox=args.sandbox, secrets=args.secrets
         ) as solver:
-            await build_definition(
+            summary = await build_definition(
                 solver,
                 defn,
                 progress=args.progress,
                 output=args.output,
                 cache_imports=imports,
                 cache_exports=args.export_cache,
+                history=command_history(args.cache_dir),
             )
+            gate = gate_failures(
+                summary, expect_cached=args.expect_cached, max_executed=args.max_executed
+            )
+            if gate is not None:
+                sys.stderr.writelines(line + "\n" for line in gate[1])
+                raise CommandError(gate[0])
             if not args.check:
                 return 0
             # stdout carries only data: a tar when --output type=tar,dest=-
@@ -615,6 +630,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 def _store_root(cache_dir: str | None) -> Path:
     return Path(cache_dir) / "snapshots" if cache_dir is not None else default_root()
+
+
+def command_history(cache_dir: str | None) -> BuildHistory:
+    """The build history of the command line: ``history`` in the store root."""
+    return BuildHistory(_store_root(cache_dir) / "history")
 
 
 # -- du and prune ------------------------------------------------------------------------
@@ -931,6 +951,7 @@ def make_parser() -> argparse.ArgumentParser:
         "compare each output with the build's: list the ops whose outputs differ and "
         "exit 1 if one does (docs/worker.md)",
     )
+    add_gate_arguments(b)
     add_frontend_arguments(b)
     add_cache_arguments(b)
     _add_debug(b)

@@ -13,7 +13,8 @@ stdout stays free for data):
       #3 [compile] | a line the process wrote
 
 * ``json``: one JSON object per event per line, for tools: ``vertex``, ``name``,
-  ``status``, ``timestamp`` and, when set, ``error``; log events add ``stream``
+  ``status``, ``timestamp`` and, when set, ``error`` and ``cache_source``
+  (where a loaded result came from); log events add ``stream``
   and ``data`` (decoded as UTF-8, invalid bytes replaced).
 * ``tty``: drawn with `rich <https://rich.readthedocs.io>`_. At the bottom, one
   live line per running step with its elapsed time and, under it, the last line
@@ -168,6 +169,8 @@ class JsonRenderer:
         }
         if event.error is not None:
             obj["error"] = event.error
+        if event.cache_source is not None:
+            obj["cache_source"] = event.cache_source
         if event.status == LOG:
             obj["stream"] = event.stream
             obj["data"] = event.data.decode("utf-8", "replace")
