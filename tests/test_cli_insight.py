@@ -93,3 +93,80 @@ def test_json_progress_ends_with_one_summary_event(
     assert summary["cache_hits"] == {"local": 1, "unneeded": 1}
     cached = [e for e in events if e.get("cache_source")]
     assert [(e["name"], e["cache_source"]) for e in cached] == [("make b", "local")]
+
+
+FAILING = """\
+from solver.worker import State, run
+src = State.inline({"a.txt": "hello\\n"}).with_name("sources")
+definition = run(["sh", "-c", "echo about to fail; echo oops >&2; exit 3"], root=src,
+                 name="fails")
+"""
+
+
+def test_history_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = str(tmp_path / "cache")
+    f = str(build_file(tmp_path))
+    assert solver_cli(capsys, "build", f, "--cache-dir", cache, "--progress", "plain")[0] == 0
+    assert solver_cli(capsys, "build", f, "--cache-dir", cache, "--progress", "plain")[0] == 0
+    bad = tmp_path / "bad.py"
+    bad.write_text(FAILING)
+    status, _, _ = solver_cli(capsys, "build", str(bad), "--cache-dir", cache)
+    assert status == 1
+
+    status, out, _ = solver_cli(capsys, "history", "ls", "--cache-dir", cache, "--format", "json")
+    assert status == 0
+    entries = json.loads(out)  # one record per build, newest first
+    assert [(e["ops"], e["executed"], e["cached"], e["failed"]) for e in entries] == [
+        (2, 0, 1, 1), (2, 0, 2, 0), (2, 2, 0, 0),
+    ]
+    failed_id, warm_id, cold_id = (e["id"] for e in entries)
+    status, out, _ = solver_cli(capsys, "history", "ls", "--cache-dir", cache)
+    assert out.splitlines()[0].split() == [
+        "ID", "STARTED", "TIME", "OPS", "RUN", "CACHED", "FAILED", "BUILD"
+    ]
+    assert [line.split()[0] for line in out.splitlines()[1:]] == [failed_id, warm_id, cold_id]
+
+    status, out, _ = solver_cli(capsys, "history", "show", failed_id[:6], "--cache-dir", cache)
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[0].startswith(f"Build {failed_id} of sha256:")
+    assert "Summary: 2 ops: 0 run, 1 cached, 1 failed" in lines
+    fails = next(i for i, line in enumerate(lines) if "  fails: failed" in line)
+    assert "exit" in lines[fails + 1]
+    assert lines[fails + 1].startswith("    error: ")
+    assert lines[fails + 2 :] == ["    | about to fail", "    | oops"]
+
+    status, out, _ = solver_cli(capsys, "history", "show", cold_id, "--format", "json",
+                                "--cache-dir", cache)
+    doc = json.loads(out)
+    durations = {op["name"]: op["duration"] for op in doc["ops"]}
+    assert [op["state"] for op in doc["ops"]] == ["executed", "executed"]
+
+    trace_file = tmp_path / "trace.json"
+    status, _, _ = solver_cli(capsys, "history", "trace", cold_id, "--format", "chrome",
+                              "-o", str(trace_file), "--cache-dir", cache)
+    assert status == 0
+    slices = [e for e in json.loads(trace_file.read_text())["traceEvents"] if e["ph"] == "X"]
+    assert sorted(e["name"] for e in slices) == ["make b", "sources"]
+    for e in slices:  # the trace agrees with the record
+        assert e["dur"] == pytest.approx(durations[e["name"]] * 1e6, abs=1)
+
+    status, out, _ = solver_cli(capsys, "history", "compare", warm_id, cold_id,
+                                "--cache-dir", cache)
+    assert status == 0
+    lines = out.splitlines()
+    assert lines[1] == "Ran in B, cached in A: 2"
+    assert [line.split(" (")[0] for line in lines[2:4]] == ["  sources", "  make b"]
+
+    status, out, err = solver_cli(capsys, "history", "show", "nope", "--cache-dir", cache)
+    assert status == 1
+    assert err.startswith("solver: error: no build 'nope' in the history")
+
+    status, out, _ = solver_cli(capsys, "history", "prune", "--keep-records", "1",
+                                "--cache-dir", cache)
+    assert status == 0
+    assert out.splitlines() == [
+        f"deleted {cold_id}", f"deleted {warm_id}", "Total: deleted 2 record(s); 1 left"
+    ]
+    status, out, _ = solver_cli(capsys, "history", "prune", "--all", "--cache-dir", cache)
+    assert out.splitlines() == [f"deleted {failed_id}", "Total: deleted 1 record(s); 0 left"]

@@ -105,6 +105,7 @@ from ._cacheopts import add_cache_arguments, existing_imports
 from ._check import run_check
 from ._frontends import add_frontend_arguments, cmd_build_frontend
 from ._graph import add_graph_command
+from ._history import add_history_command
 from ._progress import describe_output, make_renderer, run_progress
 from ._summary import add_gate_arguments, finish_build, gate_failures
 
@@ -1023,6 +1024,13 @@ def make_parser() -> argparse.ArgumentParser:
     _add_debug(f)
     f.set_defaults(func=_cmd_diff)
 
+    add_history_command(
+        sub,
+        history_of=command_history,
+        duration_arg=_duration_arg,
+        add_debug=_add_debug,
+        cache_help=cache_help,
+    )
     add_graph_command(
         sub,
         open_solver=open_solver,

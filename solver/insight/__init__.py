@@ -10,6 +10,11 @@ what changed between two. See ``docs/insight.md``.
 
 from __future__ import annotations
 
+from ._compare import (
+    BuildComparison as BuildComparison,
+    OpChange as OpChange,
+    compare_builds as compare_builds,
+)
 from ._history import (
     BuildHistory as BuildHistory,
     BuildRecord as BuildRecord,
@@ -24,3 +29,4 @@ from ._summary import (
     op_graph as op_graph,
     summarize as summarize,
 )
+from ._trace import chrome_trace as chrome_trace
