@@ -103,6 +103,7 @@ from ..worker import (
 )
 from ._cacheopts import add_cache_arguments, existing_imports
 from ._check import run_check
+from ._debug import KEEP_FAILED, add_debug_command, add_failure_arguments, after_failed_build
 from ._frontends import add_frontend_arguments, cmd_build_frontend
 from ._graph import add_graph_command
 from ._history import add_history_command
@@ -339,7 +340,7 @@ async def open_solver(
     directory when its store cannot be opened (a file where a directory should
     be, no permission)."""
     root = _store_root(cache_dir)
-    worker = Worker(root, sandbox=sandbox, secrets=secrets)
+    worker = Worker(root, sandbox=sandbox, secrets=secrets, keep_failed=KEEP_FAILED)
     with _opening_cache(cache_dir):
         await worker.open()
     try:
@@ -596,6 +597,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     defn = _load_for_command(args.file)
 
     imports = existing_imports(args.import_cache)
+    history = command_history(args.cache_dir)
 
     async def run() -> int:
         async with open_solver(
@@ -608,7 +610,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
                 output=args.output,
                 cache_imports=imports,
                 cache_exports=args.export_cache,
-                history=command_history(args.cache_dir),
+                history=history,
             )
             gate = gate_failures(
                 summary, expect_cached=args.expect_cached, max_executed=args.max_executed
@@ -627,6 +629,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
         return anyio.run(run)
     except DefinitionError as exc:  # checked against the op kinds: which file
         raise CommandError(f"{args.file}: {exc}") from exc
+    except SolveError:
+        after_failed_build(args, history, _store_root(args.cache_dir))
+        raise
 
 
 def _store_root(cache_dir: str | None) -> Path:
@@ -953,6 +958,7 @@ def make_parser() -> argparse.ArgumentParser:
         "exit 1 if one does (docs/worker.md)",
     )
     add_gate_arguments(b)
+    add_failure_arguments(b)
     add_frontend_arguments(b)
     add_cache_arguments(b)
     _add_debug(b)
@@ -1028,6 +1034,13 @@ def make_parser() -> argparse.ArgumentParser:
         sub,
         history_of=command_history,
         duration_arg=_duration_arg,
+        add_debug=_add_debug,
+        cache_help=cache_help,
+    )
+    add_debug_command(
+        sub,
+        history_of=command_history,
+        store_root_of=_store_root,
         add_debug=_add_debug,
         cache_help=cache_help,
     )

@@ -48,14 +48,15 @@ def register_builtin_kinds(
     *,
     sandbox: SandboxMode = "bwrap",
     secrets: Mapping[str, SecretSource] | None = None,
+    keep_failed: int = 0,
 ) -> None:
     """Register the built-in kinds (``source.inline``, ``source.local``, ``file``,
-    ``merge``, ``exec``) into ``registry``, bound to ``store``; ``sandbox`` and
-    ``secrets`` are :func:`register_exec`'s."""
+    ``merge``, ``exec``) into ``registry``, bound to ``store``; ``sandbox``,
+    ``secrets`` and ``keep_failed`` are :func:`register_exec`'s."""
     register_sources(registry, store)
     register_file(registry, store)
     register_merge(registry, store)
-    register_exec(registry, store, sandbox=sandbox, secrets=secrets)
+    register_exec(registry, store, sandbox=sandbox, secrets=secrets, keep_failed=keep_failed)
 
 
 class Worker:
@@ -83,6 +84,10 @@ class Worker:
     (``bytes``) or to a host file (a path); a step sees them as read-only files in
     ``/run/secrets``, and they are never part of a cache key, a record, progress
     or an export.
+
+    ``keep_failed`` is how many failed ``exec`` steps to keep, newest first, with
+    their trees as the failure left them, for ``solver debug``
+    (``<root>/failed``; ``docs/insight.md``); 0, the default, keeps none.
     """
 
     def __init__(
@@ -93,11 +98,14 @@ class Worker:
         lock_timeout: float | None = None,
         sandbox: SandboxMode = "bwrap",
         secrets: Mapping[str, SecretSource] | None = None,
+        keep_failed: int = 0,
     ) -> None:
         self.store = SnapshotStore(root, lock_timeout=lock_timeout)
         self.op_kinds = OpKindRegistry()
         self.sandbox: SandboxMode = sandbox
-        register_builtin_kinds(self.op_kinds, self.store, sandbox=sandbox, secrets=secrets)
+        register_builtin_kinds(
+            self.op_kinds, self.store, sandbox=sandbox, secrets=secrets, keep_failed=keep_failed
+        )
         self.gc_policy: tuple[PrunePolicy, ...] = (
             as_rules(gc_policy) if gc_policy is not None else ()
         )

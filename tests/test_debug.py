@@ -1,0 +1,156 @@
+"""Debugging a failed step: its tree is kept as the failure left it, ``solver
+debug`` runs a command in its re-created sandbox (inputs read-only, its files,
+environment and cwd) and nothing done there reaches the store."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from solver import SolveError, Solver
+from solver.cli import main
+from solver.worker import State, Worker, find_failed_step, run
+
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap is not installed")
+
+FAILING = """\
+from solver.worker import State, run
+src = State.inline({"in.txt": "input\\n"}).with_name("sources")
+definition = run(
+    ["sh", "-c", "mkdir -p out; echo partial > out/x.txt; echo failing >&2; exit 4"],
+    root=State.inline({"w.txt": "w"}), mounts={"src": src}, readonly=["src"],
+    env={"MYVAR": "hello"}, cwd="work", name="fails",
+)
+"""
+
+PROBE = (
+    'echo "cwd=$(pwd) var=$MYVAR root=$SOLVER_ROOT"; cat /build/src/in.txt '
+    "/build/work/out/x.txt /build/w.txt; echo; "
+    "if touch /build/src/new 2>/dev/null; then echo input-writable; else echo input-readonly; fi; "
+    "echo more > /build/work/out/y.txt && echo wrote; exit 7"
+)
+
+
+def fingerprint(root: Path) -> dict[str, tuple[int, str]]:
+    """Every path under ``root`` with its mode and content digest."""
+    found: dict[str, tuple[int, str]] = {}
+    for top, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(top) / name
+            digest = ""
+            if p.is_file() and not p.is_symlink():
+                digest = hashlib.sha256(p.read_bytes()).hexdigest()
+            found[str(p.relative_to(root))] = (p.lstat().st_mode, digest)
+    return found
+
+
+def failed_build(tmp_path: Path, capsys: pytest.CaptureFixture[str], *extra: str) -> str:
+    f = tmp_path / "fails.py"
+    f.write_text(FAILING)
+    cache = str(tmp_path / "cache")
+    assert main(["build", str(f), "--cache-dir", cache, "--progress", "plain", *extra]) == 1
+    return cache
+
+
+def test_debug_sees_what_the_failed_step_saw_and_changes_nothing(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    cache = failed_build(tmp_path, capfd)
+    capfd.readouterr()
+    store = tmp_path / "cache" / "snapshots"
+    before = fingerprint(store)
+    assert any(path.startswith("failed/") for path in before)
+    status = main(["debug", "last", "fails", "--cache-dir", cache, "--", "sh", "-c", PROBE])
+    out = capfd.readouterr().out.splitlines()
+    assert status == 7  # the command's own status
+    assert out == [
+        "cwd=/build/work var=hello root=/build",
+        "input",
+        "partial",
+        "w",
+        "input-readonly",
+        "wrote",
+    ]
+    # the store, its cache and the kept tree are exactly as before
+    assert fingerprint(store) == before
+    # and again from the same state: what the first session wrote is gone
+    status = main(["debug", "last", "fails", "--cache-dir", cache, "--",
+                   "sh", "-c", "ls /build/work/out"])
+    assert status == 0
+    assert capfd.readouterr().out.splitlines() == ["x.txt"]
+
+
+def test_debug_errors(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    cache = failed_build(tmp_path, capfd)
+    capfd.readouterr()
+    assert main(["debug", "last", "sources", "--cache-dir", cache]) == 1
+    assert capfd.readouterr().err.strip() == (
+        "solver: error: op 'sources' did not fail in build "
+        f"{main_history_id(cache)} (it was executed)"
+    )
+    assert main(["debug", "last", "nosuchop", "--cache-dir", cache]) == 1
+    assert "has no op 'nosuchop'" in capfd.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["debug", "last", "fails", "--cache-dir", cache, "--bogus", "--", "true"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --bogus" in capfd.readouterr().err
+
+
+def main_history_id(cache: str) -> str:
+    from solver.insight import BuildHistory
+
+    return BuildHistory(Path(cache) / "snapshots" / "history").get("last").id
+
+
+def test_keep_failed_copies_the_tree_and_on_error_shell_needs_a_terminal(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    kept = tmp_path / "kept"
+    failed_build(tmp_path, capfd, "--keep-failed", str(kept), "--on-error", "shell")
+    err = capfd.readouterr().err
+    (step,) = kept.iterdir()
+    assert (step / "work" / "out" / "x.txt").read_text() == "partial\n"
+    assert (step / "src" / "in.txt").read_text() == "input\n"
+    assert (step / "w.txt").read_text() == "w"
+    assert f"solver: kept the tree of failed step 'fails' in {step}" in err
+    hint = "solver: --on-error=shell needs a terminal; to debug the step run: solver debug "
+    assert hint in err
+    assert err.splitlines()[-1].startswith("solver: error: exec 'fails'")
+
+
+@pytest.mark.anyio
+async def test_worker_keeps_the_newest_failed_steps(tmp_path: Path) -> None:
+    def failing(text: str) -> State:
+        return run(["sh", "-c", f"echo {text} > f.txt; exit 1"], name=text)
+
+    async with Worker(tmp_path / "store", keep_failed=1) as worker, Solver(worker=worker) as s:
+        digests = []
+        for text in ("one", "two"):
+            defn = failing(text).definition()
+            digests.append(defn.to_vertices(None).vertex.digest)
+            with pytest.raises(SolveError, match="exited with exit code 1"):
+                await s.solve(defn)
+    assert find_failed_step(tmp_path / "store", digests[0]) is None
+    step = find_failed_step(tmp_path / "store", digests[1])
+    assert step is not None
+    assert (step.name, step.args[:2], step.cwd) == ("two", ("sh", "-c"), ())
+    assert (step.root / "f.txt").read_text() == "two\n"
+    assert "exit code 1" in step.error
+    # off by default: nothing kept
+    async with Worker(tmp_path / "other") as worker, Solver(worker=worker) as s:
+        with pytest.raises(SolveError):
+            await s.solve(failing("three").definition())
+    assert not (tmp_path / "other" / "failed").exists()
+
+
+def test_debug_without_a_sandbox(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    cache = failed_build(tmp_path, capfd, "--sandbox", "none")
+    capfd.readouterr()
+    status = main(["debug", "last", "fails", "--cache-dir", cache, "--", "sh", "-c",
+                   'echo "$MYVAR $(basename $(pwd))"; cat "$SOLVER_ROOT/work/out/x.txt"'])
+    assert status == 0
+    assert capfd.readouterr().out.splitlines() == ["hello work", "partial"]
