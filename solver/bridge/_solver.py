@@ -23,7 +23,7 @@ from .._graph import Edge, Vertex
 from .._op import Builder, Op, ResolveOp
 from ..definition import Definition, OpDef, OpKindRegistry
 from ..engine import Engine, Job
-from ..insight import BuildHistory, BuildSummary, op_graph
+from ..insight import BuildHistory, BuildSummary, emit_spans, op_graph
 from ..worker import Worker
 from ._bridge import SolverBridge, to_solve_result
 from ._caches import build_with_caches, opened_imports, run_exports
@@ -180,6 +180,10 @@ class Solver(Engine):
                 self.history.add(summary)
             except Exception:
                 logger.exception("recording the build in %r failed", self.history)
+        try:
+            emit_spans(summary)
+        except Exception:
+            logger.exception("sending the build's OpenTelemetry spans failed")
         return summary
 
     async def _solve_frontend(self, request: SolveRequest, job: Job) -> SolveResult:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from .._graph import Edge
 from ..bridge import build_summary
-from ..insight import BuildHistory, BuildSummary, op_graph
+from ..insight import BuildHistory, BuildSummary, emit_spans, op_graph
 from ._progress import JsonRenderer, Renderer, TtyRenderer
 
 if TYPE_CHECKING:
@@ -60,6 +60,10 @@ async def finish_build(
         job, op_graph(edge), build=edge.vertex.digest, started=started, ended=ended
     )
     write_summary(renderer, out, summary)
+    try:
+        emit_spans(summary)
+    except Exception:
+        logger.exception("sending the build's OpenTelemetry spans failed")
     if history is not None:
         try:
             history.add(summary)

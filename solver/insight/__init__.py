@@ -22,6 +22,7 @@ from ._history import (
     HistoryError as HistoryError,
     HistoryPolicy as HistoryPolicy,
 )
+from ._otel import emit_spans as emit_spans, tracing_enabled as tracing_enabled
 from ._summary import (
     BuildSummary as BuildSummary,
     OpRecord as OpRecord,
