@@ -98,5 +98,12 @@ from .definition import (
     op_digest as op_digest,
 )
 from .engine import Job as Job
+from .insight import (
+    BuildHistory as BuildHistory,
+    BuildRecord as BuildRecord,
+    BuildSummary as BuildSummary,
+    HistoryPolicy as HistoryPolicy,
+    OpRecord as OpRecord,
+)
 
 __version__ = "0.1.0"

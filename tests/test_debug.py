@@ -9,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import anyio
 import pytest
 
 from solver import SolveError, Solver
@@ -154,3 +155,59 @@ def test_debug_without_a_sandbox(tmp_path: Path, capfd: pytest.CaptureFixture[st
                    'echo "$MYVAR $(basename $(pwd))"; cat "$SOLVER_ROOT/work/out/x.txt"'])
     assert status == 0
     assert capfd.readouterr().out.splitlines() == ["hello work", "partial"]
+
+
+def test_keep_failed_into_an_existing_dir_is_a_warning(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    kept = tmp_path / "kept"
+    failed_build(tmp_path, capfd, "--keep-failed", str(kept))
+    (step,) = kept.iterdir()
+    capfd.readouterr()
+    failed_build(tmp_path, capfd, "--keep-failed", str(kept))
+    err = capfd.readouterr().err.splitlines()
+    assert err[-2] == f"solver: warning: --keep-failed: {step} exists; remove it or choose another DIR"
+    assert err[-1].startswith("solver: error: exec 'fails'")
+
+
+@pytest.mark.anyio
+async def test_cancelled_while_the_failed_step_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keep is an await on the exec's failure path: cancelling the solve
+    there leaves no exec directory or mutable snapshot behind, and the store
+    usable."""
+    import threading
+
+    from solver.worker import _exec
+
+    started, release = threading.Event(), threading.Event()
+    original = _exec.keep_failed_step
+
+    def slow_keep(*args: object) -> object:
+        started.set()
+        release.wait(10)
+        return original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_exec, "keep_failed_step", slow_keep)
+    store = tmp_path / "store"
+    defn = run(["sh", "-c", "echo x > f.txt; exit 1"], name="fails").definition()
+    async with Worker(store, keep_failed=1) as worker, Solver(worker=worker) as s:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+
+                async def cancel_when_keeping() -> None:
+                    await anyio.to_thread.run_sync(started.wait, 10)
+                    scope.cancel()
+                    release.set()
+
+                tg.start_soon(cancel_when_keeping)
+                await s.solve(defn)
+        assert scope.cancelled_caught
+        assert list((store / "tmp").iterdir()) == []  # the exec directory is gone
+        # the store still builds (and the step still fails the same way)
+        with pytest.raises(SolveError, match="exit code 1"):
+            await s.solve(defn)
+    step = find_failed_step(store, defn.to_vertices(None).vertex.digest)
+    assert step is not None
+    assert (step.root / "f.txt").read_text() == "x\n"

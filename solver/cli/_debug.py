@@ -92,7 +92,17 @@ def after_failed_build(
     args: argparse.Namespace, history: BuildHistory, store_root: Path
 ) -> None:
     """``--keep-failed`` and ``--on-error=shell`` for the failed build that
-    ``history`` recorded last (nothing if it recorded none)."""
+    ``history`` recorded last (nothing if it recorded none). What goes wrong
+    here is a warning: the build's own failure is the error to report."""
+    try:
+        _after_failed_build(args, history, store_root)
+    except (SolveError, OSError) as exc:
+        sys.stderr.write(f"solver: warning: {' '.join(str(exc).split())}\n")
+
+
+def _after_failed_build(
+    args: argparse.Namespace, history: BuildHistory, store_root: Path
+) -> None:
     record = history.last
     if record is None or (args.keep_failed is None and args.on_error != "shell"):
         return
