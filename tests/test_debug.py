@@ -166,7 +166,9 @@ def test_keep_failed_into_an_existing_dir_is_a_warning(
     capfd.readouterr()
     failed_build(tmp_path, capfd, "--keep-failed", str(kept))
     err = capfd.readouterr().err.splitlines()
-    assert err[-2] == f"solver: warning: --keep-failed: {step} exists; remove it or choose another DIR"
+    assert err[-2] == (
+        f"solver: warning: --keep-failed: {step} exists; remove it or choose another DIR"
+    )
     assert err[-1].startswith("solver: error: exec 'fails'")
 
 
