@@ -13,8 +13,11 @@ Prints the medians, the ratio of the solves with and without history, and the
 share of a cold solve that writing the record takes (``record / off``: the only
 work history adds, since every solve makes the summary). The target is at most
 2 % at 10,000 vertices (``docs/insight.md``); the exit status is 1 when the
-record's share is above it. The whole-solve ratio is printed too, but on a
-shared machine its noise (several %) is larger than what it measures.
+record's share is above it. The whole-solve ratio is printed too, but its noise
+is larger than what it measures: at this size the cyclic GC's full collections
+take a quarter to most of a cold solve's time, and vary run to run, so the last
+columns count them (and their seconds) with and without history: equal counts
+mean the record added no full collection.
 Run: ``python benchmarks/history_cost.py [--vertices 10000] [--repeat 5]``.
 """
 
@@ -102,25 +105,59 @@ def lattice_definition(n: int, width: int = 100) -> Definition:
     return Definition.of(node("bench.noop", {"n": -1}, inputs=prev))
 
 
-async def cold_solve(defn: Definition, history: BuildHistory | None) -> float:
+class _FullCollections:
+    """Counts the cyclic GC's full (generation 2) collections and their time."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.seconds = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.count += 1
+            self.seconds += time.perf_counter() - self._start
+
+    def reset(self) -> None:
+        self.count, self.seconds = 0, 0.0
+
+
+_GC = _FullCollections()
+
+
+async def cold_solve(defn: Definition, history: BuildHistory | None) -> tuple[float, int, float]:
+    """CPU seconds of one cold solve, and the full collections during it."""
     async with Solver(op_kinds=kinds(), history=history) as s:
         gc.collect()
+        _GC.reset()
         t = time.process_time()
         async with await s.solve(defn) as res:
             elapsed = time.process_time() - t
+            full = (_GC.count, _GC.seconds)
             assert res.summary is not None
             assert res.summary.executed == len(defn.ops)
-    return elapsed
+    return elapsed, *full
 
 
 async def measure(n: int, repeat: int, directory: Path) -> dict[str, float]:
     defn = lattice_definition(n)
-    times: dict[str, list[float]] = {"off": [], "on": [], "summary": [], "record": []}
+    times: dict[str, list[float]] = {
+        "off": [], "on": [], "summary": [], "record": [],
+        "off_gc": [], "on_gc": [], "off_gc_s": [], "on_gc_s": [],
+    }
     for i in range(repeat):
         # alternate which goes first, so that neither always runs on a warmer heap
         for mode in ("off", "on") if i % 2 == 0 else ("on", "off"):
             history = BuildHistory(directory / f"h{i}") if mode == "on" else None
-            times[mode].append(await cold_solve(defn, history))
+            elapsed, full, full_seconds = await cold_solve(defn, history)
+            times[mode].append(elapsed)
+            times[f"{mode}_gc"].append(full)
+            times[f"{mode}_gc_s"].append(full_seconds)
         # the two parts alone, on the same build
         async with Solver(op_kinds=kinds()) as s:
             job = s.new_job()
@@ -148,7 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     backends = ("asyncio", "trio") if args.backend == "both" else (args.backend,)
     print(f"cold solve of a lattice of ~{args.vertices} no-op ops, median of {args.repeat}")
-    print("backend   off ms    on ms   on/off   summary ms  record ms  record/off")
+    print("backend   off ms    on ms   on/off   summary ms  record ms  record/off  "
+          "full GCs off/on  GC s off/on")
     worst = 0.0
     for backend in backends:
         with tempfile.TemporaryDirectory() as tmp:
@@ -157,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         share = r["record"] / r["off"]
         worst = max(worst, share)
         print(f"{backend:8} {r['off'] * 1e3:7.1f}  {r['on'] * 1e3:7.1f}  {ratio:7.3f}  "
-              f"{r['summary'] * 1e3:10.1f}  {r['record'] * 1e3:9.1f}  {share:9.2%}")
+              f"{r['summary'] * 1e3:10.1f}  {r['record'] * 1e3:9.1f}  {share:9.2%}  "
+              f"{r['off_gc']:7.0f}/{r['on_gc']:<7.0f}  {r['off_gc_s']:.2f}/{r['on_gc_s']:.2f}")
     return 0 if worst <= 0.02 else 1
 
 

@@ -68,7 +68,7 @@ class Solver(Engine):
         *,
         op_kinds: OpKindRegistry | None = None,
         worker: Worker | None = None,
-        history: BuildHistory | bool = False,
+        history: BuildHistory | bool | None = None,
     ) -> None:
         # the worker this solver made (and opens and closes), if any
         self._worker: Worker | None = None
