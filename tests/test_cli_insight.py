@@ -170,3 +170,35 @@ def test_history_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     ]
     status, out, _ = solver_cli(capsys, "history", "prune", "--all", "--cache-dir", cache)
     assert out.splitlines() == [f"deleted {failed_id}", "Total: deleted 1 record(s); 0 left"]
+
+
+def test_frontend_builds_have_a_summary_a_record_and_the_gate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    example = tmp_path / "example"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "examples" / "buildfile", example)
+    cache = str(tmp_path / "cache")
+    args = ["build", "--frontend", "buildfile", "--opt", "platforms=linux/amd64",
+            str(example), "--progress", "json", "--cache-dir", cache, "--expect-cached"]
+    status, _, err = solver_cli(capsys, *args)
+    assert status == 1  # cold: ops ran
+    events = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    summary = events[-1]["summary"]
+    executed = {e["vertex"] for e in events if e.get("status") == "completed"}
+    assert summary["executed"] == len(executed) > 0
+    assert summary["build"] == "frontend:buildfile"
+    ran = [line for line in err.splitlines() if line.startswith("ran: ")]
+    assert len(ran) == len(executed)
+    assert err.splitlines()[-1] == (
+        f"solver: error: --expect-cached: {len(executed)} ops ran (listed above)"
+    )
+    status, _, err = solver_cli(capsys, *args)
+    assert status == 0, err
+    summary = json.loads(err.splitlines()[-1])["summary"]
+    assert summary["executed"] == 0
+    status, out, _ = solver_cli(capsys, "history", "ls", "--cache-dir", cache, "--format", "json")
+    assert [(e["build"], e["executed"]) for e in json.loads(out)] == [
+        ("frontend:buildfile", 0), ("frontend:buildfile", len(executed)),
+    ]

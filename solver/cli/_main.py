@@ -589,6 +589,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.check and args.frontend is not None:
         raise CommandError("--check builds a definition file; it does not take --frontend", 2)
     _check_build_paths(args)
+    history = args.history = command_history(args.cache_dir)
     if args.frontend is not None:
         return cmd_build_frontend(
             args,
@@ -597,7 +598,6 @@ def _cmd_build(args: argparse.Namespace) -> int:
     defn = _load_for_command(args.file)
 
     imports = existing_imports(args.import_cache)
-    history = command_history(args.cache_dir)
 
     async def run() -> int:
         async with open_solver(

@@ -45,7 +45,7 @@ def write_summary(renderer: Renderer, out: TextIO, summary: BuildSummary) -> Non
 
 async def finish_build(
     job: Job,
-    edge: Edge,
+    edge: Edge | str,
     started: float,
     renderer: Renderer,
     out: TextIO,
@@ -54,11 +54,15 @@ async def finish_build(
     """Summarize the build of ``edge`` that ``job`` (discarded) ran since
     ``started``, write the summary after the progress output and record it in
     ``history`` (its :attr:`~solver.insight.BuildHistory.last`); a history that
-    cannot be written is a warning, not a failed build."""
+    cannot be written is a warning, not a failed build. For a frontend's build,
+    ``edge`` is a name for it: its ops are those of the job's events, without
+    their inputs (the frontend's graphs are its own)."""
     ended = time.time()
-    summary = await build_summary(
-        job, op_graph(edge), build=edge.vertex.digest, started=started, ended=ended
-    )
+    if isinstance(edge, str):
+        graph, build = {}, edge
+    else:
+        graph, build = op_graph(edge), edge.vertex.digest
+    summary = await build_summary(job, graph, build=build, started=started, ended=ended)
     write_summary(renderer, out, summary)
     try:
         emit_spans(summary)
