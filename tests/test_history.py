@@ -246,3 +246,24 @@ async def test_history_solve_cancelled_at_each_suspension(
 
     last = await every_suspension(run)
     assert last > 3
+
+
+def test_a_record_reads_back_exactly(tmp_path: Path) -> None:
+    """Every field survives the record's hand-written encoding: quotes, control
+    characters and non-ASCII text, missing values, times, inputs by position."""
+    history = BuildHistory(tmp_path, HistoryPolicy(keep_duration=None))
+    ops = (
+        OpRecord("sha256:" + "a" * 64, 'say "hi"\tnow ✓', "cached", None, 1.5, "local"),
+        OpRecord("sha256:" + "b" * 64, "b\\c", "failed", 1.25, 2.0000001, None,
+                 "exit 1:\nline\x00two\r\n", "tail ✗\n\x1b[31mred", "input changed",
+                 ("sha256:" + "a" * 64, "sha256:" + "z" * 64)),
+        OpRecord("sha256:" + "c" * 64, "", "not run"),
+    )
+    record = history.add(BuildSummary("sha256:" + "b" * 64, 1.0, 3.0, ops))
+    back = history.get(record.id).summary
+    # an input that is not an op of the record (a nested build's) is not kept
+    assert back.ops[1].inputs == ("sha256:" + "a" * 64,)
+    assert back.ops[0] == ops[0]
+    assert back.ops[1]._replace(inputs=ops[1].inputs) == ops[1]
+    assert back.ops[2] == ops[2]
+    assert (back.build, back.started, back.ended) == (record.summary.build, 1.0, 3.0)

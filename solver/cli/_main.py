@@ -1,4 +1,5 @@
-"""The command line: ``solver build``, ``du``, ``prune``, ``diff`` and ``graph``.
+"""The command line: ``solver build``, ``du``, ``prune``, ``diff``, ``graph``,
+``history`` and ``debug``.
 
 ``solver build FILE`` solves a build graph with the built-in worker and can export
 the result. ``FILE`` is either
@@ -56,6 +57,13 @@ the ops that differ between two definitions, root cause first, and exits 1 when
 they differ (``docs/definition-format.md``, "Comparing definitions"); ``solver
 graph FILE`` prints the op graph as DOT or Mermaid with each op's cache state,
 running nothing ("Showing the graph" there).
+
+Every build ends with its summary and leaves a record in the history
+(``<cache dir>/snapshots/history``); ``--expect-cached`` and ``--max-executed N``
+fail a build in which ops ran; ``solver history ls|show|trace|compare|prune``
+reads the records and ``solver debug ID OP`` runs a shell in a failed step's
+sandbox (``docs/insight.md``; :mod:`solver.cli._summary`, ``_history``,
+``_debug``).
 """
 
 from __future__ import annotations
