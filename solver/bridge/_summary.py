@@ -26,13 +26,16 @@ async def job_events(job: Job) -> list[ProgressEvent]:
     """Every event ``job`` has buffered so far; never waits for more. O(events).
 
     ``Job.status()`` yields buffered events without suspending and waits only
-    once it has none left; that wait is cut short by a cancelled scope, so the
-    loop ends exactly at the end of the buffer (a checkpoint, always)."""
+    once it has none left (never, for a discarded job); that wait is cut short
+    by a cancelled scope of its own, so the loop ends exactly at the end of the
+    buffer. It always reaches one checkpoint, in that scope: it never raises the
+    caller's cancellation (the caller's next checkpoint does)."""
     events: list[ProgressEvent] = []
     with anyio.CancelScope() as scope:
         scope.cancel()
         async for event in job.status():
             events.append(event)
+        await anyio.lowlevel.checkpoint()  # a discarded job's stream ends without one
     return events
 
 
