@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import anyio
@@ -213,3 +215,50 @@ async def test_cancelled_while_the_failed_step_is_kept(
     step = find_failed_step(store, defn.to_vertices(None).vertex.digest)
     assert step is not None
     assert (step.root / "f.txt").read_text() == "x\n"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a pseudo-terminal")
+def test_on_error_shell_opens_a_shell_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal, the failed build opens a shell in the step's sandbox: what
+    is typed runs there, and the build still exits 1 once the shell ends."""
+    import pty
+    import select
+    import subprocess
+
+    f = tmp_path / "fails.py"
+    f.write_text(FAILING)
+    master, slave = pty.openpty()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")])
+    ), "TERM": "dumb"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "solver", "build", str(f), "--cache-dir", str(tmp_path / "c"),
+         "--progress", "plain", "--on-error", "shell"],
+        stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True,
+    )
+    os.close(slave)
+    seen = b""
+
+    def read_until(marker: bytes, timeout: float = 30) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while marker not in seen:
+            left = deadline - time.monotonic()
+            assert left > 0, seen.decode(errors="replace")
+            ready, _, _ = select.select([master], [], [], left)
+            if ready:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # the other side closed
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+
+    read_until(b"a shell in failed step 'fails'")
+    os.write(master, b'echo "got:$MYVAR:$(cat out/x.txt)"; exit 3\n')
+    read_until(b"solver: error: exec 'fails'")
+    assert proc.wait(30) == 1
+    os.close(master)
+    text = seen.decode(errors="replace")
+    assert "got:hello:partial" in text
