@@ -267,3 +267,15 @@ def test_a_record_reads_back_exactly(tmp_path: Path) -> None:
     assert back.ops[1]._replace(inputs=ops[1].inputs) == ops[1]
     assert back.ops[2] == ops[2]
     assert (back.build, back.started, back.ended) == (record.summary.build, 1.0, 3.0)
+
+
+def test_builds_started_at_once_list_in_the_order_written(tmp_path: Path) -> None:
+    history = BuildHistory(tmp_path, HistoryPolicy(keep_duration=None))
+    ids = []
+    for n in range(5):
+        ids.append(history.add(BuildSummary(f"b{n}", 5.0, 6.0, ())).id)
+        # a later write, even within the file system's time resolution
+        path = next(p for p in tmp_path.iterdir() if ids[-1] in p.name)
+        os.utime(path, ns=(n * 10**9, n * 10**9))
+    assert [e.id for e in history.entries()] == ids[::-1]
+    assert history.get("last").id == ids[-1]

@@ -1,7 +1,9 @@
 """The build history: one compact record per build in a directory.
 
-Layout. A record is one file, ``<started in ms, 13 digits>-<id>.json``, so that
-the directory lists in build order and an age policy needs no file opened. The
+Layout. A record is one file, ``<started in µs, 16 digits>-<id>.json``, so that
+the directory lists in build order (records of builds started in the same
+microsecond in the order they were written) and an age policy needs no file
+opened. The
 file holds two JSON lines: a header (id, build digest, times, counts), which is
 all ``ls`` reads, then the ops as arrays (one per op: digest, name, state,
 started, ended, cache source, error, log tail, reason, input positions). Arrays
@@ -141,6 +143,15 @@ def _decode(text: str, where: Path) -> BuildRecord:
         raise HistoryError(f"history record {where} is damaged: {exc}") from exc
 
 
+def _build_order(path: Path) -> tuple[str, int]:
+    """A record file's place: its start time, then when it was written."""
+    try:
+        written = path.stat().st_mtime_ns
+    except FileNotFoundError:  # pruned by another process meanwhile
+        written = 0
+    return path.name[:16], written
+
+
 def _header(path: Path) -> HistoryEntry:
     with path.open(encoding="utf-8") as f:
         line = f.readline()
@@ -179,13 +190,14 @@ class BuildHistory:
             names = os.listdir(self.directory)
         except FileNotFoundError:
             return []
-        return [self.directory / n for n in sorted(names) if n.endswith(_SUFFIX)]
+        paths = [self.directory / n for n in names if n.endswith(_SUFFIX)]
+        return sorted(paths, key=_build_order)
 
     def add(self, summary: BuildSummary) -> BuildRecord:
         """Write a record of ``summary`` under a new id, then apply the policy."""
         record = BuildRecord(secrets.token_hex(6), summary)
         self.directory.mkdir(parents=True, exist_ok=True)
-        stem = f"{round(summary.started * 1000):013d}-{record.id}"
+        stem = f"{round(summary.started * 1_000_000):016d}-{record.id}"
         tmp = self.directory / f"{stem}.tmp"
         tmp.write_text(_encode(record), encoding="utf-8")
         os.replace(tmp, self.directory / f"{stem}{_SUFFIX}")
@@ -239,8 +251,8 @@ class BuildHistory:
             cut = len(files) - policy.keep_records
             doomed, files = files[:cut], files[cut:]
         if policy.keep_duration is not None:
-            oldest = (now - policy.keep_duration) * 1000
-            while files and int(files[0].name[:13]) < oldest:
+            oldest = (now - policy.keep_duration) * 1_000_000
+            while files and int(files[0].name[:16]) < oldest:
                 doomed.append(files.pop(0))
         for path in doomed:
             path.unlink(missing_ok=True)
