@@ -103,12 +103,12 @@ from .definition import (
     OpChange as OpChange,
     OpContext as OpContext,
     OpDef as OpDef,
+    OpDefinitionRecord as OpDefinitionRecord,
     OpFactory as OpFactory,
     OpHistory as OpHistory,
     OpKind as OpKind,
     OpKindRegistry as OpKindRegistry,
     OpMetadata as OpMetadata,
-    OpRecord as OpRecord,
     OutputRef as OutputRef,
     canonical_json as canonical_json,
     default_op_kinds as default_op_kinds,
@@ -118,5 +118,12 @@ from .definition import (
     op_digest as op_digest,
 )
 from .engine import Job as Job
+from .insight import (
+    BuildHistory as BuildHistory,
+    BuildRecord as BuildRecord,
+    BuildSummary as BuildSummary,
+    HistoryPolicy as HistoryPolicy,
+    OpRecord as OpRecord,
+)
 
 __version__ = "0.1.0"

@@ -40,7 +40,12 @@ class ProgressEvent:
     came from a cache), ``"error"`` (``error`` holds the message: ``"canceled"``
     for a step that was cancelled because no job wanted it any more) or ``"log"``
     (``data`` holds output bytes from ``stream``: 1 for stdout, 2 for stderr).
-    ``timestamp`` is ``time.time()`` when it happened.
+    ``timestamp`` is ``time.time()`` when it happened. ``cache_source`` says,
+    for a ``"cached"`` event whose result was loaded, which cache it came from:
+    ``"memory"`` (an in-memory cache), ``"local"`` (the solver's persistent main
+    cache: the worker's store) or ``"import"`` (a cache source, such as an
+    imported cache directory); ``None`` for every other event, and for an op
+    shown as cached because its result was not needed (a later op's was loaded).
     """
 
     vertex: str
@@ -50,6 +55,7 @@ class ProgressEvent:
     error: str | None = None
     data: bytes = b""
     stream: int = 0
+    cache_source: str | None = None
 
 
 def make_event(
@@ -59,9 +65,10 @@ def make_event(
     error: BaseException | str | None = None,
     data: bytes = b"",
     stream: int = 0,
+    cache_source: str | None = None,
 ) -> ProgressEvent:
     text = None if error is None else (str(error) or type(error).__name__)
-    return ProgressEvent(vertex, name, status, time.time(), text, data, stream)
+    return ProgressEvent(vertex, name, status, time.time(), text, data, stream, cache_source)
 
 
 # Set by the engine while an op's exec runs: emits a log event for that vertex.

@@ -113,7 +113,10 @@ def test_build_python_file_to_tar(tmp_path: Path) -> None:
 def test_json_progress(tmp_path: Path, defn_file: Path) -> None:
     r = cli("build", str(defn_file), "--progress", "json", cache=tmp_path / "cache")
     assert r.returncode == 0, r.stderr
-    events = [json.loads(line) for line in r.stderr.decode().splitlines()]
+    *events, summary = [json.loads(line) for line in r.stderr.decode().splitlines()]
+    # one final event: the build's summary (docs/insight.md)
+    assert summary["status"] == "summary"
+    assert summary["summary"]["executed"] == summary["summary"]["ops"] > 0
     by_name: dict[str, list[str]] = {}
     for ev in events:
         assert {"vertex", "name", "status", "timestamp"} <= set(ev)
@@ -137,7 +140,7 @@ async def test_second_build_is_cached(tmp_path: Path) -> None:
         await build_definition(s, defn, progress="json", progress_out=second,
                                output=parse_output(str(tmp_path / "out")))
     statuses = [json.loads(line)["status"] for line in second.getvalue().splitlines()]
-    assert statuses == ["cached", "cached"]
+    assert statuses == ["cached", "cached", "summary"]
     assert "completed" in first.getvalue()
     assert (tmp_path / "out" / "b.txt").read_text() == "bee"
 

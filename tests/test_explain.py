@@ -29,10 +29,10 @@ from solver import (
     MissReason,
     OpContext,
     OpDef,
+    OpDefinitionRecord,
     OpExplanation,
     OpHistory,
     OpKindRegistry,
-    OpRecord,
     Result,
     Solver,
     SolveResult,
@@ -569,8 +569,8 @@ def op(text: str, *inputs: OpDef) -> OpDef:
     return OpDef("test.text", {"text": text}, tuple(OutputRef(i.digest) for i in inputs))
 
 
-def rec(o: OpDef, place: str, at: float) -> OpRecord:
-    return OpRecord(o, str(o.payload["text"]), place, at)
+def rec(o: OpDef, place: str, at: float) -> OpDefinitionRecord:
+    return OpDefinitionRecord(o, str(o.payload["text"]), place, at)
 
 
 async def test_history_previous_prefers_the_same_inputs_then_the_place(
@@ -861,9 +861,15 @@ def test_build_explain_json_carries_the_reason_in_the_started_event(
         ("top", "definition changed: payload.actions[0].data: 't' -> 'T'")
     ]
     assert all("reason" not in e for e in events if e["status"] != "started")
-    assert err.splitlines()[-1] == (
+    assert [line for line in err.splitlines() if line.startswith("explain: ")] == [
         "explain: top: definition changed: payload.actions[0].data: 't' -> 'T'"
-    )
+    ]
+    # the build's summary (the last event) and so its history record carry it too
+    summary = events[-1]
+    assert summary["status"] == "summary"
+    assert [(r["name"], r["reason"]) for r in summary["summary"]["ran"]] == [
+        ("top", "definition changed: payload.actions[0].data: 't' -> 'T'")
+    ]
     # without --explain the events carry no reason
     code, _, err = _cli([*base, str(one)], capsys)
     assert code == 0
@@ -887,7 +893,7 @@ def test_build_explain_json_names_the_files_of_a_content_key(
         "input 0 changed, from sources, and so did the files the op reads from it: "
         "src/util.c"
     )
-    assert err.splitlines()[-1] == f"explain: pick: {reasons['pick']}"
+    assert f"explain: pick: {reasons['pick']}" in err.splitlines()
     # every started event carries the reason of the line after the build
     lines = [line for line in err.splitlines() if line.startswith("explain: ")]
     assert lines == [f"explain: {name}: {why}" for name, why in reasons.items()]

@@ -23,16 +23,23 @@ ALLOWED: dict[str, frozenset[str]] = {
     "engine": frozenset({"base", "cache"}),
     "worker": frozenset({"base", "cache", "definition"}),
     "remote": frozenset({"base", "cache", "definition", "worker"}),
-    "bridge": frozenset({"base", "cache", "definition", "engine", "worker", "remote"}),
+    "insight": frozenset({"base"}),
+    "bridge": frozenset(
+        {"base", "cache", "definition", "engine", "worker", "remote", "insight"}
+    ),
     "cli": frozenset(
-        {"base", "cache", "definition", "engine", "worker", "remote", "bridge", "api"}
+        {"base", "cache", "definition", "engine", "worker", "remote", "insight", "bridge",
+         "api"}
     ),
     # solver/__init__.py, __main__.py, testing.py: the public surface
     "api": frozenset(
-        {"base", "cache", "definition", "engine", "worker", "remote", "bridge", "cli"}
+        {"base", "cache", "definition", "engine", "worker", "remote", "insight", "bridge",
+         "cli"}
     ),
 }
-FOLDERS = frozenset({"cache", "definition", "engine", "worker", "remote", "bridge", "cli"})
+FOLDERS = frozenset(
+    {"cache", "definition", "engine", "worker", "remote", "insight", "bridge", "cli"}
+)
 
 
 def layer_of(module: str) -> str:

@@ -329,8 +329,13 @@ async def test_build_definition_with_tty_progress(
     assert "\x1b" not in out.getvalue()  # not a terminal
     assert re.fullmatch(r"#1 \[sources\] DONE \d+\.\ds", lines[0])
     assert re.fullmatch(r"Finished in \d+\.\ds: 1 step run, 0 cached, 0 failed", lines[1])
-    assert lines[2] == "#1 [sources] CACHED"
-    assert re.fullmatch(r"Finished in \d+\.\ds: 0 steps run, 1 cached, 0 failed", lines[3])
+    # then the build summary's figures (the counts are the line above)
+    assert lines[2] == "Cache hits: none"
+    assert re.fullmatch(r"Time: \d+\.\d{3}s wall, .*", lines[3])
+    assert re.fullmatch(r"Critical path \(\d+\.\d{3}s\): sources \(\d+\.\d{3}s\)", lines[4])
+    assert lines[5] == "#1 [sources] CACHED"
+    assert re.fullmatch(r"Finished in \d+\.\ds: 0 steps run, 1 cached, 0 failed", lines[6])
+    assert lines[7] == "Cache hits: 1 local"
 
 
 # -- the default cache directory -------------------------------------------------------

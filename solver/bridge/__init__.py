@@ -67,3 +67,7 @@ from ._solver import (
     Solver as Solver,
     definitions_unrecorded as definitions_unrecorded,
 )
+from ._summary import (
+    build_summary as build_summary,
+    job_events as job_events,
+)

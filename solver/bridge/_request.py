@@ -17,6 +17,7 @@ import anyio
 
 from .._result import CachedResult
 from ..definition import Definition
+from ..insight import BuildSummary
 from ._frontend import Attestation
 
 if TYPE_CHECKING:
@@ -52,13 +53,16 @@ class SolveResult:
     ``ref`` is the main result (or ``None``), ``refs`` named results (such as one
     per platform), ``metadata`` free-form bytes by key, ``attestations`` what a
     frontend attested about its outputs (by output key; an attestation's ``ref`` is
-    a handle of its own). Every handle in it is distinct, even where a frontend
+    a handle of its own). ``summary`` (a :class:`~solver.insight.BuildSummary`)
+    says what the solve of a definition did: ops run, cached (by cache source)
+    and failed, time in ops and in the engine, the critical path (``None`` for a
+    frontend solve). Every handle in it is distinct, even where a frontend
     returned one value several times. ``release()`` releases every handle it holds
     exactly once; calling it again does nothing. Use it as an async context manager
     to release on exit.
     """
 
-    __slots__ = ("_released", "attestations", "metadata", "ref", "refs")
+    __slots__ = ("_released", "attestations", "metadata", "ref", "refs", "summary")
 
     def __init__(
         self,
@@ -66,8 +70,10 @@ class SolveResult:
         refs: Mapping[str, CachedResult] | None = None,
         metadata: Mapping[str, bytes] | None = None,
         attestations: Mapping[str, list[Attestation[CachedResult]]] | None = None,
+        summary: BuildSummary | None = None,
     ) -> None:
         self.ref = ref
+        self.summary = summary
         self.refs: dict[str, CachedResult] = dict(refs or {})
         self.metadata: dict[str, bytes] = dict(metadata or {})
         self.attestations: dict[str, list[Attestation[CachedResult]]] = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
@@ -22,7 +23,7 @@ import anyio.lowlevel
 
 from .._cache import CacheManager
 from .._errors import SolveError
-from .._graph import Vertex
+from .._graph import Edge, Vertex
 from .._op import Builder, Op, ResolveOp
 from ..definition import (
     Definition,
@@ -34,12 +35,14 @@ from ..definition import (
     history_records,
 )
 from ..engine import Engine, Job
+from ..insight import BuildHistory, BuildSummary, emit_spans, op_graph
 from ..remote import DaskCluster, attach_cluster
 from ..worker import Worker
 from ._bridge import SolverBridge, to_solve_result
 from ._caches import build_with_caches, opened_imports, run_exports
 from ._frontend import Frontend
 from ._request import SolveRequest, SolveResult
+from ._summary import build_summary
 
 __all__ = ["Solver", "definitions_unrecorded"]
 
@@ -92,6 +95,9 @@ class Solver(Engine):
     the worker's ``exec`` and ``file`` ops on a Dask cluster: the solver uses a copy
     of the worker's kinds with those wrapped (``docs/remote.md``); it needs a
     built-in worker (``worker=`` or the one ``Solver()`` makes).
+    ``history`` records every :meth:`solve` of a definition (done or failed) in a
+    :class:`~solver.insight.BuildHistory`; ``True`` means the worker's, in
+    ``<store root>/history`` (the command line's); off by default.
     """
 
     def __init__(
@@ -104,6 +110,7 @@ class Solver(Engine):
         worker: Worker | None = None,
         op_history: OpHistory | None = None,
         cluster: DaskCluster | None = None,
+        history: BuildHistory | bool | None = None,
     ) -> None:
         # the worker this solver made (and opens and closes), if any
         self._worker: Worker | None = None
@@ -122,6 +129,14 @@ class Solver(Engine):
             op_kinds = _with_cluster(cluster, self._solve_worker, op_kinds)
         super().__init__(resolve_op, default_cache)
         self.op_kinds = op_kinds
+        if history is True:
+            if self._solve_worker is None:
+                raise SolveError(
+                    "history=True keeps the history in the worker's store, and this "
+                    "solver has no worker: pass a BuildHistory"
+                )
+            history = BuildHistory(self._solve_worker.store.root / "history")
+        self.history: BuildHistory | None = history or None
         self.frontends: dict[str, Frontend] = dict(frontends or {})
         self._op_history = op_history
         # the outputs of the definitions this solver recorded, most recent last
@@ -211,8 +226,20 @@ class Solver(Engine):
                 assert request.definition is not None
                 edge = request.definition.to_vertices(self.op_kinds)
                 imports, exports = request.cache_imports, request.cache_exports
-                ref = await build_with_caches(job, edge, imports, exports, self.worker)
-                solved = SolveResult(ref=ref)
+                started = time.time()
+                try:
+                    ref = await build_with_caches(job, edge, imports, exports, self.worker)
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await self._summarize(job, edge, started)
+                    raise
+                try:
+                    summary = await self._summarize(job, edge, started)
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await ref.release()
+                    raise
+                solved = SolveResult(ref=ref, summary=summary)
         finally:
             # Once a SolveResult exists it either reaches the caller or is released
             # here: discarding the job is a cancel point, and a cancellation (or any
@@ -229,6 +256,24 @@ class Solver(Engine):
                         await solved.release()
                 raise
         return solved
+
+    async def _summarize(self, job: Job, edge: Edge, started: float) -> BuildSummary:
+        """The summary of the build of ``edge`` in ``job``, recorded in the history
+        when there is one (a failure to write it is logged, not raised)."""
+        ended = time.time()
+        summary = await build_summary(
+            job, op_graph(edge), build=edge.vertex.digest, started=started, ended=ended
+        )
+        if self.history is not None:
+            try:
+                self.history.add(summary)
+            except Exception:
+                logger.exception("recording the build in %r failed", self.history)
+        try:
+            emit_spans(summary)
+        except Exception:
+            logger.exception("sending the build's OpenTelemetry spans failed")
+        return summary
 
     async def _solve_frontend(self, request: SolveRequest, job: Job) -> SolveResult:
         # Imports are cache sources of every definition the frontend solves; the

@@ -38,6 +38,7 @@ import importlib
 import json
 import shlex
 import sys
+import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
@@ -49,9 +50,11 @@ from .._errors import SolveError
 from .._result import CachedResult
 from ..bridge import Attestation, Frontend, Solver, SolveRequest, SolveResult
 from ..definition import Definition
+from ..insight import BuildHistory, BuildSummary
 from ..worker import State, export_parts_to_dir, export_to_dir, export_to_tar
 from ._cacheopts import existing_imports
 from ._progress import describe_output, make_renderer, run_progress
+from ._summary import finish_build, gate_failures
 
 if TYPE_CHECKING:
     # type-only: _main dispatches to this module
@@ -280,16 +283,19 @@ async def build_with_frontend(
     *,
     progress: str = "plain",
     output: OutputSpec | None = None,
-) -> None:
+    history: BuildHistory | None = None,
+) -> BuildSummary:
     """Solve ``request`` (naming a frontend of ``solver``) in a new job whose
     progress is rendered to stderr, export the result to ``output`` if given,
-    and release everything. Raises :class:`~solver.SolveError`."""
+    and release everything. The build's summary ends the progress output, is
+    recorded in ``history`` and returned. Raises :class:`~solver.SolveError`."""
     if output is not None and output.type not in ("local", "tar"):
         raise SolveError(f"--output type={output.type} is not supported with --frontend")
     shown = None if output is None else describe_output(output.type, output.dest)
     renderer = make_renderer(progress, sys.stderr, output=shown)
     job = solver.new_job()
     failure: BaseException | None = None
+    started = time.time()
     async with anyio.create_task_group() as tg:
         tg.start_soon(run_progress, job.status(), renderer)
         try:
@@ -302,8 +308,11 @@ async def build_with_frontend(
             failure = exc
         finally:
             await job.discard()  # ends the status stream, and so the renderer
+    name = f"frontend:{request.frontend}"
+    summary = await finish_build(job, name, started, renderer, sys.stderr, history)
     if failure is not None:
         raise failure
+    return summary
 
 
 def _error(message: str) -> None:
@@ -345,12 +354,18 @@ def cmd_build_frontend(args: argparse.Namespace, open_solver: OpenSolver) -> int
         cache_exports=args.export_cache,
     )
 
-    async def run() -> None:
+    async def run() -> BuildSummary:
         async with _solver_with(open_solver(args.cache_dir), args.frontend, frontend) as solver:
-            await build_with_frontend(solver, request, progress=args.progress,
-                                      output=args.output)
+            return await build_with_frontend(solver, request, progress=args.progress,
+                                             output=args.output, history=args.history)
 
-    anyio.run(run)
+    summary = anyio.run(run)
+    gate = gate_failures(summary, expect_cached=args.expect_cached,
+                         max_executed=args.max_executed)
+    if gate is not None:
+        sys.stderr.writelines(line + "\n" for line in gate[1])
+        _error(gate[0])
+        return 1
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The command line: ``solver build``, ``du``, ``prune``, ``diff`` and ``graph``.
+"""The command line: ``solver build``, ``du``, ``prune``, ``diff``, ``graph``,
+``history`` and ``debug``.
 
 ``solver build FILE`` solves a build graph with the built-in worker and can export
 the result. ``FILE`` is either
@@ -56,6 +57,13 @@ each op that ran missed the cache (``docs/explain.md``). ``solver diff A B`` lis
 the ops that differ between two definitions, root cause first, and exits 1 when
 they differ; ``solver graph FILE`` prints the op graph as DOT or Mermaid with
 each op's cache state, running nothing (all four: ``docs/explain.md``).
+
+Every build ends with its summary and leaves a record in the history
+(``<cache dir>/snapshots/history``); ``--expect-cached`` and ``--max-executed N``
+fail a build in which ops ran; ``solver history ls|show|trace|compare|prune``
+reads the records and ``solver debug ID OP`` runs a shell in a failed step's
+sandbox (``docs/insight.md``; :mod:`solver.cli._summary`, ``_history``,
+``_debug``).
 """
 
 from __future__ import annotations
@@ -86,6 +94,7 @@ from .._progress import STARTED, ProgressEvent
 from ..bridge import Explanation, Solver, explain, opened_imports, run_exports, with_cache_sources
 from ..cache import LocalCacheExport, LocalCacheImport
 from ..definition import Definition, DefinitionError, OpHistory, diff_definitions
+from ..insight import BuildHistory, BuildSummary
 from ..worker import (
     DiskUsage,
     PrunePolicy,
@@ -105,8 +114,10 @@ from ..worker import (
 from ._cacheopts import add_cache_arguments, existing_imports
 from ._check import run_check
 from ._cluster import add_cluster_argument, attached_cluster, cluster_address
+from ._debug import KEEP_FAILED, add_debug_command, add_failure_arguments, after_failed_build
 from ._frontends import add_frontend_arguments, cmd_build_frontend
 from ._graph import add_graph_command
+from ._history import add_history_command
 from ._progress import describe_output, make_renderer, run_progress
 from ._sharedopts import (
     add_shared_cache_argument,
@@ -115,6 +126,7 @@ from ._sharedopts import (
     shared_cache_spec,
     shared_usage,
 )
+from ._summary import add_gate_arguments, finish_build, gate_failures
 
 __all__ = [
     "BuildFileError",
@@ -351,7 +363,7 @@ async def open_solver(
     address of a Dask scheduler whose workers run the exec and file steps
     (``docs/remote.md``; attached before the shared cache, which wraps it)."""
     root = _store_root(cache_dir)
-    worker = Worker(root, sandbox=sandbox, secrets=secrets)
+    worker = Worker(root, sandbox=sandbox, secrets=secrets, keep_failed=KEEP_FAILED)
     with _opening_cache(cache_dir):
         await worker.open()
     try:
@@ -375,7 +387,8 @@ async def build_definition(
     cache_imports: Sequence[LocalCacheImport] = (),
     cache_exports: Sequence[LocalCacheExport] = (),
     explanation: Explanation | None = None,
-) -> None:
+    history: BuildHistory | None = None,
+) -> BuildSummary:
     """Solve ``defn`` in a new job of ``solver``, rendering its progress to
     ``progress_out`` (default stderr), export the result to ``output`` if given,
     and release everything. ``cache_imports`` are used while building and
@@ -383,8 +396,10 @@ async def build_definition(
     ``explanation`` (:func:`~solver.explain` of ``defn``, made before), the
     ``json`` progress gives each op's ``started`` event its ``reason``, and one
     line per op that ran says why, after the build (also when it fails). The
-    ops of a successful build are recorded in the solver's op history. Raises
-    :class:`~solver.SolveError` on failure."""
+    ops of a successful build are recorded in the solver's op history. The
+    build's summary ends the progress output and is returned; it is recorded in
+    ``history`` when given (also on failure). Raises :class:`~solver.SolveError`
+    on failure."""
     defn.validate(solver.op_kinds)
     out = progress_out if progress_out is not None else sys.stderr
     shown = None if output is None else describe_output(output.type, output.dest)
@@ -393,10 +408,11 @@ async def build_definition(
     job = solver.new_job()
     failure: BaseException | None = None
     exported: list[str] = []
+    edge = defn.to_vertices(solver.op_kinds)
+    started = time.time()
     async with anyio.create_task_group() as tg:
         tg.start_soon(run_progress, job.status(), renderer)
         try:
-            edge = defn.to_vertices(solver.op_kinds)
             async with opened_imports(cache_imports, solver.worker) as sources:
                 result = await job.build(with_cache_sources(edge, sources))
                 try:
@@ -420,8 +436,10 @@ async def build_definition(
     out.writelines(exported)
     if explanation is not None:
         out.writelines(await explain_lines(explanation, job.status(), solver.op_history))
+    summary = await finish_build(job, edge, started, renderer, out, history, reasons)
     if failure is not None:
         raise failure
+    return summary
 
 
 async def explain_lines(
@@ -642,6 +660,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
         )
     _check_build_paths(args)
     shared = _shared_spec(args)
+    history = args.history = command_history(args.cache_dir)
     if args.frontend is not None:
         return cmd_build_frontend(
             args,
@@ -660,7 +679,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             cluster=cluster_address(args.cluster),
         ) as solver:
             explanation = await explain(solver, defn) if args.explain else None
-            await build_definition(
+            summary = await build_definition(
                 solver,
                 defn,
                 progress=args.progress,
@@ -668,7 +687,14 @@ def _cmd_build(args: argparse.Namespace) -> int:
                 cache_imports=imports,
                 cache_exports=args.export_cache,
                 explanation=explanation,
+                history=history,
             )
+            gate = gate_failures(
+                summary, expect_cached=args.expect_cached, max_executed=args.max_executed
+            )
+            if gate is not None:
+                sys.stderr.writelines(line + "\n" for line in gate[1])
+                raise CommandError(gate[0])
             if not args.check:
                 return 0
             # stdout carries only data: a tar when --output type=tar,dest=-
@@ -680,6 +706,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
         return anyio.run(run)
     except DefinitionError as exc:  # checked against the op kinds: which file
         raise CommandError(f"{args.file}: {exc}") from exc
+    except SolveError:
+        after_failed_build(args, history, _store_root(args.cache_dir))
+        raise
 
 
 def _shared_spec(args: argparse.Namespace) -> str | None:
@@ -691,6 +720,11 @@ def _shared_spec(args: argparse.Namespace) -> str | None:
 
 def _store_root(cache_dir: str | None) -> Path:
     return Path(cache_dir) / "snapshots" if cache_dir is not None else default_root()
+
+
+def command_history(cache_dir: str | None) -> BuildHistory:
+    """The build history of the command line: ``history`` in the store root."""
+    return BuildHistory(_store_root(cache_dir) / "history")
 
 
 # -- du and prune ------------------------------------------------------------------------
@@ -1034,6 +1068,8 @@ def make_parser() -> argparse.ArgumentParser:
         "(docs/explain.md)",
     )
     add_cluster_argument(b)
+    add_gate_arguments(b)
+    add_failure_arguments(b)
     add_frontend_arguments(b)
     add_cache_arguments(b)
     add_shared_cache_argument(b)
@@ -1108,6 +1144,20 @@ def make_parser() -> argparse.ArgumentParser:
     _add_debug(f)
     f.set_defaults(func=_cmd_diff)
 
+    add_history_command(
+        sub,
+        history_of=command_history,
+        duration_arg=_duration_arg,
+        add_debug=_add_debug,
+        cache_help=cache_help,
+    )
+    add_debug_command(
+        sub,
+        history_of=command_history,
+        store_root_of=_store_root,
+        add_debug=_add_debug,
+        cache_help=cache_help,
+    )
     add_graph_command(
         sub,
         open_solver=open_solver,

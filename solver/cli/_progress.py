@@ -13,10 +13,11 @@ stdout stays free for data):
       #3 [compile] | a line the process wrote
 
 * ``json``: one JSON object per event per line, for tools: ``vertex``, ``name``,
-  ``status``, ``timestamp`` and, when set, ``error``; log events add ``stream``
-  and ``data`` (decoded as UTF-8, invalid bytes replaced); with ``solver build
-  --explain``, the ``started`` event of an op (it runs) adds ``reason``, why it
-  missed the cache (``docs/explain.md``).
+  ``status``, ``timestamp`` and, when set, ``error`` and ``cache_source``
+  (where a loaded result came from); log events add ``stream`` and ``data``
+  (decoded as UTF-8, invalid bytes replaced); with ``solver build --explain``,
+  the ``started`` event of an op (it runs) adds ``reason``, why it missed the
+  cache (``docs/explain.md``).
 * ``tty``: drawn with `rich <https://rich.readthedocs.io>`_. At the bottom, one
   live line per running step with its elapsed time and, under it, the last line
   the step wrote (if any), redrawn at most 10 times a second. Above it, each step
@@ -177,6 +178,8 @@ class JsonRenderer:
             reason = self.reasons(event.vertex)
             if reason is not None:
                 obj["reason"] = reason
+        if event.cache_source is not None:
+            obj["cache_source"] = event.cache_source
         if event.status == LOG:
             obj["stream"] = event.stream
             obj["data"] = event.data.decode("utf-8", "replace")

@@ -33,8 +33,8 @@ from ._diff import (
 from ._history import (
     DEFAULT_MAX_OPS as DEFAULT_MAX_OPS,
     InMemoryOpHistory as InMemoryOpHistory,
+    OpDefinitionRecord as OpDefinitionRecord,
     OpHistory as OpHistory,
-    OpRecord as OpRecord,
     files_that_differ as files_that_differ,
     history_records as history_records,
     inputs_key as inputs_key,

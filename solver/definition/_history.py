@@ -52,7 +52,7 @@ __all__ = [
     "DEFAULT_MAX_OPS",
     "InMemoryOpHistory",
     "OpHistory",
-    "OpRecord",
+    "OpDefinitionRecord",
     "files_that_differ",
     "history_records",
     "inputs_key",
@@ -68,7 +68,7 @@ MAX_CHANGED: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
-class OpRecord:
+class OpDefinitionRecord:
     """One op as a solve saw it: its definition, display name (the metadata name,
     else the kind), place in its graph (see the module docs) and when it was last
     seen (``time.time()``)."""
@@ -89,8 +89,10 @@ def inputs_key(inputs: Sequence[OutputRef]) -> str:
     return ",".join(f"{r.digest}@{r.index}" for r in inputs)
 
 
-def history_records(definition: Definition, seen_at: float | None = None) -> list[OpRecord]:
-    """One :class:`OpRecord` per op reachable from the output of ``definition``,
+def history_records(
+    definition: Definition, seen_at: float | None = None
+) -> list[OpDefinitionRecord]:
+    """One :class:`OpDefinitionRecord` per op reachable from the output of ``definition``,
     output first, each with its place (the shortest path from the output,
     breadth first). O(ops + inputs)."""
     now = time.time() if seen_at is None else seen_at
@@ -98,12 +100,12 @@ def history_records(definition: Definition, seen_at: float | None = None) -> lis
     out = definition.output.digest
     places = {out: _place("", 0, ops[out].kind)}
     queue = deque([out])
-    records: list[OpRecord] = []
+    records: list[OpDefinitionRecord] = []
     while queue:
         digest = queue.popleft()
         op = ops[digest]
         m = meta.get(digest)
-        records.append(OpRecord(op, (m.name if m is not None else "") or op.kind,
+        records.append(OpDefinitionRecord(op, (m.name if m is not None else "") or op.kind,
                                 places[digest], now))
         for i, ref in enumerate(op.inputs):
             if ref.digest not in places:
@@ -121,16 +123,16 @@ def _place(parent: str, index: int, kind: str) -> str:
 class OpHistory(Protocol):
     """Where the op definitions of past solves are kept (see the module docs)."""
 
-    async def record(self, records: Iterable[OpRecord]) -> None:
+    async def record(self, records: Iterable[OpDefinitionRecord]) -> None:
         """Keep ``records`` (an op seen again gets its new name, place and time),
         then forget the least recently seen ops beyond the bound."""
         ...
 
-    async def get(self, digest: str) -> OpRecord | None:
+    async def get(self, digest: str) -> OpDefinitionRecord | None:
         """The record of the op ``digest``, if kept."""
         ...
 
-    async def previous(self, op: OpDef, place: str) -> OpRecord | None:
+    async def previous(self, op: OpDef, place: str) -> OpDefinitionRecord | None:
         """The earlier version of ``op`` (never ``op`` itself): the most recently
         seen op over the same inputs, else at ``place``; ``None`` if neither is
         kept."""
@@ -163,7 +165,7 @@ class InMemoryOpHistory:
         if max_ops < 1:
             raise ValueError(f"an op history keeps at least 1 op, not {max_ops}")
         self.max_ops = max_ops
-        self._ops: OrderedDict[str, OpRecord] = OrderedDict()
+        self._ops: OrderedDict[str, OpDefinitionRecord] = OrderedDict()
         # the digests over each inputs key and at each place, least recently seen first
         self._by_inputs: dict[str, OrderedDict[str, None]] = {}
         self._by_place: dict[str, OrderedDict[str, None]] = {}
@@ -177,7 +179,7 @@ class InMemoryOpHistory:
     def __repr__(self) -> str:
         return f"<InMemoryOpHistory {len(self._ops)}/{self.max_ops} ops>"
 
-    async def record(self, records: Iterable[OpRecord]) -> None:
+    async def record(self, records: Iterable[OpDefinitionRecord]) -> None:
         for rec in records:
             self._forget(rec.digest)
             self._ops[rec.digest] = rec
@@ -187,11 +189,11 @@ class InMemoryOpHistory:
             self._forget(next(iter(self._ops)))
         await anyio.lowlevel.checkpoint()
 
-    async def get(self, digest: str) -> OpRecord | None:
+    async def get(self, digest: str) -> OpDefinitionRecord | None:
         await anyio.lowlevel.checkpoint()
         return self._ops.get(digest)
 
-    async def previous(self, op: OpDef, place: str) -> OpRecord | None:
+    async def previous(self, op: OpDef, place: str) -> OpDefinitionRecord | None:
         await anyio.lowlevel.checkpoint()
         candidates: list[str] = []
         if op.inputs:

@@ -247,10 +247,15 @@ class VertexState:
             for ev in self.history:
                 progress.put(ev)
 
-    def emit(self, status: str, error: BaseException | str | None = None) -> None:
+    def emit(
+        self,
+        status: str,
+        error: BaseException | str | None = None,
+        cache_source: str | None = None,
+    ) -> None:
         if status in (STARTED, CACHED):
             self._mark_inputs_cached()
-        ev = make_event(self.vtx.digest, self.vtx.name, status, error)
+        ev = make_event(self.vtx.digest, self.vtx.name, status, error, cache_source=cache_source)
         self.history.append(ev)
         JobProgress.fan_out(self.watchers, ev)
 

@@ -36,7 +36,7 @@ from .._errors import SlowCacheError, SolveError
 from .._op import CacheMap, ComputeDigest, Op
 from .._progress import CACHED, COMPLETED, ERROR, STARTED, current_log
 from .._refs import CachedResultWithKeys, SharedResult
-from ..cache import KeyExporter
+from ..cache import InMemoryCacheManager, KeyExporter
 from ._scheduler import CANCELED, Pipe
 
 if TYPE_CHECKING:
@@ -52,6 +52,13 @@ __all__ = ["SharedOp"]
 _CACHE_MAP = 0
 _EXEC = 1
 _SLOW = 2
+
+
+def _cache_source(record: CacheRecord, main: CacheManager) -> str:
+    """Where a loaded record came from, for its ``"cached"`` event."""
+    if isinstance(record.manager, InMemoryCacheManager):
+        return "memory"
+    return "local" if record.manager is main else "import"
 
 
 class _Call:
@@ -327,7 +334,7 @@ class SharedOp:
             value = CachedResultWithKeys(
                 res, [ExportableCacheKey(key, KeyExporter(key, record=record))]
             )
-            self.state.emit(CACHED)
+            self.state.emit(CACHED, cache_source=_cache_source(record, self.state.main_cache))
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as exc:

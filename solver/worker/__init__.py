@@ -21,6 +21,13 @@ from ._export import (
     export_to_tar as export_to_tar,
     exported_mode as exported_mode,
 )
+from ._failedsteps import (
+    FAILED_DIR as FAILED_DIR,
+    FailedStep as FailedStep,
+    copy_failed_tree as copy_failed_tree,
+    find_failed_step as find_failed_step,
+    run_in_failed_step as run_in_failed_step,
+)
 from ._gc import (
     PrunePolicy as PrunePolicy,
     snapshot_kind as snapshot_kind,

@@ -101,6 +101,7 @@ and in the sandbox the system root and network, defaults filled in) and one
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import shlex
@@ -109,6 +110,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +126,7 @@ from .._op import CacheMap, CacheMapDep, Op
 from .._progress import log_output
 from .._result import Result
 from ..definition import DefinitionError, JSONValue, OpContext, OpKindRegistry, canonical_json
+from ._failedsteps import FailedStep, keep_failed_step
 from ._sandbox import (
     BASE_ENV,
     DEFAULT_ROOTFS,
@@ -140,6 +143,8 @@ from ._sandbox import (
     resolve_rootfs,
 )
 from ._snapshots import MutableSnapshot, SnapshotRef, SnapshotStore, SnapshotView
+
+_log = logging.getLogger("solver")
 
 __all__ = [
     "KILL_GRACE",
@@ -488,12 +493,14 @@ class ExecOp:
     __slots__ = (
         "_digest",
         "_inputs",
+        "_keep_failed",
         "_name",
         "_on_output",
         "_sandbox",
         "_secrets",
         "_spec",
         "_store",
+        "_vertex",
     )
 
     def __init__(
@@ -507,7 +514,11 @@ class ExecOp:
         *,
         sandbox: SandboxMode = "bwrap",
         secrets: Mapping[str, SecretSource] | None = None,
+        keep_failed: int = 0,
+        vertex: str = "",
     ) -> None:
+        self._keep_failed = keep_failed
+        self._vertex = vertex
         self._spec = spec
         self._inputs = inputs
         self._store = store
@@ -548,7 +559,10 @@ class ExecOp:
             cwd = await anyio.to_thread.run_sync(_ensure_dir, root, spec.cwd, "cwd")
             code, tail, pids_hit = await self._run(work, root, cwd, tools)
             if code != 0:
-                raise SolveError(self._failure(code, tail, pids_hit))
+                message = self._failure(code, tail, pids_hit)
+                if self._keep_failed:
+                    await self._keep_failed_step(root, message)
+                raise SolveError(message)
             await anyio.to_thread.run_sync(
                 _unmount, spec.mounts, order, root, work, mutables, stashes
             )
@@ -613,6 +627,24 @@ class ExecOp:
             if stash is not None:
                 stashes[i] = stash
         return stashes
+
+    async def _keep_failed_step(self, root: Path, error: str) -> None:
+        """Keep the tree of this failed step for ``solver debug``
+        (:mod:`solver.worker._failedsteps`); a failure to keep it is logged."""
+        spec = self._spec
+        step = FailedStep(
+            self._vertex or self._digest, self._name, spec.args, spec.env, spec.cwd,
+            tuple(m.parts for m in sorted(spec.mounts, key=lambda m: len(m.parts))
+                  if m.readonly),
+            spec.rootfs, spec.network, self._sandbox, spec.secrets, error, time.time(),
+            root,
+        )
+        try:
+            await anyio.to_thread.run_sync(
+                keep_failed_step, self._store.root, root, step, self._keep_failed
+            )
+        except OSError:
+            _log.exception("could not keep the failed step %s for debugging", self._label())
 
     def _tools(self) -> _Tools:
         """The host programs this step needs, or a :class:`SolveError` saying how
@@ -893,6 +925,7 @@ def register_exec(
     replace: bool = False,
     sandbox: SandboxMode = "bwrap",
     secrets: Mapping[str, SecretSource] | None = None,
+    keep_failed: int = 0,
 ) -> None:
     """Register the op kind ``exec`` in ``registry``, running over ``store``.
 
@@ -908,7 +941,8 @@ def register_exec(
     :mod:`solver.worker._sandbox`) or ``"none"`` (host processes: an explicit
     choice, logged in each step's progress and part of its cache key).
     ``secrets`` maps the secret ids ops may name to their contents (``bytes``) or
-    to a host file that holds them (a path).
+    to a host file that holds them (a path). ``keep_failed``: how many failed
+    steps to keep for debugging (:mod:`solver.worker._failedsteps`; 0: none).
     """
     if sandbox not in ("bwrap", "none"):
         raise ValueError(f"sandbox must be 'bwrap' or 'none', got {sandbox!r}")
@@ -936,6 +970,8 @@ def register_exec(
             ctx.vertex.name,
             sandbox=sandbox,
             secrets=secret_map,
+            keep_failed=keep_failed,
+            vertex=ctx.vertex.digest,
         )
 
     registry.register(_KIND, factory, outputs=_count_outputs, validate=_validate, replace=replace)

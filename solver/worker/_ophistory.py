@@ -44,7 +44,7 @@ import anyio.to_thread
 from ..definition import (
     DEFAULT_MAX_OPS,
     OpDef,
-    OpRecord,
+    OpDefinitionRecord,
     OutputRef,
     files_that_differ,
     inputs_key,
@@ -111,7 +111,7 @@ class SQLiteOpHistory:
     def __repr__(self) -> str:
         return f"<SQLiteOpHistory {self.path}>"
 
-    async def record(self, records: Iterable[OpRecord]) -> None:
+    async def record(self, records: Iterable[OpDefinitionRecord]) -> None:
         rows = [
             (r.digest, r.op.canonical_bytes().decode("utf-8"), r.name, r.place,
              inputs_key(r.op.inputs), r.seen_at)
@@ -119,10 +119,10 @@ class SQLiteOpHistory:
         ]
         await self._call(_record, rows, self.max_ops)
 
-    async def get(self, digest: str) -> OpRecord | None:
+    async def get(self, digest: str) -> OpDefinitionRecord | None:
         return await self._call(_get, digest)
 
-    async def previous(self, op: OpDef, place: str) -> OpRecord | None:
+    async def previous(self, op: OpDef, place: str) -> OpDefinitionRecord | None:
         return await self._call(_previous, op.digest, inputs_key(op.inputs), place)
 
     async def record_content(
@@ -238,12 +238,14 @@ def _record_content(
     return row[0], before if isinstance(before, dict) else {}
 
 
-def _get(conn: sqlite3.Connection, digest: str) -> OpRecord | None:
+def _get(conn: sqlite3.Connection, digest: str) -> OpDefinitionRecord | None:
     row = conn.execute(f"SELECT {_COLUMNS} FROM ops WHERE digest = ?", (digest,)).fetchone()
     return None if row is None else _from_row(row)
 
 
-def _previous(conn: sqlite3.Connection, digest: str, inputs: str, place: str) -> OpRecord | None:
+def _previous(
+    conn: sqlite3.Connection, digest: str, inputs: str, place: str
+) -> OpDefinitionRecord | None:
     if inputs:
         row = conn.execute(
             f"SELECT {_COLUMNS} FROM ops WHERE inputs = ? AND digest != ? "
@@ -261,7 +263,7 @@ def _previous(conn: sqlite3.Connection, digest: str, inputs: str, place: str) ->
     return None if row is None else _from_row(row)
 
 
-def _from_row(row: tuple[str, str, str, str, float]) -> OpRecord | None:
+def _from_row(row: tuple[str, str, str, str, float]) -> OpDefinitionRecord | None:
     digest, text, name, place, seen_at = row
     body = json.loads(text)
     op = OpDef(
@@ -270,4 +272,4 @@ def _from_row(row: tuple[str, str, str, str, float]) -> OpRecord | None:
     if op.digest != digest:  # not written by this code: no earlier version to show
         _log.warning("the op history row %s holds op %s; ignored", digest, op.digest)
         return None
-    return OpRecord(op, name, place, seen_at)
+    return OpDefinitionRecord(op, name, place, seen_at)

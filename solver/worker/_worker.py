@@ -51,16 +51,18 @@ def register_builtin_kinds(
     sandbox: SandboxMode = "bwrap",
     secrets: Mapping[str, SecretSource] | None = None,
     history: Callable[[], OpHistory | None] | None = None,
+    keep_failed: int = 0,
 ) -> None:
     """Register the built-in kinds (``source.inline``, ``source.local``, ``file``,
-    ``merge``, ``exec``) into ``registry``, bound to ``store``; ``sandbox`` and
-    ``secrets`` are :func:`register_exec`'s; ``history()`` is the op history the
-    ``file`` op records its content keys in and ``source.local`` the files of
-    its cache digest (:func:`register_file`, :func:`register_sources`)."""
+    ``merge``, ``exec``) into ``registry``, bound to ``store``; ``sandbox``,
+    ``secrets`` and ``keep_failed`` are :func:`register_exec`'s; ``history()`` is
+    the op history the ``file`` op records its content keys in and
+    ``source.local`` the files of its cache digest (:func:`register_file`,
+    :func:`register_sources`)."""
     register_sources(registry, store, history)
     register_file(registry, store, history)
     register_merge(registry, store)
-    register_exec(registry, store, sandbox=sandbox, secrets=secrets)
+    register_exec(registry, store, sandbox=sandbox, secrets=secrets, keep_failed=keep_failed)
 
 
 class Worker:
@@ -89,6 +91,10 @@ class Worker:
     (``bytes``) or to a host file (a path); a step sees them as read-only files in
     ``/run/secrets``, and they are never part of a cache key, a record, progress
     or an export.
+
+    ``keep_failed`` is how many failed ``exec`` steps to keep, newest first, with
+    their trees as the failure left them, for ``solver debug``
+    (``<root>/failed``; ``docs/insight.md``); 0, the default, keeps none.
     """
 
     def __init__(
@@ -99,13 +105,14 @@ class Worker:
         lock_timeout: float | None = None,
         sandbox: SandboxMode = "bwrap",
         secrets: Mapping[str, SecretSource] | None = None,
+        keep_failed: int = 0,
     ) -> None:
         self.store = SnapshotStore(root, lock_timeout=lock_timeout)
         self.op_kinds = OpKindRegistry()
         self.sandbox: SandboxMode = sandbox
         register_builtin_kinds(
             self.op_kinds, self.store, sandbox=sandbox, secrets=secrets,
-            history=lambda: self._op_history,
+            history=lambda: self._op_history, keep_failed=keep_failed,
         )
         self.gc_policy: tuple[PrunePolicy, ...] = (
             as_rules(gc_policy) if gc_policy is not None else ()
