@@ -645,3 +645,48 @@ async def test_process_output_is_progress_of_its_vertex(
             ]
     assert ("talk", 1, b"to out\n") in logs
     assert ("talk", 2, b"to err\n") in logs
+
+
+@pytest.mark.anyio
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+async def test_killing_a_step_kills_children_that_left_its_session() -> None:
+    """A step's child in a session of its own (as a sandbox's processes are, by
+    bubblewrap's --new-session) is out of reach of the group signal; the kill
+    takes the process tree first and kills what is left of it."""
+    import subprocess
+
+    from solver.worker._exec import _kill, _start_time
+
+    token = f"{os.getpid()}{anyio.current_time():.0f}"
+    process = await anyio.open_process(
+        ["/bin/sh", "-c", f"setsid sleep 7{token} & sleep 8{token}; wait"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+    def sleepers() -> list[int]:
+        found = []
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        if f"sleep\0007{token}".encode() in f.read():
+                            found.append(int(pid))
+                except OSError:
+                    pass
+        return found
+
+    with anyio.fail_after(10):
+        while not sleepers():  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+    (escaped,) = sleepers()
+    assert os.getsid(escaped) != os.getsid(process.pid)  # out of the group's reach
+    with anyio.CancelScope(shield=True):
+        await _kill(process)
+    await process.aclose()
+    with anyio.fail_after(10):
+        while _start_time(escaped) is not None and sleepers():  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+    assert sleepers() == []

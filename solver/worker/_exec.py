@@ -1171,14 +1171,75 @@ def _signal_group(process: anyio.abc.Process, sig: signal.Signals) -> None:
 
 
 async def _kill(process: anyio.abc.Process) -> None:
-    """Terminate, then kill after :data:`KILL_GRACE`, and await. Call shielded."""
-    _signal_group(process, signal.SIGTERM)
-    with anyio.move_on_after(KILL_GRACE):
+    """Terminate, then kill after :data:`KILL_GRACE`, and await; then kill what
+    is left of the process's tree. Call shielded.
+
+    The tree is taken before any signal: a sandbox's processes are in a session
+    of their own (``--new-session``), out of reach of the group signal, and rely
+    on bubblewrap's ``--die-with-parent`` to go with it, which a kill racing
+    bubblewrap's own start-up can beat (seen: the sandbox's PID 1 and a
+    background child outlived a cancelled step). Killing the sandbox's PID 1
+    takes its whole PID namespace with it."""
+    tree = await anyio.to_thread.run_sync(_descendants, process.pid)
+    try:
+        _signal_group(process, signal.SIGTERM)
+        with anyio.move_on_after(KILL_GRACE):
+            await process.wait()
+            return
+        if sys.platform != "win32":
+            _signal_group(process, signal.SIGKILL)
+        else:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
         await process.wait()
-        return
-    if sys.platform != "win32":
-        _signal_group(process, signal.SIGKILL)
-    else:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-    await process.wait()
+    finally:
+        _kill_still_running(tree)
+
+
+def _start_time(pid: int) -> int | None:
+    """The start time of process ``pid`` (clock ticks since boot), or ``None``
+    when it is gone; with the PID it names one process, whatever PID reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return int(fields[19])  # field 22 of proc(5), counted after the command
+
+
+def _descendants(pid: int) -> list[tuple[int, int]]:
+    """Every process below ``pid`` now, as (pid, start time). Linux only (an
+    empty list elsewhere, where the group signal is all there is)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(int(name))
+    found: list[tuple[int, int]] = []
+    todo = list(children.get(pid, ()))
+    while todo:
+        child = todo.pop()
+        started = _start_time(child)
+        if started is not None:
+            found.append((child, started))
+        todo.extend(children.get(child, ()))
+    return found
+
+
+def _kill_still_running(tree: list[tuple[int, int]]) -> None:
+    """SIGKILL each process of ``tree`` that is still the same process."""
+    for pid, started in tree:
+        if _start_time(pid) == started:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
