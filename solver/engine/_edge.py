@@ -461,6 +461,32 @@ class ActiveEdge:
         self._add_records(records)
         await self.recalc_current_state()
 
+    def complete(
+        self,
+        cache_map: CacheMap,
+        keys: Sequence[ExportableCacheKey],
+        result: SharedCachedResult,
+        loaded: bool,
+    ) -> None:
+        """Complete this fresh edge with what the cold path (``_coldpath.py``) made:
+        its only cache map, its keys (the found ones, then an exec's commit keys)
+        and its result, which the edge now owns (``loaded``: from a cache record).
+        A requester is answered at its first dispatch; the edge never asks its
+        inputs, so it keeps no record of them."""
+        assert self.state == INITIAL
+        assert not self.incoming
+        self.cache_map_done = True
+        self.cache_map_index = 1
+        self.cache_map_req = _ANSWERED
+        self.cache_map = cache_map
+        if not self.edge.vertex.inputs:
+            self.cache_map_digests = [cache_map.digest]
+        self.keys.extend(keys)
+        self.exec_req = _ANSWERED
+        self.exec_cache_load = loaded
+        self.result = result
+        self.state = COMPLETE
+
     # -- the step ----------------------------------------------------------------
     async def unpark(
         self,

@@ -505,7 +505,7 @@ class Scheduler:
             if isinstance(err, Canceled):
                 raise SolveError("the build was cancelled by the engine") from None
             if isinstance(err, SolveError):
-                raise _hand_out(err)
+                raise hand_out(err)
             raise InternalError(f"unexpected error: {err!r}") from err
         edge_state = p.value
         return edge_state.result.clone()  # type: ignore[no-any-return]
@@ -525,7 +525,7 @@ def _add_outgoing(edge: ActiveEdge, p: Pipe) -> None:
         edge.outgoing = [p]
 
 
-def _hand_out(err: SolveError) -> SolveError:
+def hand_out(err: SolveError) -> SolveError:
     copy = err._copy()
     if isinstance(err, SlowCacheError):
         assert isinstance(copy, SlowCacheError)
