@@ -317,16 +317,25 @@ class Job:
             self._progress = JobProgress()
         v = s._load(edge.vertex, None, self)
         loaded = Edge(v, edge.index)
-        if not s._scheduler.building() and not s._cached_passes:
-            # No other build running: try to resolve a cached graph in one pass
-            # (it also needs nothing live to merge with: see seed_cached_root).
-            # Concurrent builds go to the edges, which share their work; K
-            # passes over one graph would not.
-            s._cached_passes += 1
+        passes = s._passes
+        if not s._scheduler.building() and not passes:
+            # No other build running: resolve the graph's keys in one pass and
+            # load its root, or run it on the cold path (it also needs nothing
+            # live to merge with: see seed_cached_root). Concurrent builds go to
+            # the edges, which share their work; K passes over one graph would not.
+            done = passes[v.digest] = anyio.Event()
             try:
                 await seed_cached_root(s, loaded)
             finally:
-                s._cached_passes -= 1
+                del passes[v.digest]
+                done.set()
+        else:
+            running = passes.get(v.digest)
+            if running is not None:
+                # The same root is on the cached or cold path in another job: its
+                # edge is complete (or seeded) when the pass ends; through the
+                # edges meanwhile, this build would only repeat what it does.
+                await running.wait()
         return await s._scheduler.build(loaded)
 
     async def discard(self) -> None:
@@ -383,8 +392,9 @@ class Engine:
         self._closed = False
         self._job_added = anyio.Event()
         self._collecting: list[Any] | None = None
-        # builds in the cached path's passes now (see Job.build)
-        self._cached_passes = 0
+        # the roots of the builds in the cached path's passes now, each with the
+        # event set when its pass ends (see Job.build)
+        self._passes: dict[str, anyio.Event] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} jobs={len(self._jobs)} active={len(self._actives)}>"
