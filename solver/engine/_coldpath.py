@@ -167,6 +167,10 @@ async def run_cold(solver: Engine, order: list[ColdNode]) -> bool:
                 except BaseException:
                     with anyio.CancelScope(shield=True):
                         await _cancel(run, order)
+                    if scheduler._closed:
+                        # the solver is closing (its task group is cancelled): the
+                        # build is answered as the scheduler answers open builds
+                        raise SolveError("the solver was closed") from None
                     raise
             # The cache saves are not interrupted by the caller's cancellation
             # (as the dispatcher's are not): it takes effect at the next wait.

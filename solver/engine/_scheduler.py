@@ -472,11 +472,13 @@ class Scheduler:
     async def build(self, edge: Edge) -> CachedResult:
         # A caller cancelled before it starts asks for nothing.
         await anyio.lowlevel.checkpoint_if_cancelled()
+        if self._closed:
+            # (a build the closing solver answered on the cold path gets here
+            # with its states discarded already)
+            raise SolveError("the solver was closed")
         e = self.factory.get_edge(edge)
         if e is None:
             raise InternalError(f"invalid request {edge!r} for build")
-        if self._closed:
-            raise SolveError("the solver was closed")
         done = anyio.Event()
         p = Pipe(self, None, e, COMPLETE)
 
