@@ -281,3 +281,38 @@ async def test_a_failing_exec_fails_the_build_and_cancels_what_runs_beside_it(
             assert counters.exec == 0
             assert (gate.calls, gate.cancelled) == (2, 2)
             await job.discard()
+
+
+async def test_the_pass_goes_on_when_the_job_that_started_it_cancels(
+    handle_tracker: HandleTracker,
+) -> None:
+    """Job 1 starts the pass, job 2 waits on it; job 1 is cancelled while an exec
+    runs: it returns at once, the exec goes on (job 2 still wants it), and job 2
+    gets the result with every op run once."""
+    with anyio.fail_after(TIMEOUT):
+        async with Solver(resolve_op=resolve_op) as s:
+            gate = Gate()
+            top = diamond(exec_pre_func=gate.wait)
+            counters = top.setup_call_counters()
+            j1, j2 = s.new_job(), s.new_job()
+            values: list[str] = []
+            async with anyio.create_task_group() as tg:
+                with anyio.CancelScope() as scope:
+                    async with anyio.create_task_group() as first:
+                        first.start_soon(build_value, j1, Edge(top))
+                        await gate.entered.wait()
+
+                        async def second() -> None:
+                            values.append(await build_value(j2, Edge(top)))
+
+                        tg.start_soon(second)
+                        await anyio.wait_all_tasks_blocked()
+                        scope.cancel()
+                assert scope.cancelled_caught
+                assert gate.cancelled == 0
+                assert gate.running == 1
+                gate.opened.set()
+            assert values == ["top"]
+            assert counters.exec == 5
+            for j in (j1, j2):
+                await j.discard()

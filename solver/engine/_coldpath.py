@@ -52,13 +52,16 @@ from .._errors import SolveError
 from .._graph import Vertex
 from .._refs import CachedResultWithKeys, SharedCachedResult
 from ..cache import MergedExporter
-from ._scheduler import Pipe, hand_out
+from ._scheduler import Pipe
 
 if TYPE_CHECKING:
     from .._op import CacheMap
     from ._jobs import Engine, VertexState
 
 __all__ = ["ColdNode", "run_cold"]
+
+
+_NO_NODES: list[ColdNode] = []  # never written to
 
 
 class ColdNode:
@@ -189,14 +192,17 @@ async def run_cold(solver: Engine, order: list[ColdNode]) -> bool:
                         if not consumer.pending:
                             _request(consumer, run, scheduler)
     finally:
+        # no reference cycle outlives the run (inputs and consumers point at each
+        # other): the nodes go with their last reference, not in a collection
         for node in order:
             node.run = None
             node.result = None
+            node.inputs = node.consumers = _NO_NODES
         for result in run.own:
             solver.release_later(result)
     if run.error is not None:
-        # as the root's edge would raise it: the failed exec's error, memoized
-        raise hand_out(run.error)
+        # the failed exec's error, memoized (each caller gets its own copy)
+        raise run.error
     return not run.failed
 
 

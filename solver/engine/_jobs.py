@@ -30,7 +30,7 @@ from anyio.abc import TaskGroup
 
 from .._cache import CacheManager
 from .._digest import digest_of
-from .._errors import SolveError
+from .._errors import InternalError, SolveError
 from .._graph import Edge, Vertex, VertexOptions
 from .._op import Builder, Op, ResolveOp
 from .._progress import CACHED, LOG, STARTED, ProgressEvent, make_event
@@ -39,7 +39,7 @@ from ._cachedpath import seed_cached_root
 from ._edge import ActiveEdge
 from ._index import EdgeIndex
 from ._progress import JobProgress
-from ._scheduler import Scheduler
+from ._scheduler import Scheduler, hand_out
 from ._sharedop import SharedOp
 from ._workpool import WorkPool
 
@@ -283,6 +283,54 @@ class VertexState:
             self.op.release()
 
 
+class _Pass:
+    """The cached (and cold) path of one root, run in a task of the solver's and
+    shared by every build that asks for that root while it runs: as shared op
+    work is, it goes on while any of them waits, a caller that cancels returns
+    at once, and the last one cancels it and returns once it has stopped."""
+
+    __slots__ = ("done", "error", "scope", "waiters")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.error: SolveError | None = None
+        self.scope = anyio.CancelScope()
+        self.waiters = 0
+
+    async def run(self, solver: Engine, root: Edge) -> None:
+        try:
+            with self.scope:
+                await seed_cached_root(solver, root)
+        except SolveError as exc:
+            self.error = exc
+        except Exception as exc:  # a bug: fail the builds rather than the solver
+            logger.exception("the cached path failed on %r", root)
+            self.error = InternalError(f"unexpected error: {exc!r}")
+        finally:
+            if solver._passes.get(root.vertex.digest) is self:
+                del solver._passes[root.vertex.digest]
+            self.done.set()
+
+    async def wait(self, scheduler: Scheduler) -> None:
+        self.waiters += 1
+        try:
+            await self.done.wait()
+        except BaseException:
+            self.waiters -= 1
+            if not self.waiters:
+                self.scope.cancel()
+                with anyio.CancelScope(shield=True):
+                    await self.done.wait()
+            if scheduler._closed:
+                # the solver is closing (it cancels its task group): answered as
+                # the scheduler answers the builds open then
+                raise SolveError("the solver was closed") from None
+            raise
+        self.waiters -= 1
+        if self.error is not None:
+            raise hand_out(self.error)
+
+
 class Job:
     """One client's build request. Create it with :meth:`Engine.new_job` (``Solver.new_job``).
 
@@ -318,24 +366,21 @@ class Job:
         v = s._load(edge.vertex, None, self)
         loaded = Edge(v, edge.index)
         passes = s._passes
-        if not s._scheduler.building() and not passes:
+        running = passes.get(v.digest)
+        if running is None and not s._scheduler.building() and not passes:
             # No other build running: resolve the graph's keys in one pass and
             # load its root, or run it on the cold path (it also needs nothing
-            # live to merge with: see seed_cached_root). Concurrent builds go to
-            # the edges, which share their work; K passes over one graph would not.
-            done = passes[v.digest] = anyio.Event()
-            try:
-                await seed_cached_root(s, loaded)
-            finally:
-                del passes[v.digest]
-                done.set()
-        else:
-            running = passes.get(v.digest)
-            if running is not None:
-                # The same root is on the cached or cold path in another job: its
-                # edge is complete (or seeded) when the pass ends; through the
-                # edges meanwhile, this build would only repeat what it does.
-                await running.wait()
+            # live to merge with: see seed_cached_root). Concurrent builds of
+            # other graphs go to the edges, which share their work; K passes
+            # over one graph would not.
+            running = passes[v.digest] = _Pass()
+            assert s._tg is not None
+            s._tg.start_soon(running.run, s, loaded)
+        if running is not None:
+            # The root's edge is complete (or seeded) when the pass ends; a job
+            # asking for the same root meanwhile waits for it too: through the
+            # edges, it would only repeat what the pass does.
+            await running.wait(s._scheduler)
         return await s._scheduler.build(loaded)
 
     async def discard(self) -> None:
@@ -392,9 +437,8 @@ class Engine:
         self._closed = False
         self._job_added = anyio.Event()
         self._collecting: list[Any] | None = None
-        # the roots of the builds in the cached path's passes now, each with the
-        # event set when its pass ends (see Job.build)
-        self._passes: dict[str, anyio.Event] = {}
+        # the roots on the cached path now, each with its pass (see Job.build)
+        self._passes: dict[str, _Pass] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} jobs={len(self._jobs)} active={len(self._actives)}>"
