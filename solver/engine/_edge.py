@@ -219,7 +219,8 @@ class ActiveEdge:
         self.keys_did_change = False
         # all_deps_have_keys(False), all_deps_have_keys(True): every dep before
         # these indexes is known to have keys (see all_deps_have_keys)
-        self.keys_cursor = [0, 0]
+        # (made on the first scan: an edge completed by the cold path never scans)
+        self.keys_cursor: list[int] | None = None
         # made when first needed: a merge adds to it, a result's exporters read it
         self.secondary_exporters: list[tuple[int, CacheKeyWithSelector]] | None = None
         self.failed = False
@@ -362,6 +363,8 @@ class ActiveEdge:
         deps = self.deps
         assert deps is not None
         cursors = self.keys_cursor
+        if cursors is None:
+            cursors = self.keys_cursor = [0, 0]
         i = cursors[matching]
         n = len(deps)
         while i < n:
@@ -865,8 +868,9 @@ class ActiveEdge:
         if (st.result is None and d.result is not None) or len(st_keys) < d.nkeys:
             # it can lose keys (a merge moved the request): rescan from it
             cursors = self.keys_cursor
-            cursors[0] = min(cursors[0], d.index)
-            cursors[1] = min(cursors[1], d.index)
+            if cursors is not None:
+                cursors[0] = min(cursors[0], d.index)
+                cursors[1] = min(cursors[1], d.index)
         d.result = st.result
         if d.nkeys != len(st_keys):
             d.keys = st_keys
