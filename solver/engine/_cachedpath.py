@@ -10,26 +10,32 @@ make: each runs once, as a unit on the work pool, concurrently with the others,
 and is memoized), and the pass waits for all the answers. Then, in one loop,
 inputs first, the cache's keys for each vertex from its inputs' keys
 (``CacheManager.query``, one call per input, intersected across inputs, as the
-edges do) and their records. If the root has records, its fresh edge is *seeded*
+edges do) and their records; a vertex with a missed input is missed without a
+query (a key built on a result not made yet cannot be stored). If the root has
+records, its fresh edge is *seeded*
 with exactly what it would know had its inputs answered through pipes
 (:meth:`ActiveEdge.seed <solver.engine._edge.ActiveEdge.seed>`); the build then goes
 through the scheduler as usual and the root's edge loads its best record at its
-first dispatch. Inner vertices get no edge at all.
+first dispatch. Inner vertices get no edge at all. If the root missed, the
+needed vertices run on the cold path (``_coldpath.py``), which completes their
+edges.
 
 The pass gives up, leaving everything to the edges, as soon as a vertex is one
 the edges must handle themselves: an ignore-cache vertex, one with cache sources,
 one that already has an edge, an op whose cache map is not its only one, has a
-content key (``compute_digest``), fails, or is being computed by an edge; and as
-soon as a vertex has no key in the cache (so a cold build gives up at its first
-leaf), and on a cache error (the edges report it, or work around it, as they
-do). It runs only while the live edge index is empty, so no equal live edge is
-missed that the edges would have merged with. What it did is not lost when it
+content key (``compute_digest``), fails, or is being computed by an edge; when
+two vertices have one cache-map digest (the edges would merge them) or a found
+key that the cold path must load has no record; and on a cache error (the edges
+report it, or work around it, as they do). It runs only while the live edge
+index is empty, so no equal live edge is missed that the edges would have
+merged with. What it did is not lost when it
 gives up: cache maps stay memoized and cache queries only add links.
 
-Counts are those of the edges: one cache map per vertex, one load (a cold build
-asks every cache map in the first pass, as its edges would, and they then find
-them memoized). Nothing here holds a handle; a cancellation while the cache maps
-run cancels the requests, exactly as a cancelled edge does.
+Counts are those of the edges: one cache map per vertex, one load for a warm
+build, one exec per vertex for a cold one. Nothing here holds a handle; a
+cancellation while the cache maps run cancels the requests, exactly as a
+cancelled edge does. ``Job.build`` runs this in a task of the solver's shared by
+every build of the same root (``_Pass`` in ``_jobs.py``).
 """
 
 from __future__ import annotations
@@ -78,10 +84,12 @@ class _Found:
 
 async def seed_cached_root(solver: Engine, root: Edge) -> bool:
     """Resolve ``root``'s keys through its whole graph and, if the cache has a
-    record for it, seed its fresh edge so that its first dispatch loads it.
+    record for it, seed its fresh edge so that its first dispatch loads it;
+    if not, build it on the cold path, which completes its edge.
 
     ``root`` is a loaded edge (its vertex and inputs are active). True if the
-    edge was seeded; False if the pass gave up (the edges do everything)."""
+    edge was seeded or completed; False if the pass gave up (the edges do
+    everything). Raises the error of an exec that failed on the cold path."""
     actives = solver._actives
     digest = root.vertex.digest
     root_state = actives.get(digest)
