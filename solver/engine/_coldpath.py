@@ -15,27 +15,30 @@ first, requests each needed vertex's exec (or, for a found one, the load of its
 best record) through the vertex's :class:`~solver.engine._sharedop.SharedOp`, as
 its edge would: the same single-flight calls, units on the work pool, progress
 events and memos. Every request whose inputs are done is made at once, so
-independent vertices run together; the caller's task waits on one event for a
-batch of answers, saves each exec result under its commit key (the key its edge
-would compute: the cache map's digest over its inputs' result keys) and
-completes the vertex's edge with it (:meth:`ActiveEdge.complete
-<solver.engine._edge.ActiveEdge.complete>`), so that the solver afterwards
-holds exactly what the edges would have left: a complete edge per vertex that
-ran or was loaded, owning its result until the state is released.
+independent vertices run together; the pass's task (``_Pass`` in
+``_jobs.py``) waits on one event for a batch of answers, saves each exec result
+under its commit key (the key its edge would compute: the cache map's digest
+over its inputs' result keys) and completes the vertex's edge with it
+(:meth:`ActiveEdge.complete <solver.engine._edge.ActiveEdge.complete>`), so that
+the solver afterwards holds exactly what the edges would have left: a complete
+edge per vertex that ran or was loaded, owning its result until the state is
+released.
 
 What it does not handle it leaves to the edges, before it starts (two vertices
 with one cache-map digest, which the edges would merge; a found vertex without
-records) or when it happens (an exec or a load that fails or is cancelled by the
-engine, a save that fails): it stops asking, waits for what it asked, completes
-what answered, and returns False; the edges then find every exec memoized (a
-failure too) and report it exactly as they do. If another job makes an edge for
-a vertex meanwhile (a concurrent build of the same graph goes to the edges),
-that edge is left alone and gets the same memoized exec; the result made here
-is then released at the end.
+records) or when it happens (a load that fails, an exec or a load cancelled by
+the engine, a save that fails): it stops, cancels what still runs (as an edge
+cancels its inputs' work when it fails), releases the answers it did not take,
+and returns False; the edges then find every finished exec memoized and do the
+rest as they do. An exec that fails fails the build the same way, with the
+exec's error (memoized by the shared op, so a rebuild reports it again). If a
+build of another root makes an edge for a vertex meanwhile, that edge is left
+alone and gets the same memoized exec; the result made here is then released
+at the end.
 
-Cancelling the caller cancels its outstanding requests (a call another job
-waits on goes on) and returns once they have answered; what answered is
-released, what was completed stays on its edge, as with the edges.
+Cancelling the pass (its last caller left) cancels its outstanding requests (a
+call another job waits on goes on) and returns once they have answered; what
+answered is released, what was completed stays on its edge, as with the edges.
 """
 
 from __future__ import annotations
@@ -57,8 +60,9 @@ from ._scheduler import Pipe
 if TYPE_CHECKING:
     from .._op import CacheMap
     from ._jobs import Engine, VertexState
+    from ._scheduler import Scheduler
 
-__all__ = ["ColdNode", "run_cold"]
+__all__ = ["ColdNode", "needed_nodes", "run_cold"]
 
 
 _NO_NODES: list[ColdNode] = []  # never written to
@@ -103,7 +107,7 @@ class ColdNode:
         self.run: _Run | None = None
 
     def answered(self) -> None:
-        """The pipe's ``on_send``: queue this node for the caller's task."""
+        """The pipe's ``on_send``: queue this node for the pass's task."""
         run = self.run
         assert run is not None
         run.answers.append(self)
@@ -206,7 +210,7 @@ async def run_cold(solver: Engine, order: list[ColdNode]) -> bool:
     return not run.failed
 
 
-def _request(node: ColdNode, run: _Run, scheduler: Any) -> None:
+def _request(node: ColdNode, run: _Run, scheduler: Scheduler) -> None:
     st = node.state
     op = st.op
     assert op is not None
