@@ -248,15 +248,29 @@ class VertexState:
                 progress.put(ev)
 
     def emit(self, status: str, error: BaseException | str | None = None) -> None:
+        """A status event of this vertex (``started``, ``completed``, ``error``,
+        ``cached``); a start or a cached result marks the inputs that never ran
+        as cached first."""
         if status in (STARTED, CACHED):
             self._mark_inputs_cached()
-        ev = make_event(self.vtx.digest, self.vtx.name, status, error)
-        self.history.append(ev)
-        JobProgress.fan_out(self.watchers, ev)
+        self._publish(status, error)
 
     def log(self, data: bytes, stream: int = 1) -> None:
         """A ``"log"`` event of this vertex (output of its running op)."""
-        ev = make_event(self.vtx.digest, self.vtx.name, LOG, None, data, stream)
+        self._publish(LOG, None, data, stream)
+
+    def _publish(
+        self,
+        status: str,
+        error: BaseException | str | None = None,
+        data: bytes = b"",
+        stream: int = 0,
+    ) -> None:
+        # The one place where the engine makes a progress event (of every kind,
+        # on every path: edges, cached path, cold path), keeps it in the vertex's
+        # history and hands it to the jobs that watch: a new field of the event
+        # is filled here.
+        ev = make_event(self.vtx.digest, self.vtx.name, status, error, data, stream)
         self.history.append(ev)
         JobProgress.fan_out(self.watchers, ev)
 
@@ -269,9 +283,7 @@ class VertexState:
             st = actives.get(stack.pop())
             if st is None or st.history:
                 continue
-            ev = make_event(st.vtx.digest, st.vtx.name, CACHED)
-            st.history.append(ev)
-            JobProgress.fan_out(st.watchers, ev)
+            st._publish(CACHED)
             stack.extend(inp.vertex.digest for inp in st.vtx.inputs)
 
     def release(self) -> None:
