@@ -14,7 +14,7 @@ and off give the same values, calls, loads and events) cover the cold path too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -30,7 +30,14 @@ from solver import (
 )
 from solver.engine import _edge
 from solver.testing import HandleTracker
-from tests.harness import TestVertex, TrackingCacheManager, build_value, resolve_op, vtx
+from tests.harness import (
+    Counters,
+    TestVertex,
+    TrackingCacheManager,
+    build_value,
+    resolve_op,
+    vtx,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -316,3 +323,57 @@ async def test_the_pass_goes_on_when_the_job_that_started_it_cancels(
             assert counters.exec == 5
             for j in (j1, j2):
                 await j.discard()
+
+
+def unique_dag(seed: int, nodes: int, changed_leaf: bool = False) -> TestVertex:
+    """A random DAG whose every vertex has a key of its own (so no merge sends
+    the build to the edges): vertex i takes 0 to 3 inputs among the ones before
+    it; the last one takes every vertex nobody uses. ``changed_leaf`` gives the
+    first leaf another key (the same digest: a rebuild after an edit)."""
+    import random
+
+    rng = random.Random(seed)
+    made: list[TestVertex] = []
+    used: set[int] = set()
+    for i in range(nodes - 1):
+        picks = sorted(set(rng.sample(range(i), min(i, rng.randrange(4))))) if i else []
+        used.update(picks)
+        key = f"v{i}"
+        if changed_leaf and not picks and i == 0:
+            key = "v0-changed"
+        made.append(vtx(name=f"d{seed}-{i}", cache_key_seed=key, value=f"v{i}",
+                        inputs=[Edge(made[p]) for p in picks]))
+    tops = [Edge(v) for j, v in enumerate(made) if j not in used]
+    return vtx(name=f"d{seed}-top", cache_key_seed="top", value="top", inputs=tops)
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_the_same_counts_on_the_cold_path_and_the_edges(
+    seed: int, handle_tracker: HandleTracker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random DAGs with a key per vertex, built cold, warm, after a leaf changed
+    and warm again, in a solver where the cold path runs and in one where a
+    live job keeps it off: the same values, cache-map and exec calls, loads and
+    progress events."""
+    from tests.test_cached_path import run_builds
+
+    nodes = 15 + seed * 9
+
+    def make(changed: bool) -> Callable[[], tuple[Edge, Counters]]:
+        def build() -> tuple[Edge, Counters]:
+            top = unique_dag(seed, nodes, changed)
+            return Edge(top), top.setup_call_counters()
+
+        return build
+
+    graphs = [make(False), make(False), make(True), make(True), make(False)]
+    with anyio.fail_after(TIMEOUT * 3):
+        on = await run_builds(graphs, False, monkeypatch)
+        off = await run_builds(graphs, True, monkeypatch)
+    assert on.values == off.values
+    assert on.calls == off.calls
+    assert on.loads == off.loads
+    assert on.events == off.events
+    # every build of the path-on solver took the cached or the cold path
+    assert on.seeded == len(graphs)
+    assert off.seeded == 0

@@ -251,6 +251,11 @@ class VertexState:
         """A status event of this vertex (``started``, ``completed``, ``error``,
         ``cached``); a start or a cached result marks the inputs that never ran
         as cached first."""
+        if status == CACHED and self.history and self.history[-1].status == CACHED:
+            # Marked cached already, by a consumer that started (or was loaded)
+            # before this load answered: the cold path loads what it needs all
+            # at once, in any order. Once is what the edges show.
+            return
         if status in (STARTED, CACHED):
             self._mark_inputs_cached()
         self._publish(status, error)
