@@ -628,6 +628,13 @@ def _dispatcher_query_root() -> Scenario:
     )
 
 
+async def _keep_the_cold_path_off(s: Solver) -> None:
+    """A live job whose edge is in the live index: builds go to the edges (the
+    cold path, which asks no input's keys of a graph that misses, stays off)."""
+    await build_value(s.new_job("blocker"), Edge(tv("blocker")))
+    assert len(s._index)
+
+
 def _dispatcher_query_dep() -> Scenario:
     gate = Gate()
     child = tv("child")
@@ -641,6 +648,8 @@ def _dispatcher_query_dep() -> Scenario:
         cache,
         {"root": root, "child": child},
         on_dispatcher=True,
+        # an edge's query of an input's keys: the edges must build
+        prepare=_keep_the_cold_path_off,
         # an input's keys are queried once it has some: here, once it has run
         after_cancel=dict(
             gate_calls=1,

@@ -355,7 +355,24 @@ class KeyedCacheManager:
         # The mark as the walk starts: a release during the walk (a persistent
         # storage awaits) leaves this key unmarked, as it may have cut below it.
         mark = self._linked_mark
-        stack = [_LinkFrame(await self._get_id(key), _dep_links(key))]
+        key_id = await self._get_id(key)
+        deps = key.deps
+        if deps and all(alt.key.key.linked is mark for alts in deps for alt in alts):
+            # The common case in a build: every dep is a key this manager saved
+            # since its last release (an input's key), so everything below it is
+            # linked and it needs only its link to this key; no walk.
+            storage = self._storage
+            output, digest = key.output, key.digest
+            for i, alternatives in enumerate(deps):
+                for alt in alternatives:
+                    dk = alt.key.key
+                    link = new_link(i, output, digest, alt.selector)
+                    await storage.add_link(dk.ids.get(self) or await self._get_id(dk), link, key_id)
+            if self._linked_mark is mark:
+                key.linked = mark
+                return
+            # a release meanwhile may have cut below a dep: walk (links are idempotent)
+        stack = [_LinkFrame(key_id, _dep_links(key))]
         while stack:
             frame = stack[-1]
             if frame.link_after is not None:

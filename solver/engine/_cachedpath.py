@@ -10,26 +10,32 @@ make: each runs once, as a unit on the work pool, concurrently with the others,
 and is memoized), and the pass waits for all the answers. Then, in one loop,
 inputs first, the cache's keys for each vertex from its inputs' keys
 (``CacheManager.query``, one call per input, intersected across inputs, as the
-edges do) and their records. If the root has records, its fresh edge is *seeded*
+edges do) and their records; a vertex with a missed input is missed without a
+query (a key built on a result not made yet cannot be stored). If the root has
+records, its fresh edge is *seeded*
 with exactly what it would know had its inputs answered through pipes
 (:meth:`ActiveEdge.seed <solver.engine._edge.ActiveEdge.seed>`); the build then goes
 through the scheduler as usual and the root's edge loads its best record at its
-first dispatch. Inner vertices get no edge at all.
+first dispatch. Inner vertices get no edge at all. If the root missed, the
+needed vertices run on the cold path (``_coldpath.py``), which completes their
+edges.
 
 The pass gives up, leaving everything to the edges, as soon as a vertex is one
 the edges must handle themselves: an ignore-cache vertex, one with cache sources,
 one that already has an edge, an op whose cache map is not its only one, has a
-content key (``compute_digest``), fails, or is being computed by an edge; and as
-soon as a vertex has no key in the cache (so a cold build gives up at its first
-leaf), and on a cache error (the edges report it, or work around it, as they
-do). It runs only while the live edge index is empty, so no equal live edge is
-missed that the edges would have merged with. What it did is not lost when it
+content key (``compute_digest``), fails, or is being computed by an edge; when
+two vertices have one cache-map digest (the edges would merge them) or a found
+key that the cold path must load has no record; and on a cache error (the edges
+report it, or work around it, as they do). It runs only while the live edge
+index is empty, so no equal live edge is missed that the edges would have
+merged with. What it did is not lost when it
 gives up: cache maps stay memoized and cache queries only add links.
 
-Counts are those of the edges: one cache map per vertex, one load (a cold build
-asks every cache map in the first pass, as its edges would, and they then find
-them memoized). Nothing here holds a handle; a cancellation while the cache maps
-run cancels the requests, exactly as a cancelled edge does.
+Counts are those of the edges: one cache map per vertex, one load for a warm
+build, one exec per vertex for a cold one. Nothing here holds a handle; a
+cancellation while the cache maps run cancels the requests, exactly as a
+cancelled edge does. ``Job.build`` runs this in a task of the solver's shared by
+every build of the same root (``_Pass`` in ``_jobs.py``).
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ import anyio
 
 from .._cache import CacheKey, CacheKeyWithSelector, CacheRecord, ExportableCacheKey
 from .._graph import Edge, Vertex, inputs_first
-from ..cache import FoundKeyExporter, KeyExporter
+from ..cache import FoundKeyExporter, KeyExporter, best_record
+from ._coldpath import ColdNode, needed_nodes, run_cold
 from ._scheduler import Pipe
 from ._sharedop import SharedOp
 
@@ -77,10 +84,12 @@ class _Found:
 
 async def seed_cached_root(solver: Engine, root: Edge) -> bool:
     """Resolve ``root``'s keys through its whole graph and, if the cache has a
-    record for it, seed its fresh edge so that its first dispatch loads it.
+    record for it, seed its fresh edge so that its first dispatch loads it;
+    if not, build it on the cold path, which completes its edge.
 
     ``root`` is a loaded edge (its vertex and inputs are active). True if the
-    edge was seeded; False if the pass gave up (the edges do everything)."""
+    edge was seeded or completed; False if the pass gave up (the edges do
+    everything). Raises the error of an exec that failed on the cold path."""
     actives = solver._actives
     digest = root.vertex.digest
     root_state = actives.get(digest)
@@ -103,17 +112,19 @@ async def seed_cached_root(solver: Engine, root: Edge) -> bool:
     if maps is None:
         return False
     # The cache calls are not interrupted by the caller's cancellation (as the
-    # dispatcher's are not): it takes effect when they are done, in the
-    # scheduler's first checkpoint. One shield for the whole pass.
+    # dispatcher's are not): it takes effect when they are done, at the next
+    # checkpoint. One shield for the whole pass.
     with anyio.CancelScope(shield=True):
         try:
-            seeded = await _resolve_and_seed(solver, root, root_state, order, needed, states, maps)
+            plan = await _resolve_and_seed(solver, root, root_state, order, needed, states, maps)
         except Exception:
             # A failing cache is the edges' to report (or to work around, as
             # they do for records and root keys): give up and let them.
             logger.debug("the cached path gave up on a cache error", exc_info=True)
             return False
-    return seeded
+    if plan is None or isinstance(plan, bool):
+        return bool(plan)
+    return await run_cold(solver, plan)
 
 
 async def _resolve_and_seed(
@@ -124,32 +135,79 @@ async def _resolve_and_seed(
     needed: dict[str, list[int]],
     states: list[VertexState],
     maps: list[CacheMap],
-) -> bool:
-    found: dict[tuple[str, int], _Found] = {}
+) -> bool | list[ColdNode] | None:
+    """True if the root was seeded; the cold run's nodes if the root must run;
+    None or False if the edges must do the build."""
+    found: dict[tuple[str, int], _Found | None] = {}
     top_vertex = root.vertex
     for v, st, cache_map in zip(order, states, maps, strict=True):
         cache = st.combined_cache()
+        # a vertex with a missed input is missed too: a key built on a result
+        # not made yet cannot be stored, so it is not asked for
+        missed_input = any(found[inp.vertex.digest, inp.index] is None for inp in v.inputs)
         for out in needed[v.digest]:
-            f = await _resolve(cache, v, out, cache_map, found, v is top_vertex)
-            if f is None:
-                return False
-            found[v.digest, out] = f
+            found[v.digest, out] = (
+                None
+                if missed_input
+                else await _resolve(cache, v, out, cache_map, found, v is top_vertex)
+            )
     top = found[root.vertex.digest, root.index]
-    if not top.records:
-        return False
-    # The awaits above may have let other builds in: seed only a fresh edge, and
-    # only while no live edge could be merged with.
+    # The awaits above may have let other builds in: go on only with a fresh
+    # edge, and only while no live edge could be merged with.
     if (
         solver._actives.get(root.vertex.digest) is not root_state
         or root_state.edges
         or len(solver._index)
     ):
         return False
-    leaf_inputs = [not inp.vertex.inputs for inp in root.vertex.inputs]
-    input_keys = [found[inp.vertex.digest, inp.index].keys for inp in root.vertex.inputs]
-    edge = root_state.get_edge(root.index)
-    await edge.seed(maps[-1], top.by_input, input_keys, leaf_inputs, top.keys, top.records)
-    return True
+    if top is not None:
+        if not top.records:
+            return False
+        leaf_inputs = [not inp.vertex.inputs for inp in root.vertex.inputs]
+        input_keys = [
+            found[inp.vertex.digest, inp.index].keys  # type: ignore[union-attr]
+            for inp in root.vertex.inputs
+        ]
+        edge = root_state.get_edge(root.index)
+        await edge.seed(maps[-1], top.by_input, input_keys, leaf_inputs, top.keys, top.records)
+        return True
+    return await _cold_plan(root, order, needed, states, maps, found)
+
+
+async def _cold_plan(
+    root: Edge,
+    order: list[Vertex],
+    needed: dict[str, list[int]],
+    states: list[VertexState],
+    maps: list[CacheMap],
+    found: dict[tuple[str, int], _Found | None],
+) -> list[ColdNode] | None:
+    """The nodes of a cold run (``_coldpath.py``), with the record each needed
+    found node loads; None if the edges must do it (two cache maps with one
+    digest, which they would merge; a needed found key without a record)."""
+    digests: set[str] = set()
+    nodes: dict[tuple[str, int], ColdNode] = {}
+    for v, st, cache_map in zip(order, states, maps, strict=True):
+        if cache_map.digest in digests:
+            return None
+        digests.add(cache_map.digest)
+        for out in needed[v.digest]:
+            f = found[v.digest, out]
+            nodes[v.digest, out] = ColdNode(st, out, cache_map, None if f is None else f.keys)
+    run = needed_nodes(nodes, nodes[root.vertex.digest, root.index])
+    for node in run:
+        keys = node.found_keys
+        if keys is None or not node.consumers:
+            continue
+        cache = node.state.combined_cache()
+        records: list[CacheRecord] = []
+        for k in keys:
+            records.extend(await cache.records(k.key))
+        rec = best_record(records)
+        if rec is None:
+            return None
+        node.record = rec
+    return run
 
 
 class _Answers:
@@ -215,7 +273,7 @@ async def _resolve(
     v: Vertex,
     out: int,
     cache_map: CacheMap,
-    found: dict[tuple[str, int], _Found],
+    found: dict[tuple[str, int], _Found | None],
     top: bool,
 ) -> _Found | None:
     """The stored keys of output ``out`` of ``v``, the way its edge finds them
@@ -236,7 +294,9 @@ async def _resolve(
     matched: dict[str, CacheKey] | None = None
     for i, inp in enumerate(v.inputs):
         selector = cache_map.deps[i].selector
-        alts = [CacheKeyWithSelector(k, selector) for k in found[inp.vertex.digest, inp.index].keys]
+        input_found = found[inp.vertex.digest, inp.index]
+        assert input_found is not None  # a missed input is not queried from
+        alts = [CacheKeyWithSelector(k, selector) for k in input_found.keys]
         alternatives.append(alts)
         reached: dict[str, CacheKey] = {}
         for k in await cache.query(alts, i, digest, out):

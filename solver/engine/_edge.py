@@ -219,7 +219,8 @@ class ActiveEdge:
         self.keys_did_change = False
         # all_deps_have_keys(False), all_deps_have_keys(True): every dep before
         # these indexes is known to have keys (see all_deps_have_keys)
-        self.keys_cursor = [0, 0]
+        # (made on the first scan: an edge completed by the cold path never scans)
+        self.keys_cursor: list[int] | None = None
         # made when first needed: a merge adds to it, a result's exporters read it
         self.secondary_exporters: list[tuple[int, CacheKeyWithSelector]] | None = None
         self.failed = False
@@ -362,6 +363,8 @@ class ActiveEdge:
         deps = self.deps
         assert deps is not None
         cursors = self.keys_cursor
+        if cursors is None:
+            cursors = self.keys_cursor = [0, 0]
         i = cursors[matching]
         n = len(deps)
         while i < n:
@@ -460,6 +463,32 @@ class ActiveEdge:
         self.keys.extend(keys)
         self._add_records(records)
         await self.recalc_current_state()
+
+    def complete(
+        self,
+        cache_map: CacheMap,
+        keys: Sequence[ExportableCacheKey],
+        result: SharedCachedResult,
+        loaded: bool,
+    ) -> None:
+        """Complete this fresh edge with what the cold path (``_coldpath.py``) made:
+        its only cache map, its keys (the found ones, then an exec's commit keys)
+        and its result, which the edge now owns (``loaded``: from a cache record).
+        A requester is answered at its first dispatch; the edge never asks its
+        inputs, so it keeps no record of them."""
+        assert self.state == INITIAL
+        assert not self.incoming
+        self.cache_map_done = True
+        self.cache_map_index = 1
+        self.cache_map_req = _ANSWERED
+        self.cache_map = cache_map
+        if not self.edge.vertex.inputs:
+            self.cache_map_digests = [cache_map.digest]
+        self.keys.extend(keys)
+        self.exec_req = _ANSWERED
+        self.exec_cache_load = loaded
+        self.result = result
+        self.state = COMPLETE
 
     # -- the step ----------------------------------------------------------------
     async def unpark(
@@ -839,8 +868,9 @@ class ActiveEdge:
         if (st.result is None and d.result is not None) or len(st_keys) < d.nkeys:
             # it can lose keys (a merge moved the request): rescan from it
             cursors = self.keys_cursor
-            cursors[0] = min(cursors[0], d.index)
-            cursors[1] = min(cursors[1], d.index)
+            if cursors is not None:
+                cursors[0] = min(cursors[0], d.index)
+                cursors[1] = min(cursors[1], d.index)
         d.result = st.result
         if d.nkeys != len(st_keys):
             d.keys = st_keys

@@ -117,6 +117,11 @@ class EdgeIndex:
         item_id = ids[0] if ids else next(self._ids)
         main = self._link(item_id, plan)
         main.edge = edge
+        if not key.index_ids:
+            # A key saved under (the cold path indexes its commit key) is the
+            # dep of its consumers' keys: indexed here, _index_deps need not
+            # walk it again for each of them.
+            key.index_ids = (item_id,)
         refs = self._back_refs.get(edge, ())
         if item_id not in refs:
             self._back_refs[edge] = (*refs, item_id)

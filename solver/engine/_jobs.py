@@ -30,7 +30,7 @@ from anyio.abc import TaskGroup
 
 from .._cache import CacheManager
 from .._digest import digest_of
-from .._errors import SolveError
+from .._errors import InternalError, SolveError
 from .._graph import Edge, Vertex, VertexOptions
 from .._op import Builder, Op, ResolveOp
 from .._progress import CACHED, LOG, STARTED, ProgressEvent, make_event
@@ -39,7 +39,7 @@ from ._cachedpath import seed_cached_root
 from ._edge import ActiveEdge
 from ._index import EdgeIndex
 from ._progress import JobProgress
-from ._scheduler import Scheduler
+from ._scheduler import Scheduler, hand_out
 from ._sharedop import SharedOp
 from ._workpool import WorkPool
 
@@ -253,15 +253,38 @@ class VertexState:
         error: BaseException | str | None = None,
         cache_source: str | None = None,
     ) -> None:
+        """A status event of this vertex (``started``, ``completed``, ``error``,
+        ``cached``); a start or a cached result marks the inputs that never ran
+        as cached first. ``cache_source`` says where a loaded result came from."""
+        if status == CACHED and self.history and self.history[-1].status == CACHED:
+            # Marked cached already, by a consumer that started (or was loaded)
+            # before this load answered: the cold path loads what it needs all
+            # at once, in any order. Once is what the edges show.
+            return
         if status in (STARTED, CACHED):
             self._mark_inputs_cached()
-        ev = make_event(self.vtx.digest, self.vtx.name, status, error, cache_source=cache_source)
-        self.history.append(ev)
-        JobProgress.fan_out(self.watchers, ev)
+        self._publish(status, error, cache_source=cache_source)
 
     def log(self, data: bytes, stream: int = 1) -> None:
         """A ``"log"`` event of this vertex (output of its running op)."""
-        ev = make_event(self.vtx.digest, self.vtx.name, LOG, None, data, stream)
+        self._publish(LOG, None, data, stream)
+
+    def _publish(
+        self,
+        status: str,
+        error: BaseException | str | None = None,
+        data: bytes = b"",
+        stream: int = 0,
+        cache_source: str | None = None,
+    ) -> None:
+        # The one place where the engine makes a progress event (of every kind,
+        # on every path: edges, cached path, cold path), keeps it in the vertex's
+        # history and hands it to the jobs that watch: a new field of the event
+        # is filled here.
+        ev = make_event(
+            self.vtx.digest, self.vtx.name, status, error, data, stream,
+            cache_source=cache_source,
+        )
         self.history.append(ev)
         JobProgress.fan_out(self.watchers, ev)
 
@@ -274,9 +297,7 @@ class VertexState:
             st = actives.get(stack.pop())
             if st is None or st.history:
                 continue
-            ev = make_event(st.vtx.digest, st.vtx.name, CACHED)
-            st.history.append(ev)
-            JobProgress.fan_out(st.watchers, ev)
+            st._publish(CACHED)
             stack.extend(inp.vertex.digest for inp in st.vtx.inputs)
 
     def release(self) -> None:
@@ -286,6 +307,54 @@ class VertexState:
             e.release()
         if self.op is not None:
             self.op.release()
+
+
+class _Pass:
+    """The cached (and cold) path of one root, run in a task of the solver's and
+    shared by every build that asks for that root while it runs: as shared op
+    work is, it goes on while any of them waits, a caller that cancels returns
+    at once, and the last one cancels it and returns once it has stopped."""
+
+    __slots__ = ("done", "error", "scope", "waiters")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.error: SolveError | None = None
+        self.scope = anyio.CancelScope()
+        self.waiters = 0
+
+    async def run(self, solver: Engine, root: Edge) -> None:
+        try:
+            with self.scope:
+                await seed_cached_root(solver, root)
+        except SolveError as exc:
+            self.error = exc
+        except Exception as exc:  # a bug: fail the builds rather than the solver
+            logger.exception("the cached path failed on %r", root)
+            self.error = InternalError(f"unexpected error: {exc!r}")
+        finally:
+            if solver._passes.get(root.vertex.digest) is self:
+                del solver._passes[root.vertex.digest]
+            self.done.set()
+
+    async def wait(self, scheduler: Scheduler) -> None:
+        self.waiters += 1
+        try:
+            await self.done.wait()
+        except BaseException:
+            self.waiters -= 1
+            if not self.waiters:
+                self.scope.cancel()
+                with anyio.CancelScope(shield=True):
+                    await self.done.wait()
+            if scheduler._closed:
+                # the solver is closing (it cancels its task group): answered as
+                # the scheduler answers the builds open then
+                raise SolveError("the solver was closed") from None
+            raise
+        self.waiters -= 1
+        if self.error is not None:
+            raise hand_out(self.error)
 
 
 class Job:
@@ -322,16 +391,22 @@ class Job:
             self._progress = JobProgress()
         v = s._load(edge.vertex, None, self)
         loaded = Edge(v, edge.index)
-        if not s._scheduler.building() and not s._cached_passes:
-            # No other build running: try to resolve a cached graph in one pass
-            # (it also needs nothing live to merge with: see seed_cached_root).
-            # Concurrent builds go to the edges, which share their work; K
-            # passes over one graph would not.
-            s._cached_passes += 1
-            try:
-                await seed_cached_root(s, loaded)
-            finally:
-                s._cached_passes -= 1
+        passes = s._passes
+        running = passes.get(v.digest)
+        if running is None and not s._scheduler.building() and not passes:
+            # No other build running: resolve the graph's keys in one pass and
+            # load its root, or run it on the cold path (it also needs nothing
+            # live to merge with: see seed_cached_root). Concurrent builds of
+            # other graphs go to the edges, which share their work; K passes
+            # over one graph would not.
+            running = passes[v.digest] = _Pass()
+            assert s._tg is not None
+            s._tg.start_soon(running.run, s, loaded)
+        if running is not None:
+            # The root's edge is complete (or seeded) when the pass ends; a job
+            # asking for the same root meanwhile waits for it too: through the
+            # edges, it would only repeat what the pass does.
+            await running.wait(s._scheduler)
         return await s._scheduler.build(loaded)
 
     async def discard(self) -> None:
@@ -388,8 +463,8 @@ class Engine:
         self._closed = False
         self._job_added = anyio.Event()
         self._collecting: list[Any] | None = None
-        # builds in the cached path's passes now (see Job.build)
-        self._cached_passes = 0
+        # the roots on the cached path now, each with its pass (see Job.build)
+        self._passes: dict[str, _Pass] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} jobs={len(self._jobs)} active={len(self._actives)}>"

@@ -472,11 +472,13 @@ class Scheduler:
     async def build(self, edge: Edge) -> CachedResult:
         # A caller cancelled before it starts asks for nothing.
         await anyio.lowlevel.checkpoint_if_cancelled()
+        if self._closed:
+            # (a build the closing solver answered on the cold path gets here
+            # with its states discarded already)
+            raise SolveError("the solver was closed")
         e = self.factory.get_edge(edge)
         if e is None:
             raise InternalError(f"invalid request {edge!r} for build")
-        if self._closed:
-            raise SolveError("the solver was closed")
         done = anyio.Event()
         p = Pipe(self, None, e, COMPLETE)
 
@@ -505,7 +507,7 @@ class Scheduler:
             if isinstance(err, Canceled):
                 raise SolveError("the build was cancelled by the engine") from None
             if isinstance(err, SolveError):
-                raise _hand_out(err)
+                raise hand_out(err)
             raise InternalError(f"unexpected error: {err!r}") from err
         edge_state = p.value
         return edge_state.result.clone()  # type: ignore[no-any-return]
@@ -525,7 +527,7 @@ def _add_outgoing(edge: ActiveEdge, p: Pipe) -> None:
         edge.outgoing = [p]
 
 
-def _hand_out(err: SolveError) -> SolveError:
+def hand_out(err: SolveError) -> SolveError:
     copy = err._copy()
     if isinstance(err, SlowCacheError):
         assert isinstance(copy, SlowCacheError)
