@@ -35,7 +35,11 @@ from ._op import (
     Op as Op,
     ResolveOp as ResolveOp,
 )
-from ._progress import ProgressEvent as ProgressEvent, log_output as log_output
+from ._progress import (
+    ProgressEvent as ProgressEvent,
+    log_output as log_output,
+    report_cache_source as report_cache_source,
+)
 from ._refs import (
     CachedResultWithKeys as CachedResultWithKeys,
     SharedCachedResult as SharedCachedResult,

@@ -20,9 +20,11 @@ __all__ = [
     "LOG",
     "STARTED",
     "ProgressEvent",
+    "current_cache_source",
     "current_log",
     "log_output",
     "make_event",
+    "report_cache_source",
 ]
 
 STARTED: Final = "started"
@@ -46,6 +48,10 @@ class ProgressEvent:
     cache: the worker's store) or ``"import"`` (a cache source, such as an
     imported cache directory); ``None`` for every other event, and for an op
     shown as cached because its result was not needed (a later op's was loaded).
+    A ``"completed"`` event has a ``cache_source`` when the op's ``exec`` found
+    its outputs in a cache it consults itself rather than running
+    (:func:`report_cache_source`): ``"shared"`` for a step the shared cache
+    restored (``docs/shared-cache.md``).
     """
 
     vertex: str
@@ -86,3 +92,20 @@ def log_output(data: bytes, stream: int = 1) -> None:
     emit = current_log.get()
     if emit is not None and data:
         emit(data, stream)
+
+
+# Set by the engine while an op's exec runs: collects what report_cache_source says.
+current_cache_source: ContextVar[list[str] | None] = ContextVar(
+    "solver_current_cache_source", default=None
+)
+
+
+def report_cache_source(source: str) -> None:
+    """Say, from inside an op's ``exec``, that its outputs came from a cache the
+    op consults itself (``source``, e.g. ``"shared"``) instead of from running
+    it. The op's ``"completed"`` event then carries ``cache_source=source``, and
+    a build's summary counts the op as cached from there. Elsewhere it does
+    nothing. O(1)."""
+    box = current_cache_source.get()
+    if box is not None:
+        box.append(source)

@@ -78,6 +78,27 @@ async def test_a_second_worker_restores_every_step(tmp_path: Path, shared_url: s
     assert second == first
 
 
+async def test_a_build_restored_from_the_shared_cache_counts_as_cached(
+    tmp_path: Path, shared_url: str
+) -> None:
+    """Each restored step's completed event says cache_source="shared", and the
+    build's summary counts it cached from there, not run."""
+    defn = uuid_graph()
+    async with SharedCache(shared_url) as shared:
+        await build(tmp_path / "a", shared, defn)
+    async with Worker(tmp_path / "b") as worker, SharedCache(shared_url) as shared:
+        shared.attach(worker)
+        try:
+            async with Solver(worker=worker) as solver, await solver.solve(defn) as result:
+                summary = result.summary
+        finally:
+            await shared.detach()
+    assert summary is not None
+    assert (summary.executed, summary.cached) == (0, 3)
+    assert summary.cache_hits == {"shared": 3}
+    assert {op.cache_source for op in summary.ops} == {"shared"}
+
+
 async def test_a_blob_that_does_not_match_is_refused_reported_and_rebuilt(
     tmp_path: Path, shared_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -457,3 +478,25 @@ async def test_the_postgres_store_is_a_blob_store(tmp_path: Path, shared_url: st
         assert (await store.usage()).blobs == 1
     finally:
         await store.close()
+
+
+def test_expect_cached_passes_on_a_build_the_shared_cache_restored(
+    tmp_path: Path, shared_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from solver.cli import main
+
+    build_py = tmp_path / "build.py"
+    build_py.write_text(
+        "from solver.worker import State, run\n"
+        "src = State.inline({'a.txt': 'hi\\n'})\n"
+        "definition = run(['/bin/sh', '-c', 'cat a.txt a.txt > b.txt'], root=src, name='twice')\n"
+    )
+    common = ["build", str(build_py), "--progress", "plain", "--shared-cache", shared_url,
+              "--expect-cached"]
+    assert main([*common, "--cache-dir", str(tmp_path / "one")]) == 1  # cold: it ran
+    capsys.readouterr()
+    # another machine (an empty local cache): every step from the shared cache
+    assert main([*common, "--cache-dir", str(tmp_path / "two")]) == 0
+    err = capsys.readouterr().err
+    assert "Summary: 2 ops: 0 run, 2 cached, 0 failed" in err.splitlines()
+    assert "Cache hits: 2 shared" in err.splitlines()

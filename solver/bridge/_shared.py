@@ -59,7 +59,7 @@ import anyio.to_thread
 from .._digest import digest_of
 from .._errors import SolveError
 from .._op import CacheMap, Op
-from .._progress import log_output
+from .._progress import log_output, report_cache_source
 from .._result import Result
 from ..cache import (
     ActionRecord,
@@ -89,6 +89,10 @@ _ACTION_VERSION: Final = "solver-engine/action/v1"
 
 RESTORED_LINE: Final = b"restored from the shared cache\n"
 """What a step restored from the shared cache logs in its progress."""
+
+SHARED_SOURCE: Final = "shared"
+"""The ``cache_source`` of a step the shared cache restored (its ``completed``
+event says so, and a build's summary counts it as cached from there)."""
 
 SharedCacheMode = Literal["rw", "ro"]
 
@@ -630,6 +634,7 @@ class _SharedOp:
             outs = await shared.restore(record)
             if outs is not None:
                 log_output(RESTORED_LINE, 2)
+                report_cache_source(SHARED_SOURCE)
                 return outs
         if shared.mode == "ro" or not shared.available:
             shared._executed += 1
@@ -646,6 +651,7 @@ class _SharedOp:
                     outs = await shared.restore(record)
                     if outs is not None:
                         log_output(RESTORED_LINE, 2)
+                        report_cache_source(SHARED_SOURCE)
                         return outs
                 shared._executed += 1
                 outs = list(await self._inner.exec(inputs))

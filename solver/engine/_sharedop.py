@@ -34,7 +34,7 @@ import anyio
 from .._cache import CacheManager, CacheRecord, ExportableCacheKey
 from .._errors import SlowCacheError, SolveError
 from .._op import CacheMap, ComputeDigest, Op
-from .._progress import CACHED, COMPLETED, ERROR, STARTED, current_log
+from .._progress import CACHED, COMPLETED, ERROR, STARTED, current_cache_source, current_log
 from .._refs import CachedResultWithKeys, SharedResult
 from ..cache import InMemoryCacheManager, KeyExporter
 from ._scheduler import CANCELED, Pipe
@@ -256,6 +256,8 @@ class SharedOp:
     async def _exec_logged(self, op: Op, inputs: Sequence[Result]) -> list[Result]:
         st = self.state
         token = current_log.set(st.log)
+        sources: list[str] = []  # what the op reports with report_cache_source
+        source_token = current_cache_source.set(sources)
         try:
             st.emit(STARTED)
             try:
@@ -266,8 +268,9 @@ class SharedOp:
                 cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
                 st.emit(ERROR, "canceled" if cancelled else exc)
                 raise
-            st.emit(COMPLETED)
+            st.emit(COMPLETED, cache_source=sources[-1] if sources else None)
         finally:
+            current_cache_source.reset(source_token)
             current_log.reset(token)
         return outputs
 

@@ -64,10 +64,11 @@ class OpRecord(NamedTuple):
     ``"executed"``, ``"cached"``, ``"failed"``, ``"canceled"`` or ``"not run"``.
     ``started`` and ``ended`` (``time.time()``) bound its execution (``None``
     when it did not run; a cached op has only ``ended``, when its result was
-    there). ``cache_source`` (cached ops) is where the result came from:
-    ``"memory"``, ``"local"``, ``"import"`` (see :class:`~solver.ProgressEvent`),
-    ``"unneeded"`` (not loaded: a later op's result was) or ``"active"``
-    (shared with another build of the same solver). ``error`` and ``log_tail``
+    there; one the shared cache restored has both). ``cache_source`` (cached
+    ops) is where the result came from: ``"memory"``, ``"local"``, ``"import"``,
+    ``"shared"`` (see :class:`~solver.ProgressEvent`), ``"unneeded"`` (not
+    loaded: a later op's result was) or ``"active"`` (shared with another build
+    of the same solver). ``error`` and ``log_tail``
     (the last lines it wrote) are kept for a failed op. ``reason`` says why an
     executed op ran, when the build was explained (``solver build --explain``,
     :func:`solver.explain`; ``None`` otherwise). ``inputs`` are
@@ -163,8 +164,9 @@ class BuildSummary:
         return dict(sorted(hits.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def ran(self) -> list[OpRecord]:
-        """The ops that ran (executed, failed or cancelled), in build order."""
-        return [op for op in self.ops if op.started is not None]
+        """The ops that ran (executed, failed or cancelled), in build order; a
+        step the shared cache restored did not (its exec fetched, not ran)."""
+        return [op for op in self.ops if op.started is not None and op.state != CACHED_OP]
 
     # -- time --------------------------------------------------------------------------
     @property
@@ -374,7 +376,12 @@ def summarize(
             rec.state = CANCELED  # until it says how it ended
         elif status == COMPLETED:
             rec.ended = ev.timestamp
-            rec.state = EXECUTED
+            if ev.cache_source is not None:
+                # its exec restored the outputs from a cache (the shared one)
+                rec.cache_source = ev.cache_source
+                rec.state = CACHED_OP
+            else:
+                rec.state = EXECUTED
         elif status == CACHED:
             rec.ended = ev.timestamp
             rec.cache_source = ev.cache_source or UNNEEDED
