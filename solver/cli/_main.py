@@ -327,6 +327,7 @@ async def open_solver(
     *,
     sandbox: SandboxMode = "bwrap",
     secrets: Mapping[str, SecretSource] | None = None,
+    max_parallelism: int | None = None,
 ) -> AsyncIterator[Solver]:
     """A solver over the built-in worker on ``cache_dir``/snapshots (default: the
     worker's default root) and its persistent cache, so that building again
@@ -334,9 +335,10 @@ async def open_solver(
     ``secrets`` available to the steps that name them. Waits while another process
     has the cache directory open. Raises :class:`CommandError` naming the cache
     directory when its store cannot be opened (a file where a directory should
-    be, no permission)."""
+    be, no permission). At most ``max_parallelism`` exec steps run at once
+    (default: the number of CPUs)."""
     root = _store_root(cache_dir)
-    worker = Worker(root, sandbox=sandbox, secrets=secrets)
+    worker = Worker(root, sandbox=sandbox, secrets=secrets, max_parallelism=max_parallelism)
     with _opening_cache(cache_dir):
         await worker.open()
     try:
@@ -582,7 +584,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
     if args.frontend is not None:
         return cmd_build_frontend(
             args,
-            functools.partial(open_solver, sandbox=args.sandbox, secrets=args.secrets),
+            functools.partial(
+                open_solver, sandbox=args.sandbox, secrets=args.secrets, max_parallelism=args.jobs
+            ),
         )
     defn = _load_for_command(args.file)
 
@@ -590,7 +594,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with open_solver(
-            args.cache_dir, sandbox=args.sandbox, secrets=args.secrets
+            args.cache_dir, sandbox=args.sandbox, secrets=args.secrets, max_parallelism=args.jobs
         ) as solver:
             await build_definition(
                 solver,
@@ -808,6 +812,16 @@ def _output_arg(text: str) -> OutputSpec:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _jobs_arg(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return n
+
+
 def _duration_arg(text: str) -> float:
     try:
         return parse_duration(text)
@@ -907,6 +921,8 @@ def make_parser() -> argparse.ArgumentParser:
         "NO_COLOR turns colour off)",
     )
     b.add_argument("--cache-dir", metavar="DIR", default=None, help=cache_help)
+    b.add_argument("-j", "--jobs", type=_jobs_arg, default=None, metavar="N",
+                   help="run at most N exec steps at once (default: the number of CPUs)")
     b.add_argument(
         "--sandbox",
         choices=("bwrap", "none"),

@@ -139,6 +139,7 @@ from ._sandbox import (
     limit_prefix,
     resolve_rootfs,
 )
+from ._slots import StepSlots
 from ._snapshots import MutableSnapshot, SnapshotRef, SnapshotStore, SnapshotView
 
 __all__ = [
@@ -488,6 +489,7 @@ class ExecOp:
         "_on_output",
         "_sandbox",
         "_secrets",
+        "_slots",
         "_spec",
         "_store",
     )
@@ -503,8 +505,10 @@ class ExecOp:
         *,
         sandbox: SandboxMode = "bwrap",
         secrets: Mapping[str, SecretSource] | None = None,
+        slots: StepSlots | None = None,
     ) -> None:
         self._spec = spec
+        self._slots = slots
         self._inputs = inputs
         self._store = store
         self._on_output = on_output
@@ -516,6 +520,13 @@ class ExecOp:
     async def cache_map(self, index: int) -> tuple[CacheMap, bool]:
         """The payload's digest and one plain dependency per input."""
         return CacheMap(self._digest, tuple(CacheMapDep() for _ in range(self._inputs))), True
+
+    def acquire(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """One of the worker's step slots (``Worker(max_parallelism=N)``), which the
+        engine holds around :meth:`exec`; no bound without slots."""
+        if self._slots is None:
+            return contextlib.nullcontext()
+        return self._slots.slot()
 
     async def exec(self, inputs: Sequence[Result]) -> Sequence[Result]:
         """Materialise the mounts, run the process, commit the output mounts."""
@@ -889,6 +900,7 @@ def register_exec(
     replace: bool = False,
     sandbox: SandboxMode = "bwrap",
     secrets: Mapping[str, SecretSource] | None = None,
+    slots: StepSlots | None = None,
 ) -> None:
     """Register the op kind ``exec`` in ``registry``, running over ``store``.
 
@@ -904,7 +916,8 @@ def register_exec(
     :mod:`solver.worker._sandbox`) or ``"none"`` (host processes: an explicit
     choice, logged in each step's progress and part of its cache key).
     ``secrets`` maps the secret ids ops may name to their contents (``bytes``) or
-    to a host file that holds them (a path).
+    to a host file that holds them (a path). ``slots``, when given, bounds how many
+    of these ops run at once (each holds one slot around its ``exec``).
     """
     if sandbox not in ("bwrap", "none"):
         raise ValueError(f"sandbox must be 'bwrap' or 'none', got {sandbox!r}")
@@ -932,6 +945,7 @@ def register_exec(
             ctx.vertex.name,
             sandbox=sandbox,
             secrets=secret_map,
+            slots=slots,
         )
 
     registry.register(_KIND, factory, outputs=_count_outputs, validate=_validate, replace=replace)

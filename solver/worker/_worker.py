@@ -34,6 +34,7 @@ from ._fileops import register_file
 from ._gc import PrunePolicy, as_rules
 from ._merge import register_merge
 from ._sandbox import SandboxMode
+from ._slots import StepSlots, default_parallelism
 from ._snapshots import SnapshotInfo, SnapshotStore
 from ._sources import register_sources
 
@@ -48,14 +49,15 @@ def register_builtin_kinds(
     *,
     sandbox: SandboxMode = "bwrap",
     secrets: Mapping[str, SecretSource] | None = None,
+    slots: StepSlots | None = None,
 ) -> None:
     """Register the built-in kinds (``source.inline``, ``source.local``, ``file``,
-    ``merge``, ``exec``) into ``registry``, bound to ``store``; ``sandbox`` and
-    ``secrets`` are :func:`register_exec`'s."""
+    ``merge``, ``exec``) into ``registry``, bound to ``store``; ``sandbox``,
+    ``secrets`` and ``slots`` are :func:`register_exec`'s."""
     register_sources(registry, store)
     register_file(registry, store)
     register_merge(registry, store)
-    register_exec(registry, store, sandbox=sandbox, secrets=secrets)
+    register_exec(registry, store, sandbox=sandbox, secrets=secrets, slots=slots)
 
 
 class Worker:
@@ -83,6 +85,11 @@ class Worker:
     (``bytes``) or to a host file (a path); a step sees them as read-only files in
     ``/run/secrets``, and they are never part of a cache key, a record, progress
     or an export.
+
+    ``max_parallelism`` bounds how many ``exec`` steps run at once (``make
+    -jN``; default ``os.cpu_count()``): a step waits for a free slot before it
+    starts, so progress shows it started only once it runs (``docs/worker.md``,
+    "Running steps in parallel"). :attr:`slots` shows the bound in use.
     """
 
     def __init__(
@@ -93,11 +100,17 @@ class Worker:
         lock_timeout: float | None = None,
         sandbox: SandboxMode = "bwrap",
         secrets: Mapping[str, SecretSource] | None = None,
+        max_parallelism: int | None = None,
     ) -> None:
+        self.slots = StepSlots(
+            default_parallelism() if max_parallelism is None else max_parallelism
+        )
         self.store = SnapshotStore(root, lock_timeout=lock_timeout)
         self.op_kinds = OpKindRegistry()
         self.sandbox: SandboxMode = sandbox
-        register_builtin_kinds(self.op_kinds, self.store, sandbox=sandbox, secrets=secrets)
+        register_builtin_kinds(
+            self.op_kinds, self.store, sandbox=sandbox, secrets=secrets, slots=self.slots
+        )
         self.gc_policy: tuple[PrunePolicy, ...] = (
             as_rules(gc_policy) if gc_policy is not None else ()
         )
@@ -149,6 +162,7 @@ class Worker:
         """Open the store (see :meth:`SnapshotStore.open`), then the persistent cache
         beside it, releasing the records of snapshots deleted since it was last
         open."""
+        self.slots.reset()
         await self.store.open()
         try:
             self._cache = await open_worker_cache(self.store)
@@ -179,5 +193,5 @@ class Worker:
     def __repr__(self) -> str:
         return (
             f"<Worker at {self.store.root} kinds={self.op_kinds.names()} "
-            f"sandbox={self.sandbox}>"
+            f"sandbox={self.sandbox} max_parallelism={self.slots.total}>"
         )
