@@ -32,11 +32,14 @@ Payload
       "secrets": ["id", ...]                   # optional: worker secrets to expose
     }
 
-* A **read-only** mount of input ``i`` is a private copy of that input snapshot,
-  with every write bit dropped; ``input: null`` gives an empty read-only
-  directory. Being a copy, nothing the process does to it can reach the input
-  snapshot (write bits do not stop a process running as root; the copy does). A
-  read-only mount has no ``output`` and may not contain other mounts.
+* A **read-only** mount of input ``i`` is, in the sandbox, that input snapshot
+  itself, bound read-only by bwrap (``--ro-bind``) on an empty mount point: no
+  copy, and no process (not even root in its user namespace) can change it.
+  Without a sandbox it is a private copy with every write bit dropped, so that
+  nothing the host process does to it can reach the input snapshot (write bits
+  do not stop a process running as root; the copy does). ``input: null`` gives
+  an empty read-only directory. A read-only mount has no ``output`` and may not
+  contain other mounts.
 * A **writable** mount starts as a writable copy of input ``i``
   (:meth:`SnapshotStore.new_mutable` with ``base=``) or empty (``input: null``).
   If it has an ``output`` index, it is committed as that output snapshot when the
@@ -551,9 +554,10 @@ class ExecOp:
                 await anyio.to_thread.run_sync(os.mkdir, work)
             except OSError as exc:
                 raise SolveError(f"cannot create the exec directory {work}: {exc}") from exc
-            stashes = await self._materialise(inputs, work, root, order, mutables)
+            bound: dict[tuple[str, ...], str] = {}
+            stashes = await self._materialise(inputs, work, root, order, mutables, bound)
             cwd = await anyio.to_thread.run_sync(_ensure_dir, root, spec.cwd, "cwd")
-            code, tail, pids_hit = await self._run(work, root, cwd, tools)
+            code, tail, pids_hit = await self._run(work, root, cwd, tools, bound)
             if code != 0:
                 raise SolveError(self._failure(code, tail, pids_hit))
             await anyio.to_thread.run_sync(
@@ -587,9 +591,11 @@ class ExecOp:
         root: Path,
         order: list[int],
         mutables: dict[int, MutableSnapshot],
+        bound: dict[tuple[str, ...], str],
     ) -> dict[int, Path]:
         """Place every mount under ``root``, shallowest first. Returns where the
-        content hidden by each nested mount was put aside."""
+        content hidden by each nested mount was put aside; fills ``bound`` with the
+        snapshot directories the sandbox binds read-only (no copy)."""
         spec = self._spec
         stashes: dict[int, Path] = {}
         if not any(not m.parts for m in spec.mounts):
@@ -607,9 +613,16 @@ class ExecOp:
                             f"built-in worker (its sys is {type(view).__name__})"
                         )
                     source = view.path
-                stash = await anyio.to_thread.run_sync(
-                    _place_copy, source, root, m, work / f"stash-{i}"
-                )
+                if source is not None and self._sandbox == "bwrap":
+                    # Bound read-only by bwrap as it is: an empty mount point here.
+                    stash = await anyio.to_thread.run_sync(
+                        _place_mount_point, root, m, work / f"stash-{i}"
+                    )
+                    bound[m.parts] = os.fspath(source)
+                else:
+                    stash = await anyio.to_thread.run_sync(
+                        _place_copy, source, root, m, work / f"stash-{i}"
+                    )
             else:
                 description = {"kind": _KIND, "args": list(spec.args), "dest": m.dest}
                 mutable = await self._store.new_mutable(description, base=base)
@@ -644,7 +657,7 @@ class ExecOp:
         return _Tools(bwrap, prlimit)
 
     async def _command_line(
-        self, work: Path, root: Path, cwd: Path, tools: _Tools
+        self, work: Path, root: Path, cwd: Path, tools: _Tools, bound: dict[tuple[str, ...], str]
     ) -> tuple[list[str], Path, dict[str, str]]:
         """The command line to start, its working directory and environment."""
         spec = self._spec
@@ -677,6 +690,7 @@ class ExecOp:
             network=spec.network,
             secrets=secrets,
             as_root=_is_root(),
+            bound=bound,
         )
         # bwrap itself gets an almost empty environment; the step's is set by
         # --clearenv/--setenv.
@@ -717,12 +731,12 @@ class ExecOp:
         return files
 
     async def _run(
-        self, work: Path, root: Path, cwd: Path, tools: _Tools
+        self, work: Path, root: Path, cwd: Path, tools: _Tools, bound: dict[tuple[str, ...], str]
     ) -> tuple[int, bytes, bool]:
         """Run the process to its end; its exit code, its stderr tail, and whether
         a fork failed on the process limit."""
         spec = self._spec
-        argv, start_dir, env = await self._command_line(work, root, cwd, tools)
+        argv, start_dir, env = await self._command_line(work, root, cwd, tools, bound)
         if tools.bwrap is None:
             # An explicit choice; it still shows, in the vertex's progress.
             log_output(
@@ -1002,6 +1016,18 @@ def _place_copy(source: Path | None, root: Path, m: _Mount, stash: Path) -> Path
             os.mkdir(dest)
         else:
             shutil.copytree(source, dest, symlinks=True)
+        _drop_write_bits(dest)
+    except OSError as exc:
+        raise SolveError(f"cannot make the read-only mount {m.dest!r}: {exc}") from exc
+    return stashed
+
+
+def _place_mount_point(root: Path, m: _Mount, stash: Path) -> Path | None:
+    """A read-only mount the sandbox binds from its snapshot: an empty directory
+    where it goes (read-only, as a copy would be)."""
+    dest, stashed = _prepare_dest(root, m, stash)
+    try:
+        os.mkdir(dest)
         _drop_write_bits(dest)
     except OSError as exc:
         raise SolveError(f"cannot make the read-only mount {m.dest!r}: {exc}") from exc
