@@ -60,6 +60,7 @@ __all__ = [
 ]
 
 _CHUNK: Final = 1 << 20
+_WRITE_BITS: Final = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
 DIR_MODE: Final = 0o755
 FILE_MODE: Final = 0o644
 
@@ -270,10 +271,18 @@ def ensure_dir(path: str, mode: int = DIR_MODE) -> None:
     os.chmod(path, mode | stat.S_IRWXU)
 
 
-def copy_one(src: str, mode: int, dst: str) -> None:
+def copy_one(
+    src: str, mode: int, dst: str, links: set[tuple[int, int]] | None = None
+) -> None:
     """Copy one entry (not a directory's contents) to ``dst``, replacing what is
     there: a directory becomes a directory (an existing one is kept), a symlink is
-    copied as a symlink, a file's bytes and mode are copied (owner write added)."""
+    copied as a symlink, a file's bytes and mode are copied (owner write added).
+
+    With ``links`` (``src`` is in a sealed snapshot of the store, ``dst`` in a
+    working directory no process sees), a regular file without write bits is
+    hard-linked instead, and its ``(st_dev, st_ino)`` added to ``links``, for
+    :meth:`MutableSnapshot.share_store_files`; where linking fails (another file
+    system, too many links) it is copied."""
     if stat.S_ISDIR(mode):
         ensure_dir(dst, stat.S_IMODE(mode))
         return
@@ -282,15 +291,27 @@ def copy_one(src: str, mode: int, dst: str) -> None:
         os.symlink(os.readlink(src), dst)
         return
     check_regular_kind(mode, src, "copy source")
+    if links is not None and not mode & _WRITE_BITS:
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except OSError:
+            pass
+        else:
+            st = os.lstat(dst)
+            links.add((st.st_dev, st.st_ino))
+            return
     shutil.copy2(src, dst, follow_symlinks=False)
     os.chmod(dst, stat.S_IMODE(mode) | stat.S_IWUSR)
 
 
-def copy_entries(entries: Sequence[Entry], dest: str) -> None:
+def copy_entries(
+    entries: Sequence[Entry], dest: str, links: set[tuple[int, int]] | None = None
+) -> None:
     """Copy selected entries below the real directory ``dest`` (which exists);
-    parents come before children, so each parent is a real directory by then."""
+    parents come before children, so each parent is a real directory by then.
+    ``links``: see :func:`copy_one`."""
     for e in entries:
-        copy_one(e.path, e.mode, os.path.join(dest, *e.rel.split("/")))
+        copy_one(e.path, e.mode, os.path.join(dest, *e.rel.split("/")), links)
 
 
 def make_parents(root: str, path: str) -> None:
@@ -402,12 +423,14 @@ def _content_digest(root: str, actions: Sequence[Mapping[str, JSONValue]]) -> st
 
 def _apply(
     out: str, roots: Sequence[str], actions: Sequence[Mapping[str, JSONValue]]
-) -> None:
-    """Apply the actions to the working directory ``out``. Runs in a thread."""
+) -> set[tuple[int, int]]:
+    """Apply the actions to the working directory ``out``. Runs in a thread.
+    Returns the inodes hard-linked from the input snapshots (see :func:`copy_one`)."""
+    links: set[tuple[int, int]] = set()
     for i, action in enumerate(actions):
         name = str(action["action"])
         try:
-            _apply_one(out, roots, name, action)
+            _apply_one(out, roots, name, action, links)
         except UnsafePathError:
             raise
         except SolveError as exc:
@@ -415,9 +438,16 @@ def _apply(
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise SolveError(f"file op: actions[{i}] ({name}): {reason}") from exc
+    return links
 
 
-def _apply_one(out: str, roots: Sequence[str], name: str, action: Mapping[str, JSONValue]) -> None:
+def _apply_one(
+    out: str,
+    roots: Sequence[str],
+    name: str,
+    action: Mapping[str, JSONValue],
+    links: set[tuple[int, int]],
+) -> None:
     if name == "mkdir":
         path = str(action["path"])
         real = resolve_in(out, path, what="mkdir path")
@@ -464,7 +494,7 @@ def _apply_one(out: str, roots: Sequence[str], name: str, action: Mapping[str, J
             make_parents(out, os.path.join(real_dest, "x"))
             if os.path.normpath(real_dest) != os.path.normpath(out):
                 ensure_dir(real_dest)
-            copy_entries(entries, real_dest)
+            copy_entries(entries, real_dest, links)
             return
         (entry,) = entries
         if dest.endswith("/") or (os.path.isdir(real_dest) and not os.path.islink(real_dest)):
@@ -565,7 +595,10 @@ class FileOp:
         )
         try:
             roots = [os.fspath(v.path) for v in views]
-            await anyio.to_thread.run_sync(_apply, os.fspath(mutable.path), roots, self.actions)
+            links = await anyio.to_thread.run_sync(
+                _apply, os.fspath(mutable.path), roots, self.actions
+            )
+            mutable.share_store_files(links)
             ref: SnapshotRef = await mutable.commit()
         finally:
             with anyio.CancelScope(shield=True):
