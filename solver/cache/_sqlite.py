@@ -31,6 +31,10 @@ Every public coroutine is one transaction (``BEGIN IMMEDIATE`` when it writes, s
 writers never deadlock on a lock upgrade), run in a worker thread through
 ``anyio.to_thread.run_sync`` with a capacity limiter of one: callers queue on the
 event loop, never in threads, and the one connection is used by one thread at a
+time. The exception is a read that finds the connection idle (no call in a thread,
+the lock free): it runs inline on the event loop, then checkpoints, because an
+indexed read takes microseconds and the thread hop around it tens of them (a
+no-op build of 35 files made 500 of them). The connection is still used by one thread at a
 time (a :class:`threading.Lock` guards it too, for :meth:`SQLiteCacheStorage._check`
 and :meth:`close`). A call that has reached its thread is not abandoned on
 cancellation: its transaction commits or rolls back as a whole and the caller sees
@@ -300,23 +304,40 @@ class SQLiteCacheStorage:
 
     async def _call(self, func: Callable[..., T], *args: object, write: bool = False) -> T:
         self._live()
+        if not write and self._limiter.borrowed_tokens == 0 and self._mutex.acquire(False):
+            # A read with the connection idle runs here, on the event loop: a
+            # lookup by index in a WAL database (readers never wait for a writer)
+            # takes microseconds, where a hop to a worker thread and back costs
+            # tens of them; a no-op build makes hundreds (docs/performance.md,
+            # "Real builds"). It still checkpoints, as every call does.
+            try:
+                out = self._transaction_locked(func, args, write)
+            finally:
+                self._mutex.release()
+            await anyio.lowlevel.checkpoint()
+            return out
         return await anyio.to_thread.run_sync(
             self._transaction, func, args, write, limiter=self._limiter
         )
 
     def _transaction(self, func: Callable[..., T], args: tuple[object, ...], write: bool) -> T:
         with self._mutex:
-            conn = self._conn
-            if conn is None:  # closed while this call waited for the limiter
-                raise anyio.ClosedResourceError("the cache key storage is closed")
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                out = func(conn, *args)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return out
+            return self._transaction_locked(func, args, write)
+
+    def _transaction_locked(
+        self, func: Callable[..., T], args: tuple[object, ...], write: bool
+    ) -> T:
+        conn = self._conn
+        if conn is None:  # closed while this call waited for the limiter
+            raise anyio.ClosedResourceError("the cache key storage is closed")
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            out = func(conn, *args)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return out
 
     def _close_connection(self) -> None:
         with self._mutex:
