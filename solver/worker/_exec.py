@@ -124,10 +124,12 @@ import anyio.to_thread
 
 from .._digest import digest_of
 from .._errors import SolveError
-from .._op import CacheMap, CacheMapDep, Op
+from .._op import CacheMap, CacheMapDep, ComputeDigest, Op
 from .._progress import log_output
 from .._result import Result
 from ..definition import DefinitionError, JSONValue, OpContext, OpKindRegistry, canonical_json
+from ._fileops import selection_digest
+from ._paths import check_regular_kind, resolve_in
 from ._sandbox import (
     BASE_ENV,
     DEFAULT_ROOTFS,
@@ -190,8 +192,9 @@ _RESERVED_ENV: Final = frozenset({"SOLVER_ROOT", "SOLVER_SECRETS"})
 # System-root paths that would hide what the sandbox itself puts there.
 # (A path below /tmp is fine: it is bound on top of the private /tmp.)
 _SANDBOX_PATHS: Final = ("/proc", "/dev", SANDBOX_ROOT, SECRETS_DIR)
-_MOUNT_KEYS: Final = frozenset({"input", "dest", "readonly", "output"})
+_MOUNT_KEYS: Final = frozenset({"input", "dest", "readonly", "output", "selector"})
 _WRITE_BITS: Final = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 
 
 # -- payload ----------------------------------------------------------------------------
@@ -210,6 +213,7 @@ class _Mount:
     parts: tuple[str, ...]  # normalised components; () is R itself
     readonly: bool
     output: int | None
+    selector: str | None = None  # a sub-path of the input, normalised ("a/b")
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,7 +364,20 @@ def _parse_payload(payload: Mapping[str, JSONValue]) -> _Spec:
                 f"{where} is read-only, so it cannot be an output "
                 "(make it writable or drop 'output')"
             )
-        mounts.append(_Mount(inp, str(m["dest"]), parts, readonly, out))
+        selector: str | None = None
+        if "selector" in m:
+            selector = "/".join(_rel_parts(m["selector"], f"{where}.selector"))
+            if not readonly or inp is None:
+                raise ExecPayloadError(
+                    f"{where}.selector: only a read-only mount of an input can select a "
+                    "sub-path of it (make the mount read-only, with an input)"
+                )
+            if not selector:
+                raise ExecPayloadError(
+                    f"{where}.selector {m['selector']!r} names the input's root; "
+                    "leave 'selector' out to mount the whole input"
+                )
+        mounts.append(_Mount(inp, str(m["dest"]), parts, readonly, out, selector))
 
     for i, outer in enumerate(mounts):
         if not outer.readonly:
@@ -544,8 +561,33 @@ class ExecOp:
         self._digest = cache_digest(payload, spec, sandbox)
 
     async def cache_map(self, index: int) -> tuple[CacheMap, bool]:
-        """The payload's digest and one plain dependency per input."""
-        return CacheMap(self._digest, tuple(CacheMapDep() for _ in range(self._inputs))), True
+        """The payload's digest and one dependency per input: keyed on the content
+        of the sub-paths its mounts select when every mount of it has a selector,
+        on the whole input otherwise."""
+        deps: list[CacheMapDep] = []
+        for i in range(self._inputs):
+            uses = [m for m in self._spec.mounts if m.input == i]
+            selected = sorted({m.selector for m in uses if m.selector is not None})
+            if not uses or any(m.selector is None for m in uses):
+                deps.append(CacheMapDep())
+                continue
+            deps.append(CacheMapDep(
+                selector=digest_of(canonical_json(["exec-mount-selectors", list(selected)])),
+                compute_digest=self._selection_key(i, selected),
+            ))
+        return CacheMap(self._digest, tuple(deps)), True
+
+    def _selection_key(self, index: int, paths: list[str]) -> ComputeDigest:
+        async def compute(result: Result) -> str:
+            view = result.sys
+            if not isinstance(view, SnapshotView):
+                raise SolveError(
+                    f"{self._label()}: input {index} is not a snapshot of the built-in "
+                    f"worker (its sys is {type(view).__name__})"
+                )
+            return await anyio.to_thread.run_sync(selection_digest, os.fspath(view.path), paths)
+
+        return compute
 
     def acquire(self) -> contextlib.AbstractAsyncContextManager[None]:
         """One of the worker's step slots (``Worker(max_parallelism=N)``), which the
@@ -636,10 +678,12 @@ class ExecOp:
                             f"built-in worker (its sys is {type(view).__name__})"
                         )
                     source = view.path
+                if source is not None and m.selector is not None:
+                    source = await anyio.to_thread.run_sync(_selected, source, m)
                 if source is not None and self._sandbox == "bwrap":
                     # Bound read-only by bwrap as it is: an empty mount point here.
                     stash = await anyio.to_thread.run_sync(
-                        _place_mount_point, root, m, work / f"stash-{i}"
+                        _place_mount_point, root, m, work / f"stash-{i}", source
                     )
                     bound[m.parts] = os.fspath(source)
                 else:
@@ -1031,26 +1075,49 @@ def _prepare_dest(root: Path, m: _Mount, stash: Path) -> tuple[Path, Path | None
     return dest, None
 
 
+def _selected(top: Path, m: _Mount) -> Path:
+    """The real path of a mount's selector inside the input snapshot at ``top``
+    (symlinks followed only inside it): a directory or a regular file."""
+    assert m.selector is not None
+    where = f"mount {m.dest!r}: selector {m.selector!r}"
+    try:
+        real = resolve_in(os.fspath(top), m.selector, follow_final=True, what=where)
+        st = os.lstat(real)
+    except FileNotFoundError:
+        raise SolveError(f"{where} is not in input {m.input}") from None
+    except OSError as exc:
+        raise SolveError(f"{where}: {exc.strerror or exc}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        check_regular_kind(st.st_mode, m.selector, where)
+    return Path(real)
+
+
 def _place_copy(source: Path | None, root: Path, m: _Mount, stash: Path) -> Path | None:
-    """A read-only mount: a private copy of ``source`` (or an empty directory)."""
+    """A read-only mount: a private copy of ``source`` (a directory or, for a
+    selector, a file), or an empty directory."""
     dest, stashed = _prepare_dest(root, m, stash)
     try:
         if source is None:
             os.mkdir(dest)
-        else:
+        elif os.path.isdir(source):
             shutil.copytree(source, dest, symlinks=True)
+        else:
+            shutil.copy2(source, dest)
         _drop_write_bits(dest)
     except OSError as exc:
         raise SolveError(f"cannot make the read-only mount {m.dest!r}: {exc}") from exc
     return stashed
 
 
-def _place_mount_point(root: Path, m: _Mount, stash: Path) -> Path | None:
+def _place_mount_point(root: Path, m: _Mount, stash: Path, source: Path) -> Path | None:
     """A read-only mount the sandbox binds from its snapshot: an empty directory
-    where it goes (read-only, as a copy would be)."""
+    (or, for a file, an empty file) where it goes, read-only as a copy would be."""
     dest, stashed = _prepare_dest(root, m, stash)
     try:
-        os.mkdir(dest)
+        if os.path.isdir(source):
+            os.mkdir(dest)
+        else:
+            os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o444))
         _drop_write_bits(dest)
     except OSError as exc:
         raise SolveError(f"cannot make the read-only mount {m.dest!r}: {exc}") from exc

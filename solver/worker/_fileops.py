@@ -56,6 +56,7 @@ __all__ = [
     "hash_entries",
     "register_file",
     "select_tree",
+    "selection_digest",
     "snapshot_view",
 ]
 
@@ -419,6 +420,13 @@ def _content_digest(root: str, actions: Sequence[Mapping[str, JSONValue]]) -> st
         h.update(canonical_json([str(action["src"]), kind]) + b"\n")
         hash_entries(entries, h)
     return "sha256:" + h.hexdigest()
+
+
+def selection_digest(root: str, paths: Sequence[str]) -> str:
+    """The content digest of sub-paths of the snapshot at ``root`` (each a
+    directory, hashed whole, or a file), as a ``copy`` of each would key it: an
+    exec mount selector's content key. Runs in a thread."""
+    return _content_digest(root, [{"src": path} for path in paths])
 
 
 def _apply(
