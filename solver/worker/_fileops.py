@@ -46,6 +46,7 @@ from .._errors import SolveError
 from .._op import CacheMap, CacheMapDep, ComputeDigest
 from .._result import Result
 from ..definition import JSONValue, OpContext, OpKindRegistry, canonical_json
+from ._digests import file_digest
 from ._paths import check_regular_kind, resolve_in
 from ._snapshots import SnapshotRef, SnapshotStore, SnapshotView, UnsafePathError
 
@@ -60,7 +61,6 @@ __all__ = [
     "snapshot_view",
 ]
 
-_CHUNK: Final = 1 << 20
 _WRITE_BITS: Final = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
 DIR_MODE: Final = 0o755
 FILE_MODE: Final = 0o644
@@ -203,20 +203,6 @@ def select_tree(
     return out
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    try:
-        with os.fdopen(fd, "rb") as f:
-            fd = -1
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    return h.hexdigest()
-
-
 def entry_record(rel: str, path: str, mode: int) -> bytes:
     """The canonical line an entry contributes to a content digest: its path, type,
     permission bits (write bits masked: committing drops them) and its content
@@ -227,7 +213,7 @@ def entry_record(rel: str, path: str, mode: int) -> bytes:
     elif stat.S_ISLNK(mode):
         body = [rel, "symlink", 0, os.readlink(path)]
     else:
-        body = [rel, "file", perm, _file_digest(path)]
+        body = [rel, "file", perm, file_digest(path)]
     return canonical_json(body) + b"\n"
 
 
