@@ -111,6 +111,9 @@ CONTENDERS = ("make", "ninja", "cli", "embedded")
 
 def fetch_sources(lib: Library, cache: Path) -> Path:
     """The library's extracted source directory, downloading the sdist once."""
+    extracted = cache / "src" / f"{lib.name}-{lib.version}"
+    if extracted.exists():
+        return extracted
     downloads = cache / "downloads"
     archive = downloads / lib.archive
     if not archive.exists():
@@ -120,15 +123,13 @@ def fetch_sources(lib: Library, cache: Path) -> Path:
              "--quiet", "-d", str(downloads), f"{lib.package}=={lib.version}"],
             check=True,
         )
-    extracted = cache / "src" / f"{lib.name}-{lib.version}"
-    if not extracted.exists():
-        tmp = extracted.with_suffix(".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(lib.top + "/")]
-            tar.extractall(tmp, members, filter="data")
-        os.rename(tmp / lib.top, extracted)
-        shutil.rmtree(tmp)
+    tmp = extracted.with_suffix(".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with tarfile.open(archive) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(lib.top + "/")]
+        tar.extractall(tmp, members, filter="data")
+    os.rename(tmp / lib.top, extracted)
+    shutil.rmtree(tmp)
     return extracted
 
 
