@@ -41,6 +41,7 @@ import contextlib
 import filecmp
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -143,6 +144,22 @@ def units(lib: Library, src: Path) -> list[str]:
     return found
 
 
+_TEXTUAL_INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"]+\.c)"', re.MULTILINE)
+
+
+def textual_includes(src: Path) -> list[str]:
+    """The ``.c`` files some source includes (templates, shared code):
+    headers in all but name, so every compile depends on them as on the headers."""
+    found: set[str] = set()
+    for path in src.rglob("*"):
+        if path.suffix in (".c", ".h") and path.is_file():
+            for name in _TEXTUAL_INCLUDE.findall(path.read_bytes()):
+                target = (path.parent / name.decode()).resolve()
+                if target.is_file() and target.is_relative_to(src.resolve()):
+                    found.add(target.relative_to(src.resolve()).as_posix())
+    return sorted(found)
+
+
 def obj_of(unit: str) -> str:
     return unit.removesuffix(".c") + ".o"
 
@@ -154,12 +171,13 @@ def compile_args(lib: Library, unit: str, out: str) -> list[str]:
 # -- the generated build files ---------------------------------------------------------
 
 
-def write_makefile(lib: Library, tree: Path, names: list[str]) -> None:
+def write_makefile(lib: Library, tree: Path, names: list[str], textual: list[str]) -> None:
     objs = [f"obj/{obj_of(u)}" for u in names]
+    extra = "".join(f" src/{t}" for t in textual)
     lines = [f"all: lib{lib.name}.a", "", f"lib{lib.name}.a: {' '.join(objs)}",
              f"\t{AR} rcsD $@ {' '.join(objs)}", ""]
     for u, o in zip(names, objs, strict=True):
-        lines += [f"{o}: src/{u} $(wildcard src/*.h src/*/*.h src/*/*/*.h)",
+        lines += [f"{o}: src/{u} $(wildcard src/*.h src/*/*.h src/*/*/*.h){extra}",
                   f"\t@mkdir -p {os.path.dirname(o)}",
                   f"\t{' '.join(compile_args(lib, u, o))}", ""]
     (tree / "Makefile").write_text("\n".join(lines))
@@ -178,7 +196,7 @@ def write_ninja(lib: Library, tree: Path, names: list[str]) -> None:
     (tree / "build.ninja").write_text("\n".join(lines) + "\n")
 
 
-def definition_json(lib: Library, src: Path, names: list[str]) -> bytes:
+def definition_json(lib: Library, src: Path, names: list[str], textual: list[str]) -> bytes:
     """The solver's graph for the sources at ``src`` (see the module docstring)."""
     from solver.worker import State, merge, run
 
@@ -186,7 +204,9 @@ def definition_json(lib: Library, src: Path, names: list[str]) -> bytes:
     objects = []
     for u in names:
         o = obj_of(u)
-        inputs = State.scratch().copy(source, "/", "/", include=[u, "*.h"]).with_name(
+        inputs = State.scratch().copy(
+            source, "/", "/", include=[u, "*.h", *textual]
+        ).with_name(
             f"sources of {u}"
         )
         objects.append(
@@ -253,10 +273,15 @@ class Embedded:
         self._open: contextlib.ExitStack | None = None
         self.solver: Any = None
 
-    def reopen(self) -> None:
-        """Close the worker and solver (if open), then open new ones on the store."""
+    def shut(self) -> None:
+        """Close the worker and solver, if open."""
         if self._open is not None:
             self._open.close()
+            self._open = None
+
+    def reopen(self) -> None:
+        """Close the worker and solver (if open), then open new ones on the store."""
+        self.shut()
         self._open = contextlib.ExitStack()
         self.solver = self._open.enter_context(
             self.portal.wrap_async_context_manager(self._opened())
@@ -311,6 +336,8 @@ def clean(c: Contender, lib: Library, embedded: Embedded | None) -> None:
             shutil.rmtree(path)
         elif path.exists():
             path.unlink()
+    if embedded is not None:
+        embedded.shut()  # before its store goes
     shutil.rmtree(c.cache, ignore_errors=True)
     if embedded is not None:
         embedded.reopen()
@@ -357,11 +384,14 @@ def bench(lib: Library, cache: Path, repeat: int, jobs: int) -> dict[str, object
     work = cache / "work" / lib.name
     shutil.rmtree(work, ignore_errors=True)
     contenders = [Contender(n, work / n, work / n / "cache") for n in CONTENDERS]
+    textual = textual_includes(pristine)
     for c in contenders:
         shutil.copytree(pristine, c.tree / "src", symlinks=True)
-        write_makefile(lib, c.tree, names)
+        write_makefile(lib, c.tree, names, textual)
         write_ninja(lib, c.tree, names)
-        (c.tree / "defn.json").write_bytes(definition_json(lib, c.tree / "src", names))
+        (c.tree / "defn.json").write_bytes(
+            definition_json(lib, c.tree / "src", names, textual)
+        )
     embedded = Embedded(contenders[3], jobs)
     by_cost: list[str] = []
     src_bytes = tree_size(pristine)
