@@ -47,7 +47,8 @@ changed.
 Durability and corruption
 -------------------------
 
-The database is in WAL mode with ``synchronous=NORMAL``: a committed transaction
+The database is in WAL mode with ``synchronous=NORMAL`` (checkpointed every 256
+pages, the WAL file cut back to 256 KiB after a checkpoint): a committed transaction
 survives the process being killed at any moment (the WAL is in the OS's page cache),
 and a power loss may lose the last transactions but never leaves a torn database.
 :meth:`SQLiteCacheStorage.open` runs ``PRAGMA quick_check``; a file that is not a
@@ -81,6 +82,8 @@ from ._storage import CacheResult, NotFoundError
 __all__ = ["SQLiteCacheStorage"]
 
 _log = logging.getLogger("solver")
+
+_WAL_LIMIT: Final = 1 << 18  # bytes the WAL file is cut back to after a checkpoint
 
 T = TypeVar("T")
 
@@ -529,6 +532,11 @@ def _open_database(path: Path) -> tuple[sqlite3.Connection, str]:
         if str(mode).lower() != "wal":
             raise _UnusableDatabase(f"cannot use write-ahead logging (journal mode {mode})")
         conn.execute("PRAGMA synchronous = NORMAL")
+        # Checkpoint the WAL every 256 pages (1 MiB) and cut the file back to 256 KiB
+        # after a checkpoint: SQLite's defaults (1,000 pages, never truncated) left a
+        # 4 MB WAL beside a 150 KB database after one cold build of 35 files.
+        conn.execute("PRAGMA wal_autocheckpoint = 256")
+        conn.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
         problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
             raise _UnusableDatabase("integrity check failed: " + "; ".join(problems[:3]))
