@@ -294,10 +294,12 @@ async def test_the_wal_stays_small_while_the_store_is_open(tmp_path: Path) -> No
     path = tmp_path / "cache.db"
     st = await SQLiteCacheStorage.open(path)
     try:
+        wal = path.with_name("cache.db-wal")
+        largest = 0
         for i in range(2000):  # one transaction each, as a build's saves are
             await st.add_result(f"key-{i}", CacheResult(f"result-{i}" * 20, float(i)))
-        wal = path.with_name("cache.db-wal")
-        assert wal.stat().st_size <= (256 + 16) * 4096
+            largest = max(largest, wal.stat().st_size)
+        assert largest <= (256 + 16) * 4096
     finally:
         await st.close()
 
