@@ -42,7 +42,6 @@ import filecmp
 import json
 import os
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -247,27 +246,10 @@ class Contender:
         return self.tree / "out" if self.name in ("cli", "embedded") else self.tree
 
 
-_CPU: dict[str, dict[str, list[float]]] = {}
-
-
-def _cpu_now() -> float:
-    """CPU seconds of this process and its waited-for children (the compilers,
-    make, ninja, bwrap, the CLI's process): what a build costs whatever else the
-    machine runs, where wall time depends on the load."""
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def timed(fn: Callable[[], None], phase: str = "", who: str = "") -> float:
-    """The wall time of ``fn()``; its CPU time goes to ``_CPU[phase][who]``."""
-    cpu = _cpu_now()
+def timed(fn: Callable[[], None]) -> float:
     start = time.perf_counter()
     fn()
-    wall = time.perf_counter() - start
-    if phase:
-        _CPU.setdefault(phase, {}).setdefault(who, []).append(_cpu_now() - cpu)
-    return wall
+    return time.perf_counter() - start
 
 
 def run_quiet(argv: Sequence[str], cwd: Path, env: dict[str, str] | None = None) -> None:
@@ -424,9 +406,7 @@ def bench(lib: Library, cache: Path, repeat: int, jobs: int) -> dict[str, object
         order = contenders[rnd % 4:] + contenders[: rnd % 4]
         for c in order:
             clean(c, lib, embedded if c.name == "embedded" else None)
-            times["cold"][c.name].append(
-                timed(lambda c=c: build(c, lib, jobs, embedded, False), "cold", c.name)
-            )
+            times["cold"][c.name].append(timed(lambda c=c: build(c, lib, jobs, embedded, False)))
             if c.name in ("cli", "embedded"):
                 store = tree_size(c.cache)
                 if c.name == "embedded":
@@ -437,37 +417,29 @@ def bench(lib: Library, cache: Path, repeat: int, jobs: int) -> dict[str, object
             compare_outputs(lib, contenders, names)
             by_cost = slowest_units(contenders[1].tree, names)
         for c in order:
-            times["noop"][c.name].append(
-                timed(lambda c=c: build(c, lib, jobs, embedded, False), "noop", c.name)
-            )
+            times["noop"][c.name].append(timed(lambda c=c: build(c, lib, jobs, embedded, False)))
         edited = by_cost[rnd % len(by_cost)]
         for c in order:
             with open(c.tree / "src" / edited, "a") as f:
                 f.write(f"\n/* edit {rnd} at {time.time_ns()} */\n")
             times["changed"][c.name].append(
-                timed(lambda c=c: build(c, lib, jobs, embedded, False), "changed", c.name)
+                timed(lambda c=c: build(c, lib, jobs, embedded, False))
             )
     medians = {ph: {n: statistics.median(v) for n, v in d.items()} for ph, d in times.items()}
-    cpu = {ph: {n: statistics.median(v) for n, v in d.items()} for ph, d in _CPU.items()}
-    _CPU.clear()
     report: dict[str, object] = {"library": f"{lib.name}-{lib.version}", "units": len(names),
                                  "jobs": jobs, "repeat": repeat, "times": times,
-                                 "cpu_medians": cpu,
                                  "medians": medians, "store_growth": growth}
     print(f"  {'':10}" + "".join(f"{n:>10}" for n in CONTENDERS))
     for ph in ("cold", "noop", "changed"):
         print(f"  {ph:10}" + "".join(f"{medians[ph][n]:10.3f}" for n in CONTENDERS))
-    for ph in ("cold", "noop", "changed"):
-        print(f"  {ph + ' cpu':10}" + "".join(f"{cpu[ph][n]:10.3f}" for n in CONTENDERS))
     verdicts = []
     for (ph, who), (against, target) in TARGETS.items():
         ratio = medians[ph][who] / medians[ph][against]
         ok = ratio <= target
-        cpu_ratio = cpu[ph][who] / max(cpu[ph][against], 1e-9)
         verdicts.append({"phase": ph, "contender": who, "against": against, "ratio": ratio,
-                         "target": target, "met": ok, "cpu_ratio": cpu_ratio})
+                         "target": target, "met": ok})
         print(f"  {ph:8} {who:9} {ratio:6.2f}x {against:5} (target <= {target}x) "
-              f"{'met' if ok else 'NOT MET'}; CPU time {cpu_ratio:.2f}x")
+              f"{'met' if ok else 'NOT MET'}")
     worst = max(growth)
     verdicts.append({"phase": "cold", "contender": "store", "ratio": worst, "target": 2.0,
                      "met": worst <= 2.0})
