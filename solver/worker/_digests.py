@@ -51,6 +51,7 @@ _NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 _Key = tuple[int, int, int, int, int, int]  # dev, ino, size, mtime_ns, ctime_ns, mode
 
 _known: dict[tuple[int, int], tuple[_Key, str]] = {}
+_reading: dict[tuple[int, int], threading.Event] = {}  # inodes being read now
 _lock = threading.Lock()
 _counts = {"hashed": 0, "remembered": 0}
 
@@ -61,34 +62,49 @@ def _key(st: os.stat_result) -> _Key:
 
 def file_digest(path: str) -> str:
     """The hex SHA-256 of the regular file at ``path`` (never following a
-    symlink); read from the cache while the file's stat data is unchanged."""
+    symlink); read from the cache while the file's stat data is unchanged. Threads
+    asking for one file at once read it once: the others wait for that read."""
     fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
     try:
         st = os.fstat(fd)
         key = _key(st)
-        with _lock:
-            known = _known.get((st.st_dev, st.st_ino))
-        if known is not None and known[0] == key:
+        inode = (st.st_dev, st.st_ino)
+        while True:
             with _lock:
-                _counts["remembered"] += 1
-            return known[1]
-        hashed_at = time.time_ns()
-        h = hashlib.sha256()
-        with os.fdopen(fd, "rb") as f:
-            fd = -1
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
+                known = _known.get(inode)
+                if known is not None and known[0] == key:
+                    _counts["remembered"] += 1
+                    return known[1]
+                reading = _reading.get(inode)
+                if reading is None:
+                    _reading[inode] = threading.Event()
+                    break
+            reading.wait()  # another thread is reading it: its digest, then
+        try:
+            hashed_at = time.time_ns()
+            h = hashlib.sha256()
+            with os.fdopen(fd, "rb") as f:
+                fd = -1
+                while chunk := f.read(_CHUNK):
+                    h.update(chunk)
+            digest = h.hexdigest()
+            with _lock:
+                _counts["hashed"] += 1
+                settled = hashed_at - SETTLE_NS
+                if (
+                    stat.S_ISREG(st.st_mode)
+                    and st.st_mtime_ns < settled
+                    and st.st_ctime_ns < settled
+                ):
+                    if len(_known) >= MAX_ENTRIES:
+                        _known.clear()
+                    _known[inode] = (key, digest)
+        finally:
+            with _lock:
+                _reading.pop(inode).set()
     finally:
         if fd >= 0:
             os.close(fd)
-    digest = h.hexdigest()
-    with _lock:
-        _counts["hashed"] += 1
-        settled = hashed_at - SETTLE_NS
-        if stat.S_ISREG(st.st_mode) and st.st_mtime_ns < settled and st.st_ctime_ns < settled:
-            if len(_known) >= MAX_ENTRIES:
-                _known.clear()
-            _known[(st.st_dev, st.st_ino)] = (key, digest)
     return digest
 
 

@@ -30,8 +30,10 @@ from __future__ import annotations
 import base64
 import binascii
 import fnmatch
+import functools
 import hashlib
 import os
+import re
 import shutil
 import stat
 from collections.abc import Mapping, Sequence
@@ -148,16 +150,25 @@ class Entry:
     mode: int
 
 
+@functools.lru_cache(maxsize=256)
+def _glob_regex(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    """One compiled regex for a list of ``fnmatch`` patterns (what
+    ``fnmatch.fnmatchcase`` would match with any of them): a content key walks
+    a whole tree against the same patterns, 59 keys x 150 entries x 20 patterns
+    in one benchmark build (``docs/performance.md``, "Real builds")."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(p.strip('/'))})" for p in patterns))
+
+
 def _matches(rel: str, patterns: Sequence[str]) -> bool:
     """True if ``rel`` or one of its parent directories matches a pattern
     (``fnmatch``, case-sensitive; ``*`` also matches ``/``)."""
+    if not patterns:
+        return False
+    match = _glob_regex(tuple(patterns)).match
+    if match(rel):
+        return True
     parts = rel.split("/")
-    for k in range(1, len(parts) + 1):
-        prefix = "/".join(parts[:k])
-        for pat in patterns:
-            if fnmatch.fnmatchcase(prefix, pat.strip("/")):
-                return True
-    return False
+    return any(match("/".join(parts[:k])) for k in range(1, len(parts)))
 
 
 def select_tree(
