@@ -307,12 +307,19 @@ class SQLiteCacheStorage:
 
     async def _call(self, func: Callable[..., T], *args: object, write: bool = False) -> T:
         self._live()
-        if not write and self._limiter.borrowed_tokens == 0 and self._mutex.acquire(False):
+        if (
+            not write
+            and self._limiter.borrowed_tokens == 0
+            and anyio.to_thread.current_default_thread_limiter().borrowed_tokens == 0
+            and self._mutex.acquire(False)
+        ):
             # A read with the connection idle runs here, on the event loop: a
             # lookup by index in a WAL database (readers never wait for a writer)
             # takes microseconds, where a hop to a worker thread and back costs
             # tens of them; a no-op build makes hundreds (docs/performance.md,
-            # "Real builds"). It still checkpoints, as every call does.
+            # "Real builds"). Only while no worker thread is busy: sqlite3 lets
+            # go of the GIL while it reads, and taking it back from a thread that
+            # hashes files took 460 us a lookup. It still checkpoints.
             try:
                 out = self._transaction_locked(func, args, write)
             finally:
