@@ -38,10 +38,14 @@ def timed_step(name: str, marks: Path | None = None, seconds: float = 0.3) -> St
     return run([sys.executable, "-c", code], name=name)
 
 
-async def intervals(tmp_path: Path, jobs: int) -> tuple[list[tuple[int, int]], list[str]]:
+async def intervals(
+    tmp_path: Path, jobs: int, seconds: float = 0.3
+) -> tuple[list[tuple[int, int]], list[str]]:
     """Build STEPS independent timed steps with ``max_parallelism=jobs``; their
     (start, end) times, and the job's started/completed events in order."""
-    defn = merge([timed_step(f"s{i}") for i in range(STEPS)], name="all").definition()
+    defn = merge(
+        [timed_step(f"s{i}", seconds=seconds) for i in range(STEPS)], name="all"
+    ).definition()
     events: list[str] = []
     async with (
         Worker(tmp_path / f"w{jobs}", sandbox="none", max_parallelism=jobs) as worker,
@@ -97,7 +101,8 @@ async def test_without_a_tight_bound_the_steps_overlap(
     """The same build with a slot per step: the steps do run at once (so the test
     above would see it if the bound did not hold)."""
     with anyio.fail_after(60):
-        times, events = await intervals(tmp_path, STEPS)
+        # Longer steps: they overlap even when a loaded machine starts them late.
+        times, events = await intervals(tmp_path, STEPS, seconds=1.0)
     assert overlapping(times) >= 2
     assert events.index("completed") >= 2  # two started before the first completed
 
