@@ -21,7 +21,8 @@ Payload
         {"input": 0 | null,                    # which op input to start from
          "dest": "rel/path",                   # where, relative to R ("" or "." = R)
          "readonly": false,                    # optional, default false
-         "output": 0 | null},                  # optional: becomes that output
+         "output": 0 | null,                   # optional: becomes that output
+         "selector": "sub/path"},              # optional, read-only mounts only
         ...
       ],
       "rootfs":  ["/usr", "/bin", ...],        # optional, default DEFAULT_ROOTFS
@@ -98,7 +99,10 @@ a crash leaves nothing behind for long.
 
 Cache map: :func:`cache_digest` (the payload without ``limits``, the sandbox mode,
 and in the sandbox the system root and network, defaults filled in) and one
-:class:`~solver.CacheMapDep` per input (no selector, no content key).
+:class:`~solver.CacheMapDep` per input: a plain one, or, for an input whose
+every mount has a ``selector`` (a sub-path of the input, a directory or a file,
+mounted alone), one keyed on the content of the selected paths (a ``selector``
+digest and a ``compute_digest``), so the step depends on those files only.
 """
 
 from __future__ import annotations
