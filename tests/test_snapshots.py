@@ -773,10 +773,10 @@ async def test_cancelled_commit_leaks_no_handle(
     entered, proceed = threading.Event(), threading.Event()
     seal = _snapshots._seal_tree
 
-    def slow_seal(top: str, sid: str) -> int:
+    def slow_seal(top: str, sid: str, store_links: frozenset[tuple[int, int]]) -> int:
         entered.set()
         proceed.wait()
-        return seal(top, sid)
+        return seal(top, sid, store_links)
 
     monkeypatch.setattr(_snapshots, "_seal_tree", slow_seal)
     mutable = await store.new_mutable()

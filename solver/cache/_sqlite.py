@@ -31,6 +31,10 @@ Every public coroutine is one transaction (``BEGIN IMMEDIATE`` when it writes, s
 writers never deadlock on a lock upgrade), run in a worker thread through
 ``anyio.to_thread.run_sync`` with a capacity limiter of one: callers queue on the
 event loop, never in threads, and the one connection is used by one thread at a
+time. The exception is a read that finds the connection idle (no call in a thread,
+the lock free): it runs inline on the event loop, then checkpoints, because an
+indexed read takes microseconds and the thread hop around it tens of them (a
+no-op build of 35 files made 500 of them). The connection is still used by one thread at a
 time (a :class:`threading.Lock` guards it too, for :meth:`SQLiteCacheStorage._check`
 and :meth:`close`). A call that has reached its thread is not abandoned on
 cancellation: its transaction commits or rolls back as a whole and the caller sees
@@ -43,7 +47,8 @@ changed.
 Durability and corruption
 -------------------------
 
-The database is in WAL mode with ``synchronous=NORMAL``: a committed transaction
+The database is in WAL mode with ``synchronous=NORMAL`` (checkpointed every 256
+pages, the WAL file cut back to 256 KiB after a checkpoint): a committed transaction
 survives the process being killed at any moment (the WAL is in the OS's page cache),
 and a power loss may lose the last transactions but never leaves a torn database.
 :meth:`SQLiteCacheStorage.open` runs ``PRAGMA quick_check``; a file that is not a
@@ -77,6 +82,8 @@ from ._storage import CacheResult, NotFoundError
 __all__ = ["SQLiteCacheStorage"]
 
 _log = logging.getLogger("solver")
+
+_WAL_LIMIT: Final = 1 << 18  # bytes the WAL file is cut back to after a checkpoint
 
 T = TypeVar("T")
 
@@ -300,23 +307,51 @@ class SQLiteCacheStorage:
 
     async def _call(self, func: Callable[..., T], *args: object, write: bool = False) -> T:
         self._live()
+        if (
+            not write
+            and self._limiter.borrowed_tokens == 0
+            and anyio.to_thread.current_default_thread_limiter().borrowed_tokens == 0
+            and self._mutex.acquire(False)
+        ):
+            # A read with the connection idle runs here, on the event loop: a
+            # lookup by index in a WAL database (readers never wait for a writer)
+            # takes microseconds, where a hop to a worker thread and back costs
+            # tens of them; a no-op build makes hundreds (docs/performance.md,
+            # "Real builds"). Only while no worker thread is busy: sqlite3 lets
+            # go of the GIL while it reads, and taking it back from a thread that
+            # hashes files took 460 us a lookup. It still checkpoints.
+            try:
+                out = self._transaction_locked(func, args, write)
+            finally:
+                self._mutex.release()
+            await anyio.lowlevel.checkpoint()
+            return out
         return await anyio.to_thread.run_sync(
             self._transaction, func, args, write, limiter=self._limiter
         )
 
     def _transaction(self, func: Callable[..., T], args: tuple[object, ...], write: bool) -> T:
         with self._mutex:
-            conn = self._conn
-            if conn is None:  # closed while this call waited for the limiter
-                raise anyio.ClosedResourceError("the cache key storage is closed")
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                out = func(conn, *args)
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-            return out
+            return self._transaction_locked(func, args, write)
+
+    def _transaction_locked(
+        self, func: Callable[..., T], args: tuple[object, ...], write: bool
+    ) -> T:
+        conn = self._conn
+        if conn is None:  # closed while this call waited for the limiter
+            raise anyio.ClosedResourceError("the cache key storage is closed")
+        if not write and func in _ONE_STATEMENT_READS:
+            # One SELECT is a transaction of its own (autocommit): the same snapshot,
+            # without the BEGIN and COMMIT round trips (10 -> 5.6 us a lookup).
+            return func(conn, *args)
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            out = func(conn, *args)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        return out
 
     def _close_connection(self) -> None:
         with self._mutex:
@@ -508,6 +543,11 @@ def _open_database(path: Path) -> tuple[sqlite3.Connection, str]:
         if str(mode).lower() != "wal":
             raise _UnusableDatabase(f"cannot use write-ahead logging (journal mode {mode})")
         conn.execute("PRAGMA synchronous = NORMAL")
+        # Checkpoint the WAL every 256 pages (1 MiB) and cut the file back to 256 KiB
+        # after a checkpoint: SQLite's defaults (1,000 pages, never truncated) left a
+        # 4 MB WAL beside a 150 KB database after one cold build of 35 files.
+        conn.execute("PRAGMA wal_autocheckpoint = 256")
+        conn.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
         problems = [row[0] for row in conn.execute("PRAGMA quick_check")]
         if problems != ["ok"]:
             raise _UnusableDatabase("integrity check failed: " + "; ".join(problems[:3]))
@@ -570,3 +610,9 @@ def _move_aside(path: Path) -> Path:
         os.replace(wal, aside.with_name(aside.name + "-wal"))
     path.with_name(path.name + "-shm").unlink(missing_ok=True)
     return aside
+
+
+# Reads made of a single SELECT, which need no explicit transaction.
+_ONE_STATEMENT_READS: Final[frozenset[Callable[..., object]]] = frozenset(
+    {_walk_links, _has_link, _walk_backlinks}
+)

@@ -351,6 +351,7 @@ async def open_solver(
     secrets: Mapping[str, SecretSource] | None = None,
     shared_cache: str | None = None,
     cluster: str | None = None,
+    max_parallelism: int | None = None,
 ) -> AsyncIterator[Solver]:
     """A solver over the built-in worker on ``cache_dir``/snapshots (default: the
     worker's default root) and its persistent cache, so that building again
@@ -361,9 +362,14 @@ async def open_solver(
     be, no permission). ``shared_cache`` is a shared cache URL
     (``docs/shared-cache.md``) put behind the worker's cache; ``cluster`` the
     address of a Dask scheduler whose workers run the exec and file steps
-    (``docs/remote.md``; attached before the shared cache, which wraps it)."""
+    (``docs/remote.md``; attached before the shared cache, which wraps it). At
+    most ``max_parallelism`` exec steps run at once here (default: the number
+    of CPUs)."""
     root = _store_root(cache_dir)
-    worker = Worker(root, sandbox=sandbox, secrets=secrets, keep_failed=KEEP_FAILED)
+    worker = Worker(
+        root, sandbox=sandbox, secrets=secrets, keep_failed=KEEP_FAILED,
+        max_parallelism=max_parallelism,
+    )
     with _opening_cache(cache_dir):
         await worker.open()
     try:
@@ -666,7 +672,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             args,
             functools.partial(
                 open_solver, sandbox=args.sandbox, secrets=args.secrets, shared_cache=shared,
-                cluster=cluster_address(args.cluster),
+                cluster=cluster_address(args.cluster), max_parallelism=args.jobs,
             ),
         )
     defn = _load_for_command(args.file)
@@ -676,7 +682,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with open_solver(
             args.cache_dir, sandbox=args.sandbox, secrets=args.secrets, shared_cache=shared,
-            cluster=cluster_address(args.cluster),
+            cluster=cluster_address(args.cluster), max_parallelism=args.jobs,
         ) as solver:
             explanation = await explain(solver, defn) if args.explain else None
             summary = await build_definition(
@@ -937,6 +943,16 @@ def _output_arg(text: str) -> OutputSpec:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _jobs_arg(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return n
+
+
 def _duration_arg(text: str) -> float:
     try:
         return parse_duration(text)
@@ -1036,6 +1052,8 @@ def make_parser() -> argparse.ArgumentParser:
         "NO_COLOR turns colour off)",
     )
     b.add_argument("--cache-dir", metavar="DIR", default=None, help=cache_help)
+    b.add_argument("-j", "--jobs", type=_jobs_arg, default=None, metavar="N",
+                   help="run at most N exec steps at once (default: the number of CPUs)")
     b.add_argument(
         "--sandbox",
         choices=("bwrap", "none"),

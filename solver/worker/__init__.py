@@ -44,6 +44,7 @@ from ._sandbox import (
     Network as Network,
     SandboxMode as SandboxMode,
 )
+from ._slots import StepSlots as StepSlots, default_parallelism as default_parallelism
 from ._snapshots import (
     FileStat as FileStat,
     MutableSnapshot as MutableSnapshot,

@@ -21,7 +21,8 @@ Payload
         {"input": 0 | null,                    # which op input to start from
          "dest": "rel/path",                   # where, relative to R ("" or "." = R)
          "readonly": false,                    # optional, default false
-         "output": 0 | null},                  # optional: becomes that output
+         "output": 0 | null,                   # optional: becomes that output
+         "selector": "sub/path"},              # optional, read-only mounts only
         ...
       ],
       "rootfs":  ["/usr", "/bin", ...],        # optional, default DEFAULT_ROOTFS
@@ -32,11 +33,14 @@ Payload
       "secrets": ["id", ...]                   # optional: worker secrets to expose
     }
 
-* A **read-only** mount of input ``i`` is a private copy of that input snapshot,
-  with every write bit dropped; ``input: null`` gives an empty read-only
-  directory. Being a copy, nothing the process does to it can reach the input
-  snapshot (write bits do not stop a process running as root; the copy does). A
-  read-only mount has no ``output`` and may not contain other mounts.
+* A **read-only** mount of input ``i`` is, in the sandbox, that input snapshot
+  itself, bound read-only by bwrap (``--ro-bind``) on an empty mount point: no
+  copy, and no process (not even root in its user namespace) can change it.
+  Without a sandbox it is a private copy with every write bit dropped, so that
+  nothing the host process does to it can reach the input snapshot (write bits
+  do not stop a process running as root; the copy does). ``input: null`` gives
+  an empty read-only directory. A read-only mount has no ``output`` and may not
+  contain other mounts.
 * A **writable** mount starts as a writable copy of input ``i``
   (:meth:`SnapshotStore.new_mutable` with ``base=``) or empty (``input: null``).
   If it has an ``output`` index, it is committed as that output snapshot when the
@@ -95,12 +99,16 @@ a crash leaves nothing behind for long.
 
 Cache map: :func:`cache_digest` (the payload without ``limits``, the sandbox mode,
 and in the sandbox the system root and network, defaults filled in) and one
-:class:`~solver.CacheMapDep` per input (no selector, no content key).
+:class:`~solver.CacheMapDep` per input: a plain one, or, for an input whose
+every mount has a ``selector`` (a sub-path of the input, a directory or a file,
+mounted alone), one keyed on the content of the selected paths (a ``selector``
+digest and a ``compute_digest``), so the step depends on those files only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import secrets
@@ -122,11 +130,13 @@ import anyio.to_thread
 
 from .._digest import digest_of
 from .._errors import SolveError
-from .._op import CacheMap, CacheMapDep, Op
+from .._op import CacheMap, CacheMapDep, ComputeDigest, Op
 from .._progress import log_output
 from .._result import Result
 from ..definition import DefinitionError, JSONValue, OpContext, OpKindRegistry, canonical_json
 from ._failedsteps import FailedStep, keep_failed_step
+from ._fileops import selection_digest
+from ._paths import check_regular_kind, resolve_in
 from ._sandbox import (
     BASE_ENV,
     DEFAULT_ROOTFS,
@@ -142,6 +152,7 @@ from ._sandbox import (
     limit_prefix,
     resolve_rootfs,
 )
+from ._slots import StepSlots
 from ._snapshots import MutableSnapshot, SnapshotRef, SnapshotStore, SnapshotView
 
 _log = logging.getLogger("solver")
@@ -190,8 +201,9 @@ _RESERVED_ENV: Final = frozenset({"SOLVER_ROOT", "SOLVER_SECRETS"})
 # System-root paths that would hide what the sandbox itself puts there.
 # (A path below /tmp is fine: it is bound on top of the private /tmp.)
 _SANDBOX_PATHS: Final = ("/proc", "/dev", SANDBOX_ROOT, SECRETS_DIR)
-_MOUNT_KEYS: Final = frozenset({"input", "dest", "readonly", "output"})
+_MOUNT_KEYS: Final = frozenset({"input", "dest", "readonly", "output", "selector"})
 _WRITE_BITS: Final = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+_NOFOLLOW: Final = getattr(os, "O_NOFOLLOW", 0)
 
 
 # -- payload ----------------------------------------------------------------------------
@@ -210,6 +222,7 @@ class _Mount:
     parts: tuple[str, ...]  # normalised components; () is R itself
     readonly: bool
     output: int | None
+    selector: str | None = None  # a sub-path of the input, normalised ("a/b")
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,8 +273,30 @@ def _describe(value: object) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
+# The parsed form of recent payloads, by identity (the entry keeps its payload
+# alive, so an id is not reused while it is here). A definition's payloads are
+# immutable, and one solve parses each exec payload three times (its validation,
+# its output count, its op); parsing a step's payload takes ~0.1 ms.
+_PARSED: Final[dict[int, tuple[Mapping[str, JSONValue], _Spec]]] = {}
+_PARSED_MAX: Final = 4096
+
+
 def _parse(payload: Mapping[str, JSONValue]) -> _Spec:
     """The checked form of a payload; :class:`ExecPayloadError` saying what is wrong."""
+    known = _PARSED.get(id(payload))
+    if known is not None and known[0] is payload:
+        return known[1]
+    spec = _parse_payload(payload)
+    # Only an immutable payload (a definition's: it deep-copies to itself) is
+    # remembered; a caller's own dict may change after this call.
+    if copy.deepcopy(payload) is payload:
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[id(payload)] = (payload, spec)
+    return spec
+
+
+def _parse_payload(payload: Mapping[str, JSONValue]) -> _Spec:
     if not isinstance(payload, Mapping):
         raise ExecPayloadError(f"the payload must be an object, got {_describe(payload)}")
     unknown = sorted(set(payload) - _KEYS)
@@ -338,7 +373,20 @@ def _parse(payload: Mapping[str, JSONValue]) -> _Spec:
                 f"{where} is read-only, so it cannot be an output "
                 "(make it writable or drop 'output')"
             )
-        mounts.append(_Mount(inp, str(m["dest"]), parts, readonly, out))
+        selector: str | None = None
+        if "selector" in m:
+            selector = "/".join(_rel_parts(m["selector"], f"{where}.selector"))
+            if not readonly or inp is None:
+                raise ExecPayloadError(
+                    f"{where}.selector: only a read-only mount of an input can select a "
+                    "sub-path of it (make the mount read-only, with an input)"
+                )
+            if not selector:
+                raise ExecPayloadError(
+                    f"{where}.selector {m['selector']!r} names the input's root; "
+                    "leave 'selector' out to mount the whole input"
+                )
+        mounts.append(_Mount(inp, str(m["dest"]), parts, readonly, out, selector))
 
     for i, outer in enumerate(mounts):
         if not outer.readonly:
@@ -367,7 +415,7 @@ def _parse(payload: Mapping[str, JSONValue]) -> _Spec:
         cwd,
         tuple(mounts),
         len(outs),
-        rootfs=_parse_rootfs(payload.get("rootfs", list(DEFAULT_ROOTFS))),
+        rootfs=_parse_rootfs(payload["rootfs"]) if "rootfs" in payload else DEFAULT_ROOTFS,
         network=_parse_network(payload.get("network", "none")),
         timeout=timeout,
         memory=memory,
@@ -498,6 +546,7 @@ class ExecOp:
         "_on_output",
         "_sandbox",
         "_secrets",
+        "_slots",
         "_spec",
         "_store",
         "_vertex",
@@ -516,10 +565,12 @@ class ExecOp:
         secrets: Mapping[str, SecretSource] | None = None,
         keep_failed: int = 0,
         vertex: str = "",
+        slots: StepSlots | None = None,
     ) -> None:
         self._keep_failed = keep_failed
         self._vertex = vertex
         self._spec = spec
+        self._slots = slots
         self._inputs = inputs
         self._store = store
         self._on_output = on_output
@@ -529,8 +580,40 @@ class ExecOp:
         self._digest = cache_digest(payload, spec, sandbox)
 
     async def cache_map(self, index: int) -> tuple[CacheMap, bool]:
-        """The payload's digest and one plain dependency per input."""
-        return CacheMap(self._digest, tuple(CacheMapDep() for _ in range(self._inputs))), True
+        """The payload's digest and one dependency per input: keyed on the content
+        of the sub-paths its mounts select when every mount of it has a selector,
+        on the whole input otherwise."""
+        deps: list[CacheMapDep] = []
+        for i in range(self._inputs):
+            uses = [m for m in self._spec.mounts if m.input == i]
+            selected = sorted({m.selector for m in uses if m.selector is not None})
+            if not uses or any(m.selector is None for m in uses):
+                deps.append(CacheMapDep())
+                continue
+            deps.append(CacheMapDep(
+                selector=digest_of(canonical_json(["exec-mount-selectors", list(selected)])),
+                compute_digest=self._selection_key(i, selected),
+            ))
+        return CacheMap(self._digest, tuple(deps)), True
+
+    def _selection_key(self, index: int, paths: list[str]) -> ComputeDigest:
+        async def compute(result: Result) -> str:
+            view = result.sys
+            if not isinstance(view, SnapshotView):
+                raise SolveError(
+                    f"{self._label()}: input {index} is not a snapshot of the built-in "
+                    f"worker (its sys is {type(view).__name__})"
+                )
+            return await anyio.to_thread.run_sync(selection_digest, os.fspath(view.path), paths)
+
+        return compute
+
+    def acquire(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """One of the worker's step slots (``Worker(max_parallelism=N)``), which the
+        engine holds around :meth:`exec`; no bound without slots."""
+        if self._slots is None:
+            return contextlib.nullcontext()
+        return self._slots.slot()
 
     async def exec(self, inputs: Sequence[Result]) -> Sequence[Result]:
         """Materialise the mounts, run the process, commit the output mounts."""
@@ -555,13 +638,14 @@ class ExecOp:
                 await anyio.to_thread.run_sync(os.mkdir, work)
             except OSError as exc:
                 raise SolveError(f"cannot create the exec directory {work}: {exc}") from exc
-            stashes = await self._materialise(inputs, work, root, order, mutables)
+            bound: dict[tuple[str, ...], str] = {}
+            stashes = await self._materialise(inputs, work, root, order, mutables, bound)
             cwd = await anyio.to_thread.run_sync(_ensure_dir, root, spec.cwd, "cwd")
-            code, tail, pids_hit = await self._run(work, root, cwd, tools)
+            code, tail, pids_hit = await self._run(work, root, cwd, tools, bound)
             if code != 0:
                 message = self._failure(code, tail, pids_hit)
                 if self._keep_failed:
-                    await self._keep_failed_step(root, message)
+                    await self._keep_failed_step(root, message, bound)
                 raise SolveError(message)
             await anyio.to_thread.run_sync(
                 _unmount, spec.mounts, order, root, work, mutables, stashes
@@ -594,9 +678,11 @@ class ExecOp:
         root: Path,
         order: list[int],
         mutables: dict[int, MutableSnapshot],
+        bound: dict[tuple[str, ...], str],
     ) -> dict[int, Path]:
         """Place every mount under ``root``, shallowest first. Returns where the
-        content hidden by each nested mount was put aside."""
+        content hidden by each nested mount was put aside; fills ``bound`` with the
+        snapshot directories the sandbox binds read-only (no copy)."""
         spec = self._spec
         stashes: dict[int, Path] = {}
         if not any(not m.parts for m in spec.mounts):
@@ -614,9 +700,18 @@ class ExecOp:
                             f"built-in worker (its sys is {type(view).__name__})"
                         )
                     source = view.path
-                stash = await anyio.to_thread.run_sync(
-                    _place_copy, source, root, m, work / f"stash-{i}"
-                )
+                if source is not None and m.selector is not None:
+                    source = await anyio.to_thread.run_sync(_selected, source, m)
+                if source is not None and self._sandbox == "bwrap":
+                    # Bound read-only by bwrap as it is: an empty mount point here.
+                    stash = await anyio.to_thread.run_sync(
+                        _place_mount_point, root, m, work / f"stash-{i}", source
+                    )
+                    bound[m.parts] = os.fspath(source)
+                else:
+                    stash = await anyio.to_thread.run_sync(
+                        _place_copy, source, root, m, work / f"stash-{i}"
+                    )
             else:
                 description = {"kind": _KIND, "args": list(spec.args), "dest": m.dest}
                 mutable = await self._store.new_mutable(description, base=base)
@@ -628,9 +723,12 @@ class ExecOp:
                 stashes[i] = stash
         return stashes
 
-    async def _keep_failed_step(self, root: Path, error: str) -> None:
+    async def _keep_failed_step(
+        self, root: Path, error: str, bound: dict[tuple[str, ...], str]
+    ) -> None:
         """Keep the tree of this failed step for ``solver debug``
-        (:mod:`solver.worker._failedsteps`); a failure to keep it is logged."""
+        (:mod:`solver.worker._failedsteps`), with the read-only mounts the sandbox
+        bound (``bound``) copied in; a failure to keep it is logged."""
         spec = self._spec
         step = FailedStep(
             self._vertex or self._digest, self._name, spec.args, spec.env, spec.cwd,
@@ -641,7 +739,7 @@ class ExecOp:
         )
         try:
             await anyio.to_thread.run_sync(
-                keep_failed_step, self._store.root, root, step, self._keep_failed
+                keep_failed_step, self._store.root, root, step, self._keep_failed, bound
             )
         except OSError:
             _log.exception("could not keep the failed step %s for debugging", self._label())
@@ -669,7 +767,7 @@ class ExecOp:
         return _Tools(bwrap, prlimit)
 
     async def _command_line(
-        self, work: Path, root: Path, cwd: Path, tools: _Tools
+        self, work: Path, root: Path, cwd: Path, tools: _Tools, bound: dict[tuple[str, ...], str]
     ) -> tuple[list[str], Path, dict[str, str]]:
         """The command line to start, its working directory and environment."""
         spec = self._spec
@@ -702,6 +800,7 @@ class ExecOp:
             network=spec.network,
             secrets=secrets,
             as_root=_is_root(),
+            bound=bound,
         )
         # bwrap itself gets an almost empty environment; the step's is set by
         # --clearenv/--setenv.
@@ -742,12 +841,12 @@ class ExecOp:
         return files
 
     async def _run(
-        self, work: Path, root: Path, cwd: Path, tools: _Tools
+        self, work: Path, root: Path, cwd: Path, tools: _Tools, bound: dict[tuple[str, ...], str]
     ) -> tuple[int, bytes, bool]:
         """Run the process to its end; its exit code, its stderr tail, and whether
         a fork failed on the process limit."""
         spec = self._spec
-        argv, start_dir, env = await self._command_line(work, root, cwd, tools)
+        argv, start_dir, env = await self._command_line(work, root, cwd, tools, bound)
         if tools.bwrap is None:
             # An explicit choice; it still shows, in the vertex's progress.
             log_output(
@@ -926,6 +1025,7 @@ def register_exec(
     sandbox: SandboxMode = "bwrap",
     secrets: Mapping[str, SecretSource] | None = None,
     keep_failed: int = 0,
+    slots: StepSlots | None = None,
 ) -> None:
     """Register the op kind ``exec`` in ``registry``, running over ``store``.
 
@@ -943,6 +1043,8 @@ def register_exec(
     ``secrets`` maps the secret ids ops may name to their contents (``bytes``) or
     to a host file that holds them (a path). ``keep_failed``: how many failed
     steps to keep for debugging (:mod:`solver.worker._failedsteps`; 0: none).
+    ``slots``, when given, bounds how many of these ops run at once (each holds
+    one slot around its ``exec``).
     """
     if sandbox not in ("bwrap", "none"):
         raise ValueError(f"sandbox must be 'bwrap' or 'none', got {sandbox!r}")
@@ -972,6 +1074,7 @@ def register_exec(
             secrets=secret_map,
             keep_failed=keep_failed,
             vertex=ctx.vertex.digest,
+            slots=slots,
         )
 
     registry.register(_KIND, factory, outputs=_count_outputs, validate=_validate, replace=replace)
@@ -1020,14 +1123,49 @@ def _prepare_dest(root: Path, m: _Mount, stash: Path) -> tuple[Path, Path | None
     return dest, None
 
 
+def _selected(top: Path, m: _Mount) -> Path:
+    """The real path of a mount's selector inside the input snapshot at ``top``
+    (symlinks followed only inside it): a directory or a regular file."""
+    assert m.selector is not None
+    where = f"mount {m.dest!r}: selector {m.selector!r}"
+    try:
+        real = resolve_in(os.fspath(top), m.selector, follow_final=True, what=where)
+        st = os.lstat(real)
+    except FileNotFoundError:
+        raise SolveError(f"{where} is not in input {m.input}") from None
+    except OSError as exc:
+        raise SolveError(f"{where}: {exc.strerror or exc}") from exc
+    if not stat.S_ISDIR(st.st_mode):
+        check_regular_kind(st.st_mode, m.selector, where)
+    return Path(real)
+
+
 def _place_copy(source: Path | None, root: Path, m: _Mount, stash: Path) -> Path | None:
-    """A read-only mount: a private copy of ``source`` (or an empty directory)."""
+    """A read-only mount: a private copy of ``source`` (a directory or, for a
+    selector, a file), or an empty directory."""
     dest, stashed = _prepare_dest(root, m, stash)
     try:
         if source is None:
             os.mkdir(dest)
-        else:
+        elif os.path.isdir(source):
             shutil.copytree(source, dest, symlinks=True)
+        else:
+            shutil.copy2(source, dest)
+        _drop_write_bits(dest)
+    except OSError as exc:
+        raise SolveError(f"cannot make the read-only mount {m.dest!r}: {exc}") from exc
+    return stashed
+
+
+def _place_mount_point(root: Path, m: _Mount, stash: Path, source: Path) -> Path | None:
+    """A read-only mount the sandbox binds from its snapshot: an empty directory
+    (or, for a file, an empty file) where it goes, read-only as a copy would be."""
+    dest, stashed = _prepare_dest(root, m, stash)
+    try:
+        if os.path.isdir(source):
+            os.mkdir(dest)
+        else:
+            os.close(os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o444))
         _drop_write_bits(dest)
     except OSError as exc:
         raise SolveError(f"cannot make the read-only mount {m.dest!r}: {exc}") from exc

@@ -18,8 +18,15 @@ are left out of both.
 Exporting into the same directory again. A directory export records what it
 wrote in a manifest, :data:`MANIFEST_NAME` (``.solver-output.json``), in the
 destination: every entry below it, with its type, and for a file its size and
-modification time (nanoseconds), for a symlink its target. The next export into
-that directory then
+modification time (nanoseconds) and the snapshot file it was copied from
+(``source``: device, inode, ctime, size, mtime), for a symlink its target. The
+next export into that directory then
+
+* leaves the directory alone when it holds exactly what it would write: every
+  entry unchanged since the last export and copied from the same snapshot file
+  (a committed snapshot's files never change), nothing else, and the same modes
+  and directory times (a no-op ``solver build --output DIR`` writes nothing);
+  otherwise it skips, one by one, the files that are in that state;
 
 * replaces the entries the manifest lists, and removes those the new tree no
   longer has;
@@ -396,10 +403,51 @@ def _unchanged(rec: Mapping[str, object] | None, path: Path, st: os.stat_result)
     return True
 
 
-def _record(path: Path, kind: _Kind) -> dict[str, object]:
+def _source_id(item: _Planned) -> list[int] | None:
+    """What identifies the snapshot file an entry is copied from: its device,
+    inode, ctime, size and mtime. A committed snapshot's files never change (its
+    ctime is the seal's), and a new inode with the same number also has a new
+    ctime; ``None`` for bytes and anything but a file."""
+    st = item.st
+    if item.kind != "file" or st is None or isinstance(item.src, bytes):
+        return None
+    return [st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns]
+
+
+def _up_to_date(
+    rec: Mapping[str, object] | None, item: _Planned, st: os.stat_result | None
+) -> bool:
+    """Whether an entry an export wrote (``rec``, already checked unchanged since,
+    now ``st``) is exactly what exporting ``item`` would write again, so that it
+    can be left alone: a file copied from the same snapshot file, with the mode
+    and time the export gives it; a directory with its mode and time."""
+    if rec is None or st is None or rec.get("pending") is True or item.st is None:
+        return False
+    if item.kind == "file":
+        source = _source_id(item)
+        return (
+            source is not None
+            and rec.get("source") == source
+            and stat.S_ISREG(st.st_mode)
+            and stat.S_IMODE(st.st_mode) == exported_mode(item.st.st_mode)
+        )
+    if item.kind == "dir":
+        return (
+            stat.S_ISDIR(st.st_mode)
+            and stat.S_IMODE(st.st_mode) == exported_mode(item.st.st_mode)
+            and st.st_mtime_ns == item.st.st_mtime_ns
+        )
+    return False
+
+
+def _record(path: Path, kind: _Kind, item: _Planned | None = None) -> dict[str, object]:
     if kind == "file":
         st = os.lstat(path)
-        return {"type": kind, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        rec: dict[str, object] = {"type": kind, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        source = None if item is None else _source_id(item)
+        if source is not None:
+            rec["source"] = source
+        return rec
     if kind == "symlink":
         return {"type": kind, "target": os.readlink(path)}
     return {"type": kind}
@@ -519,6 +567,21 @@ def _export_dir(parts: list[tuple[str, Path | bytes]], dest: Path, overwrite: bo
     if offending and not overwrite:
         raise _refusal(dest, offending)
 
+    # An export of the same snapshot files into an untouched earlier export: every
+    # entry is already what it would write, nothing is extra. Leave it alone.
+    done_before = {
+        rel for rel, item in new.items()
+        if rel and rel in ours and _up_to_date(manifest.entries.get(rel), item, existing[rel])
+    }
+    if (
+        manifest.partial_suffix is None
+        and not offending
+        and "" in new
+        and set(ours) == done_before == set(new) - {""}
+        and _up_to_date({"type": "dir"}, new[""], os.lstat(dest))
+    ):
+        return dest
+
     suffix = _new_suffix([*new, *existing])
     dest.mkdir(parents=True, exist_ok=True)
     # 2. While the export runs, the manifest claims both the old and the new paths
@@ -543,12 +606,12 @@ def _export_dir(parts: list[tuple[str, Path | bytes]], dest: Path, overwrite: bo
 
     # 4. Write, parents first.
     for rel, item in new.items():
-        if rel:
+        if rel and (rel not in done_before or item.kind != "file"):
             _put(dest / rel, item, suffix)
 
     # 5. The manifest of what is there now, then directory modes and times (last:
     #    writing into a directory changes its modification time).
-    done = {rel: _record(dest / rel, item.kind) for rel, item in new.items() if rel}
+    done = {rel: _record(dest / rel, item.kind, item) for rel, item in new.items() if rel}
     _write_manifest(dest, done, suffix, complete=True)
     for rel, item in reversed(new.items()):
         if item.kind == "dir" and item.st is not None:

@@ -108,16 +108,33 @@ def _force_remove(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def keep_failed_step(store_root: Path, tree: Path, step: FailedStep, keep: int) -> FailedStep:
+def keep_failed_step(
+    store_root: Path,
+    tree: Path,
+    step: FailedStep,
+    keep: int,
+    bound: Mapping[tuple[str, ...], str] | None = None,
+) -> FailedStep:
     """Copy ``tree`` (the failed step's exec root) and the record of ``step`` into
     the store's failed-steps folder, then delete all but the ``keep`` newest kept
-    steps. Returns the step with its ``path``. Blocking: run it in a thread."""
+    steps. ``bound`` maps the read-only mounts the sandbox bound from their
+    snapshots (not in ``tree``: only their mount points are) to those snapshot
+    paths, which are copied into the kept tree at their places. Returns the step
+    with its ``path``. Blocking: run it in a thread."""
     folder = _folder(store_root, step.vertex)
     staging = folder.with_name(folder.name + ".new")
     for stale in (staging, folder):
         _force_remove(stale)
     staging.mkdir(parents=True)
     shutil.copytree(tree, staging / "root", symlinks=True)
+    for parts, source in sorted((bound or {}).items(), key=lambda item: len(item[0])):
+        place = staging.joinpath("root", *parts)
+        _force_remove(place)  # the empty mount point
+        place.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.isdir(source):
+            shutil.copytree(source, place, symlinks=True)
+        else:
+            shutil.copy2(source, place, follow_symlinks=False)
     doc = {
         "vertex": step.vertex,
         "name": step.name,

@@ -30,9 +30,11 @@ from __future__ import annotations
 import base64
 import binascii
 import fnmatch
+import functools
 import hashlib
 import logging
 import os
+import re
 import shutil
 import stat
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +49,7 @@ from .._errors import SolveError
 from .._op import CacheMap, CacheMapDep, ComputeDigest
 from .._result import Result
 from ..definition import JSONValue, OpContext, OpHistory, OpKindRegistry, canonical_json
+from ._digests import file_digest
 from ._paths import check_regular_kind, resolve_in
 from ._snapshots import SnapshotRef, SnapshotStore, SnapshotView, UnsafePathError
 
@@ -59,10 +62,11 @@ __all__ = [
     "hash_entries",
     "register_file",
     "select_tree",
+    "selection_digest",
     "snapshot_view",
 ]
 
-_CHUNK: Final = 1 << 20
+_WRITE_BITS: Final = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
 DIR_MODE: Final = 0o755
 FILE_MODE: Final = 0o644
 
@@ -149,16 +153,25 @@ class Entry:
     mode: int
 
 
+@functools.lru_cache(maxsize=256)
+def _glob_regex(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    """One compiled regex for a list of ``fnmatch`` patterns (what
+    ``fnmatch.fnmatchcase`` would match with any of them): a content key walks
+    a whole tree against the same patterns, 59 keys x 150 entries x 20 patterns
+    in one benchmark build (``docs/performance.md``, "Real builds")."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(p.strip('/'))})" for p in patterns))
+
+
 def _matches(rel: str, patterns: Sequence[str]) -> bool:
     """True if ``rel`` or one of its parent directories matches a pattern
     (``fnmatch``, case-sensitive; ``*`` also matches ``/``)."""
+    if not patterns:
+        return False
+    match = _glob_regex(tuple(patterns)).match
+    if match(rel):
+        return True
     parts = rel.split("/")
-    for k in range(1, len(parts) + 1):
-        prefix = "/".join(parts[:k])
-        for pat in patterns:
-            if fnmatch.fnmatchcase(prefix, pat.strip("/")):
-                return True
-    return False
+    return any(match("/".join(parts[:k])) for k in range(1, len(parts)))
 
 
 def select_tree(
@@ -204,20 +217,6 @@ def select_tree(
     return out
 
 
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    try:
-        with os.fdopen(fd, "rb") as f:
-            fd = -1
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    return h.hexdigest()
-
-
 def entry_record(rel: str, path: str, mode: int) -> bytes:
     """The canonical line an entry contributes to a content digest: its path, type,
     permission bits (write bits masked: committing drops them) and its content
@@ -228,7 +227,7 @@ def entry_record(rel: str, path: str, mode: int) -> bytes:
     elif stat.S_ISLNK(mode):
         body = [rel, "symlink", 0, os.readlink(path)]
     else:
-        body = [rel, "file", perm, _file_digest(path)]
+        body = [rel, "file", perm, file_digest(path)]
     return canonical_json(body) + b"\n"
 
 
@@ -273,10 +272,18 @@ def ensure_dir(path: str, mode: int = DIR_MODE) -> None:
     os.chmod(path, mode | stat.S_IRWXU)
 
 
-def copy_one(src: str, mode: int, dst: str) -> None:
+def copy_one(
+    src: str, mode: int, dst: str, links: set[tuple[int, int]] | None = None
+) -> None:
     """Copy one entry (not a directory's contents) to ``dst``, replacing what is
     there: a directory becomes a directory (an existing one is kept), a symlink is
-    copied as a symlink, a file's bytes and mode are copied (owner write added)."""
+    copied as a symlink, a file's bytes and mode are copied (owner write added).
+
+    With ``links`` (``src`` is in a sealed snapshot of the store, ``dst`` in a
+    working directory no process sees), a regular file without write bits is
+    hard-linked instead, and its ``(st_dev, st_ino)`` added to ``links``, for
+    :meth:`MutableSnapshot.share_store_files`; where linking fails (another file
+    system, too many links) it is copied."""
     if stat.S_ISDIR(mode):
         ensure_dir(dst, stat.S_IMODE(mode))
         return
@@ -285,15 +292,27 @@ def copy_one(src: str, mode: int, dst: str) -> None:
         os.symlink(os.readlink(src), dst)
         return
     check_regular_kind(mode, src, "copy source")
+    if links is not None and not mode & _WRITE_BITS:
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except OSError:
+            pass
+        else:
+            st = os.lstat(dst)
+            links.add((st.st_dev, st.st_ino))
+            return
     shutil.copy2(src, dst, follow_symlinks=False)
     os.chmod(dst, stat.S_IMODE(mode) | stat.S_IWUSR)
 
 
-def copy_entries(entries: Sequence[Entry], dest: str) -> None:
+def copy_entries(
+    entries: Sequence[Entry], dest: str, links: set[tuple[int, int]] | None = None
+) -> None:
     """Copy selected entries below the real directory ``dest`` (which exists);
-    parents come before children, so each parent is a real directory by then."""
+    parents come before children, so each parent is a real directory by then.
+    ``links``: see :func:`copy_one`."""
     for e in entries:
-        copy_one(e.path, e.mode, os.path.join(dest, *e.rel.split("/")))
+        copy_one(e.path, e.mode, os.path.join(dest, *e.rel.split("/")), links)
 
 
 def make_parents(root: str, path: str) -> None:
@@ -425,14 +444,23 @@ def _content_files(root: str, actions: Sequence[Mapping[str, JSONValue]]) -> dic
     return files
 
 
+def selection_digest(root: str, paths: Sequence[str]) -> str:
+    """The content digest of sub-paths of the snapshot at ``root`` (each a
+    directory, hashed whole, or a file), as a ``copy`` of each would key it: an
+    exec mount selector's content key. Runs in a thread."""
+    return _content_digest(root, [{"src": path} for path in paths])
+
+
 def _apply(
     out: str, roots: Sequence[str], actions: Sequence[Mapping[str, JSONValue]]
-) -> None:
-    """Apply the actions to the working directory ``out``. Runs in a thread."""
+) -> set[tuple[int, int]]:
+    """Apply the actions to the working directory ``out``. Runs in a thread.
+    Returns the inodes hard-linked from the input snapshots (see :func:`copy_one`)."""
+    links: set[tuple[int, int]] = set()
     for i, action in enumerate(actions):
         name = str(action["action"])
         try:
-            _apply_one(out, roots, name, action)
+            _apply_one(out, roots, name, action, links)
         except UnsafePathError:
             raise
         except SolveError as exc:
@@ -440,9 +468,16 @@ def _apply(
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise SolveError(f"file op: actions[{i}] ({name}): {reason}") from exc
+    return links
 
 
-def _apply_one(out: str, roots: Sequence[str], name: str, action: Mapping[str, JSONValue]) -> None:
+def _apply_one(
+    out: str,
+    roots: Sequence[str],
+    name: str,
+    action: Mapping[str, JSONValue],
+    links: set[tuple[int, int]],
+) -> None:
     if name == "mkdir":
         path = str(action["path"])
         real = resolve_in(out, path, what="mkdir path")
@@ -489,7 +524,7 @@ def _apply_one(out: str, roots: Sequence[str], name: str, action: Mapping[str, J
             make_parents(out, os.path.join(real_dest, "x"))
             if os.path.normpath(real_dest) != os.path.normpath(out):
                 ensure_dir(real_dest)
-            copy_entries(entries, real_dest)
+            copy_entries(entries, real_dest, links)
             return
         (entry,) = entries
         if dest.endswith("/") or (os.path.isdir(real_dest) and not os.path.islink(real_dest)):
@@ -616,7 +651,10 @@ class FileOp:
         )
         try:
             roots = [os.fspath(v.path) for v in views]
-            await anyio.to_thread.run_sync(_apply, os.fspath(mutable.path), roots, self.actions)
+            links = await anyio.to_thread.run_sync(
+                _apply, os.fspath(mutable.path), roots, self.actions
+            )
+            mutable.share_store_files(links)
             ref: SnapshotRef = await mutable.commit()
         finally:
             with anyio.CancelScope(shield=True):

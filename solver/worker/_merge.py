@@ -30,9 +30,13 @@ def validate_merge(payload: Mapping[str, JSONValue]) -> None:
     check_fields("merge", "payload", payload, ())
 
 
-def _merge_into(out: str, roots: list[str]) -> None:
+def _merge_into(out: str, roots: list[str]) -> set[tuple[int, int]]:
+    """Lay the input snapshots' trees over ``out``, hard-linking their files (see
+    :func:`copy_one`); returns the linked inodes."""
+    links: set[tuple[int, int]] = set()
     for root in roots:
-        copy_entries(select_tree(root, what="merge input entry"), out)
+        copy_entries(select_tree(root, what="merge input entry"), out, links)
+    return links
 
 
 class MergeOp:
@@ -56,7 +60,8 @@ class MergeOp:
         )
         try:
             roots = [os.fspath(v.path) for v in views[1:]]
-            await anyio.to_thread.run_sync(_merge_into, os.fspath(mutable.path), roots)
+            links = await anyio.to_thread.run_sync(_merge_into, os.fspath(mutable.path), roots)
+            mutable.share_store_files(links)
             ref: SnapshotRef = await mutable.commit()
         finally:
             with anyio.CancelScope(shield=True):

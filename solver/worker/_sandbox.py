@@ -150,7 +150,10 @@ class SandboxSpec:
     destinations (component tuples) of its read-only mounts, bound read-only on
     top of it in the order given (parents first); ``cwd`` is relative to ``R``;
     ``env`` the complete environment of the step (``SOLVER_ROOT`` included);
-    ``secrets`` maps a secret id to the host file that holds it."""
+    ``secrets`` maps a secret id to the host file that holds it. ``bound`` maps
+    the destination of a read-only mount to the host directory bound there (a
+    committed snapshot, bound as it is instead of copied); a read-only mount not
+    in it binds what ``R`` holds at its destination."""
 
     args: tuple[str, ...]
     root: str
@@ -161,6 +164,7 @@ class SandboxSpec:
     network: Network = "none"
     secrets: Mapping[str, str] = field(default_factory=dict)
     as_root: bool = False
+    bound: Mapping[tuple[str, ...], str] = field(default_factory=dict)
 
 
 def bwrap_argv(bwrap: str, spec: SandboxSpec) -> list[str]:
@@ -185,7 +189,8 @@ def bwrap_argv(bwrap: str, spec: SandboxSpec) -> list[str]:
     argv += ["--proc", "/proc", "--dev", "/dev"]
     argv += ["--bind", spec.root, SANDBOX_ROOT]
     for parts in spec.readonly:
-        argv += ["--ro-bind", "/".join((spec.root, *parts)), "/".join((SANDBOX_ROOT, *parts))]
+        source = spec.bound.get(parts) or "/".join((spec.root, *parts))
+        argv += ["--ro-bind", source, "/".join((SANDBOX_ROOT, *parts))]
     for name in sorted(spec.secrets):
         argv += ["--ro-bind", spec.secrets[name], f"{SECRETS_DIR}/{name}"]
     # Everything is in place: the empty root tmpfs bwrap built becomes read-only,

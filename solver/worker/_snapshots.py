@@ -35,7 +35,9 @@ directory whose metadata is missing or unreadable is removed (with a warning), a
 metadata without a directory is removed. So:
 
 * commit seals the tree in ``tmp/`` (gives every file that is hard-linked to
-  something outside the tree a private copy, drops write bits, refuses special
+  something outside the tree a private copy, except the store's own sealed files
+  that the worker linked in, :meth:`MutableSnapshot.share_store_files`; drops
+  write bits, refuses special
   files, measures it), writes the metadata (to a temporary name, then ``os.replace``), and
   renames the directory into ``snapshots/``. A crash before the rename leaves
   debris in ``tmp/`` and an orphan metadata file; after it, a whole snapshot.
@@ -626,7 +628,7 @@ class MutableSnapshot:
     that owns the store (write its files from any thread).
     """
 
-    __slots__ = ("_description", "_id", "_parents", "_path", "_state", "_store")
+    __slots__ = ("_description", "_id", "_parents", "_path", "_state", "_store", "_store_links")
 
     def __init__(
         self,
@@ -642,6 +644,7 @@ class MutableSnapshot:
         self._description = description
         self._parents = parents
         self._state: str = _OPEN
+        self._store_links: frozenset[tuple[int, int]] = frozenset()
 
     @property
     def id(self) -> str:
@@ -658,6 +661,15 @@ class MutableSnapshot:
         """``"open"``, ``"committing"``, ``"committed"`` or ``"discarded"``."""
         return self._state
 
+    def share_store_files(self, inodes: Iterable[tuple[int, int]]) -> None:
+        """Declare files of the working directory (by ``(st_dev, st_ino)``) that
+        the worker itself hard-linked from committed snapshots of this store, so
+        that :meth:`commit` keeps them linked instead of giving them a private copy.
+        Only for links the worker made from a sealed snapshot into a working
+        directory no process sees (the ``file`` op's copies, ``merge``): such an
+        inode is never written again, so sharing it is sharing nothing."""
+        self._store_links = self._store_links | frozenset(inodes)
+
     async def commit(self) -> SnapshotRef:
         """Make the working directory an immutable snapshot and return the first
         handle on it, which the caller owns.
@@ -668,7 +680,8 @@ class MutableSnapshot:
         tree (a host file, another mount's or snapshot's file) is first replaced by
         a private copy (same bytes, mode and times), so a snapshot never shares an
         inode with anything outside it and committing changes nothing outside the
-        store; hard links between names inside the tree are kept. Refuses trees
+        store; hard links between names inside the tree are kept, and so are the
+        store's own sealed files declared with :meth:`share_store_files`. Refuses trees
         holding anything but regular files, directories and symlinks, and a shared
         file it cannot read. If it fails, the working directory is removed and a
         :class:`~solver.SolveError` is raised; the mutable is then discarded. If the
@@ -687,7 +700,7 @@ class MutableSnapshot:
             now = store._clock()
             meta = _Meta(self._id, now, now, 0, self._description, self._parents)
             try:
-                size = await _in_thread(_commit_tree, store._root, meta)
+                size = await _in_thread(_commit_tree, store._root, meta, self._store_links)
             except BaseException as exc:
                 self._state = _DISCARDED
                 store._mutables.pop(self._id, None)
@@ -1341,7 +1354,9 @@ def _copy_tree(src: Path, dst: Path) -> None:
         raise
 
 
-def _seal_tree(top: str, sid: str) -> int:
+def _seal_tree(
+    top: str, sid: str, store_links: frozenset[tuple[int, int]] = frozenset()
+) -> int:
     """Drop the write bits of everything below ``top`` (not ``top`` itself: it must
     stay writable to be renamed to another directory) and return the apparent size.
     Refuses special files, which a snapshot cannot hold (and a copy would hang on
@@ -1352,7 +1367,10 @@ def _seal_tree(top: str, sid: str) -> int:
     snapshot's file. So a regular file with more links than the tree holds names
     for is first given an inode of its own (:func:`_unshare`); only then are its
     write bits dropped. Names that all live in this tree stay linked to each other.
-    Symlinks are never followed (nor chmodded)."""
+    Symlinks are never followed (nor chmodded). The exception is ``store_links``:
+    inodes the worker linked from this store's sealed snapshots
+    (:meth:`MutableSnapshot.share_store_files`), kept shared when they have no
+    write bit (so sealing changes nothing of them)."""
     size = 0
     # Regular files with st_nlink > 1: the names found here, and the link count.
     linked: dict[tuple[int, int], tuple[list[str], int]] = {}
@@ -1392,6 +1410,8 @@ def _seal_tree(top: str, sid: str) -> int:
                 if stat.S_IMODE(mode) & _WRITE_BITS:
                     os.chmod(entry.path, stat.S_IMODE(mode) & ~_WRITE_BITS)
     for key, (paths, nlink) in linked.items():
+        if key in store_links and not os.lstat(paths[0]).st_mode & _WRITE_BITS:
+            continue  # a sealed file of the store: immutable wherever it is named
         if len(paths) < nlink:  # some name of this inode is outside the tree
             _unshare(top, sid, paths, key)
         else:
@@ -1509,12 +1529,14 @@ def _write_meta(root: Path, meta: _Meta) -> None:
         raise
 
 
-def _commit_tree(root: Path, meta: _Meta) -> int:
+def _commit_tree(
+    root: Path, meta: _Meta, store_links: frozenset[tuple[int, int]] = frozenset()
+) -> int:
     """Seal the working directory, write the metadata, rename it into snapshots/.
     Returns the size. The rename is the commit point."""
     src = root / "tmp" / meta.id
     dst = root / "snapshots" / meta.id
-    size = _seal_tree(os.fspath(src), meta.id)
+    size = _seal_tree(os.fspath(src), meta.id, store_links)
     meta = _Meta(meta.id, meta.created_at, meta.last_used, size, meta.description, meta.parents)
     _write_meta(root, meta)
     try:

@@ -36,6 +36,7 @@ from ._gc import PrunePolicy, as_rules
 from ._merge import register_merge
 from ._ophistory import OP_HISTORY_DB_NAME, SQLiteOpHistory
 from ._sandbox import SandboxMode
+from ._slots import StepSlots, default_parallelism
 from ._snapshots import SnapshotInfo, SnapshotStore
 from ._sources import register_sources
 
@@ -52,17 +53,21 @@ def register_builtin_kinds(
     secrets: Mapping[str, SecretSource] | None = None,
     history: Callable[[], OpHistory | None] | None = None,
     keep_failed: int = 0,
+    slots: StepSlots | None = None,
 ) -> None:
     """Register the built-in kinds (``source.inline``, ``source.local``, ``file``,
     ``merge``, ``exec``) into ``registry``, bound to ``store``; ``sandbox``,
-    ``secrets`` and ``keep_failed`` are :func:`register_exec`'s; ``history()`` is
-    the op history the ``file`` op records its content keys in and
-    ``source.local`` the files of its cache digest (:func:`register_file`,
+    ``secrets``, ``keep_failed`` and ``slots`` are :func:`register_exec`'s;
+    ``history()`` is the op history the ``file`` op records its content keys in
+    and ``source.local`` the files of its cache digest (:func:`register_file`,
     :func:`register_sources`)."""
     register_sources(registry, store, history)
     register_file(registry, store, history)
     register_merge(registry, store)
-    register_exec(registry, store, sandbox=sandbox, secrets=secrets, keep_failed=keep_failed)
+    register_exec(
+        registry, store, sandbox=sandbox, secrets=secrets, keep_failed=keep_failed,
+        slots=slots,
+    )
 
 
 class Worker:
@@ -95,6 +100,10 @@ class Worker:
     ``keep_failed`` is how many failed ``exec`` steps to keep, newest first, with
     their trees as the failure left them, for ``solver debug``
     (``<root>/failed``; ``docs/insight.md``); 0, the default, keeps none.
+    ``max_parallelism`` bounds how many ``exec`` steps run at once (``make
+    -jN``; default ``os.cpu_count()``): a step waits for a free slot before it
+    starts, so progress shows it started only once it runs (``docs/worker.md``,
+    "Running steps in parallel"). :attr:`slots` shows the bound in use.
     """
 
     def __init__(
@@ -106,13 +115,17 @@ class Worker:
         sandbox: SandboxMode = "bwrap",
         secrets: Mapping[str, SecretSource] | None = None,
         keep_failed: int = 0,
+        max_parallelism: int | None = None,
     ) -> None:
+        self.slots = StepSlots(
+            default_parallelism() if max_parallelism is None else max_parallelism
+        )
         self.store = SnapshotStore(root, lock_timeout=lock_timeout)
         self.op_kinds = OpKindRegistry()
         self.sandbox: SandboxMode = sandbox
         register_builtin_kinds(
             self.op_kinds, self.store, sandbox=sandbox, secrets=secrets,
-            history=lambda: self._op_history, keep_failed=keep_failed,
+            history=lambda: self._op_history, keep_failed=keep_failed, slots=self.slots,
         )
         self.gc_policy: tuple[PrunePolicy, ...] = (
             as_rules(gc_policy) if gc_policy is not None else ()
@@ -178,6 +191,7 @@ class Worker:
         """Open the store (see :meth:`SnapshotStore.open`), then the persistent cache
         beside it, releasing the records of snapshots deleted since it was last
         open."""
+        self.slots.reset()
         await self.store.open()
         try:
             self._cache = await open_worker_cache(self.store)
@@ -215,5 +229,5 @@ class Worker:
     def __repr__(self) -> str:
         return (
             f"<Worker at {self.store.root} kinds={self.op_kinds.names()} "
-            f"sandbox={self.sandbox}>"
+            f"sandbox={self.sandbox} max_parallelism={self.slots.total}>"
         )

@@ -313,6 +313,7 @@ def run(
     root: State | None = None,
     mounts: Mapping[str, State] | None = None,
     readonly: Iterable[str] = (),
+    selectors: Mapping[str, str] | None = None,
     env: Mapping[str, str] | None = None,
     cwd: str = "",
     name: str = "",
@@ -331,7 +332,10 @@ def run(
     result; ``mounts`` maps further paths inside it to states, exposed read-only
     when listed in ``readonly`` (writable mounts are scratch copies whose changes
     are dropped). ``cwd`` is relative to the root. The process sees its root in
-    ``$SOLVER_ROOT``.
+    ``$SOLVER_ROOT``. ``selectors`` maps a read-only mount to a sub-path of its
+    state (a directory or a file): only that is mounted, and the step's cache
+    key depends on that sub-path's content only, so a change elsewhere in the
+    state does not run the step again (``docs/worker.md``, "Mount selectors").
 
     The step runs in the worker's sandbox (``docs/worker.md``, "Sandbox"):
     ``rootfs`` is its read-only system root (host paths; default
@@ -345,14 +349,19 @@ def run(
     inputs: list[NodeOutput] = []
     payload_mounts: list[JSONValue] = []
 
+    chosen = dict(selectors or {})
+
     def add(state: State | None, dest: str, readonly: bool, output: int | None) -> None:
         index: JSONValue = None
         if state is not None and not (state._base is None and not state._actions):
             index = len(inputs)
             inputs.append(state.output)
-        payload_mounts.append(
-            {"input": index, "dest": dest, "readonly": readonly, "output": output}
-        )
+        mount: dict[str, JSONValue] = {
+            "input": index, "dest": dest, "readonly": readonly, "output": output
+        }
+        if dest in chosen:
+            mount["selector"] = chosen[dest]
+        payload_mounts.append(mount)
 
     add(root, "", False, 0)
     for dest, state in (mounts or {}).items():
@@ -360,6 +369,11 @@ def run(
     unknown = ro - set(mounts or {})
     if unknown:
         raise ValueError(f"readonly names paths that are not mounts: {sorted(unknown)}")
+    unselectable = sorted(set(chosen) - ro)
+    if unselectable:
+        raise ValueError(
+            f"selectors name paths that are not read-only mounts: {unselectable}"
+        )
     payload: dict[str, JSONValue] = {
         "args": list(args),
         "env": dict(env or {}),

@@ -1,0 +1,95 @@
+"""``file`` copies and ``merge`` hard-link files from sealed snapshots of the store
+instead of copying their bytes (issue 21: store growth); what a process can
+write stays a private copy, and deleting the source keeps the linked copy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from solver import Solver
+from solver.testing import HandleTracker
+from solver.worker import PrunePolicy, SnapshotView, State, Worker, merge, run
+
+pytestmark = pytest.mark.anyio
+
+
+def inode(view: SnapshotView, rel: str) -> int:
+    return os.lstat(view.path / rel).st_ino
+
+
+async def test_copy_and_merge_link_sealed_files(
+    tmp_path: Path, handle_tracker: HandleTracker
+) -> None:
+    src = State.inline({"a.c": "int a;\n", "h/x.h": "#define X\n"}, name="src")
+    copied = State.scratch().copy(src, "/", "/", include=["a.c", "*.h"]).with_name("copy")
+    other = State.inline({"b.txt": "b\n"}, name="other")
+    merged = merge([other, copied], name="merged")
+    async with Worker(tmp_path / "w", sandbox="none") as worker, Solver(worker=worker) as s:
+        async with (
+            await s.solve(src.definition()) as a,
+            await s.solve(copied.definition()) as b,
+            await s.solve(merged.definition()) as c,
+        ):
+            assert a.ref is not None
+            assert b.ref is not None
+            assert c.ref is not None
+            va, vb, vc = a.ref.sys, b.ref.sys, c.ref.sys
+            assert isinstance(va, SnapshotView)
+            assert isinstance(vb, SnapshotView)
+            assert isinstance(vc, SnapshotView)
+            for rel in ("a.c", "h/x.h"):
+                assert inode(vb, rel) == inode(va, rel)
+                assert inode(vc, rel) == inode(va, rel)
+                assert not os.lstat(va.path / rel).st_mode & 0o222  # still sealed
+            assert await vc.read_bytes("h/x.h") == b"#define X\n"
+            source_id = a.ref.id
+        # The source goes; the copies keep their bytes.
+        deleted = await worker.prune(PrunePolicy())
+        assert source_id in {info.id for info in deleted}
+        async with await s.solve(copied.definition()) as again:
+            assert again.ref is not None
+            assert await again.ref.sys.read_bytes("a.c") == b"int a;\n"  # type: ignore[attr-defined]
+
+
+async def test_a_writable_mount_of_a_linked_file_is_a_private_copy(
+    tmp_path: Path, handle_tracker: HandleTracker
+) -> None:
+    """A process writing a file it got through a linked snapshot changes its own
+    copy, never the snapshots that share the inode."""
+    src = State.inline({"a.txt": "one\n"}, name="src")
+    copied = State.scratch().copy(src, "a.txt", "a.txt").with_name("copy")
+    edit = run(["/bin/sh", "-c", "chmod u+w a.txt; echo two > a.txt"], root=copied,
+               name="edit")
+    async with (
+        Worker(tmp_path / "w", sandbox="none") as worker,
+        Solver(worker=worker) as s,
+        await s.solve(src.definition()) as a,
+        await s.solve(copied.definition()) as b,
+        await s.solve(edit.definition()) as c,
+    ):
+        assert a.ref is not None
+        assert b.ref is not None
+        assert c.ref is not None
+        assert await c.ref.sys.read_bytes("a.txt") == b"two\n"  # type: ignore[attr-defined]
+        assert await b.ref.sys.read_bytes("a.txt") == b"one\n"  # type: ignore[attr-defined]
+        assert await a.ref.sys.read_bytes("a.txt") == b"one\n"  # type: ignore[attr-defined]
+
+
+async def test_host_files_are_never_linked(tmp_path: Path, handle_tracker: HandleTracker) -> None:
+    """``source.local`` copies: a host file is not the store's to share."""
+    host = tmp_path / "host"
+    host.mkdir()
+    (host / "f.txt").write_text("f\n")
+    os.chmod(host / "f.txt", 0o444)  # read-only on the host, still not linked
+    async with (
+        Worker(tmp_path / "w", sandbox="none") as worker,
+        Solver(worker=worker) as s,
+        await s.solve(State.local(host).definition()) as r,
+    ):
+        assert r.ref is not None
+        view = r.ref.sys
+        assert isinstance(view, SnapshotView)
+        assert inode(view, "f.txt") != os.lstat(host / "f.txt").st_ino
