@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import tempfile
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
@@ -32,7 +29,7 @@ import anyio.to_thread
 from .._errors import SolveError
 from ..definition import OpKind, OpKindRegistry
 from ..worker import SnapshotBlobCodec, SnapshotRef, SnapshotStore, SnapshotView, Worker
-from ._task import BlobInput, RemoteOpError, RemoteOutcome, RemoteTask, run_op
+from ._task import BlobInput, RemoteOpError, RemoteOutcome, RemoteTask, run_op, scratch_file
 
 if TYPE_CHECKING:
     from .._result import Result
@@ -225,7 +222,7 @@ class DaskCluster:
             self._blobs.move_to_end(view.id)
             return held
         codec = SnapshotBlobCodec(store)
-        with _scratch(store) as path:
+        with scratch_file(store.root / "tmp") as path:
             digest = await codec.pack(result, path)
             if digest is None:  # pragma: no cover - a SnapshotView always packs
                 raise SolveError("a remote op's input is not a snapshot")
@@ -320,15 +317,3 @@ def _release_all(futures: list[Any]) -> None:
     for future in futures:
         with contextlib.suppress(Exception):
             future.release()
-
-
-@contextlib.contextmanager
-def _scratch(store: SnapshotStore) -> Iterator[Path]:
-    fd, name = tempfile.mkstemp(prefix="blob-", dir=store.root / "tmp")
-    os.close(fd)
-    os.unlink(name)
-    try:
-        yield Path(name)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)

@@ -21,8 +21,8 @@ from .._op import CacheMap, Op
 from .._progress import log_output
 from ..definition import JSONValue, OpContext, OpFactory, OpKind, OpKindRegistry
 from ..worker import SandboxMode, SnapshotBlobCodec, SnapshotStore
-from ._cluster import DaskCluster, _scratch
-from ._task import RemoteTask
+from ._cluster import DaskCluster
+from ._task import RemoteTask, scratch_file
 
 if TYPE_CHECKING:
     from .._result import Result
@@ -96,7 +96,7 @@ class RemoteOp:
         refs: list[Result] = []
         try:
             for index, (digest, data) in enumerate(outcome.outputs):
-                with _scratch(store) as path:
+                with scratch_file(store.root / "tmp") as path:
                     await anyio.to_thread.run_sync(path.write_bytes, data)
                     snapshot = await codec.unpack(path)
                 refs.append(snapshot)

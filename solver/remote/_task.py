@@ -62,6 +62,7 @@ __all__ = [
     "RemoteOutcome",
     "RemoteTask",
     "run_op",
+    "scratch_file",
     "worker_stats",
 ]
 
@@ -204,7 +205,7 @@ class _Host:
             self.held.move_to_end(digest)
             self.stats.reused += 1
             return held.clone()
-        with _scratch(self.root) as path:
+        with scratch_file(self.root.parent) as path:
             await anyio.to_thread.run_sync(path.write_bytes, _blob_data(blob))
             ref = await self.codec.unpack(path)
         self.stats.unpacked += 1
@@ -216,7 +217,7 @@ class _Host:
             raise RemoteOpError(
                 f"a remote op returned {type(result).__name__}, not a snapshot"
             )
-        with _scratch(self.root) as path:
+        with scratch_file(self.root.parent) as path:
             digest = await self.codec.pack(result, path)
             if digest is None:  # pragma: no cover - a SnapshotRef always packs
                 raise RemoteOpError("a remote op's output is not a snapshot")
@@ -331,8 +332,9 @@ async def _watch(wanted: _Wanted, scope: anyio.CancelScope) -> None:
 
 
 @contextlib.contextmanager
-def _scratch(root: Path) -> Iterator[Path]:
-    fd, name = tempfile.mkstemp(prefix="blob-", dir=root.parent)
+def scratch_file(directory: Path) -> Iterator[Path]:
+    """A free file name in ``directory`` for a blob, removed after (if made)."""
+    fd, name = tempfile.mkstemp(prefix="blob-", dir=directory)
     os.close(fd)
     os.unlink(name)
     try:
