@@ -467,3 +467,51 @@ async def test_a_remote_build_publishes_to_the_shared_cache_for_another_machine(
         assert (shared.stats().restored, shared.stats().executed) == (3, 0)
     assert second == first
     assert executed(client) - before == 2
+
+
+@pytest.mark.anyio
+async def test_a_remote_op_cancelled_at_each_suspension_releases_everything(
+    tmp_path: Path,
+    cluster: Any,
+    client: Any,
+    handle_tracker: HandleTracker,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every await of RemoteOp.exec (packing and scattering the input, submitting,
+    waiting, unpacking the outputs): cancelled just before it, the build fails,
+    no snapshot stays in use, no blob file is left, and every handle is released
+    once (the tracker checks at teardown)."""
+    from test_solve_checkpoints import MAX_SUSPENSIONS, cancel_at_suspension
+
+    real = RemoteOp.exec
+    at = {"n": 0}
+
+    async def exec_cancelled_at(self: RemoteOp, inputs: Any) -> Any:
+        value, _ = await cancel_at_suspension(at["n"], lambda: real(self, inputs))
+        if value is None:
+            raise SolveError(f"cancelled at suspension {at['n']}")
+        return value
+
+    monkeypatch.setattr(RemoteOp, "exec", exec_cancelled_at)
+    step = run(
+        ["/bin/sh", "-c", "cat in/in.txt > out.txt"],
+        mounts={"in": State.inline({"in.txt": "input\n"})},
+        readonly=["in"],
+        name="cancelled",
+    )
+    async with remote_solver(tmp_path, cluster.scheduler_address) as (worker, _, s):
+        for n in range(1, MAX_SUSPENSIONS):
+            at["n"] = n
+            try:
+                files = await files_of(s, step)
+            except SolveError as exc:
+                assert f"cancelled at suspension {n}" in str(exc)  # noqa: PT017
+                assert not [i.id for i in await worker.store.usage() if i.in_use]
+                assert [p for p in os.listdir(worker.store.root / "tmp")
+                        if p.startswith("blob-")] == []
+                continue
+            assert files == {"out.txt": b"input\n"}
+            break
+        else:
+            raise AssertionError("the remote op never completed")
+    assert n > 3  # it did suspend (pack, scatter, submit, wait, unpack)

@@ -282,11 +282,16 @@ class DaskCluster:
         return client
 
     async def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        # Not abandoned on cancellation: a scatter or submit that went through
+        # while its caller was cancelled would leave a future nobody holds, whose
+        # release races the next call for the same key (the scheduler then
+        # forgets a blob the next op needs: "lost dependencies"). These calls are
+        # short; the caller sees its cancellation once the future is kept.
         def call() -> Any:
             return fn(*args, **kwargs)
 
         try:
-            return await anyio.to_thread.run_sync(call, abandon_on_cancel=True)
+            return await anyio.to_thread.run_sync(call)
         except self._errors as exc:
             raise RemoteClusterError(
                 f"the Dask cluster at {self.address} is unreachable: "
