@@ -92,7 +92,7 @@ def test_max_executed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     status, _, err = solver_cli(capsys, "build", changed, "--cache-dir", cache,
                                 "--max-executed", "-1")
     assert status == 2
-    assert "--max-executed takes a number >= 0, not '-1'" in err
+    assert "argument --max-executed: expected a number >= 0, not '-1'" in err
 
 
 def test_json_progress_ends_with_one_summary_event(

@@ -30,6 +30,7 @@ from ..insight import (
     chrome_trace,
     compare_builds,
 )
+from ._summary import count_arg
 
 __all__ = ["add_history_command", "format_entries", "format_record"]
 
@@ -200,7 +201,7 @@ def add_history_command(
         "the newest --keep-records, or older than --keep-duration. Without limits, "
         "the default policy (100 records, 30 days), which every build also applies.",
     )
-    prune.add_argument("--keep-records", type=_count_arg, default=None, metavar="N",
+    prune.add_argument("--keep-records", type=count_arg, default=None, metavar="N",
                        help="keep at most the N newest records")
     prune.add_argument("--keep-duration", type=duration_arg, default=None,
                        metavar="DURATION", help="keep records of builds started within "
@@ -224,16 +225,6 @@ def add_history_command(
 
     prune.set_defaults(func=cmd_prune)
     return h
-
-
-def _count_arg(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, not {text!r}")
-    return n
 
 
 def _entry(e: object) -> dict[str, object]:

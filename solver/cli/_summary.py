@@ -91,20 +91,21 @@ def add_gate_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-executed",
-        type=_count_arg,
+        type=count_arg,
         default=None,
         metavar="N",
         help="fail (exit 1, listing them) if more than N ops ran",
     )
 
 
-def _count_arg(text: str) -> int:
+def count_arg(text: str) -> int:
+    """An argparse type: a whole number >= 0 (argparse names the option)."""
     try:
         n = int(text)
     except ValueError:
         n = -1
     if n < 0:
-        raise argparse.ArgumentTypeError(f"--max-executed takes a number >= 0, not {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, not {text!r}")
     return n
 
 
