@@ -500,3 +500,32 @@ def test_expect_cached_passes_on_a_build_the_shared_cache_restored(
     err = capsys.readouterr().err
     assert "Summary: 2 ops: 0 run, 2 cached, 0 failed" in err.splitlines()
     assert "Cache hits: 2 shared" in err.splitlines()
+
+
+async def test_only_the_restored_record_is_marked_used(tmp_path: Path, shared_url: str) -> None:
+    """A vertex gathers a record per change of its inputs (a local source's
+    files change, its definition does not); a warm build marks the one it
+    restores used, not the stale ones, so that age-based pruning takes them."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    defn = run(["/bin/sh", "-c", "cat in/in.txt > out.txt"],
+               mounts={"in": State.local(tree)}, readonly=["in"], name="cat").definition()
+    async with SharedCache(shared_url) as shared:
+        (tree / "in.txt").write_text("one\n")
+        await build(tmp_path / "a", shared, defn, "out.txt")
+        (tree / "in.txt").write_text("two\n")
+        await build(tmp_path / "b", shared, defn, "out.txt")
+    with psycopg.connect(shared_url, autocommit=True) as conn:
+        conn.execute("UPDATE solver_actions SET last_used = 0")
+        per_vertex = conn.execute(
+            "SELECT kind, count(*) FROM solver_actions GROUP BY vertex, kind ORDER BY kind"
+        ).fetchall()
+    assert per_vertex == [("exec", 2), ("source.local", 2)]  # two records per vertex
+    async with SharedCache(shared_url) as shared:
+        assert await build(tmp_path / "c", shared, defn, "out.txt") == b"two\n"
+        assert shared.stats().restored == 2
+    with psycopg.connect(shared_url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT last_used > 0, count(*) FROM solver_actions GROUP BY 1 ORDER BY 1"
+        ).fetchall()
+    assert rows == [(False, 2), (True, 2)]  # the two restored, not the two stale

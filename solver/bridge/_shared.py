@@ -210,6 +210,8 @@ class SharedCache:
         self._prefetch_lock: anyio.Lock | None = None
         self._fetch_lock: anyio.Lock | None = None
         self._using: dict[str, int] = {}
+        # actions restored since open: marked used in batches at close
+        self._used: list[str] = []
         # vertex digests whose records were not asked for yet / were
         self._pending: dict[str, None] = {}
         self._looked_up: set[str] = set()
@@ -280,12 +282,24 @@ class SharedCache:
         not used. Idempotent, shielded."""
         with anyio.CancelScope(shield=True):
             await self.detach()
+            await self._mark_used()
             await self._collect()
             self._open = False
             await self.store.close()
             if self._spool is not None:
                 spool, self._spool = self._spool, None
                 await anyio.to_thread.run_sync(shutil.rmtree, spool, True)
+
+    async def _mark_used(self) -> None:
+        """Mark the records this cache restored used (what age-based pruning
+        reads): only those, not every record of their vertices."""
+        used, self._used = self._used, []
+        if not used or self._down or not self._open:
+            return
+        try:
+            await self.store.mark_used(used)
+        except SharedCacheError as exc:  # never fails a build that is over
+            _log.warning("%s (marking restored records used)", exc)
 
     async def _collect(self) -> None:
         policy = self.gc_policy
@@ -481,6 +495,7 @@ class SharedCache:
                 ref = await self._codec.unpack(paths[digest])
                 outs.append(ref)
                 await self._remember(ref.sys.id, digest)
+            self._used.append(record.action)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 for out in outs:

@@ -355,15 +355,22 @@ class PostgresCacheStore:
 
     async def records_for(self, vertices: Sequence[str]) -> list[ActionRecord]:
         """Every record made for one of ``vertices`` (definition vertex digests), in
-        ``ceil(len / batch_size)`` statements; each also marks its records used
-        (unless read-only)."""
+        ``ceil(len / batch_size)`` statements. Reading marks nothing used: a
+        vertex collects a record per input change, and only the one a build
+        restores is used (:meth:`mark_used`)."""
         found: list[ActionRecord] = []
         for chunk in _chunks(list(dict.fromkeys(vertices)), self.batch_size):
-            found += await self._call(
-                _records_for, list(chunk), None if self.read_only else time.time(),
-                doing="looking up records",
-            )
+            found += await self._call(_records_for, list(chunk), doing="looking up records")
         return found
+
+    async def mark_used(self, actions: Sequence[str]) -> None:
+        """Mark the records of ``actions`` used now (what age-based pruning reads),
+        in ``ceil(len / batch_size)`` statements; nothing when read-only."""
+        if self.read_only:
+            return
+        now = time.time()
+        for chunk in _chunks(list(dict.fromkeys(actions)), self.batch_size):
+            await self._call(_mark_used, list(chunk), now, doing="marking records used")
 
     async def record(self, action: str) -> ActionRecord | None:
         """The record of ``action``, if any (one statement)."""
@@ -596,22 +603,21 @@ _RECORD_COLUMNS: Final = (
 )
 
 
-def _records_for(c: _Counter, vertices: list[str], now: float | None) -> list[ActionRecord]:
-    if now is None:
-        sql = _RECORD_COLUMNS.format(source="solver_actions") + (
-            "WHERE a.vertex = ANY(%s) ORDER BY a.action, o.idx"
-        )
-        return _records(c.execute(sql, (vertices,)).fetchall())
-    # Marked used in the same statement. SKIP LOCKED: builds touching the same
-    # records at once never wait on (or deadlock with) each other; a record
-    # skipped is being marked used by the other build.
-    sql = (
-        "WITH touched AS (UPDATE solver_actions SET last_used = %s WHERE action IN "
-        "(SELECT action FROM solver_actions WHERE vertex = ANY(%s) FOR UPDATE SKIP LOCKED)) "
-        + _RECORD_COLUMNS.format(source="solver_actions")
-        + "WHERE a.vertex = ANY(%s) ORDER BY a.action, o.idx"
+def _records_for(c: _Counter, vertices: list[str]) -> list[ActionRecord]:
+    sql = _RECORD_COLUMNS.format(source="solver_actions") + (
+        "WHERE a.vertex = ANY(%s) ORDER BY a.action, o.idx"
     )
-    return _records(c.execute(sql, (now, vertices, vertices)).fetchall())
+    return _records(c.execute(sql, (vertices,)).fetchall())
+
+
+def _mark_used(c: _Counter, actions: list[str], now: float) -> None:
+    # SKIP LOCKED: builds marking the same records at once never wait on (or
+    # deadlock with) each other; a record skipped is being marked by the other.
+    c.execute(
+        "UPDATE solver_actions SET last_used = %s WHERE action IN "
+        "(SELECT action FROM solver_actions WHERE action = ANY(%s) FOR UPDATE SKIP LOCKED)",
+        (now, actions),
+    )
 
 
 def _record(c: _Counter, action: str) -> ActionRecord | None:
