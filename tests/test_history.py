@@ -240,8 +240,8 @@ async def test_history_solve_cancelled_at_each_suspension(
         for value in ops.results:
             assert value.live_count == 0, value
             assert value.release_count == value._shared.handles, value
-        # a solve cancelled after its build began is recorded too, never twice
-        assert len(history.entries()) <= 1
+        # a solve cancelled after its build began is recorded too, once
+        assert len(history.entries()) == 1
         return count < n
 
     last = await every_suspension(run)

@@ -261,9 +261,13 @@ class Solver(Engine):
         """The summary of the build of ``edge`` in ``job``, recorded in the history
         when there is one (a failure to write it is logged, not raised)."""
         ended = time.time()
-        summary = await build_summary(
-            job, op_graph(edge), build=edge.vertex.digest, started=started, ended=ended
-        )
+        # Shielded: reading the job's buffered events never waits, and a caller
+        # cancelled after its build ran still gets the build recorded (its next
+        # checkpoint raises the cancellation, and the result is released then).
+        with anyio.CancelScope(shield=True):
+            summary = await build_summary(
+                job, op_graph(edge), build=edge.vertex.digest, started=started, ended=ended
+            )
         if self.history is not None:
             try:
                 self.history.add(summary)

@@ -28,8 +28,9 @@ async def job_events(job: Job) -> list[ProgressEvent]:
     ``Job.status()`` yields buffered events without suspending and waits only
     once it has none left (never, for a discarded job); that wait is cut short
     by a cancelled scope of its own, so the loop ends exactly at the end of the
-    buffer. It always reaches one checkpoint, in that scope: it never raises the
-    caller's cancellation (the caller's next checkpoint does)."""
+    buffer. It always reaches one checkpoint: a caller whose own scope is
+    cancelled gets its cancellation there, so shield the call to read the events
+    regardless (:meth:`Solver.solve` does, to record a cancelled build)."""
     events: list[ProgressEvent] = []
     with anyio.CancelScope() as scope:
         scope.cancel()
