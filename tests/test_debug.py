@@ -16,6 +16,7 @@ import pytest
 
 from solver import SolveError, Solver
 from solver.cli import main
+from solver.testing import HandleTracker
 from solver.worker import State, Worker, find_failed_step, run
 
 pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap is not installed")
@@ -126,7 +127,9 @@ def test_keep_failed_copies_the_tree_and_on_error_shell_needs_a_terminal(
 
 
 @pytest.mark.anyio
-async def test_worker_keeps_the_newest_failed_steps(tmp_path: Path) -> None:
+async def test_worker_keeps_the_newest_failed_steps(
+    tmp_path: Path, handle_tracker: HandleTracker
+) -> None:
     def failing(text: str) -> State:
         return run(["sh", "-c", f"echo {text} > f.txt; exit 1"], name=text)
 
@@ -176,7 +179,7 @@ def test_keep_failed_into_an_existing_dir_is_a_warning(
 
 @pytest.mark.anyio
 async def test_cancelled_while_the_failed_step_is_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handle_tracker: HandleTracker
 ) -> None:
     """The keep is an await on the exec's failure path: cancelling the solve
     there leaves no exec directory or mutable snapshot behind, and the store

@@ -14,10 +14,8 @@ from solver import SolveError, Solver
 from solver.testing import HandleTracker
 from solver.worker import SandboxMode, SnapshotView, State, Worker, run
 
-pytestmark = [
-    pytest.mark.anyio,
-    pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap is not installed"),
-]
+pytestmark = pytest.mark.anyio
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bwrap is not installed")
 
 SH = "/bin/sh"
 
@@ -48,6 +46,7 @@ async def inode_seen_by_step(tmp_path: Path, sandbox: SandboxMode) -> tuple[int,
         return os.lstat(source_view.path / "a.txt").st_ino, seen
 
 
+@needs_bwrap
 async def test_sandboxed_readonly_mount_is_the_snapshot_itself(
     tmp_path: Path, handle_tracker: HandleTracker
 ) -> None:
@@ -62,6 +61,7 @@ async def test_unsandboxed_readonly_mount_is_a_private_copy(
     assert seen != snapshot_inode
 
 
+@needs_bwrap
 async def test_a_bound_snapshot_cannot_be_changed_by_the_step(
     tmp_path: Path, handle_tracker: HandleTracker
 ) -> None:
@@ -89,6 +89,7 @@ async def test_a_bound_snapshot_cannot_be_changed_by_the_step(
         assert await view.read_bytes("names") == b"a.txt\n"
 
 
+@needs_bwrap
 async def test_nested_readonly_bind_in_a_writable_root(
     tmp_path: Path, handle_tracker: HandleTracker
 ) -> None:
@@ -110,6 +111,7 @@ async def test_nested_readonly_bind_in_a_writable_root(
         assert [e.path for e in await view.walk()] == ["in", "out.txt"]
 
 
+@needs_bwrap
 async def test_writing_into_a_bound_mount_fails_the_step(
     tmp_path: Path, handle_tracker: HandleTracker
 ) -> None:
