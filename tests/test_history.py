@@ -218,6 +218,12 @@ def test_compare_lists_exactly_the_ops_that_changed() -> None:
     # a build against itself: nothing changed
     same = compare_builds(a, a)
     assert (same.ran_instead_of_cached, same.new, same.gone) == ((), (), ())
+    # a step the shared cache restored in B has a start but did not run
+    restored = BuildSummary("z", 0.0, 1.0, (
+        op("s1", "cached", 0.0, 0.1, name="sources", source="shared"),
+    ))
+    assert restored.ran() == []
+    assert compare_builds(a, restored).ran_instead_of_cached == ()
 
 
 async def test_history_solve_cancelled_at_each_suspension(

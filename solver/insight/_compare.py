@@ -72,10 +72,6 @@ class BuildComparison:
         return out
 
 
-def _ran(op: OpRecord) -> bool:
-    return op.started is not None
-
-
 def compare_builds(a: BuildSummary, b: BuildSummary) -> BuildComparison:
     """Compare build ``a`` with build ``b``. O(ops log ops)."""
     a_by_digest = {op.digest: op for op in a.ops}
@@ -98,12 +94,12 @@ def compare_builds(a: BuildSummary, b: BuildSummary) -> BuildComparison:
         match = a_names.get(op.name)
         if match is not None and len(match) == 1 and b_names[op.name] == 1 and op.name:
             pairs.append(OpChange(match.pop(), op))
-        elif _ran(op):
+        elif op.ran:
             new.append(op)
     gone = tuple(op for ops in a_names.values() for op in ops)
     order = {id(op): i for i, op in enumerate(b.ops)}
     pairs.sort(key=lambda p: order[id(p.b)])
-    ran_instead = tuple(p for p in pairs if p.a.state == CACHED_OP and _ran(p.b))
-    both = [p for p in pairs if _ran(p.a) and _ran(p.b)]
+    ran_instead = tuple(p for p in pairs if p.a.state == CACHED_OP and p.b.ran)
+    both = [p for p in pairs if p.a.ran and p.b.ran]
     both.sort(key=lambda p: -abs(p.time_change))
     return BuildComparison(ran_instead, tuple(new), gone, tuple(both))

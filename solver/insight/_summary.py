@@ -87,6 +87,12 @@ class OpRecord(NamedTuple):
     inputs: tuple[str, ...] = ()
 
     @property
+    def ran(self) -> bool:
+        """Whether it ran (executed, failed or cancelled); a step the shared cache
+        restored did not (its exec fetched the outputs)."""
+        return self.started is not None and self.state != CACHED_OP
+
+    @property
     def duration(self) -> float:
         """Seconds its execution took (0 for an op that did not run)."""
         if self.started is None or self.ended is None:
@@ -166,7 +172,7 @@ class BuildSummary:
     def ran(self) -> list[OpRecord]:
         """The ops that ran (executed, failed or cancelled), in build order; a
         step the shared cache restored did not (its exec fetched, not ran)."""
-        return [op for op in self.ops if op.started is not None and op.state != CACHED_OP]
+        return [op for op in self.ops if op.ran]
 
     # -- time --------------------------------------------------------------------------
     @property
