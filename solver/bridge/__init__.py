@@ -70,4 +70,5 @@ from ._solver import (
 from ._summary import (
     build_summary as build_summary,
     job_events as job_events,
+    record_build as record_build,
 )

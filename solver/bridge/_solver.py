@@ -35,14 +35,14 @@ from ..definition import (
     history_records,
 )
 from ..engine import Engine, Job
-from ..insight import BuildHistory, BuildSummary, emit_spans, op_graph
+from ..insight import BuildHistory, BuildSummary, op_graph
 from ..remote import DaskCluster, attach_cluster
 from ..worker import Worker
 from ._bridge import SolverBridge, to_solve_result
 from ._caches import build_with_caches, opened_imports, run_exports
 from ._frontend import Frontend
 from ._request import SolveRequest, SolveResult
-from ._summary import build_summary
+from ._summary import build_summary, record_build
 
 __all__ = ["Solver", "definitions_unrecorded"]
 
@@ -268,15 +268,7 @@ class Solver(Engine):
             summary = await build_summary(
                 job, op_graph(edge), build=edge.vertex.digest, started=started, ended=ended
             )
-        if self.history is not None:
-            try:
-                self.history.add(summary)
-            except Exception:
-                logger.exception("recording the build in %r failed", self.history)
-        try:
-            emit_spans(summary)
-        except Exception:
-            logger.exception("sending the build's OpenTelemetry spans failed")
+        record_build(summary, self.history)
         return summary
 
     async def _solve_frontend(self, request: SolveRequest, job: Job) -> SolveResult:

@@ -8,18 +8,21 @@ with the graph (:func:`solver.insight.summarize`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import anyio
 
 from .._progress import ProgressEvent
-from ..insight import BuildSummary, summarize
+from ..insight import BuildHistory, BuildSummary, emit_spans, summarize
 
 if TYPE_CHECKING:
     from ..engine import Job
 
-__all__ = ["build_summary", "job_events"]
+__all__ = ["build_summary", "job_events", "record_build"]
+
+logger = logging.getLogger("solver")
 
 
 async def job_events(job: Job) -> list[ProgressEvent]:
@@ -53,3 +56,18 @@ async def build_summary(
     ``ended``."""
     events = await job_events(job)
     return summarize(events, graph, build=build, started=started, ended=ended)
+
+
+def record_build(summary: BuildSummary, history: BuildHistory | None) -> None:
+    """Record ``summary`` in ``history`` (if any) and send its OpenTelemetry
+    spans (when tracing is configured). Never raises: a build that is over is
+    not failed by its record; a failure is logged."""
+    if history is not None:
+        try:
+            history.add(summary)
+        except Exception:
+            logger.exception("recording the build in %s failed", history.directory)
+    try:
+        emit_spans(summary)
+    except Exception:
+        logger.exception("sending the build's OpenTelemetry spans failed")

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
 from .._graph import Edge
-from ..bridge import build_summary
-from ..insight import EXECUTED, FAILED, BuildHistory, BuildSummary, emit_spans, op_graph
+from ..bridge import build_summary, record_build
+from ..insight import EXECUTED, FAILED, BuildHistory, BuildSummary, op_graph
 from ._progress import JsonRenderer, Renderer, TtyRenderer
 
 if TYPE_CHECKING:
@@ -28,7 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = ["add_gate_arguments", "finish_build", "gate_failures", "write_summary"]
 
-logger = logging.getLogger("solver")
 
 
 def write_summary(renderer: Renderer, out: TextIO, summary: BuildSummary) -> None:
@@ -70,15 +68,7 @@ async def finish_build(
     if reasons is not None:
         summary = with_reasons(summary, reasons)
     write_summary(renderer, out, summary)
-    try:
-        emit_spans(summary)
-    except Exception:
-        logger.exception("sending the build's OpenTelemetry spans failed")
-    if history is not None:
-        try:
-            history.add(summary)
-        except OSError as exc:
-            logger.warning("the build was not recorded in %s: %s", history.directory, exc)
+    record_build(summary, history)
     return summary
 
 
