@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import anyio
@@ -529,3 +530,26 @@ async def test_only_the_restored_record_is_marked_used(tmp_path: Path, shared_ur
             "SELECT last_used > 0, count(*) FROM solver_actions GROUP BY 1 ORDER BY 1"
         ).fetchall()
     assert rows == [(False, 2), (True, 2)]  # the two restored, not the two stale
+
+
+async def test_fetched_and_packed_blobs_stay_inside_the_store(
+    tmp_path: Path, shared_url: str
+) -> None:
+    """The blobs a build fetches or packs are written under the store's ``tmp/``
+    (which the store empties when it opens, so a kill leaves nothing outside
+    it), and removed when the cache detaches."""
+    defn = uuid_graph()
+    async with SharedCache(shared_url) as shared:
+        await build(tmp_path / "a", shared, defn)
+    async with Worker(tmp_path / "b") as worker, SharedCache(shared_url) as shared:
+        shared.attach(worker)
+        try:
+            spool = shared._spool
+            assert spool is not None
+            assert spool.parent == worker.store.root / "tmp"
+            async with Solver(worker=worker) as solver, await solver.solve(defn):
+                assert shared.stats().restored == 3
+        finally:
+            await shared.detach()
+        assert not spool.exists()
+        assert os.listdir(worker.store.root / "tmp") == []

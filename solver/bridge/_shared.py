@@ -263,7 +263,6 @@ class SharedCache:
         self._prefetch_lock = anyio.Lock()
         self._fetch_lock = anyio.Lock()
         self._index_lock = anyio.Lock()
-        self._spool = Path(tempfile.mkdtemp(prefix="solver-shared-"))
         self._open = True
         try:
             await self.store.open()
@@ -278,17 +277,14 @@ class SharedCache:
             raise
 
     async def close(self) -> None:
-        """Put the worker's kinds back, close the connection, delete fetched blobs
-        not used. Idempotent, shielded."""
+        """Put the worker's kinds back (deleting the blobs fetched and packed) and
+        close the connection. Idempotent, shielded."""
         with anyio.CancelScope(shield=True):
             await self.detach()
             await self._mark_used()
             await self._collect()
             self._open = False
             await self.store.close()
-            if self._spool is not None:
-                spool, self._spool = self._spool, None
-                await anyio.to_thread.run_sync(shutil.rmtree, spool, True)
 
     async def _mark_used(self) -> None:
         """Mark the records this cache restored used (what age-based pruning
@@ -346,6 +342,10 @@ class SharedCache:
             raise SolveError("this SharedCache is already attached to a worker")
         self._codec = SnapshotBlobCodec(worker.store)
         self._store = worker.store
+        # Blobs fetched and packed go in the store's own scratch area, which the
+        # store empties when it opens: nothing is left outside the store, even
+        # after a kill.
+        self._spool = Path(tempfile.mkdtemp(prefix="shared-", dir=worker.store.root / "tmp"))
         self._registry = worker.op_kinds
         for name in SHARED_KINDS:
             kind = worker.op_kinds.get(name)
@@ -365,7 +365,11 @@ class SharedCache:
         self._originals = []
         index, self._index = self._index, None
         store, self._store = self._store, None
+        spool, self._spool = self._spool, None
+        self._fetched.clear()  # files in the spool, which goes
         with anyio.CancelScope(shield=True):
+            if spool is not None:
+                await anyio.to_thread.run_sync(shutil.rmtree, spool, True)
             if index is not None:
                 try:
                     live = None
