@@ -59,7 +59,6 @@ password before it leaves this module.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -75,6 +74,7 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
+from .._digest import digest_of
 from .._errors import SolveError
 from ._blobs import BlobDigestError
 
@@ -393,7 +393,7 @@ class PostgresCacheStore:
         for digest, _size in record.outputs:
             if digest not in datas:
                 data = await anyio.to_thread.run_sync(files[digest].read_bytes)
-                actual = "sha256:" + hashlib.sha256(data).hexdigest()
+                actual = digest_of(data)
                 if actual != digest:
                     raise BlobDigestError(digest, actual)
                 datas[digest] = data
@@ -418,7 +418,7 @@ class PostgresCacheStore:
         nothing when it is stored). The file must hash to ``digest``."""
         self._writable()
         data = await anyio.to_thread.run_sync(path.read_bytes)
-        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        actual = digest_of(data)
         if actual != digest:
             raise BlobDigestError(digest, actual)
         await self._call(_put_blob, digest, data, time.time(), doing="storing a blob")
@@ -682,7 +682,7 @@ def _write_blobs(
     written: dict[str, Path] = {}
     refused: list[BlobDigestError] = []
     for digest, data in rows:
-        actual = "sha256:" + hashlib.sha256(data).hexdigest()
+        actual = digest_of(data)
         if actual != digest:
             refused.append(BlobDigestError(digest, actual))
             continue
