@@ -98,21 +98,22 @@ class SnapshotDigests:
                     conn.executemany("DELETE FROM digests WHERE snapshot = ?", gone)
 
 
+_DDL = "CREATE TABLE IF NOT EXISTS digests (snapshot TEXT PRIMARY KEY, digest TEXT NOT NULL)"
+
+
 def _open(path: Path) -> tuple[sqlite3.Connection, dict[str, str]]:
     conn = sqlite3.connect(path, check_same_thread=False)
     try:
         conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS digests (snapshot TEXT PRIMARY KEY, digest TEXT NOT NULL)"
-        )
+        conn.execute(_DDL)
         known = dict(conn.execute("SELECT snapshot, digest FROM digests").fetchall())
     except sqlite3.DatabaseError:
-        # a damaged file only costs re-measuring: start it again
+        # a damaged file only costs re-measuring: start it again, without the
+        # old write-ahead log (replayed onto a new file of the same name)
         conn.close()
-        path.unlink(missing_ok=True)
+        for suffix in ("", "-wal", "-shm"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
         conn = sqlite3.connect(path, check_same_thread=False)
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS digests (snapshot TEXT PRIMARY KEY, digest TEXT NOT NULL)"
-        )
+        conn.execute(_DDL)
         known = {}
     return conn, known
