@@ -163,6 +163,24 @@ def test_ops_without_events_and_events_from_an_earlier_build() -> None:
     assert s.critical_path == (s.ops[1],)
 
 
+def test_an_op_only_an_earlier_build_of_the_job_had_is_left_out() -> None:
+    """Two builds in one job (``solve(..., job=job)``): the second's summary has
+    its own graph's ops, not the first's."""
+    graph = {"b": ()}
+    events = [
+        ev("a", "started", 1.0),  # the first build, of another graph
+        ev("a", "completed", 2.0),
+        ev("b", "started", 5.0),
+        ev("b", "completed", 6.0),
+    ]
+    s = summarize(events, graph, build="b", started=4.0, ended=7.0)
+    assert [(op.digest, op.state) for op in s.ops] == [("b", "executed")]
+    assert (s.executed, s.cached) == (1, 0)
+    # without a graph (a frontend's build) every op the job saw is kept
+    s = summarize(events, {}, build="frontend:x", started=4.0, ended=7.0)
+    assert [op.digest for op in s.ops] == ["a", "b"]
+
+
 def test_a_summary_of_nothing() -> None:
     s = BuildSummary("x", 1.0, 1.0, ())
     assert (s.executed, s.cached, s.critical_path, s.engine_time) == (0, 0, (), 0.0)

@@ -401,6 +401,8 @@ def summarize(
     ops = [
         _record(digest, rec, digest in stale, tuple(graph.get(digest, ())), names)
         for digest, rec in seen.items()
+        # an op only an earlier build of the same job had is not this build's
+        if not (graph and digest in stale and rec.state == NOT_RUN and digest not in graph)
     ]
     ops += [
         _record(digest, None, False, tuple(inputs), names)
