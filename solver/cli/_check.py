@@ -22,13 +22,9 @@ from typing import TextIO
 from ..bridge import CheckReport, Solver, check_determinism
 from ..definition import Definition
 from ..worker import SecretSource
+from ._progress import one_line
 
 __all__ = ["format_report", "run_check"]
-
-
-def _one_line(text: str) -> str:
-    # A rebuild's error may hold a step's output; the report keeps one line per op.
-    return " ".join(text.split())
 
 
 def format_report(report: CheckReport) -> list[str]:
@@ -65,7 +61,7 @@ def format_report(report: CheckReport) -> list[str]:
             parts.append(f"{skipped} not compared")
         summary = ", ".join(parts)
     lines.append(f"check: {summary}")
-    return [_one_line(line) + "\n" for line in lines]
+    return [one_line(line) + "\n" for line in lines]
 
 
 async def run_check(

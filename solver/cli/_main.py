@@ -118,7 +118,7 @@ from ._debug import KEEP_FAILED, add_debug_command, add_failure_arguments, after
 from ._frontends import add_frontend_arguments, cmd_build_frontend
 from ._graph import add_graph_command
 from ._history import add_history_command
-from ._progress import describe_output, make_renderer, run_progress
+from ._progress import describe_output, make_renderer, one_line, run_progress
 from ._sharedopts import (
     add_shared_cache_argument,
     attached_shared_cache,
@@ -478,19 +478,13 @@ def _reason_lookup(explanation: Explanation, solver: Solver) -> Callable[[str], 
     return reason
 
 
-def _one_line(text: str) -> str:
-    # A message may hold a failing step's output; runs of whitespace (newlines
-    # included) become one space so that the failure is always one line.
-    return " ".join(text.split())
-
-
 def _error(message: str) -> None:
-    sys.stderr.write(f"solver: error: {_one_line(message)}\n")
+    sys.stderr.write(f"solver: error: {one_line(message)}\n")
     sys.stderr.flush()
 
 
 def _warning(message: str) -> None:
-    sys.stderr.write(f"solver: warning: {_one_line(message)}\n")
+    sys.stderr.write(f"solver: warning: {one_line(message)}\n")
     sys.stderr.flush()
 
 

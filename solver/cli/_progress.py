@@ -148,7 +148,7 @@ class PlainRenderer:
         elif status == CACHED:
             self._write(f"{prefix} CACHED")
         elif status == ERROR:
-            self._write(f"{prefix} ERROR {_one_line(event.error or 'failed')}")
+            self._write(f"{prefix} ERROR {one_line(event.error or 'failed')}")
         else:
             self._write(f"{prefix} {status.upper()}")
 
@@ -190,7 +190,9 @@ class JsonRenderer:
         pass
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
+    """``text`` on one line: runs of whitespace, newlines included, become one
+    space (a message may hold a failing step's output)."""
     return " ".join(text.split())
 
 
@@ -316,7 +318,7 @@ class TtyRenderer:
 
     def _head(self, step: _Step) -> Text:
         return Text.assemble(
-            (f"#{step.number}", self._style("number")), f" [{_one_line(step.name)}] "
+            (f"#{step.number}", self._style("number")), f" [{one_line(step.name)}] "
         )
 
     def handle(self, event: ProgressEvent) -> None:
@@ -344,13 +346,13 @@ class TtyRenderer:
         *lines, rest = text.replace("\r\n", "\n").split("\n")
         before = step.last
         for line in lines:
-            shown = _one_line(_last_segment(line))
+            shown = one_line(_last_segment(line))
             if shown:
                 step.logs.append(shown)
                 step.last = shown
         if rest:
             step.partial[event.stream] = rest[-PARTIAL_LIMIT:]
-            step.last = _one_line(_last_segment(rest)) or step.last
+            step.last = one_line(_last_segment(rest)) or step.last
         return step.last != before
 
     def _print_end(self, step: _Step, timestamp: float, error: str | None) -> None:
@@ -362,14 +364,14 @@ class TtyRenderer:
             line.append("CACHED", self._style(CACHED)).append(took)
         elif step.status == ERROR:
             line.append("ERROR", self._style(ERROR)).append(took)
-            line.append(f" {_one_line(error or 'failed')}")
+            line.append(f" {one_line(error or 'failed')}")
         else:
             line.append(step.status.upper()).append(took)
         lines = [line]
         if step.status == ERROR:
             # What the step wrote last: a failed step's own explanation.
             for rest in step.partial.values():
-                shown = _one_line(_last_segment(rest))
+                shown = one_line(_last_segment(rest))
                 if shown:
                     step.logs.append(shown)
             lines += [Text(f"    | {text}", self._style("log")) for text in step.logs]
@@ -393,7 +395,7 @@ class TtyRenderer:
             if step.status != STARTED:
                 continue
             timer = "" if step.started is None else f"{max(0.0, now - step.started):.1f}s"
-            name = Text(_one_line(step.name))
+            name = Text(one_line(step.name))
             room = width - len(f"#{step.number} [] {timer}")
             if room >= 8 and name.cell_len > room:
                 name.truncate(room, overflow="ellipsis")
