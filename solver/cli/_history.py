@@ -16,6 +16,7 @@ from there is handed to :func:`add_history_command`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -37,7 +38,7 @@ __all__ = ["add_history_command", "format_entries", "format_record"]
 _P = TypeVar("_P", bound=argparse.ArgumentParser)
 
 
-def format_entries(history: BuildHistory, now: float) -> list[str]:
+def format_entries(history: BuildHistory) -> list[str]:
     """The ``ls`` table."""
     entries = history.entries()
     if not entries:
@@ -129,10 +130,10 @@ def add_history_command(
     def cmd_ls(args: argparse.Namespace) -> int:
         history = history_of(args.cache_dir)
         if args.format == "json":
-            doc = [_entry(e) for e in history.entries()]
+            doc = [dataclasses.asdict(e) for e in history.entries()]
             print(json.dumps(doc, indent=2, sort_keys=True))
         else:
-            print("\n".join(format_entries(history, time.time())))
+            print("\n".join(format_entries(history)))
         return 0
 
     ls.set_defaults(func=cmd_ls)
@@ -227,6 +228,3 @@ def add_history_command(
     return h
 
 
-def _entry(e: object) -> dict[str, object]:
-    fields = ("id", "build", "started", "ended", "ops", "executed", "cached", "failed")
-    return {f: getattr(e, f) for f in fields}
