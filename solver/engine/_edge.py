@@ -489,6 +489,15 @@ class ActiveEdge:
         self.exec_cache_load = loaded
         self.result = result
         self.state = COMPLETE
+        # as a commit or a load through the edge does: a later merge into this
+        # edge adds its inputs to the records these keys export
+        secondary = self._secondary()
+        for key in keys:
+            exporter = key.exporter
+            parts = exporter.exporters if isinstance(exporter, MergedExporter) else (exporter,)
+            for part in parts:
+                if isinstance(part, KeyExporter):
+                    part.secondary = secondary
 
     # -- the step ----------------------------------------------------------------
     async def unpark(
