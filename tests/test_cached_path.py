@@ -407,10 +407,12 @@ async def run_builds(
     graphs: Sequence[Callable[[], tuple[Edge, Counters]]],
     blocked: bool,
     monkeypatch: pytest.MonkeyPatch,
+    fail_loads_from: int | None = None,
 ) -> Run:
     """Build each graph in a new job of one solver (each discarded before the
     next); record values, op calls, loads, each job's progress events and how
-    many root edges the path seeded."""
+    many root edges the path seeded. From build ``fail_loads_from`` on, every
+    cache load fails."""
     run = Run()
 
     async def counted(s: Solver, root: Edge) -> bool:
@@ -423,7 +425,8 @@ async def run_builds(
     async with solver_with_path(cache, blocked) as s:
         # the blocker's own (cold) build is not one of the graphs
         run.seeded = 0
-        for make in graphs:
+        for i, make in enumerate(graphs):
+            cache.force_fail = fail_loads_from is not None and i >= fail_loads_from
             edge, counters = make()
             job = s.new_job()
             seen: Counter[tuple[str, str]] = Counter()

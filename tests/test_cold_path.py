@@ -378,3 +378,31 @@ async def test_the_same_counts_on_the_cold_path_and_the_edges(
     # every build of the path-on solver took the cached or the cold path
     assert on.seeded == len(graphs)
     assert off.seeded == 0
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_failing_loads_on_the_cold_path_run_nothing_twice(
+    seed: int, monkeypatch: pytest.MonkeyPatch, handle_tracker: HandleTracker
+) -> None:
+    """A changed leaf's rebuild whose cache loads all fail: the cold path hands
+    the build to the edges, and the execs it had started finish for them (memoized),
+    so the counts are the edges' own: nothing runs twice."""
+    from tests.test_cached_path import run_builds
+
+    nodes = 15 + seed * 9
+
+    def make(changed: bool) -> Callable[[], tuple[Edge, Counters]]:
+        def build() -> tuple[Edge, Counters]:
+            top = unique_dag(seed, nodes, changed)
+            return Edge(top), top.setup_call_counters()
+
+        return build
+
+    graphs = [make(False), make(True)]
+    with anyio.fail_after(TIMEOUT * 3):
+        on = await run_builds(graphs, False, monkeypatch, fail_loads_from=1)
+        off = await run_builds(graphs, True, monkeypatch, fail_loads_from=1)
+    assert on.values == off.values
+    assert on.calls == off.calls
+    for i, (a, b) in enumerate(zip(on.events, off.events, strict=True)):
+        assert a == b, (i, sorted((a - b).items()), sorted((b - a).items()))

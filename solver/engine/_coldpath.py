@@ -187,9 +187,12 @@ async def run_cold(solver: Engine, order: list[ColdNode]) -> bool:
                     run.inflight -= 1
                     await _take(node, run)
                     if run.failed:
-                        # the build fails (or the edges finish it): what is still
-                        # running is not needed, as when an edge fails
-                        await _cancel(run, order)
+                        # An exec failed: the build fails, and what is still
+                        # running is not needed, as when an edge fails. A load or
+                        # a save failed: the edges finish the build, and the
+                        # execs running now are theirs to take (memoized), so
+                        # they run on rather than twice.
+                        await _cancel(run, order, stop_execs=run.error is not None)
                         break
                     for consumer in node.consumers:
                         consumer.pending -= 1
@@ -224,12 +227,15 @@ def _request(node: ColdNode, run: _Run, scheduler: Scheduler) -> None:
         op.request_exec(pipe, inputs)  # type: ignore[arg-type]
 
 
-async def _cancel(run: _Run, order: list[ColdNode]) -> None:
-    """Cancel every outstanding request, wait for the answers and release them."""
+async def _cancel(run: _Run, order: list[ColdNode], *, stop_execs: bool = True) -> None:
+    """Cancel every outstanding request (loads only, without ``stop_execs``),
+    wait for the answers and release them."""
     run.failed = True
     for node in order:
         pipe = node.pipe
-        if pipe is not None and not pipe.send_completed:
+        if pipe is not None and not pipe.send_completed and (
+            stop_execs or node.record is not None
+        ):
             # a shared call goes on for its other waiters
             pipe.cancel()
     while run.inflight:
