@@ -559,3 +559,27 @@ async def test_fetched_and_packed_blobs_stay_inside_the_store(
             await shared.detach()
         assert not spool.exists()
         assert os.listdir(worker.store.root / "tmp") == []
+
+
+async def test_lease_waits_counts_only_a_lease_another_session_held(shared_url: str) -> None:
+    """``lease_waits`` is the number of leases that had to wait for another
+    session, not the number of second lookups that found a record."""
+    action = "sha256:" + hashlib.sha256(b"lease-waits").hexdigest()
+    async with SharedCache(shared_url) as holder, SharedCache(shared_url) as waiter:
+        async with waiter.lease(action):
+            pass  # free: no wait
+        assert waiter.stats().lease_waits == 0
+        took = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            async with holder.lease(action):
+
+                async def wait_for_it() -> None:
+                    async with waiter.lease(action):
+                        took.set()
+
+                tg.start_soon(wait_for_it)
+                await anyio.sleep(0.3)  # more than one poll: the waiter is waiting
+                assert not took.is_set()
+            await took.wait()
+        assert waiter.stats().lease_waits == 1
+        assert holder.stats().lease_waits == 0

@@ -603,7 +603,11 @@ class SharedCache:
     def lease(self, action: str) -> Any:
         """The store's lease on ``action`` (an async context manager); the step's
         progress says so when another machine holds it."""
-        return self.store.lease(action, on_wait=_say_waiting)
+        return self.store.lease(action, on_wait=self._lease_waited)
+
+    def _lease_waited(self) -> None:
+        self._lease_waits += 1
+        _say_waiting()
 
 
 class _SharedOp:
@@ -666,7 +670,6 @@ class _SharedOp:
             async with shared.lease(action):
                 record = await shared.lookup(action)
                 if record is not None:
-                    shared._lease_waits += 1
                     outs = await shared.restore(record)
                     if outs is not None:
                         log_output(RESTORED_LINE, 2)
