@@ -399,7 +399,8 @@ async def build_definition(
     build's summary ends the progress output and is returned; it is recorded in
     ``history`` when given (also on failure). Raises :class:`~solver.SolveError`
     on failure."""
-    defn.validate(solver.op_kinds)
+    # Validated here, once (to_vertices validates), before anything is started.
+    edge = defn.to_vertices(solver.op_kinds)
     out = progress_out if progress_out is not None else sys.stderr
     shown = None if output is None else describe_output(output.type, output.dest)
     reasons = None if explanation is None else _reason_lookup(explanation, solver)
@@ -407,7 +408,6 @@ async def build_definition(
     job = solver.new_job()
     failure: BaseException | None = None
     exported: list[str] = []
-    edge = defn.to_vertices(solver.op_kinds)
     started = time.time()
     async with anyio.create_task_group() as tg:
         tg.start_soon(run_progress, job.status(), renderer)
