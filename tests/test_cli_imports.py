@@ -125,3 +125,24 @@ def test_a_flag_imports_what_it_uses(
 def test_version_reads_the_installed_metadata(tmp_path: Path) -> None:
     """``importlib.metadata`` (what a build must not import) is ``--version``'s."""
     assert "importlib.metadata" in modules_after(tmp_path, "--version")
+
+
+def test_the_program_freezes_what_it_imported(tmp_path: Path) -> None:
+    """``python -m solver`` and the console script (``solver.__main__:run``) import
+    the command line with the collector off and freeze what it made; importing
+    ``solver.cli`` from a program leaves its collector alone."""
+    code = ("import gc, json, sys, {module}; "
+            "print(json.dumps([gc.get_freeze_count(), gc.isenabled()]))")
+    frozen = {}
+    for module in ("solver.__main__", "solver.cli"):
+        r = subprocess.run([sys.executable, "-c", code.format(module=module)], env=env(),
+                           capture_output=True, text=True, timeout=120, check=True)
+        frozen[module] = json.loads(r.stdout)
+    assert frozen["solver.cli"] == [0, True]
+    count, enabled = frozen["solver.__main__"]
+    assert enabled
+    assert count > 10_000  # the modules' objects: ~35,000
+    script = "import sys; from solver.__main__ import run; sys.argv[1:] = ['--version']; run()"
+    r = subprocess.run([sys.executable, "-c", script], env=env(), capture_output=True,
+                       text=True, timeout=120)
+    assert (r.returncode, r.stdout.split()[0]) == (0, "solver")
