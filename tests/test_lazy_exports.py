@@ -123,3 +123,46 @@ print(json.dumps(seen))
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120, check=True)
     assert json.loads(r.stdout) == [False, False, False, True, True]
+
+
+FIRST_IMPORTS = """
+import importlib, json, sys
+targets = json.loads(sys.argv[1])
+failures = []
+for module, name in targets:
+    for loaded in [k for k in sys.modules if k == "solver" or k.startswith("solver.")]:
+        del sys.modules[loaded]
+    try:
+        value = importlib.import_module(module)
+        if name:
+            getattr(value, name)
+    except Exception as exc:
+        failures.append(f"{module} {name}: {type(exc).__name__}: {exc}")
+print(json.dumps(failures))
+"""
+
+
+def test_each_module_and_name_imports_first(tmp_path: Path) -> None:
+    """No import circle waits for a lazy import to go one way: each module of
+    the package, and each public name's module reached through its package, is
+    imported as the first ``solver`` import of a fresh module table."""
+    targets: list[tuple[str, str]] = []
+    for path in sorted((ROOT / "solver").rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        targets.append((".".join(parts), ""))
+    for name in PACKAGES:
+        package = importlib.import_module(name)
+        table = exports_of(package)
+        first: dict[str, str] = {}
+        for public in package.__all__:
+            first.setdefault(table.module_of(public), public)
+        targets.extend((name, public) for public in first.values())
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(tmp_path / "pycache")  # compiled once, not per round
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    r = subprocess.run([sys.executable, "-c", FIRST_IMPORTS, json.dumps(targets)], env=env,
+                       capture_output=True, text=True, timeout=300, check=True)
+    assert len(targets) > 100
+    assert json.loads(r.stdout) == []
