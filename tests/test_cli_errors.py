@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import solver.cli._main as cli_main
+import solver.worker
 from solver import SolveError
 from solver.cli import main
 from solver.definition import Definition, node
@@ -413,7 +414,8 @@ def fail_with(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
     async def broken(*args: object, **kwargs: object) -> None:
         raise exc
 
-    monkeypatch.setattr(cli_main, "disk_usage", broken)
+    # _cmd_du imports disk_usage when it runs (docs/performance.md, "CLI start-up")
+    monkeypatch.setattr(solver.worker, "disk_usage", broken)
 
 
 def test_an_unexpected_exception_is_a_bug_report(
@@ -508,7 +510,7 @@ def test_frontend_builds_fail_in_one_line(
 def test_library_log_records_are_one_warning_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = cli_main.disk_usage
+    real = solver.worker.disk_usage
 
     async def logging_usage(root: Path) -> object:
         try:
@@ -518,7 +520,7 @@ def test_library_log_records_are_one_warning_line(
                                                   root)
         return await real(root)
 
-    monkeypatch.setattr(cli_main, "disk_usage", logging_usage)
+    monkeypatch.setattr(solver.worker, "disk_usage", logging_usage)
     cache = tmp_path / "cache"
     status, out, err = run_main(capsys, "du", "--cache-dir", str(cache))
     assert status == 0

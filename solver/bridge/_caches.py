@@ -21,20 +21,20 @@ import anyio
 from .._cache import CacheManager
 from .._errors import SolveError
 from .._graph import Edge, Vertex, VertexOptions
-from ..cache import (
-    CacheBlobCodec,
-    LocalCacheExport,
-    LocalCacheExportStats,
-    LocalCacheImport,
-    LocalCacheSource,
-    export_local_cache,
-    open_local_cache,
-)
-from ..worker import SnapshotBlobCodec
 
+# The directory format (and the worker's blob codec, and tarfile) is imported by
+# a solve that imports or exports a cache, not by every solve: a command-line
+# build pays for each module it imports (docs/performance.md, "CLI start-up").
 if TYPE_CHECKING:
     from .._cache import ExportableCacheKey
     from .._result import CachedResult
+    from ..cache import (
+        CacheBlobCodec,
+        LocalCacheExport,
+        LocalCacheExportStats,
+        LocalCacheImport,
+        LocalCacheSource,
+    )
     from ..engine import Job
 
 __all__ = [
@@ -52,6 +52,8 @@ def default_codec(worker: object | None, what: str) -> CacheBlobCodec:
     store = getattr(worker, "store", None)
     if store is None:
         raise SolveError(f"{what} needs a codec: this solver has no built-in worker")
+    from ..worker import SnapshotBlobCodec
+
     return SnapshotBlobCodec(store)
 
 
@@ -65,6 +67,8 @@ async def opened_imports(
     opened: list[LocalCacheSource] = []
     try:
         for spec in imports:
+            from ..cache import LocalCacheImport, open_local_cache
+
             if isinstance(spec, LocalCacheImport):
                 codec = spec.codec or default_codec(worker, f"importing {spec.src}")
                 source = await open_local_cache(spec.src, codec)
@@ -94,6 +98,8 @@ async def run_exports(
         source = result
     stats = []
     for spec in exports:
+        from ..cache import export_local_cache
+
         codec = spec.codec or default_codec(worker, f"exporting to {spec.dest}")
         stats.append(
             await export_local_cache(

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
-from typing import Any, Final, Self
+from typing import TYPE_CHECKING, Any, Final, Self
 
 import anyio
 import anyio.lowlevel
@@ -36,13 +36,15 @@ from ..definition import (
 )
 from ..engine import Engine, Job
 from ..insight import BuildHistory, BuildSummary, op_graph
-from ..remote import DaskCluster, attach_cluster
 from ..worker import Worker
 from ._bridge import SolverBridge, to_solve_result
 from ._caches import build_with_caches, opened_imports, run_exports
 from ._frontend import Frontend
 from ._request import SolveRequest, SolveResult
 from ._summary import build_summary, record_build
+
+if TYPE_CHECKING:
+    from ..remote import DaskCluster
 
 __all__ = ["Solver", "definitions_unrecorded"]
 
@@ -347,6 +349,8 @@ def _with_cluster(
             "Solver(cluster=...) runs the built-in worker's ops remotely: give it a "
             "worker (Solver(worker=worker, cluster=cluster)) or no resolve_op"
         )
+    from ..remote import attach_cluster  # imports the cluster code: only with a cluster
+
     kinds = op_kinds.copy()
     attach_cluster(kinds, cluster, worker.store, sandbox=worker.sandbox)
     return kinds

@@ -18,9 +18,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from ..cache import INDEX_NAME, LocalCacheExport, LocalCacheImport
+# The cache directory format is imported only when --export-cache or
+# --import-cache is given (docs/performance.md, "CLI start-up").
+if TYPE_CHECKING:
+    from ..cache import LocalCacheExport, LocalCacheImport
 
 __all__ = [
     "add_cache_arguments",
@@ -54,6 +57,8 @@ def _fields(text: str, flag: str, allowed: Sequence[str]) -> dict[str, str]:
 def parse_export_cache(text: str) -> LocalCacheExport:
     """``type=local,dest=DIR[,mode=min|max]``. Raises ValueError saying what is
     wrong."""
+    from ..cache import LocalCacheExport
+
     fields = _fields(text, "--export-cache", ("type", "dest", "mode"))
     dest = fields.get("dest", "")
     if not dest:
@@ -68,6 +73,8 @@ def parse_export_cache(text: str) -> LocalCacheExport:
 
 def parse_import_cache(text: str) -> LocalCacheImport:
     """``type=local,src=DIR``. Raises ValueError saying what is wrong."""
+    from ..cache import LocalCacheImport
+
     fields = _fields(text, "--import-cache", ("type", "src"))
     src = fields.get("src", "")
     if not src:
@@ -121,6 +128,8 @@ def existing_imports(
     out = err if err is not None else sys.stderr
     kept = []
     for spec in imports:
+        from ..cache import INDEX_NAME
+
         src = Path(spec.src)
         if (src / INDEX_NAME).is_file():
             kept.append(spec)

@@ -6,9 +6,12 @@ import argparse
 import contextlib
 import os
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
-from ..remote import CLUSTER_ENV, DaskCluster
-from ..worker import Worker
+from ..remote import CLUSTER_ENV
+
+if TYPE_CHECKING:
+    from ..worker import Worker
 
 __all__ = ["add_cluster_argument", "attached_cluster", "cluster_address"]
 
@@ -39,6 +42,8 @@ async def attached_cluster(worker: Worker, address: str | None) -> AsyncIterator
     if address is None:
         yield
         return
+    from ..remote import DaskCluster  # imports dask: only with a cluster
+
     async with DaskCluster(address) as cluster:
         cluster.attach(worker)
         yield

@@ -24,7 +24,7 @@ from typing import Final, TypeVar
 import anyio
 
 from .._errors import SolveError
-from ..bridge import Solver, plan
+from ..bridge import Solver
 from ..definition import Definition, DefinitionError
 
 __all__ = ["GRAPH_FORMATS", "OpenSolver", "add_graph_command", "graph_text"]
@@ -45,6 +45,8 @@ async def graph_text(solver: Solver, definition: Definition, fmt: str = "dot") -
     ``mermaid``) text. Runs nothing (see :func:`solver.bridge.plan`)."""
     if fmt not in GRAPH_FORMATS:
         raise ValueError(f"unknown graph format {fmt!r} (expected dot or mermaid)")
+    from ..bridge import plan  # what only 'graph' uses is imported by it
+
     found = await plan(solver, definition)
     return found.to_dot() if fmt == "dot" else found.to_mermaid()
 

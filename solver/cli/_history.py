@@ -24,13 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from ..insight import (
-    BuildHistory,
-    BuildRecord,
-    HistoryPolicy,
-    chrome_trace,
-    compare_builds,
-)
+from ..insight import BuildHistory, BuildRecord, HistoryPolicy
 from ._summary import count_arg
 
 __all__ = ["add_history_command", "format_entries", "format_record"]
@@ -167,6 +161,8 @@ def add_history_command(
 
     def cmd_trace(args: argparse.Namespace) -> int:
         record = history_of(args.cache_dir).get(args.id)
+        from ..insight import chrome_trace  # what only 'history trace' uses
+
         text = json.dumps(chrome_trace(record.summary, title=f"solver build {record.id}"))
         if args.output == "-":
             sys.stdout.write(text + "\n")
@@ -190,6 +186,8 @@ def add_history_command(
         history = history_of(args.cache_dir)
         a, b = history.get(args.a), history.get(args.b)
         print(f"A: {a.id}  B: {b.id}")
+        from ..insight import compare_builds  # what only 'history compare' uses
+
         print("\n".join(compare_builds(a.summary, b.summary).lines(args.limit)))
         return 0
 

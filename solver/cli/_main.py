@@ -73,7 +73,6 @@ import contextlib
 import dataclasses
 import errno
 import functools
-import importlib.metadata
 import json
 import logging
 import os
@@ -85,37 +84,24 @@ import traceback
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn, TextIO
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 import anyio
 
+# What only some commands use is imported where they use it (``--explain``,
+# ``--check``, ``--frontend``, ``diff``, ``du``, ``prune``, ``--version``): a
+# process pays for every module it imports, and a no-op build is mostly that
+# (docs/performance.md, "CLI start-up"). tests/test_cli_imports.py keeps it so.
 from .._errors import InternalError, SolveError
 from .._progress import STARTED, ProgressEvent
-from ..bridge import Explanation, Solver, explain, opened_imports, run_exports, with_cache_sources
-from ..cache import LocalCacheExport, LocalCacheImport
-from ..definition import Definition, DefinitionError, OpHistory, diff_definitions
-from ..insight import BuildHistory, BuildSummary
-from ..worker import (
-    DiskUsage,
-    PrunePolicy,
-    SandboxMode,
-    SecretSource,
-    SnapshotInfo,
-    State,
-    Worker,
-    default_root,
-    disk_usage,
-    export_to_dir,
-    export_to_tar,
-    prune,
-    snapshot_kind,
-    snapshot_label,
-)
+from ..bridge import Solver, opened_imports, run_exports, with_cache_sources
+from ..definition import Definition, DefinitionError
+from ..insight import BuildHistory
+from ..worker import State, Worker, default_root, export_to_dir, export_to_tar
 from ._cacheopts import add_cache_arguments, existing_imports
-from ._check import run_check
 from ._cluster import add_cluster_argument, attached_cluster, cluster_address
 from ._debug import KEEP_FAILED, add_debug_command, add_failure_arguments, after_failed_build
-from ._frontends import add_frontend_arguments, cmd_build_frontend
+from ._frontends import add_frontend_arguments
 from ._graph import add_graph_command
 from ._history import add_history_command
 from ._progress import describe_output, make_renderer, one_line, run_progress
@@ -127,6 +113,13 @@ from ._sharedopts import (
     shared_usage,
 )
 from ._summary import add_gate_arguments, finish_build, gate_failures
+
+if TYPE_CHECKING:
+    from ..bridge import Explanation
+    from ..cache import LocalCacheExport, LocalCacheImport
+    from ..definition import OpHistory
+    from ..insight import BuildSummary
+    from ..worker import DiskUsage, SandboxMode, SecretSource, SnapshotInfo
 
 __all__ = [
     "BuildFileError",
@@ -406,7 +399,8 @@ async def build_definition(
     build's summary ends the progress output and is returned; it is recorded in
     ``history`` when given (also on failure). Raises :class:`~solver.SolveError`
     on failure."""
-    defn.validate(solver.op_kinds)
+    # Validated here, once (to_vertices validates), before anything is started.
+    edge = defn.to_vertices(solver.op_kinds)
     out = progress_out if progress_out is not None else sys.stderr
     shown = None if output is None else describe_output(output.type, output.dest)
     reasons = None if explanation is None else _reason_lookup(explanation, solver)
@@ -414,7 +408,6 @@ async def build_definition(
     job = solver.new_job()
     failure: BaseException | None = None
     exported: list[str] = []
-    edge = defn.to_vertices(solver.op_kinds)
     started = time.time()
     async with anyio.create_task_group() as tg:
         tg.start_soon(run_progress, job.status(), renderer)
@@ -662,6 +655,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
     shared = _shared_spec(args)
     history = args.history = command_history(args.cache_dir)
     if args.frontend is not None:
+        from ._frontends import cmd_build_frontend
+
         return cmd_build_frontend(
             args,
             functools.partial(
@@ -678,7 +673,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
             args.cache_dir, sandbox=args.sandbox, secrets=args.secrets, shared_cache=shared,
             cluster=cluster_address(args.cluster), max_parallelism=args.jobs,
         ) as solver:
-            explanation = await explain(solver, defn) if args.explain else None
+            explanation = None
+            if args.explain:
+                from ..bridge import explain
+
+                explanation = await explain(solver, defn)
             summary = await build_definition(
                 solver,
                 defn,
@@ -700,6 +699,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
             # stdout carries only data: a tar when --output type=tar,dest=-
             tar_out = args.output is not None and args.output.dest == "-"
             out = sys.stderr if tar_out else sys.stdout
+            from ._check import run_check
+
             return await run_check(solver, defn, out, secrets=args.secrets)
 
     try:
@@ -752,6 +753,8 @@ def human_age(seconds: float) -> str:
 
 
 def _describe(info: SnapshotInfo, width: int | None = 60) -> str:
+    from ..worker import snapshot_kind, snapshot_label
+
     kind = snapshot_kind(info.description)
     name = snapshot_label(info.description)
     if width is not None and len(name) > width:
@@ -809,6 +812,8 @@ def format_usage(usage: DiskUsage, now: float, *, verbose: bool = False) -> list
 
 def usage_json(usage: DiskUsage) -> str:
     """The ``du --format json`` document (see ``docs/worker.md``)."""
+    from ..worker import snapshot_kind, snapshot_label
+
     doc = {
         "snapshots": [
             {
@@ -848,6 +853,8 @@ def _load_for_command(file: str) -> Definition:
 
 
 def _cmd_diff(args: argparse.Namespace) -> int:
+    from ..definition import diff_definitions
+
     changes = diff_definitions(_load_for_command(args.a), _load_for_command(args.b))
     if args.format == "json":
         doc = [
@@ -870,6 +877,8 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 def _cmd_du(args: argparse.Namespace) -> int:
+    from ..worker import disk_usage
+
     _check_cache_dir(args.cache_dir)
     with _opening_cache(args.cache_dir):
         usage = anyio.run(disk_usage, _store_root(args.cache_dir))
@@ -896,6 +905,8 @@ _LIMIT_FLAGS = ("keep_duration", "max_used_space", "min_free_space", "reserved_s
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
+    from ..worker import PrunePolicy, prune
+
     limits = [name for name in _LIMIT_FLAGS if getattr(args, name) is not None]
     if args.all and limits:
         given = ", ".join("--" + name.replace("_", "-") for name in limits)
@@ -962,6 +973,8 @@ def _size_arg(text: str) -> int:
 
 
 def _filter_arg(text: str) -> str:
+    from ..worker import PrunePolicy
+
     try:
         PrunePolicy(filters=(text,))
     except ValueError as exc:
@@ -973,6 +986,8 @@ def version_text() -> str:
     """``solver VERSION``, what ``solver --version`` prints: the installed
     distribution's version (``solver-engine``), else, when the package runs from
     a source tree that is not installed, ``solver.__version__``."""
+    import importlib.metadata  # ~10 ms that only --version needs
+
     try:
         version = importlib.metadata.version("solver-engine")
     except importlib.metadata.PackageNotFoundError:
@@ -980,6 +995,23 @@ def version_text() -> str:
 
         version = __version__
     return f"solver {version}"
+
+
+class _Version(argparse.Action):
+    """``--version``: print :func:`version_text` and exit, looked up only then."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, help: str) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        sys.stdout.write(version_text() + "\n")
+        parser.exit()
 
 
 class _Parser(argparse.ArgumentParser):
@@ -1008,8 +1040,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="solver", description="Build graphs with the solver engine's built-in worker."
     )
-    parser.add_argument("--version", action="version", version=version_text(),
-                        help="print the version and exit")
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cache_help = (

@@ -51,12 +51,14 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import Protocol, TextIO
+from typing import TYPE_CHECKING, Protocol, TextIO
 
 import anyio
-from rich.console import Console, ConsoleOptions, RenderResult
-from rich.live import Live
-from rich.text import Text
+
+if TYPE_CHECKING:
+    from rich.console import Console, ConsoleOptions, RenderResult
+    from rich.live import Live
+    from rich.text import Text
 
 from .._progress import ProgressEvent
 
@@ -219,11 +221,24 @@ def _no_color_env() -> bool:
     return "NO_COLOR" in os.environ
 
 
+def _import_rich() -> None:
+    """Bind rich's names in this module, the first time the ``tty`` renderer
+    needs them: rich is ~25 ms of imports that ``plain`` and ``json`` never use
+    (``docs/performance.md``, "CLI start-up")."""
+    if "Text" not in globals():
+        from rich.console import Console
+        from rich.live import Live
+        from rich.text import Text
+
+        globals().update(Console=Console, Live=Live, Text=Text)
+
+
 def make_console(out: TextIO) -> Console:
     """A rich console on ``out`` for the ``tty`` renderer: terminal detection is
     rich's (``out.isatty()``, ``FORCE_COLOR``, ``TTY_COMPATIBLE``), colour is off
     when ``NO_COLOR`` is set to any value, and nothing in a step's name or output
     is read as markup, emoji codes or highlighted."""
+    _import_rich()
     return Console(file=out, no_color=_no_color_env(), highlight=False, markup=False, emoji=False)
 
 
@@ -288,6 +303,7 @@ class TtyRenderer:
         output: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        _import_rich()
         if console is None:
             console = make_console(out if out is not None else sys.stderr)
         self.console = console

@@ -13,11 +13,13 @@ import argparse
 import contextlib
 import os
 from collections.abc import AsyncIterator
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from ..bridge import SharedCache, parse_shared_cache_url
-from ..cache import PostgresCacheStore, SharedPruneReport, SharedUsage, redact_url
-from ..worker import Worker
+# The shared cache's modules (and psycopg) are imported only when a URL is given.
+if TYPE_CHECKING:
+    from ..bridge import SharedCache
+    from ..cache import SharedPruneReport, SharedUsage
+    from ..worker import Worker
 
 __all__ = [
     "ENV_SHARED_CACHE",
@@ -37,6 +39,9 @@ _HELP = (
 
 
 def _spec_arg(text: str) -> str:
+    from ..bridge import parse_shared_cache_url
+    from ..cache import redact_url
+
     try:
         parse_shared_cache_url(text)
     except ValueError as exc:
@@ -57,6 +62,9 @@ def shared_cache_spec(args: argparse.Namespace) -> str | None:
     if spec is None:
         spec = os.environ.get(ENV_SHARED_CACHE) or None
         if spec is not None:
+            from ..bridge import parse_shared_cache_url
+            from ..cache import redact_url
+
             try:
                 parse_shared_cache_url(spec)
             except ValueError as exc:
@@ -73,6 +81,8 @@ async def attached_shared_cache(
     if spec is None:
         yield None
         return
+    from ..bridge import SharedCache, parse_shared_cache_url
+
     url, mode, strict = parse_shared_cache_url(spec)
     async with SharedCache(url, mode=mode, strict=strict) as shared:
         shared.attach(worker)
@@ -90,6 +100,9 @@ async def attached_shared_cache(
 
 async def shared_usage(spec: str) -> tuple[str, SharedUsage]:
     """(the redacted URL, what the shared store holds)."""
+    from ..bridge import parse_shared_cache_url
+    from ..cache import PostgresCacheStore
+
     url, _, _ = parse_shared_cache_url(spec)
     store = PostgresCacheStore(url, read_only=True)
     try:
@@ -103,6 +116,9 @@ async def prune_shared(
     spec: str, *, keep_duration: float, max_used_space: int
 ) -> tuple[str, SharedPruneReport]:
     """Prune the shared store (see :meth:`PostgresCacheStore.prune`)."""
+    from ..bridge import parse_shared_cache_url
+    from ..cache import PostgresCacheStore
+
     url, mode, _ = parse_shared_cache_url(spec)
     store = PostgresCacheStore(url, read_only=mode == "ro")
     try:

@@ -8,9 +8,25 @@ the command line or frontends. :class:`Engine` is the core of
 
 from __future__ import annotations
 
-from ._jobs import (
-    Engine as Engine,
-    Job as Job,
-    LoadedVertex as LoadedVertex,
-    VertexState as VertexState,
+from typing import TYPE_CHECKING
+
+from .._lazy import LazyExports
+
+if TYPE_CHECKING:
+    from ._jobs import (
+        Engine as Engine,
+        Job as Job,
+        LoadedVertex as LoadedVertex,
+        VertexState as VertexState,
+    )
+
+_exports = LazyExports(
+    globals(),
+    {
+        "._jobs": ("Engine", "Job", "LoadedVertex", "VertexState"),
+    },
 )
+__all__ = _exports.names
+if not TYPE_CHECKING:
+    __getattr__ = _exports.load
+    __dir__ = _exports.dir

@@ -13,33 +13,42 @@ and its outputs brought back into the local store (``docs/remote.md``). Needs th
 ``cluster`` extra: ``pip install 'solver-engine[cluster]'``.
 """
 
-from ._cluster import (
-    CLUSTER_ENV as CLUSTER_ENV,
-    HELD_FUTURES as HELD_FUTURES,
-    DaskCluster as DaskCluster,
-    RemoteClusterError as RemoteClusterError,
-)
-from ._ops import RemoteOp as RemoteOp, attach_cluster as attach_cluster
-from ._task import (
-    HELD_SNAPSHOTS as HELD_SNAPSHOTS,
-    RemoteOpError as RemoteOpError,
-    RemoteOutcome as RemoteOutcome,
-    RemoteTask as RemoteTask,
-    run_op as run_op,
-    worker_stats as worker_stats,
-)
+from __future__ import annotations
 
-__all__ = [
-    "CLUSTER_ENV",
-    "HELD_FUTURES",
-    "HELD_SNAPSHOTS",
-    "DaskCluster",
-    "RemoteClusterError",
-    "RemoteOp",
-    "RemoteOpError",
-    "RemoteOutcome",
-    "RemoteTask",
-    "attach_cluster",
-    "run_op",
-    "worker_stats",
-]
+from typing import TYPE_CHECKING
+
+from .._lazy import LazyExports
+
+if TYPE_CHECKING:
+    from ._cluster import (
+        HELD_FUTURES as HELD_FUTURES,
+        DaskCluster as DaskCluster,
+        RemoteClusterError as RemoteClusterError,
+    )
+    from ._env import CLUSTER_ENV as CLUSTER_ENV
+    from ._ops import RemoteOp as RemoteOp, attach_cluster as attach_cluster
+    from ._task import (
+        HELD_SNAPSHOTS as HELD_SNAPSHOTS,
+        RemoteOpError as RemoteOpError,
+        RemoteOutcome as RemoteOutcome,
+        RemoteTask as RemoteTask,
+        run_op as run_op,
+        worker_stats as worker_stats,
+    )
+
+_exports = LazyExports(
+    globals(),
+    {
+        "._cluster": ("HELD_FUTURES", "DaskCluster", "RemoteClusterError"),
+        "._env": ("CLUSTER_ENV",),
+        "._ops": ("RemoteOp", "attach_cluster"),
+        "._task": (
+            "HELD_SNAPSHOTS", "RemoteOpError", "RemoteOutcome", "RemoteTask", "run_op",
+            "worker_stats",
+        ),
+    },
+)
+__all__ = _exports.names
+if not TYPE_CHECKING:
+    __getattr__ = _exports.load
+    __dir__ = _exports.dir

@@ -29,6 +29,7 @@ import anyio.to_thread
 from .._errors import SolveError
 from ..definition import OpKind, OpKindRegistry
 from ..worker import SnapshotBlobCodec, SnapshotRef, SnapshotStore, SnapshotView, Worker
+from ._env import CLUSTER_ENV
 from ._task import BlobInput, RemoteOpError, RemoteOutcome, RemoteTask, run_op, scratch_file
 
 if TYPE_CHECKING:
@@ -37,10 +38,6 @@ if TYPE_CHECKING:
 __all__ = ["CLUSTER_ENV", "DaskCluster", "RemoteClusterError"]
 
 _log = logging.getLogger("solver")
-
-CLUSTER_ENV: Final = "SOLVER_CLUSTER"
-"""The environment variable ``solver build`` reads a scheduler address from when
-``--cluster`` is not given."""
 
 HELD_FUTURES: Final = 1024
 """How many blobs (scattered inputs and op outputs) a client keeps on the cluster
