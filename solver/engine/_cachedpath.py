@@ -20,13 +20,20 @@ first dispatch. Inner vertices get no edge at all. If the root missed, the
 needed vertices run on the cold path (``_coldpath.py``), which completes their
 edges.
 
+An input with a content key (``compute_digest``) is looked up by its
+definition keys, as its edge does first: a warm build whose definition keys all
+match computes no content key on the edges either, so it is one key pass and one
+load here too. A vertex with a content key that misses and must run is the
+edges' (they compute the key from the input's result and may find it stored:
+an edit that left the selected files as they were); the cold path does not.
+
 The pass gives up, leaving everything to the edges, as soon as a vertex is one
 the edges must handle themselves: an ignore-cache vertex, one with cache sources,
-one that already has an edge, an op whose cache map is not its only one, has a
-content key (``compute_digest``), fails, or is being computed by an edge; when
-two vertices have one cache-map digest (the edges would merge them) or a found
-key that the cold path must load has no record; and on a cache error (the edges
-report it, or work around it, as they do). It runs only while the live edge
+one that already has an edge, an op whose cache map is not its only one, fails,
+or is being computed by an edge; when two vertices have one cache-map digest
+(the edges would merge them), a found key that the cold path must load has no
+record, or a vertex that must run has a content key; and on a cache error (the
+edges report it, or work around it, as they do). It runs only while the live edge
 index is empty, so no equal live edge is missed that the edges would have
 merged with. What it did is not lost when it
 gives up: cache maps stay memoized and cache queries only add links.
@@ -197,7 +204,15 @@ async def _cold_plan(
     run = needed_nodes(nodes, nodes[root.vertex.digest, root.index])
     for node in run:
         keys = node.found_keys
-        if keys is None or not node.consumers:
+        if keys is None:
+            # A missed vertex with a content key: its edge would compute the key
+            # from the input's result and may find it stored (an edit that did
+            # not change the selected files). The cold path does not.
+            for dep in node.cache_map.deps:
+                if dep.compute_digest is not None:
+                    return None
+            continue
+        if not node.consumers:
             continue
         cache = node.state.combined_cache()
         records: list[CacheRecord] = []
@@ -227,8 +242,8 @@ class _Answers:
 
 async def _cache_maps(solver: Engine, states: list[VertexState]) -> list[CacheMap] | None:
     """The first cache map of every state's op, all requested at once; None if
-    one failed, was cancelled, is not the op's only cache map, has the wrong
-    number of deps or asks for a content key."""
+    one failed, was cancelled, is not the op's only cache map or has the wrong
+    number of deps."""
     answers = _Answers(len(states))
     pipes: list[Pipe] = []
     scheduler = solver._scheduler
@@ -261,9 +276,6 @@ async def _cache_maps(solver: Engine, states: list[VertexState]) -> list[CacheMa
         deps = cache_map.deps
         if not done or len(deps) != len(st.vtx.inputs):
             return None
-        for dep in deps:
-            if dep.compute_digest is not None:
-                return None
         maps.append(cache_map)
     return maps
 
