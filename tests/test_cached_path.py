@@ -301,7 +301,8 @@ async def test_cancelled_while_a_cache_map_runs(handle_tracker: HandleTracker) -
 
 
 class GatedCache(TrackingCacheManager):
-    """Blocks ``query`` calls with deps on a gate while ``armed``."""
+    """Blocks ``query`` calls with deps, and batches of them, on a gate while
+    ``armed``."""
 
     def __init__(self) -> None:
         super().__init__(InMemoryCacheManager())
@@ -314,6 +315,14 @@ class GatedCache(TrackingCacheManager):
         if self.armed and deps:
             await self.gate.wait()
         return await super().query(deps, input, digest, output)
+
+    async def query_many(
+        self, requests: Sequence[tuple[Sequence[CacheKeyWithSelector], int, str, int]]
+    ) -> list[list[CacheKey]]:
+        # the pass's batched queries: one gate per batch with deps
+        if self.armed and any(deps for deps, *_ in requests):
+            await self.gate.wait()
+        return await super().query_many(requests)
 
 
 async def test_cancelled_during_the_cache_calls_returns_after_them(
@@ -526,6 +535,13 @@ class FailingCache(TrackingCacheManager):
         if self.failing and self.kind == "query" and deps:
             raise RuntimeError("query failed")
         return await super().query(deps, input, digest, output)
+
+    async def query_many(
+        self, requests: Sequence[tuple[Sequence[CacheKeyWithSelector], int, str, int]]
+    ) -> list[list[CacheKey]]:
+        if self.failing and self.kind == "query" and any(deps for deps, *_ in requests):
+            raise RuntimeError("query failed")
+        return await super().query_many(requests)
 
     async def records(self, key: CacheKey) -> list[CacheRecord]:
         if self.failing and self.kind == "records":
