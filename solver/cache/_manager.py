@@ -209,7 +209,7 @@ class KeyedCacheManager:
             for dep in deps:
                 key = dep.key.key
                 dep_id = key.ids.get(self) or await self._get_id(key)
-                pairs.append((dep_id, CacheInfoLink(input, output, digest, dep.selector)))
+                pairs.append((dep_id, new_link(input, output, digest, dep.selector)))
         storage = self._storage
         walk_many = getattr(storage, "walk_links_many", None)
         if walk_many is not None:

@@ -71,6 +71,9 @@ __all__ = ["seed_cached_root"]
 logger = logging.getLogger("solver")
 
 
+_NO_INPUTS: list[dict[str, CacheKey]] = []  # never written to
+
+
 class _Found:
     """What the pass found for one vertex output."""
 
@@ -374,11 +377,34 @@ async def _matched(
     vertex = v.digest
     keys: list[ExportableCacheKey] = []
     records: list[CacheRecord] = []
-    if not v.inputs:
+    if not alternatives:
         for k in answers[start]:
             k.vertex = vertex
             keys.append(await _exportable(cache, k, top, records))
-        return _Found([], keys, records) if keys else None
+        return _Found(_NO_INPUTS, keys, records) if keys else None
+    if not top:
+        # Below the top only the matched keys are kept: the first input's
+        # answer (fresh keys of this pass) narrowed by the others', by ID.
+        first = answers[start]
+        if not first:
+            return None
+        matched_keys = first
+        for i in range(start + 1, start + len(alternatives)):
+            ids = {k.id for k in answers[i]}
+            matched_keys = [k for k in matched_keys if k.id in ids]
+            if not matched_keys:
+                return None
+        seen: set[str] = set()
+        for k in matched_keys:
+            if k.id in seen:
+                continue
+            seen.add(k.id)
+            k.vertex = vertex
+            # a fresh key the pass alone holds: given its deps, not copied
+            k.deps = alternatives if len(matched_keys) == 1 else [list(a) for a in alternatives]
+            keys.append(ExportableCacheKey(k, FoundKeyExporter(k, cache)))
+        return _Found(_NO_INPUTS, keys, records)
+    # The top: what each input reached is kept for its edge (``ActiveEdge.seed``).
     by_input: list[dict[str, CacheKey]] = []
     matched: dict[str, CacheKey] | None = None
     for i in range(len(alternatives)):
