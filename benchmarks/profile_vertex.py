@@ -111,6 +111,7 @@ COUNTERS: dict[str, str] = {
     "op cache_map": "benchmarks.graphs:NoopVertex.cache_map",
     "op exec": "benchmarks.graphs:NoopVertex.exec",
     "cache query": "solver.cache._manager:KeyedCacheManager.query",
+    "cache query batch": "solver.cache._manager:KeyedCacheManager.query_many",
     "cache records": "solver.cache._manager:KeyedCacheManager.records",
     "cache save": "solver.cache._manager:InMemoryCacheManager.save",
     "cache load": "solver.cache._manager:InMemoryCacheManager.load",
@@ -126,7 +127,9 @@ STEPS: dict[str, str] = {
     "  load: Engine._load": "solver.engine._jobs:Engine._load",
     "  cached path: seed_cached_root": "solver.engine._cachedpath:seed_cached_root",
     "    first pass, every cache map: _cache_maps": "solver.engine._cachedpath:_cache_maps",
-    "    second pass, keys inputs-first: _resolve": "solver.engine._cachedpath:_resolve",
+    "    second pass, keys layer by layer: _resolve_layer": (
+        "solver.engine._cachedpath:_resolve_layer"
+    ),
     "  Scheduler.build (the root's pipe)": "solver.engine._scheduler:Scheduler.build",
     "work pool: WorkPool._serve (dispatches and units)": "solver.engine._workpool:WorkPool._serve",
     "  dispatch: Scheduler._dispatch": "solver.engine._scheduler:Scheduler._dispatch",

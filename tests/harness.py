@@ -370,6 +370,15 @@ class TrackingCacheManager:
     ) -> list[CacheKey]:
         return await self.inner.query(deps, input, digest, output)
 
+    async def query_many(
+        self, requests: Sequence[tuple[Sequence[CacheKeyWithSelector], int, str, int]]
+    ) -> list[list[CacheKey]]:
+        # the cached path's batched queries (KeyedCacheManager.query_many)
+        query_many = getattr(self.inner, "query_many", None)
+        if query_many is None:
+            return [await self.inner.query(*r) for r in requests]
+        return await query_many(requests)  # type: ignore[no-any-return]
+
     async def records(self, key: CacheKey) -> list[CacheRecord]:
         return await self.inner.records(key)
 

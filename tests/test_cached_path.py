@@ -30,7 +30,6 @@ from solver import (
     Edge,
     InMemoryCacheManager,
     Job,
-    Result,
     SolveError,
     Solver,
 )
@@ -160,23 +159,15 @@ async def test_a_live_job_keeps_the_path_off(handle_tracker: HandleTracker) -> N
         await cache.close()
 
 
-@pytest.mark.parametrize("kind", ["ignore-cache", "content-key"])
-async def test_vertices_the_edges_must_handle_keep_the_path_off(
-    kind: str, handle_tracker: HandleTracker
+async def test_an_ignore_cache_vertex_keeps_the_path_off(
+    handle_tracker: HandleTracker,
 ) -> None:
-    """An ignore-cache vertex or an input with a content key: the path gives up
-    (inner vertices get edges) and the counts are those of a solver where it is
-    kept off."""
-
-    async def content(res: Result) -> str:
-        return await digest_from_result(res)
+    """An ignore-cache vertex: the path gives up (inner vertices get edges) and
+    the counts are those of a solver where it is kept off. (Content keys are
+    the path's: ``test_cached_path_content_keys.py``.)"""
 
     def graph() -> TestVertex:
-        if kind == "ignore-cache":
-            return diamond(ignore_cache=True)
-        base = vtx(name="base", cache_key_seed="base", value="base")
-        return vtx(name="top", cache_key_seed="top", value="top", inputs=[Edge(base)],
-                   slow_cache_compute={0: content})
+        return diamond(ignore_cache=True)
 
     outcomes = []
     for off in (False, True):
@@ -310,7 +301,8 @@ async def test_cancelled_while_a_cache_map_runs(handle_tracker: HandleTracker) -
 
 
 class GatedCache(TrackingCacheManager):
-    """Blocks ``query`` calls with deps on a gate while ``armed``."""
+    """Blocks ``query`` calls with deps, and batches of them, on a gate while
+    ``armed``."""
 
     def __init__(self) -> None:
         super().__init__(InMemoryCacheManager())
@@ -323,6 +315,14 @@ class GatedCache(TrackingCacheManager):
         if self.armed and deps:
             await self.gate.wait()
         return await super().query(deps, input, digest, output)
+
+    async def query_many(
+        self, requests: Sequence[tuple[Sequence[CacheKeyWithSelector], int, str, int]]
+    ) -> list[list[CacheKey]]:
+        # the pass's batched queries: one gate per batch with deps
+        if self.armed and any(deps for deps, *_ in requests):
+            await self.gate.wait()
+        return await super().query_many(requests)
 
 
 async def test_cancelled_during_the_cache_calls_returns_after_them(
@@ -535,6 +535,13 @@ class FailingCache(TrackingCacheManager):
         if self.failing and self.kind == "query" and deps:
             raise RuntimeError("query failed")
         return await super().query(deps, input, digest, output)
+
+    async def query_many(
+        self, requests: Sequence[tuple[Sequence[CacheKeyWithSelector], int, str, int]]
+    ) -> list[list[CacheKey]]:
+        if self.failing and self.kind == "query" and any(deps for deps, *_ in requests):
+            raise RuntimeError("query failed")
+        return await super().query_many(requests)
 
     async def records(self, key: CacheKey) -> list[CacheRecord]:
         if self.failing and self.kind == "records":

@@ -61,6 +61,17 @@ class CountingCache(TrackingCacheManager):
             self.leaf_queries += 1
         return await super().query(deps, input, digest, output)
 
+    async def query_many(
+        self, requests: Sequence[tuple[Sequence[CacheKeyWithSelector], int, str, int]]
+    ) -> list[list[CacheKey]]:
+        # the cached path's batches: counted per query in them
+        for deps, *_ in requests:
+            if deps:
+                self.dep_queries += 1
+            else:
+                self.leaf_queries += 1
+        return await super().query_many(requests)
+
 
 @dataclass
 class Gate:

@@ -1054,3 +1054,28 @@ def test_100k_chain_without_recursion() -> None:
     assert str(info.value).startswith(f"the ops form a cycle of {n}: {fake[0]} (kind 'chain.step')")
     assert "... (99992 more)" in str(info.value)
     assert len(str(info.value)) < 2000
+
+
+def test_a_frozen_payload_is_encoded_without_a_second_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An op's payload is frozen (checked, read-only) when the op is made;
+    encoding it again (an op kind's cache digest does, per build) gives the
+    same text without walking it again: one ``_freeze`` call, not one per
+    value. A plain mapping with the same content is walked value by value."""
+    from solver.definition import _definition
+
+    payload: dict[str, JSONValue] = {"args": ["cc", "-c", "x.c"], "env": {"A": "1"}, "n": 3}
+    op = OpDef("exec", payload)
+    calls = [0]
+    freeze = _definition._freeze
+
+    def counted(value: object, depth: int) -> JSONValue:
+        calls[0] += 1
+        return freeze(value, depth)
+
+    monkeypatch.setattr(_definition, "_freeze", counted)
+    assert canonical_json(op.payload) == canonical_json(payload)
+    # the frozen payload: 1 call; the plain one 8: the dict, its 3 values, the
+    # list's 3 items and the nested dict's value
+    assert calls[0] == 1 + 8

@@ -178,3 +178,30 @@ async def test_a_cancelled_step_reports_canceled_in_progress(
     errors = {ev.error for ev in events if ev.status == "error"}
     assert "canceled" in errors, errors
     assert not any("cancel scope" in (e or "") for e in errors), errors
+
+
+async def test_a_definition_is_validated_once_per_solve(
+    handle_tracker: HandleTracker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``solve`` validates the definition once (it was twice: once in ``solve``,
+    once in ``to_vertices``), and still before it makes a job: a bad definition
+    raises and leaves no job behind."""
+    validations = [0]
+    validate = Definition.validate
+
+    def counted(self: Definition, kinds: OpKindRegistry | None = None) -> None:
+        validations[0] += 1
+        validate(self, kinds)
+
+    monkeypatch.setattr(Definition, "validate", counted)
+    execs: list[str] = []
+    async with Solver(op_kinds=registry(execs)) as s:
+        async with await s.solve(graph()) as res:
+            assert res.ref is not None
+            assert res.ref.sys == "abc"
+        assert validations[0] == 1
+        bad = Definition.of(node("test.unknown", {}))
+        with pytest.raises(DefinitionError):
+            await s.solve(bad)
+        assert validations[0] == 2
+        assert not s._jobs

@@ -211,12 +211,15 @@ class Solver(Engine):
         self._check_open()
         if isinstance(request, Definition):
             request = SolveRequest(definition=request)
+        edge: Edge | None = None
         if request.frontend is not None:
             self._frontend(request.frontend)
         elif request.definition is None:
             raise SolveError("a SolveRequest needs a definition or a frontend")
         else:
-            request.definition.validate(self.op_kinds)
+            # validated once, by to_vertices, before a job is made (a no-op
+            # build validated it twice: docs/performance.md, "The cached path")
+            edge = request.definition.to_vertices(self.op_kinds)
         own_job = job is None
         if job is None:
             job = self.new_job()
@@ -225,8 +228,7 @@ class Solver(Engine):
             if request.frontend is not None:
                 solved = await self._solve_frontend(request, job)
             else:
-                assert request.definition is not None
-                edge = request.definition.to_vertices(self.op_kinds)
+                assert edge is not None
                 imports, exports = request.cache_imports, request.cache_exports
                 started = time.time()
                 try:

@@ -134,6 +134,11 @@ def _freeze(value: object, depth: int) -> JSONValue:
         if not _INT_MIN <= value <= _INT_MAX:  # type: ignore[operator]
             raise _FieldError(f"integer {value} is outside the signed 64-bit range")
         return value  # type: ignore[return-value]
+    if depth == 1 and (cls is _FrozenDict or cls is _FrozenList):
+        # Made by this function, so checked and read-only: a payload encoded
+        # again (an op's cache digest, validation) is not copied again. Only at
+        # the top, where its own depth was checked from the same start.
+        return value  # type: ignore[return-value]
     if isinstance(value, str):
         return str.__str__(value)
     if isinstance(value, float):

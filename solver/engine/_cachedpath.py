@@ -20,13 +20,20 @@ first dispatch. Inner vertices get no edge at all. If the root missed, the
 needed vertices run on the cold path (``_coldpath.py``), which completes their
 edges.
 
+An input with a content key (``compute_digest``) is looked up by its
+definition keys, as its edge does first: a warm build whose definition keys all
+match computes no content key on the edges either, so it is one key pass and one
+load here too. A vertex with a content key that misses and must run is the
+edges' (they compute the key from the input's result and may find it stored:
+an edit that left the selected files as they were); the cold path does not.
+
 The pass gives up, leaving everything to the edges, as soon as a vertex is one
 the edges must handle themselves: an ignore-cache vertex, one with cache sources,
-one that already has an edge, an op whose cache map is not its only one, has a
-content key (``compute_digest``), fails, or is being computed by an edge; when
-two vertices have one cache-map digest (the edges would merge them) or a found
-key that the cold path must load has no record; and on a cache error (the edges
-report it, or work around it, as they do). It runs only while the live edge
+one that already has an edge, an op whose cache map is not its only one, fails,
+or is being computed by an edge; when two vertices have one cache-map digest
+(the edges would merge them), a found key that the cold path must load has no
+record, or a vertex that must run has a content key; and on a cache error (the
+edges report it, or work around it, as they do). It runs only while the live edge
 index is empty, so no equal live edge is missed that the edges would have
 merged with. What it did is not lost when it
 gives up: cache maps stay memoized and cache queries only add links.
@@ -62,6 +69,9 @@ if TYPE_CHECKING:
 __all__ = ["seed_cached_root"]
 
 logger = logging.getLogger("solver")
+
+
+_NO_INPUTS: list[dict[str, CacheKey]] = []  # never written to
 
 
 class _Found:
@@ -140,17 +150,8 @@ async def _resolve_and_seed(
     None or False if the edges must do the build."""
     found: dict[tuple[str, int], _Found | None] = {}
     top_vertex = root.vertex
-    for v, st, cache_map in zip(order, states, maps, strict=True):
-        cache = st.combined_cache()
-        # a vertex with a missed input is missed too: a key built on a result
-        # not made yet cannot be stored, so it is not asked for
-        missed_input = any(found[inp.vertex.digest, inp.index] is None for inp in v.inputs)
-        for out in needed[v.digest]:
-            found[v.digest, out] = (
-                None
-                if missed_input
-                else await _resolve(cache, v, out, cache_map, found, v is top_vertex)
-            )
+    for layer in _layers(order, states, maps):
+        await _resolve_layer(layer, needed, found, top_vertex)
     top = found[root.vertex.digest, root.index]
     # The awaits above may have let other builds in: go on only with a fresh
     # edge, and only while no live edge could be merged with.
@@ -197,7 +198,15 @@ async def _cold_plan(
     run = needed_nodes(nodes, nodes[root.vertex.digest, root.index])
     for node in run:
         keys = node.found_keys
-        if keys is None or not node.consumers:
+        if keys is None:
+            # A missed vertex with a content key: its edge would compute the key
+            # from the input's result and may find it stored (an edit that did
+            # not change the selected files). The cold path does not.
+            for dep in node.cache_map.deps:
+                if dep.compute_digest is not None:
+                    return None
+            continue
+        if not node.consumers:
             continue
         cache = node.state.combined_cache()
         records: list[CacheRecord] = []
@@ -227,8 +236,8 @@ class _Answers:
 
 async def _cache_maps(solver: Engine, states: list[VertexState]) -> list[CacheMap] | None:
     """The first cache map of every state's op, all requested at once; None if
-    one failed, was cancelled, is not the op's only cache map, has the wrong
-    number of deps or asks for a content key."""
+    one failed, was cancelled, is not the op's only cache map or has the wrong
+    number of deps."""
     answers = _Answers(len(states))
     pipes: list[Pipe] = []
     scheduler = solver._scheduler
@@ -261,51 +270,152 @@ async def _cache_maps(solver: Engine, states: list[VertexState]) -> list[CacheMa
         deps = cache_map.deps
         if not done or len(deps) != len(st.vtx.inputs):
             return None
-        for dep in deps:
-            if dep.compute_digest is not None:
-                return None
         maps.append(cache_map)
     return maps
 
 
-async def _resolve(
+_Layer = list[tuple[Vertex, "VertexState", "CacheMap"]]
+
+
+def _layers(order: list[Vertex], states: list[VertexState], maps: list[CacheMap]) -> list[_Layer]:
+    """The vertices by depth (a leaf is 0, a vertex one more than its deepest
+    input): each layer's keys need only the layers below it, so its queries go
+    to the cache together."""
+    depth: dict[str, int] = {}
+    layers: list[_Layer] = []
+    for v, st, cache_map in zip(order, states, maps, strict=True):
+        d = 0
+        for inp in v.inputs:
+            di = depth[inp.vertex.digest] + 1
+            if di > d:
+                d = di
+        depth[v.digest] = d
+        while len(layers) <= d:
+            layers.append([])
+        layers[d].append((v, st, cache_map))
+    return layers
+
+
+_Request = tuple[list[CacheKeyWithSelector], int, str, int]
+
+
+async def _resolve_layer(
+    layer: _Layer,
+    needed: dict[str, list[int]],
+    found: dict[tuple[str, int], _Found | None],
+    top_vertex: Vertex,
+) -> None:
+    """The stored keys of each needed output of the layer's vertices, the way
+    their edges find them (``_root_keys``; ``probe_cache`` then
+    ``_add_matched_keys``), with every query of the layer asked of the cache in
+    one call where it can (``query_many``, as
+    :class:`~solver.cache.KeyedCacheManager` has); for the top
+    vertex, their records too. Below the top a key's records are read only if
+    an export reaches it (:class:`FoundKeyExporter`). A vertex with a missed
+    input is missed without a query (a key built on a result not made yet
+    cannot be stored); one with an input that leads to no stored key, too."""
+    # per cache: the queries, and per output asked, where its answers start
+    batches: dict[int, tuple[CacheManager, list[_Request]]] = {}
+    asked: list[tuple[Vertex, int, CacheManager, int, list[list[CacheKeyWithSelector]]]] = []
+    for v, st, cache_map in layer:
+        inputs = v.inputs
+        missed = False
+        for inp in inputs:
+            if found[inp.vertex.digest, inp.index] is None:
+                missed = True
+                break
+        outs = needed[v.digest]
+        if missed:
+            for out in outs:
+                found[v.digest, out] = None
+            continue
+        cache = st.combined_cache()
+        batch = batches.get(id(cache))
+        if batch is None:
+            batch = batches[id(cache)] = (cache, [])
+        requests = batch[1]
+        digest = cache_map.digest
+        deps = cache_map.deps
+        for out in outs:
+            alternatives: list[list[CacheKeyWithSelector]] = []
+            start = len(requests)
+            if not inputs:
+                requests.append(([], 0, digest, out))
+            for i, inp in enumerate(inputs):
+                input_found = found[inp.vertex.digest, inp.index]
+                assert input_found is not None
+                selector = deps[i].selector
+                alts = [CacheKeyWithSelector(k, selector) for k in input_found.keys]
+                alternatives.append(alts)
+                requests.append((alts, i, digest, out))
+            asked.append((v, out, cache, start, alternatives))
+    answers: dict[int, list[list[CacheKey]]] = {}
+    for key, (cache, requests) in batches.items():
+        # a manager that batches (KeyedCacheManager.query_many), or one query each
+        query_many = getattr(cache, "query_many", None)
+        if query_many is not None:
+            answers[key] = await query_many(requests)
+        else:
+            answers[key] = [await cache.query(*r) for r in requests]
+    for v, out, cache, start, alternatives in asked:
+        found[v.digest, out] = await _matched(
+            cache, v, answers[id(cache)], start, alternatives, v is top_vertex
+        )
+
+
+async def _matched(
     cache: CacheManager,
     v: Vertex,
-    out: int,
-    cache_map: CacheMap,
-    found: dict[tuple[str, int], _Found | None],
+    answers: list[list[CacheKey]],
+    start: int,
+    alternatives: list[list[CacheKeyWithSelector]],
     top: bool,
 ) -> _Found | None:
-    """The stored keys of output ``out`` of ``v``, the way its edge finds them
-    (``_root_keys``; ``probe_cache`` then ``_add_matched_keys``), and for the
-    ``top`` vertex their records; below it, a key's records are read only if an
-    export reaches it (:class:`FoundKeyExporter`). None if there is no key."""
-    digest = cache_map.digest
+    """What the answers from ``start`` on (one per input; one for a leaf) say of
+    one output of ``v``: the stored keys every input leads to, as its edge would
+    list them, with their records for the ``top`` vertex; None if none."""
     vertex = v.digest
     keys: list[ExportableCacheKey] = []
     records: list[CacheRecord] = []
-    if not v.inputs:
-        for k in await cache.query([], 0, digest, out):
+    if not alternatives:
+        for k in answers[start]:
             k.vertex = vertex
             keys.append(await _exportable(cache, k, top, records))
-        return _Found([], keys, records) if keys else None
+        return _Found(_NO_INPUTS, keys, records) if keys else None
+    if not top:
+        # Below the top only the matched keys are kept: the first input's
+        # answer (fresh keys of this pass) narrowed by the others', by ID.
+        first = answers[start]
+        if not first:
+            return None
+        matched_keys = first
+        for i in range(start + 1, start + len(alternatives)):
+            ids = {k.id for k in answers[i]}
+            matched_keys = [k for k in matched_keys if k.id in ids]
+            if not matched_keys:
+                return None
+        seen: set[str] = set()
+        for k in matched_keys:
+            if k.id in seen:
+                continue
+            seen.add(k.id)
+            k.vertex = vertex
+            # a fresh key the pass alone holds: given its deps, not copied
+            k.deps = alternatives if len(matched_keys) == 1 else [list(a) for a in alternatives]
+            keys.append(ExportableCacheKey(k, FoundKeyExporter(k, cache)))
+        return _Found(_NO_INPUTS, keys, records)
+    # The top: what each input reached is kept for its edge (``ActiveEdge.seed``).
     by_input: list[dict[str, CacheKey]] = []
-    alternatives: list[list[CacheKeyWithSelector]] = []
     matched: dict[str, CacheKey] | None = None
-    for i, inp in enumerate(v.inputs):
-        selector = cache_map.deps[i].selector
-        input_found = found[inp.vertex.digest, inp.index]
-        assert input_found is not None  # a missed input is not queried from
-        alts = [CacheKeyWithSelector(k, selector) for k in input_found.keys]
-        alternatives.append(alts)
+    for i in range(len(alternatives)):
         reached: dict[str, CacheKey] = {}
-        for k in await cache.query(alts, i, digest, out):
+        for k in answers[start + i]:
             k.vertex = vertex
             if k.id not in reached:
                 reached[k.id] = k
         by_input.append(reached)
         if matched is None:
-            matched = dict(reached)
+            matched = reached
         else:
             matched = {kid: k for kid, k in matched.items() if kid in reached}
         if not matched:

@@ -1,0 +1,149 @@
+"""Batched key lookups (``KeyedCacheManager.query_many`` over a storage's
+``walk_links_many``), which the cached path uses for each layer of a graph:
+the same keys and the same links as one ``query`` per request, on the in-memory
+and the SQLite key storage, in one storage call."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from solver._cache import CacheInfoLink, CacheKey, CacheKeyWithSelector
+from solver.cache._manager import KeyedCacheManager
+from solver.cache._sqlite import SQLiteCacheStorage
+from solver.cache._storage import CacheKeyStorage, InMemoryCacheStorage, InMemoryResultStorage
+from solver.testing import HandleTracker
+from tests.test_cache_manager import dgst, exp, key_with, key_with_deps, root, save
+
+pytestmark = pytest.mark.anyio
+
+
+class CountingStorage:
+    """Counts the calls made to a key storage's link reads."""
+
+    def __init__(self, inner: CacheKeyStorage) -> None:
+        self.inner = inner
+        self.walk_links_calls = 0
+        self.walk_links_many_calls = 0
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+    async def walk_links(self, id: str, link: CacheInfoLink) -> list[str]:
+        self.walk_links_calls += 1
+        return await self.inner.walk_links(id, link)
+
+    async def walk_links_many(
+        self, requests: Sequence[tuple[str, CacheInfoLink]]
+    ) -> list[list[str]]:
+        self.walk_links_many_calls += 1
+        return await self.inner.walk_links_many(requests)  # type: ignore[attr-defined,no-any-return]
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def storage(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[CountingStorage]:
+    inner: CacheKeyStorage
+    if request.param == "memory":
+        inner = InMemoryCacheStorage()
+    else:
+        inner = await SQLiteCacheStorage.open(tmp_path / "cache.db")
+    yield CountingStorage(inner)
+    await inner.close()  # idempotent: the manager closed it already
+
+
+async def test_the_same_keys_and_links_as_one_query_each(
+    storage: CountingStorage, handle_tracker: HandleTracker
+) -> None:
+    """Two roots a and b; c saved once over a and once over b (two stored keys);
+    d over c-over-a. A batch asks c from the alternatives [a, b] (both found,
+    and each alternative then links to both, as ``query`` links them), d from
+    c-over-a, an unknown op from a, and the root key of a: one storage read for
+    all the links, and answers equal to ``query``'s."""
+    m = KeyedCacheManager(secrets.token_hex(8), storage, InMemoryResultStorage())  # type: ignore[arg-type]
+    try:
+        a = await save(m, root(dgst("a")), "a")
+        b = await save(m, root(dgst("b")), "b")
+        c_a = await save(m, key_with(dgst("c"), 0, a), "c-a")
+        await save(m, key_with(dgst("c"), 0, b), "c-b")
+        await save(m, key_with(dgst("d"), 0, c_a), "d")
+        alts = [CacheKeyWithSelector(a), CacheKeyWithSelector(b)]
+        requests: list[tuple[Sequence[CacheKeyWithSelector], int, str, int]] = [
+            (alts, 0, dgst("c"), 0),
+            ([CacheKeyWithSelector(c_a)], 0, dgst("d"), 0),
+            ([CacheKeyWithSelector(a)], 0, dgst("unknown"), 0),
+            ([], 0, dgst("a"), 0),
+        ]
+        a_id = await m.storage_id(a.key)
+        b_id = await m.storage_id(b.key)
+        link_c = CacheInfoLink(0, 0, dgst("c"), None)
+        assert len(await storage.inner.walk_links(a_id, link_c)) == 1
+        storage.walk_links_calls = 0
+
+        batched = await m.query_many(requests)
+        assert storage.walk_links_many_calls == 1
+        assert storage.walk_links_calls == 0
+        assert [len(keys) for keys in batched] == [2, 1, 0, 1]
+        # the alternatives now lead to both stored keys of c
+        targets = {k.ids[m] for k in batched[0]}
+        assert set(await storage.inner.walk_links(a_id, link_c)) == targets
+        assert set(await storage.inner.walk_links(b_id, link_c)) == targets
+
+        one_each = [await m.query(*r) for r in requests]
+        for got, want in zip(batched, one_each, strict=True):
+            assert [(k.ids[m], k.digest, k.output) for k in got] == [
+                (k.ids[m], k.digest, k.output) for k in want
+            ]
+        # a key from the batch is one the manager knows: its records are there
+        assert len(await m.records(batched[1][0])) == 1
+    finally:
+        await m.close()
+
+
+async def test_an_empty_batch_reads_nothing(
+    storage: CountingStorage, handle_tracker: HandleTracker
+) -> None:
+    m = KeyedCacheManager(secrets.token_hex(8), storage, InMemoryResultStorage())  # type: ignore[arg-type]
+    try:
+        assert await m.query_many([]) == []
+        assert await storage.inner.walk_links_many([]) == []  # type: ignore[attr-defined]
+    finally:
+        await m.close()
+
+
+async def test_a_storage_without_batched_reads_is_asked_one_link_at_a_time(
+    handle_tracker: HandleTracker,
+) -> None:
+    """A key storage of the protocol alone (no ``walk_links_many``) answers the
+    same batch through ``walk_links``."""
+
+    class Plain:
+        def __init__(self) -> None:
+            self.inner = InMemoryCacheStorage()
+            self.walks = 0
+
+        def __getattr__(self, name: str) -> object:
+            if name == "walk_links_many":
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+        async def walk_links(self, id: str, link: CacheInfoLink) -> list[str]:
+            self.walks += 1
+            return await self.inner.walk_links(id, link)
+
+    st = Plain()
+    m = KeyedCacheManager(secrets.token_hex(8), st, InMemoryResultStorage())  # type: ignore[arg-type]
+    try:
+        a = await save(m, root(dgst("a")), "a")
+        await save(m, key_with(dgst("c"), 0, a), "c")
+        st.walks = 0
+        sel = key_with_deps(dgst("c"), 0, [[CacheKeyWithSelector(a)]])
+        got = await m.query_many([([CacheKeyWithSelector(exp(sel))], 0, dgst("x"), 0),
+                                  ([CacheKeyWithSelector(a)], 0, dgst("c"), 0)])
+        assert [len(k) for k in got] == [0, 1]
+        assert st.walks >= 2
+        assert isinstance(got[1][0], CacheKey)
+    finally:
+        await m.close()
