@@ -33,12 +33,12 @@ from .._digest import digest_of
 from .._errors import InternalError, SolveError
 from .._graph import Edge, Vertex, VertexOptions
 from .._op import Builder, Op, ResolveOp
-from .._progress import CACHED, LOG, STARTED, ProgressEvent, make_event
+from .._progress import CACHED, LOG, STARTED, ProgressEvent
 from ..cache import CombinedCacheManager, InMemoryCacheManager
 from ._cachedpath import seed_cached_root
 from ._edge import ActiveEdge
 from ._index import EdgeIndex
-from ._progress import JobProgress
+from ._progress import EventRecord, JobProgress, event_record
 from ._scheduler import Scheduler, hand_out
 from ._sharedop import SharedOp
 from ._workpool import WorkPool
@@ -94,6 +94,8 @@ class _SubBuilder:
 
 
 _NONE: frozenset[str] = frozenset()
+# the longest history kept as a tuple (appending to one copies it)
+_HISTORY_TUPLE = 8
 _NO_SOURCES: dict[str, CacheManager] = {}  # never written to
 
 
@@ -136,8 +138,9 @@ class VertexState:
         self.main_cache = solver._cache
         self.sources: dict[str, CacheManager] = _NO_SOURCES
         self._combined: CacheManager | None = None
-        # progress: events so far, and the jobs that see them
-        self.history: list[ProgressEvent] = []
+        # progress: the records of the events so far (a tuple while short: see
+        # _publish), and the jobs that see them
+        self.history: tuple[EventRecord, ...] | list[EventRecord] = ()
         # whether every job in ``jobs`` watches this state (true after a full
         # connect; a merge that adds jobs clears it)
         self.watched = False
@@ -256,7 +259,7 @@ class VertexState:
         """A status event of this vertex (``started``, ``completed``, ``error``,
         ``cached``); a start or a cached result marks the inputs that never ran
         as cached first. ``cache_source`` says where a loaded result came from."""
-        if status == CACHED and self.history and self.history[-1].status == CACHED:
+        if status == CACHED and self.history and self.history[-1][2] == CACHED:
             # Marked cached already, by a consumer that started (or was loaded)
             # before this load answered: the cold path loads what it needs all
             # at once, in any order. Once is what the edges show.
@@ -281,12 +284,19 @@ class VertexState:
         # on every path: edges, cached path, cold path), keeps it in the vertex's
         # history and hands it to the jobs that watch: a new field of the event
         # is filled here.
-        ev = make_event(
-            self.vtx.digest, self.vtx.name, status, error, data, stream,
-            cache_source=cache_source,
+        rec = event_record(
+            self.vtx.digest, self.vtx.name, status, error, data, stream, cache_source
         )
-        self.history.append(ev)
-        JobProgress.fan_out(self.watchers, ev)
+        # A vertex's few events are kept in a tuple of records, which the cyclic
+        # collector stops tracking; an op that logs much gets a list.
+        history = self.history
+        if isinstance(history, list):
+            history.append(rec)
+        elif len(history) < _HISTORY_TUPLE:
+            self.history = (*history, rec)
+        else:
+            self.history = [*history, rec]
+        JobProgress.fan_out(self.watchers, rec)
 
     def _mark_inputs_cached(self) -> None:
         # An input that never ran by the time its consumer starts was not needed:
