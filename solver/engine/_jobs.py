@@ -104,10 +104,11 @@ class VertexState:
 
     __slots__ = (
         "_combined",
+        "_jobs",
+        "_watchers",
         "children",
         "edges",
         "history",
-        "jobs",
         "key",
         "main_cache",
         "op",
@@ -117,7 +118,6 @@ class VertexState:
         "sources",
         "vtx",
         "watched",
-        "watchers",
     )
 
     def __init__(self, solver: Engine, key: str, vtx: LoadedVertex, orig_digest: str) -> None:
@@ -125,9 +125,13 @@ class VertexState:
         self.key = key
         self.vtx = vtx
         self.orig_digest = orig_digest
-        # the jobs that keep the state active (a short list, not a set: most
-        # states have one or a few, and an empty set alone costs 216 bytes)
-        self.jobs: list[Job] = []
+        # The jobs that keep the state active, and the jobs' progress buffers
+        # that see its events: None, the one job (buffer), or a list of several
+        # (not a set: a few, and an empty set alone costs 216 bytes). Most states
+        # have one of each: a list would be two GC-tracked objects per vertex,
+        # each walked by every full collection while the job lives.
+        self._jobs: Job | list[Job] | None = None
+        self._watchers: JobProgress | list[JobProgress] | None = None
         # Parents, children, sources and watchers start as shared empty values and
         # get their own container when first added to (most states never have
         # parents, children or sources; an empty set costs 216 bytes).
@@ -144,11 +148,57 @@ class VertexState:
         # whether every job in ``jobs`` watches this state (true after a full
         # connect; a merge that adds jobs clears it)
         self.watched = False
-        # (a short list: most states have one watcher, and a set costs 216 bytes)
-        self.watchers: list[JobProgress] | tuple[()] = ()
 
     def __repr__(self) -> str:
         return f"<VertexState {self.vtx.name!r} jobs={len(self.jobs)}>"
+
+    @property
+    def jobs(self) -> Sequence[Job]:
+        """The jobs that keep this state active. O(1)."""
+        jobs = self._jobs
+        if jobs is None:
+            return ()
+        return jobs if isinstance(jobs, list) else (jobs,)
+
+    def add_job(self, job: Job) -> None:
+        """Add ``job`` (the caller knows it is not there yet: ``job._states``)."""
+        jobs = self._jobs
+        if jobs is None:
+            self._jobs = job
+        elif isinstance(jobs, list):
+            jobs.append(job)
+        else:
+            self._jobs = [jobs, job]
+
+    def remove_job(self, job: Job) -> None:
+        jobs = self._jobs
+        if isinstance(jobs, list):
+            jobs.remove(job)
+            if len(jobs) == 1:
+                self._jobs = jobs[0]
+        elif jobs is job:
+            self._jobs = None
+        else:
+            raise ValueError(f"{job!r} is not a job of {self!r}")
+
+    @property
+    def watchers(self) -> Sequence[JobProgress]:
+        """The progress buffers that see this state's events. O(1)."""
+        watchers = self._watchers
+        if watchers is None:
+            return ()
+        return watchers if isinstance(watchers, list) else (watchers,)
+
+    def remove_watcher(self, progress: JobProgress) -> None:
+        watchers = self._watchers
+        if isinstance(watchers, list):
+            watchers.remove(progress)
+            if len(watchers) == 1:
+                self._watchers = watchers[0]
+        elif watchers is progress:
+            self._watchers = None
+        else:
+            raise ValueError(f"{progress!r} does not watch {self!r}")
 
     def sub_builder(self) -> Builder:
         """A builder for this vertex's op (made when its op is resolved: most
@@ -215,7 +265,7 @@ class VertexState:
             for j in src.jobs:
                 if key not in j._states:
                     j._states.add(key)
-                    st.jobs.append(j)
+                    st.add_job(j)
             st.watched = False
             for inp in st.vtx.inputs:
                 inp_state = actives.get(inp.vertex.digest)
@@ -243,10 +293,13 @@ class VertexState:
         watching = progress.watching
         if self.key not in watching:
             watching.add(self.key)
-            if self.watchers:
-                self.watchers.append(progress)
+            watchers = self._watchers
+            if watchers is None:
+                self._watchers = progress
+            elif isinstance(watchers, list):
+                watchers.append(progress)
             else:
-                self.watchers = [progress]
+                self._watchers = [watchers, progress]
             for ev in self.history:
                 progress.put(ev)
 
@@ -296,7 +349,11 @@ class VertexState:
             self.history = (*history, rec)
         else:
             self.history = [*history, rec]
-        JobProgress.fan_out(self.watchers, rec)
+        watchers = self._watchers
+        if isinstance(watchers, list):
+            JobProgress.fan_out(watchers, rec)
+        elif watchers is not None:
+            watchers.put(rec)
 
     def _mark_inputs_cached(self) -> None:
         # An input that never ran by the time its consumer starts was not needed:
@@ -594,10 +651,10 @@ class Engine:
         watching = progress.watching
         for key, st in list(self._actives.items()):
             if key in states:
-                st.jobs.remove(job)
+                st.remove_job(job)
                 self._delete_if_unreferenced(key, st)
             if key in watching and self._actives.get(key) is st:
-                st.watchers.remove(progress)  # type: ignore[union-attr]
+                st.remove_watcher(progress)
         states.clear()
         watching.clear()
         progress.close()
@@ -619,7 +676,7 @@ class Engine:
         stack = [(key, st)]
         while stack:
             k, s = stack.pop()
-            if s.jobs or s.parents or self._actives.get(k) is not s:
+            if s._jobs is not None or s.parents or self._actives.get(k) is not s:
                 continue
             for child_key in s.children:
                 child = self._actives.get(child_key)
@@ -710,7 +767,7 @@ class Engine:
                         assert job is not None
                         if st.key not in job._states:
                             job._states.add(st.key)
-                            st.jobs.append(job)
+                            st.add_job(job)
                             st.watch(job._progress)
                         memo[k] = st.vtx
                         continue
@@ -741,7 +798,7 @@ class Engine:
             key = st.key
             if key not in states:
                 states.add(key)
-                st.jobs.append(job)
+                st.add_job(job)
                 st.watch(progress)
             for inp in v.inputs:
                 iv = inp.vertex
@@ -782,7 +839,7 @@ class Engine:
             st.add_source(cache)
         if job is not None and st.key not in job._states:
             job._states.add(st.key)
-            st.jobs.append(job)
+            st.add_job(job)
         if parent is not None and parent.key not in st.parents:
             if not st.parents:
                 st.parents = set()
