@@ -113,6 +113,7 @@ class VertexState:
         "main_cache",
         "op",
         "orig_digest",
+        "output0",
         "parents",
         "solver",
         "sources",
@@ -139,6 +140,10 @@ class VertexState:
         self.children: set[str] | frozenset[str] = _NONE
         self.edges: dict[int, ActiveEdge] = {}
         self.op: SharedOp | None = None
+        # the Edge of output 0, made once and shared by the consumers' loaded
+        # inputs and this state's ActiveEdge (three Edges per vertex of a
+        # lattice were three GC-tracked objects)
+        self.output0: Edge | None = None
         self.main_cache = solver._cache
         self.sources: dict[str, CacheManager] = _NO_SOURCES
         self._combined: CacheManager | None = None
@@ -200,6 +205,16 @@ class VertexState:
         else:
             raise ValueError(f"{progress!r} does not watch {self!r}")
 
+    def output(self, index: int) -> Edge:
+        """The edge of output ``index`` of this state's vertex (output 0's is
+        shared: Edges are values)."""
+        if index:
+            return Edge(self.vtx, index)
+        edge = self.output0
+        if edge is None:
+            edge = self.output0 = Edge(self.vtx, 0)
+        return edge
+
     def sub_builder(self) -> Builder:
         """A builder for this vertex's op (made when its op is resolved: most
         ops never build)."""
@@ -229,7 +244,7 @@ class VertexState:
             return e
         if self.op is None:
             self.op = SharedOp(self)
-        e = ActiveEdge(Edge(self.vtx, index), self.op, self.solver._index)
+        e = ActiveEdge(self.output(index), self.op, self.solver._index)
         self.edges[index] = e
         return e
 
@@ -243,7 +258,7 @@ class VertexState:
         else:
             if self.op is None:
                 self.op = SharedOp(self)
-            e = ActiveEdge(Edge(self.vtx, index), self.op, self.solver._index)
+            e = ActiveEdge(self.output(index), self.op, self.solver._index)
             self.edges[index] = e
         target.take_ownership(e)
         if target_state is not None:
@@ -830,7 +845,10 @@ class Engine:
                 key = _ignore_key(digest)
             st = actives.get(key)
             if st is None:
-                inputs = [Edge(memo[id(e.vertex)], e.index) for e in v.inputs]  # type: ignore[arg-type]
+                inputs = [
+                    actives[memo[id(e.vertex)].digest].output(e.index)  # type: ignore[union-attr]
+                    for e in v.inputs
+                ]
                 st = VertexState(self, key, LoadedVertex(v, key, inputs), digest)
                 actives[key] = st
                 if key != digest:
