@@ -294,8 +294,9 @@ async def _take(node: ColdNode, run: _Run) -> None:
     edge.complete(node.cache_map, keys, result, node.record is not None)
     if keys:
         # live, as the edge would be: a later build of an equal key merges with
-        # it (nothing else is live, so nothing is found to merge with now)
-        edge.index.load_or_store(keys[0].key, edge)
+        # it (nothing else is live, so nothing is found to merge with now, and
+        # the index stores it when a later build first looks: store_later)
+        edge.index.store_later(keys[0].key, edge)
 
 
 def _release_value(st: VertexState, value: Any) -> None:
