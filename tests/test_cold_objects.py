@@ -15,20 +15,15 @@ inputs (the secondary-exporter list made when first needed).
 from __future__ import annotations
 
 import gc
-import sys
 from collections import Counter
-from pathlib import Path
 
 import anyio
 import pytest
 
+from benchmarks.graphs import exec_counts, lattice, resolve_op as noop_resolve_op
 from solver import Edge, InMemoryCacheManager, MergedExporter, ProgressEvent, Solver, log_output
 from solver.testing import HandleTracker
 from tests.harness import TrackingCacheManager, build_value, resolve_op, vtx
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.graphs import exec_counts, lattice  # noqa: E402
-from benchmarks.graphs import resolve_op as noop_resolve_op  # noqa: E402
 
 pytestmark = pytest.mark.anyio
 
