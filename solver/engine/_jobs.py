@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
@@ -97,6 +97,7 @@ _NONE: frozenset[str] = frozenset()
 # the longest history kept as a tuple (appending to one copies it)
 _HISTORY_TUPLE = 8
 _NO_SOURCES: dict[str, CacheManager] = {}  # never written to
+_NO_EDGES: Mapping[int, ActiveEdge] = {}  # never written to
 
 
 class VertexState:
@@ -104,10 +105,10 @@ class VertexState:
 
     __slots__ = (
         "_combined",
+        "_edges",
         "_jobs",
         "_watchers",
         "children",
-        "edges",
         "history",
         "key",
         "main_cache",
@@ -138,7 +139,9 @@ class VertexState:
         # parents, children or sources; an empty set costs 216 bytes).
         self.parents: set[str] | frozenset[str] = _NONE
         self.children: set[str] | frozenset[str] = _NONE
-        self.edges: dict[int, ActiveEdge] = {}
+        # the active edges by output: None, the one edge (most vertices have one
+        # output; a dict per state was a GC-tracked object per vertex), or a dict
+        self._edges: ActiveEdge | dict[int, ActiveEdge] | None = None
         self.op: SharedOp | None = None
         # the Edge of output 0, made once and shared by the consumers' loaded
         # inputs and this state's ActiveEdge (three Edges per vertex of a
@@ -205,6 +208,37 @@ class VertexState:
         else:
             raise ValueError(f"{progress!r} does not watch {self!r}")
 
+    @property
+    def edges(self) -> Mapping[int, ActiveEdge]:
+        """The active edges of this state by output index (read-only). O(1)."""
+        edges = self._edges
+        if edges is None:
+            return _NO_EDGES
+        if isinstance(edges, dict):
+            return edges
+        return {edges.edge.index: edges}
+
+    def _edge_at(self, index: int) -> ActiveEdge | None:
+        edges = self._edges
+        if edges is None:
+            return None
+        if isinstance(edges, dict):
+            return edges.get(index)
+        return edges if edges.edge.index == index else None
+
+    def _new_edge(self, index: int) -> ActiveEdge:
+        if self.op is None:
+            self.op = SharedOp(self)
+        e = ActiveEdge(self.output(index), self.op, self.solver._index)
+        edges = self._edges
+        if edges is None:
+            self._edges = e
+        elif isinstance(edges, dict):
+            edges[index] = e
+        else:
+            self._edges = {edges.edge.index: edges, index: e}
+        return e
+
     def output(self, index: int) -> Edge:
         """The edge of output ``index`` of this state's vertex (output 0's is
         shared: Edges are values)."""
@@ -237,29 +271,22 @@ class VertexState:
             self._combined = None
 
     def get_edge(self, index: int) -> ActiveEdge:
-        e = self.edges.get(index)
+        e = self._edge_at(index)
         if e is not None:
             while e.owner is not None:
                 e = e.owner
             return e
-        if self.op is None:
-            self.op = SharedOp(self)
-        e = ActiveEdge(self.output(index), self.op, self.solver._index)
-        self.edges[index] = e
-        return e
+        return self._new_edge(index)
 
     def set_edge(self, index: int, target: ActiveEdge, target_state: VertexState | None) -> None:
-        e = self.edges.get(index)
+        e = self._edge_at(index)
         if e is not None:
             while e.owner is not None:
                 e = e.owner
             if e is target:
                 return
         else:
-            if self.op is None:
-                self.op = SharedOp(self)
-            e = ActiveEdge(self.output(index), self.op, self.solver._index)
-            self.edges[index] = e
+            e = self._new_edge(index)
         target.take_ownership(e)
         if target_state is not None:
             target_state.add_jobs(self)
@@ -288,7 +315,7 @@ class VertexState:
                     logger.error("input vertex not found while adding jobs")
                     continue
                 stack.append(inp_state)
-                merged = inp_state.edges.get(inp.index)
+                merged = inp_state._edge_at(inp.index)
                 if merged is None:
                     continue
                 while merged.owner is not None:
@@ -383,7 +410,8 @@ class VertexState:
             stack.extend(inp.vertex.digest for inp in st.vtx.inputs)
 
     def release(self) -> None:
-        for e in self.edges.values():
+        edges = self._edges
+        for e in edges.values() if isinstance(edges, dict) else () if edges is None else (edges,):
             while e.owner is not None:
                 e = e.owner
             e.release()
