@@ -235,6 +235,10 @@ class ActiveEdge:
             f"{STATE_NAMES[self.state]}{' failed' if self.err else ''}>"
         )
 
+    def pending_edge(self) -> ActiveEdge:
+        """This edge (for :meth:`EdgeIndex.store_later`)."""
+        return self
+
     # -- ownership ---------------------------------------------------------------
     def take_ownership(self, old: ActiveEdge) -> None:
         """Called when ``old`` is merged into this edge."""

@@ -32,7 +32,7 @@ edge only forgets it.
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .._cache import CacheKey, root_key
 
@@ -45,6 +45,13 @@ __all__ = ["EdgeIndex"]
 # An item ID: a root key's digest string, or an integer for a key with deps.
 ItemID = str | int
 _Link = tuple[int, int, str, "str | None"]
+
+
+class PendingEdge(Protocol):
+    """What :meth:`EdgeIndex.store_later` keeps: an edge, or what makes one (a
+    vertex state whose completed edge is made when first asked for)."""
+
+    def pending_edge(self) -> ActiveEdge: ...
 
 
 class _Item:
@@ -68,23 +75,28 @@ class EdgeIndex:
         self._back_refs: dict[ActiveEdge, tuple[ItemID, ...]] = {}
         self._ids = itertools.count(1)
         # edges stored later (see the module's docstring), in order, with their keys
-        self._pending: dict[ActiveEdge, CacheKey] = {}
+        self._pending: dict[PendingEdge, CacheKey] = {}
 
     def __len__(self) -> int:
         """Items and pending edges: 0 only when no edge is (to be) indexed."""
         return len(self._items) + len(self._pending)
 
-    def store_later(self, key: CacheKey, edge: ActiveEdge) -> None:
-        """Store ``edge`` as the owner of ``key`` before the next ``load_or_store``
-        (which can then find it), as ``load_or_store(key, edge)`` would now; for
-        an edge completed while no other edge is live. O(1)."""
+    def store_later(self, key: CacheKey, edge: PendingEdge) -> None:
+        """Store ``edge.pending_edge()`` as the owner of ``key`` before the next
+        ``load_or_store`` (which can then find it), as ``load_or_store`` would
+        now; for an edge completed while no other edge is live. O(1)."""
         self._pending[edge] = key
+
+    def forget(self, edge: PendingEdge) -> None:
+        """Drop a pending ``edge`` (released before it was stored). O(1)."""
+        if self._pending:
+            self._pending.pop(edge, None)
 
     def _store_pending(self) -> None:
         pending = self._pending
         self._pending = {}
         for edge, key in pending.items():
-            self.load_or_store(key, edge)
+            self.load_or_store(key, edge.pending_edge())
 
     def release(self, edge: ActiveEdge) -> None:
         """Drop every slot ``edge`` owns; items left with no edge and no links go,

@@ -28,12 +28,13 @@ from typing import TYPE_CHECKING, Any, Self
 import anyio
 from anyio.abc import TaskGroup
 
-from .._cache import CacheManager
+from .._cache import CacheManager, ExportableCacheKey
 from .._digest import digest_of
 from .._errors import InternalError, SolveError
 from .._graph import Edge, Vertex, VertexOptions
-from .._op import Builder, Op, ResolveOp
+from .._op import Builder, CacheMap, Op, ResolveOp
 from .._progress import CACHED, LOG, STARTED, ProgressEvent
+from .._refs import SharedCachedResult
 from ..cache import CombinedCacheManager, InMemoryCacheManager
 from ._cachedpath import seed_cached_root
 from ._edge import ActiveEdge
@@ -98,12 +99,18 @@ _NONE: frozenset[str] = frozenset()
 _HISTORY_TUPLE = 8
 _NO_SOURCES: dict[str, CacheManager] = {}  # never written to
 _NO_EDGES: Mapping[int, ActiveEdge] = {}  # never written to
+_NO_KEYS: list[ExportableCacheKey] = []  # never written to
 
 
 class VertexState:
     """One active vertex, shared by every job that loaded its digest."""
 
     __slots__ = (
+        "_cold_keys",
+        "_cold_loaded",
+        "_cold_map",
+        "_cold_out",
+        "_cold_result",
         "_combined",
         "_edges",
         "_jobs",
@@ -142,6 +149,15 @@ class VertexState:
         # the active edges by output: None, the one edge (most vertices have one
         # output; a dict per state was a GC-tracked object per vertex), or a dict
         self._edges: ActiveEdge | dict[int, ActiveEdge] | None = None
+        # A result the cold path completed, held here until its edge is first
+        # asked for (complete_later); most never are (a cold build is discarded
+        # before another build looks), and an edge is ~0.3 KiB and one more
+        # GC-tracked object per vertex.
+        self._cold_result: SharedCachedResult | None = None
+        self._cold_out = 0
+        self._cold_map: CacheMap | None = None
+        self._cold_keys: list[ExportableCacheKey] = _NO_KEYS
+        self._cold_loaded = False
         self.op: SharedOp | None = None
         # the Edge of output 0, made once and shared by the consumers' loaded
         # inputs and this state's ActiveEdge (three Edges per vertex of a
@@ -210,7 +226,10 @@ class VertexState:
 
     @property
     def edges(self) -> Mapping[int, ActiveEdge]:
-        """The active edges of this state by output index (read-only). O(1)."""
+        """The active edges of this state by output index (read-only; an edge
+        the cold path completed later is made now). O(1)."""
+        if self._cold_result is not None:
+            self._complete_now()
         edges = self._edges
         if edges is None:
             return _NO_EDGES
@@ -219,12 +238,65 @@ class VertexState:
         return {edges.edge.index: edges}
 
     def _edge_at(self, index: int) -> ActiveEdge | None:
+        if self._cold_result is not None and self._cold_out == index:
+            return self._complete_now()
         edges = self._edges
         if edges is None:
             return None
         if isinstance(edges, dict):
             return edges.get(index)
         return edges if edges.edge.index == index else None
+
+    def has_edge(self, index: int) -> bool:
+        """Whether output ``index`` has an edge (or a completion held for one)."""
+        if self._cold_result is not None and self._cold_out == index:
+            return True
+        edges = self._edges
+        if edges is None:
+            return False
+        if isinstance(edges, dict):
+            return index in edges
+        return edges.edge.index == index
+
+    def complete_later(
+        self,
+        index: int,
+        cache_map: CacheMap,
+        keys: list[ExportableCacheKey],
+        result: SharedCachedResult,
+        loaded: bool,
+    ) -> bool:
+        """Hold what :meth:`ActiveEdge.complete` would be given for the edge of
+        output ``index``, which has none yet; the edge is made and completed with
+        it when first asked for (the state now owns ``result``). False, holding
+        nothing, if a completion is held already (another output)."""
+        if self._cold_result is not None:
+            return False
+        self._cold_result = result
+        self._cold_out = index
+        self._cold_map = cache_map
+        self._cold_keys = keys
+        self._cold_loaded = loaded
+        return True
+
+    def pending_edge(self) -> ActiveEdge:
+        """The edge of the held completion (made now if it was not): what the
+        live index stores for this state (``EdgeIndex.store_later``)."""
+        edge = self._edge_at(self._cold_out)
+        assert edge is not None
+        return edge
+
+    def _complete_now(self) -> ActiveEdge:
+        result = self._cold_result
+        cache_map = self._cold_map
+        assert result is not None
+        assert cache_map is not None
+        self._cold_result = None
+        self._cold_map = None
+        keys, self._cold_keys = self._cold_keys, _NO_KEYS
+        edge = self._new_edge(self._cold_out)
+        edge.complete(cache_map, keys, result, self._cold_loaded)
+        return edge
 
     def _new_edge(self, index: int) -> ActiveEdge:
         if self.op is None:
@@ -410,6 +482,11 @@ class VertexState:
             stack.extend(inp.vertex.digest for inp in st.vtx.inputs)
 
     def release(self) -> None:
+        result = self._cold_result
+        if result is not None:
+            self._cold_result = None
+            self.solver.release_later(result)
+        self.solver._index.forget(self)
         edges = self._edges
         for e in edges.values() if isinstance(edges, dict) else () if edges is None else (edges,):
             while e.owner is not None:
