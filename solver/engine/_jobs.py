@@ -950,10 +950,13 @@ class Engine:
                 key = _ignore_key(digest)
             st = actives.get(key)
             if st is None:
-                inputs = [
-                    actives[memo[id(e.vertex)].digest].output(e.index)  # type: ignore[union-attr]
-                    for e in v.inputs
-                ]
+                inputs: list[Edge] = []
+                for e in v.inputs:
+                    ist = actives[memo[id(e.vertex)].digest]  # type: ignore[union-attr]
+                    shared = ist.output0
+                    if shared is None or e.index:
+                        shared = ist.output(e.index)
+                    inputs.append(shared)
                 st = VertexState(self, key, LoadedVertex(v, key, inputs), digest)
                 actives[key] = st
                 if key != digest:
