@@ -287,9 +287,15 @@ async def _take(node: ColdNode, run: _Run) -> None:
     if st.has_edge(node.out):
         run.own.append(result)
         return
-    keys = list(node.found_keys or ())
-    if node.record is None and not st.vtx.options.ignore_cache:
-        keys.extend(cached.cache_keys)
+    keys: Sequence[ExportableCacheKey]
+    if node.found_keys is None and node.record is None and not st.vtx.options.ignore_cache:
+        # an exec's commit keys alone: the result's own list (never written to;
+        # an edge made from it copies it), not a copy of it per vertex
+        keys = cached.cache_keys
+    else:
+        keys = list(node.found_keys or ())
+        if node.record is None and not st.vtx.options.ignore_cache:
+            keys.extend(cached.cache_keys)
     loaded = node.record is not None
     # The state holds the completion and makes the edge when it is first asked
     # for (the root's is, by the build's request); another output's completion

@@ -99,7 +99,6 @@ _NONE: frozenset[str] = frozenset()
 _HISTORY_TUPLE = 8
 _NO_SOURCES: dict[str, CacheManager] = {}  # never written to
 _NO_EDGES: Mapping[int, ActiveEdge] = {}  # never written to
-_NO_KEYS: list[ExportableCacheKey] = []  # never written to
 
 
 class VertexState:
@@ -156,7 +155,7 @@ class VertexState:
         self._cold_result: SharedCachedResult | None = None
         self._cold_out = 0
         self._cold_map: CacheMap | None = None
-        self._cold_keys: list[ExportableCacheKey] = _NO_KEYS
+        self._cold_keys: Sequence[ExportableCacheKey] = ()
         self._cold_loaded = False
         self.op: SharedOp | None = None
         # the Edge of output 0, made once and shared by the consumers' loaded
@@ -262,7 +261,7 @@ class VertexState:
         self,
         index: int,
         cache_map: CacheMap,
-        keys: list[ExportableCacheKey],
+        keys: Sequence[ExportableCacheKey],
         result: SharedCachedResult,
         loaded: bool,
     ) -> bool:
@@ -293,7 +292,7 @@ class VertexState:
         assert cache_map is not None
         self._cold_result = None
         self._cold_map = None
-        keys, self._cold_keys = self._cold_keys, _NO_KEYS
+        keys, self._cold_keys = self._cold_keys, ()
         edge = self._new_edge(self._cold_out)
         edge.complete(cache_map, keys, result, self._cold_loaded)
         return edge
