@@ -8,11 +8,14 @@ is released once, when the last handle goes.
 Design
 ------
 
-A *shared counter* (:class:`_RefCount`) holds the wrapped value, a
-:class:`threading.Lock` and the number of live handles on it. A *handle*
-(:class:`SharedResult`, :class:`SharedResultHandle`, :class:`SharedCachedResult`,
-:class:`SharedCachedResultHandle`, :class:`ResultProxyHalf`) holds a reference to
-its counter and a per-handle state (live, released, or consumed by a split). There
+A *shared counter* (:class:`_RefCount`) holds the wrapped value and the number
+of live handles on it (one :class:`threading.Lock` serves every counter). An owner
+(:class:`SharedResult`, :class:`SharedCachedResult`) is its own counter, one
+object rather than two; the halves of a split proxy share a counter of their
+own. A *handle* (:class:`SharedResult`, :class:`SharedResultHandle`,
+:class:`SharedCachedResult`, :class:`SharedCachedResultHandle`,
+:class:`ResultProxyHalf`) holds a reference to its counter (an owner, none) and
+a per-handle state (live, released, or consumed by a split). There
 is no tree of wrappers: handing out one more handle (``SharedResult.clone()``,
 ``_share()``, splitting a half again) adds one to the same counter, so a release
 costs the same however many handles exist.
@@ -60,7 +63,7 @@ import logging
 import threading
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Protocol, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
@@ -130,11 +133,22 @@ class _RefCount(Generic[V]):
     ``lock`` is one lock for every counter: its critical sections are a few
     attribute writes and never take another lock, so sharing it costs nothing,
     while a lock per counter was two GC-tracked objects per vertex of a build
-    (of the 41 it leaves alive, each walked by every full collection)."""
+    (of the 41 it leaves alive, each walked by every full collection).
 
-    __slots__ = ("live", "value")
+    This base holds no fields: an owner (:class:`SharedResult`) is its own
+    counter, so that an owner and its counter are one object (a build keeps
+    two owners per vertex: the op's and the edge's); :class:`_Counter` is a
+    counter alone (the halves of a split proxy share one)."""
+
+    __slots__ = ()
 
     lock: ClassVar[threading.Lock] = threading.Lock()
+
+
+class _Counter(_RefCount[V]):
+    """A counter that is no handle (see :class:`_RefCount`)."""
+
+    __slots__ = ("live", "value")
 
     def __init__(self, value: V, live: int) -> None:
         self.value = value
@@ -143,15 +157,24 @@ class _RefCount(Generic[V]):
 
 class _Handle(Generic[V]):
     """One handle on a shared counter. The constructor does not count: whoever
-    builds a handle has already added it to ``count.live``."""
+    builds a handle has already added it to ``count.live``. ``count`` None: the
+    handle is its own counter (an owner); it does not point at itself, which
+    would be a reference cycle that only the cyclic collector could free."""
 
-    __slots__ = ("_count", "_state")
+    __slots__ = ("_link", "_state")
 
-    def __init__(self, count: _RefCount[V]) -> None:
-        self._count = count
+    def __init__(self, count: _Counter[V] | None) -> None:
+        self._link = count
         self._state: int = _LIVE
         if _tracker is not None:
             _tracker.created(self)
+
+    @property
+    def _count(self) -> _Counter[V]:
+        """The counter this handle counts against (itself, for an owner, which
+        has a counter's fields and is typed as one)."""
+        link = self._link
+        return link if link is not None else cast("_Counter[V]", self)
 
     @property
     def id(self) -> str:
@@ -191,7 +214,7 @@ class _Handle(Generic[V]):
                 await count.value.release()
         await anyio.lowlevel.cancel_shielded_checkpoint()
 
-    def _attach(self, action: str) -> _RefCount[V]:
+    def _attach(self, action: str) -> _Counter[V]:
         """Count one more handle on this handle's counter, which must be live."""
         count = self._count
         with count.lock:
@@ -231,7 +254,7 @@ class _Handle(Generic[V]):
             )
 
 
-class SharedResult(_Handle[R]):
+class SharedResult(_Handle[R], _RefCount[R]):
     """The owner of one result that many consumers share.
 
     ``SharedResult(result)`` takes over ``result``. The ``SharedResult`` is itself a
@@ -241,10 +264,12 @@ class SharedResult(_Handle[R]):
     wrapped result's.
     """
 
-    __slots__ = ()
+    __slots__ = ("live", "value")
 
     def __init__(self, result: R) -> None:
-        super().__init__(_RefCount(result, 1))
+        self.value = result
+        self.live = 1
+        super().__init__(None)
 
     @property
     def sys(self) -> object:
@@ -484,5 +509,5 @@ def split_result_proxy(proxy: ResultProxy) -> tuple[ResultProxyHalf, ResultProxy
         # be marked: its holder must simply stop using it.
         consume = getattr(proxy, "_consume_for_split", None)
         inner: ResultProxy = consume() if consume is not None else proxy
-        count = _RefCount(inner, 2)
+        count = _Counter(inner, 2)
     return ResultProxyHalf(count), ResultProxyHalf(count)

@@ -59,6 +59,7 @@ from ._scheduler import Pipe
 
 if TYPE_CHECKING:
     from .._op import CacheMap
+    from ._index import PendingEdge
     from ._jobs import Engine, VertexState
     from ._scheduler import Scheduler
 
@@ -283,19 +284,34 @@ async def _take(node: ColdNode, run: _Run) -> None:
             return
     result = SharedCachedResult(cached)
     node.result = result
-    edges = st.edges
-    if node.out in edges:
+    if st.has_edge(node.out):
         run.own.append(result)
         return
-    keys = list(node.found_keys or ())
-    if node.record is None and not st.vtx.options.ignore_cache:
-        keys.extend(cached.cache_keys)
-    edge = st.get_edge(node.out)
-    edge.complete(node.cache_map, keys, result, node.record is not None)
+    keys: Sequence[ExportableCacheKey]
+    if node.found_keys is None and node.record is None and not st.vtx.options.ignore_cache:
+        # an exec's commit keys alone: the result's own list (never written to;
+        # an edge made from it copies it), not a copy of it per vertex
+        keys = cached.cache_keys
+    else:
+        keys = list(node.found_keys or ())
+        if node.record is None and not st.vtx.options.ignore_cache:
+            keys.extend(cached.cache_keys)
+    loaded = node.record is not None
+    # The state holds the completion and makes the edge when it is first asked
+    # for (the root's is, by the build's request); another output's completion
+    # held already: this one's edge is made now.
+    holder: PendingEdge
+    if st.complete_later(node.out, node.cache_map, keys, result, loaded):
+        holder = st
+    else:
+        edge = st.get_edge(node.out)
+        edge.complete(node.cache_map, keys, result, loaded)
+        holder = edge
     if keys:
         # live, as the edge would be: a later build of an equal key merges with
-        # it (nothing else is live, so nothing is found to merge with now)
-        edge.index.load_or_store(keys[0].key, edge)
+        # it (nothing else is live, so nothing is found to merge with now, and
+        # the index stores it when a later build first looks: store_later)
+        st.solver._index.store_later(keys[0].key, holder)
 
 
 def _release_value(st: VertexState, value: Any) -> None:
@@ -340,7 +356,10 @@ async def _commit(node: ColdNode, outputs: list[Any]) -> CachedResultWithKeys:
     except BaseException:
         st.solver.release_later(res)
         raise
-    exporters: list[CacheExporter] = []
-    if saved.exporter is not None:
-        exporters.append(saved.exporter)
-    return CachedResultWithKeys(res, [ExportableCacheKey(key, MergedExporter(exporters))])
+    # The save's one exporter is the key's exporter (a MergedExporter of one
+    # exports exactly what its member does: two GC-tracked objects fewer per
+    # vertex, each walked by every full collection while the build is kept).
+    exporter: CacheExporter = (
+        saved.exporter if saved.exporter is not None else MergedExporter(())
+    )
+    return CachedResultWithKeys(res, [ExportableCacheKey(key, exporter)])

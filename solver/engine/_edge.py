@@ -172,6 +172,7 @@ class ActiveEdge:
         "releaser_count",
         "result",
         "secondary_exporters",
+        "secondary_keys",
         "state",
     )
 
@@ -223,6 +224,9 @@ class ActiveEdge:
         self.keys_cursor: list[int] | None = None
         # made when first needed: a merge adds to it, a result's exporters read it
         self.secondary_exporters: list[tuple[int, CacheKeyWithSelector]] | None = None
+        # how many of the first ``keys`` have exporters that read that list, bound
+        # when it is made (see complete)
+        self.secondary_keys = 0
         self.failed = False
 
     def __repr__(self) -> str:
@@ -230,6 +234,10 @@ class ActiveEdge:
             f"<ActiveEdge {self.edge.vertex.name!r}[{self.edge.index}] "
             f"{STATE_NAMES[self.state]}{' failed' if self.err else ''}>"
         )
+
+    def pending_edge(self) -> ActiveEdge:
+        """This edge (for :meth:`EdgeIndex.store_later`)."""
+        return self
 
     # -- ownership ---------------------------------------------------------------
     def take_ownership(self, old: ActiveEdge) -> None:
@@ -251,9 +259,12 @@ class ActiveEdge:
             self.op.release_later(result)
 
     def _secondary(self) -> list[tuple[int, CacheKeyWithSelector]]:
-        if self.secondary_exporters is None:
-            self.secondary_exporters = []
-        return self.secondary_exporters
+        secondary = self.secondary_exporters
+        if secondary is None:
+            secondary = self.secondary_exporters = []
+            for i in range(self.secondary_keys):
+                _bind_secondary(self.keys[i].exporter, secondary)
+        return secondary
 
     def add_secondary_exporters(self, src: ActiveEdge) -> None:
         if src.deps is None or src.cache_map is None:
@@ -489,15 +500,12 @@ class ActiveEdge:
         self.exec_cache_load = loaded
         self.result = result
         self.state = COMPLETE
-        # as a commit or a load through the edge does: a later merge into this
-        # edge adds its inputs to the records these keys export
-        secondary = self._secondary()
-        for key in keys:
-            exporter = key.exporter
-            parts = exporter.exporters if isinstance(exporter, MergedExporter) else (exporter,)
-            for part in parts:
-                if isinstance(part, KeyExporter):
-                    part.secondary = secondary
+        # As a commit or a load through the edge does, these keys' exporters read
+        # the edge's secondary list (a later merge into this edge adds its inputs
+        # to the records they export). Most completed edges never see a merge, so
+        # the list is made, and the exporters bound to it, only when first needed
+        # (_secondary): one GC-tracked object fewer per vertex of a cold build.
+        self.secondary_keys = len(self.keys)
 
     # -- the step ----------------------------------------------------------------
     async def unpark(
@@ -1116,3 +1124,12 @@ def _is_dep(vertex: Vertex, digest: str, seen: dict[int, bool]) -> bool:
                 stack.append(inp.vertex)
     return False
 
+
+def _bind_secondary(
+    exporter: CacheExporter | None, secondary: list[tuple[int, CacheKeyWithSelector]]
+) -> None:
+    """Make ``exporter`` (or each member of a merged one) read ``secondary``."""
+    parts = exporter.exporters if isinstance(exporter, MergedExporter) else (exporter,)
+    for part in parts:
+        if isinstance(part, KeyExporter):
+            part.secondary = secondary

@@ -22,23 +22,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Self
 
 import anyio
 from anyio.abc import TaskGroup
 
-from .._cache import CacheManager
+from .._cache import CacheManager, ExportableCacheKey
 from .._digest import digest_of
 from .._errors import InternalError, SolveError
 from .._graph import Edge, Vertex, VertexOptions
-from .._op import Builder, Op, ResolveOp
-from .._progress import CACHED, LOG, STARTED, ProgressEvent, make_event
+from .._op import Builder, CacheMap, Op, ResolveOp
+from .._progress import CACHED, LOG, STARTED, ProgressEvent
+from .._refs import SharedCachedResult
 from ..cache import CombinedCacheManager, InMemoryCacheManager
 from ._cachedpath import seed_cached_root
 from ._edge import ActiveEdge
 from ._index import EdgeIndex
-from ._progress import JobProgress
+from ._progress import EventRecord, JobProgress, event_record
 from ._scheduler import Scheduler, hand_out
 from ._sharedop import SharedOp
 from ._workpool import WorkPool
@@ -94,28 +95,37 @@ class _SubBuilder:
 
 
 _NONE: frozenset[str] = frozenset()
+# the longest history kept as a tuple (appending to one copies it)
+_HISTORY_TUPLE = 8
 _NO_SOURCES: dict[str, CacheManager] = {}  # never written to
+_NO_EDGES: Mapping[int, ActiveEdge] = {}  # never written to
 
 
 class VertexState:
     """One active vertex, shared by every job that loaded its digest."""
 
     __slots__ = (
+        "_cold_keys",
+        "_cold_loaded",
+        "_cold_map",
+        "_cold_out",
+        "_cold_result",
         "_combined",
+        "_edges",
+        "_jobs",
+        "_watchers",
         "children",
-        "edges",
         "history",
-        "jobs",
         "key",
         "main_cache",
         "op",
         "orig_digest",
+        "output0",
         "parents",
         "solver",
         "sources",
         "vtx",
         "watched",
-        "watchers",
     )
 
     def __init__(self, solver: Engine, key: str, vtx: LoadedVertex, orig_digest: str) -> None:
@@ -123,29 +133,192 @@ class VertexState:
         self.key = key
         self.vtx = vtx
         self.orig_digest = orig_digest
-        # the jobs that keep the state active (a short list, not a set: most
-        # states have one or a few, and an empty set alone costs 216 bytes)
-        self.jobs: list[Job] = []
+        # The jobs that keep the state active, and the jobs' progress buffers
+        # that see its events: None, the one job (buffer), or a list of several
+        # (not a set: a few, and an empty set alone costs 216 bytes). Most states
+        # have one of each: a list would be two GC-tracked objects per vertex,
+        # each walked by every full collection while the job lives.
+        self._jobs: Job | list[Job] | None = None
+        self._watchers: JobProgress | list[JobProgress] | None = None
         # Parents, children, sources and watchers start as shared empty values and
         # get their own container when first added to (most states never have
         # parents, children or sources; an empty set costs 216 bytes).
         self.parents: set[str] | frozenset[str] = _NONE
         self.children: set[str] | frozenset[str] = _NONE
-        self.edges: dict[int, ActiveEdge] = {}
+        # the active edges by output: None, the one edge (most vertices have one
+        # output; a dict per state was a GC-tracked object per vertex), or a dict
+        self._edges: ActiveEdge | dict[int, ActiveEdge] | None = None
+        # A result the cold path completed, held here until its edge is first
+        # asked for (complete_later); most never are (a cold build is discarded
+        # before another build looks), and an edge is ~0.3 KiB and one more
+        # GC-tracked object per vertex.
+        self._cold_result: SharedCachedResult | None = None
+        self._cold_out = 0
+        self._cold_map: CacheMap | None = None
+        self._cold_keys: Sequence[ExportableCacheKey] = ()
+        self._cold_loaded = False
         self.op: SharedOp | None = None
+        # the Edge of output 0, made once and shared by the consumers' loaded
+        # inputs and this state's ActiveEdge (three Edges per vertex of a
+        # lattice were three GC-tracked objects)
+        self.output0: Edge | None = None
         self.main_cache = solver._cache
         self.sources: dict[str, CacheManager] = _NO_SOURCES
         self._combined: CacheManager | None = None
-        # progress: events so far, and the jobs that see them
-        self.history: list[ProgressEvent] = []
+        # progress: the records of the events so far (a tuple while short: see
+        # _publish), and the jobs that see them
+        self.history: tuple[EventRecord, ...] | list[EventRecord] = ()
         # whether every job in ``jobs`` watches this state (true after a full
         # connect; a merge that adds jobs clears it)
         self.watched = False
-        # (a short list: most states have one watcher, and a set costs 216 bytes)
-        self.watchers: list[JobProgress] | tuple[()] = ()
 
     def __repr__(self) -> str:
         return f"<VertexState {self.vtx.name!r} jobs={len(self.jobs)}>"
+
+    @property
+    def jobs(self) -> Sequence[Job]:
+        """The jobs that keep this state active. O(1)."""
+        jobs = self._jobs
+        if jobs is None:
+            return ()
+        return jobs if isinstance(jobs, list) else (jobs,)
+
+    def add_job(self, job: Job) -> None:
+        """Add ``job`` (the caller knows it is not there yet: ``job._states``)."""
+        jobs = self._jobs
+        if jobs is None:
+            self._jobs = job
+        elif isinstance(jobs, list):
+            jobs.append(job)
+        else:
+            self._jobs = [jobs, job]
+
+    def remove_job(self, job: Job) -> None:
+        jobs = self._jobs
+        if isinstance(jobs, list):
+            jobs.remove(job)
+            if len(jobs) == 1:
+                self._jobs = jobs[0]
+        elif jobs is job:
+            self._jobs = None
+        else:
+            raise ValueError(f"{job!r} is not a job of {self!r}")
+
+    @property
+    def watchers(self) -> Sequence[JobProgress]:
+        """The progress buffers that see this state's events. O(1)."""
+        watchers = self._watchers
+        if watchers is None:
+            return ()
+        return watchers if isinstance(watchers, list) else (watchers,)
+
+    def remove_watcher(self, progress: JobProgress) -> None:
+        watchers = self._watchers
+        if isinstance(watchers, list):
+            watchers.remove(progress)
+            if len(watchers) == 1:
+                self._watchers = watchers[0]
+        elif watchers is progress:
+            self._watchers = None
+        else:
+            raise ValueError(f"{progress!r} does not watch {self!r}")
+
+    @property
+    def edges(self) -> Mapping[int, ActiveEdge]:
+        """The active edges of this state by output index (read-only; an edge
+        the cold path completed later is made now). O(1)."""
+        if self._cold_result is not None:
+            self._complete_now()
+        edges = self._edges
+        if edges is None:
+            return _NO_EDGES
+        if isinstance(edges, dict):
+            return edges
+        return {edges.edge.index: edges}
+
+    def _edge_at(self, index: int) -> ActiveEdge | None:
+        if self._cold_result is not None and self._cold_out == index:
+            return self._complete_now()
+        edges = self._edges
+        if edges is None:
+            return None
+        if isinstance(edges, dict):
+            return edges.get(index)
+        return edges if edges.edge.index == index else None
+
+    def has_edge(self, index: int) -> bool:
+        """Whether output ``index`` has an edge (or a completion held for one)."""
+        if self._cold_result is not None and self._cold_out == index:
+            return True
+        edges = self._edges
+        if edges is None:
+            return False
+        if isinstance(edges, dict):
+            return index in edges
+        return edges.edge.index == index
+
+    def complete_later(
+        self,
+        index: int,
+        cache_map: CacheMap,
+        keys: Sequence[ExportableCacheKey],
+        result: SharedCachedResult,
+        loaded: bool,
+    ) -> bool:
+        """Hold what :meth:`ActiveEdge.complete` would be given for the edge of
+        output ``index``, which has none yet; the edge is made and completed with
+        it when first asked for (the state now owns ``result``). False, holding
+        nothing, if a completion is held already (another output)."""
+        if self._cold_result is not None:
+            return False
+        self._cold_result = result
+        self._cold_out = index
+        self._cold_map = cache_map
+        self._cold_keys = keys
+        self._cold_loaded = loaded
+        return True
+
+    def pending_edge(self) -> ActiveEdge:
+        """The edge of the held completion (made now if it was not): what the
+        live index stores for this state (``EdgeIndex.store_later``)."""
+        edge = self._edge_at(self._cold_out)
+        assert edge is not None
+        return edge
+
+    def _complete_now(self) -> ActiveEdge:
+        result = self._cold_result
+        cache_map = self._cold_map
+        assert result is not None
+        assert cache_map is not None
+        self._cold_result = None
+        self._cold_map = None
+        keys, self._cold_keys = self._cold_keys, ()
+        edge = self._new_edge(self._cold_out)
+        edge.complete(cache_map, keys, result, self._cold_loaded)
+        return edge
+
+    def _new_edge(self, index: int) -> ActiveEdge:
+        if self.op is None:
+            self.op = SharedOp(self)
+        e = ActiveEdge(self.output(index), self.op, self.solver._index)
+        edges = self._edges
+        if edges is None:
+            self._edges = e
+        elif isinstance(edges, dict):
+            edges[index] = e
+        else:
+            self._edges = {edges.edge.index: edges, index: e}
+        return e
+
+    def output(self, index: int) -> Edge:
+        """The edge of output ``index`` of this state's vertex (output 0's is
+        shared: Edges are values)."""
+        if index:
+            return Edge(self.vtx, index)
+        edge = self.output0
+        if edge is None:
+            edge = self.output0 = Edge(self.vtx, 0)
+        return edge
 
     def sub_builder(self) -> Builder:
         """A builder for this vertex's op (made when its op is resolved: most
@@ -169,29 +342,22 @@ class VertexState:
             self._combined = None
 
     def get_edge(self, index: int) -> ActiveEdge:
-        e = self.edges.get(index)
+        e = self._edge_at(index)
         if e is not None:
             while e.owner is not None:
                 e = e.owner
             return e
-        if self.op is None:
-            self.op = SharedOp(self)
-        e = ActiveEdge(Edge(self.vtx, index), self.op, self.solver._index)
-        self.edges[index] = e
-        return e
+        return self._new_edge(index)
 
     def set_edge(self, index: int, target: ActiveEdge, target_state: VertexState | None) -> None:
-        e = self.edges.get(index)
+        e = self._edge_at(index)
         if e is not None:
             while e.owner is not None:
                 e = e.owner
             if e is target:
                 return
         else:
-            if self.op is None:
-                self.op = SharedOp(self)
-            e = ActiveEdge(Edge(self.vtx, index), self.op, self.solver._index)
-            self.edges[index] = e
+            e = self._new_edge(index)
         target.take_ownership(e)
         if target_state is not None:
             target_state.add_jobs(self)
@@ -212,7 +378,7 @@ class VertexState:
             for j in src.jobs:
                 if key not in j._states:
                     j._states.add(key)
-                    st.jobs.append(j)
+                    st.add_job(j)
             st.watched = False
             for inp in st.vtx.inputs:
                 inp_state = actives.get(inp.vertex.digest)
@@ -220,7 +386,7 @@ class VertexState:
                     logger.error("input vertex not found while adding jobs")
                     continue
                 stack.append(inp_state)
-                merged = inp_state.edges.get(inp.index)
+                merged = inp_state._edge_at(inp.index)
                 if merged is None:
                     continue
                 while merged.owner is not None:
@@ -240,10 +406,13 @@ class VertexState:
         watching = progress.watching
         if self.key not in watching:
             watching.add(self.key)
-            if self.watchers:
-                self.watchers.append(progress)
+            watchers = self._watchers
+            if watchers is None:
+                self._watchers = progress
+            elif isinstance(watchers, list):
+                watchers.append(progress)
             else:
-                self.watchers = [progress]
+                self._watchers = [watchers, progress]
             for ev in self.history:
                 progress.put(ev)
 
@@ -256,7 +425,7 @@ class VertexState:
         """A status event of this vertex (``started``, ``completed``, ``error``,
         ``cached``); a start or a cached result marks the inputs that never ran
         as cached first. ``cache_source`` says where a loaded result came from."""
-        if status == CACHED and self.history and self.history[-1].status == CACHED:
+        if status == CACHED and self.history and self.history[-1][2] == CACHED:
             # Marked cached already, by a consumer that started (or was loaded)
             # before this load answered: the cold path loads what it needs all
             # at once, in any order. Once is what the edges show.
@@ -281,12 +450,23 @@ class VertexState:
         # on every path: edges, cached path, cold path), keeps it in the vertex's
         # history and hands it to the jobs that watch: a new field of the event
         # is filled here.
-        ev = make_event(
-            self.vtx.digest, self.vtx.name, status, error, data, stream,
-            cache_source=cache_source,
+        rec = event_record(
+            self.vtx.digest, self.vtx.name, status, error, data, stream, cache_source
         )
-        self.history.append(ev)
-        JobProgress.fan_out(self.watchers, ev)
+        # A vertex's few events are kept in a tuple of records, which the cyclic
+        # collector stops tracking; an op that logs much gets a list.
+        history = self.history
+        if isinstance(history, list):
+            history.append(rec)
+        elif len(history) < _HISTORY_TUPLE:
+            self.history = (*history, rec)
+        else:
+            self.history = [*history, rec]
+        watchers = self._watchers
+        if isinstance(watchers, list):
+            JobProgress.fan_out(watchers, rec)
+        elif watchers is not None:
+            watchers.put(rec)
 
     def _mark_inputs_cached(self) -> None:
         # An input that never ran by the time its consumer starts was not needed:
@@ -301,7 +481,13 @@ class VertexState:
             stack.extend(inp.vertex.digest for inp in st.vtx.inputs)
 
     def release(self) -> None:
-        for e in self.edges.values():
+        result = self._cold_result
+        if result is not None:
+            self._cold_result = None
+            self.solver.release_later(result)
+        self.solver._index.forget(self)
+        edges = self._edges
+        for e in edges.values() if isinstance(edges, dict) else () if edges is None else (edges,):
             while e.owner is not None:
                 e = e.owner
             e.release()
@@ -584,10 +770,10 @@ class Engine:
         watching = progress.watching
         for key, st in list(self._actives.items()):
             if key in states:
-                st.jobs.remove(job)
+                st.remove_job(job)
                 self._delete_if_unreferenced(key, st)
             if key in watching and self._actives.get(key) is st:
-                st.watchers.remove(progress)  # type: ignore[union-attr]
+                st.remove_watcher(progress)
         states.clear()
         watching.clear()
         progress.close()
@@ -609,7 +795,7 @@ class Engine:
         stack = [(key, st)]
         while stack:
             k, s = stack.pop()
-            if s.jobs or s.parents or self._actives.get(k) is not s:
+            if s._jobs is not None or s.parents or self._actives.get(k) is not s:
                 continue
             for child_key in s.children:
                 child = self._actives.get(child_key)
@@ -700,7 +886,7 @@ class Engine:
                         assert job is not None
                         if st.key not in job._states:
                             job._states.add(st.key)
-                            st.jobs.append(job)
+                            st.add_job(job)
                             st.watch(job._progress)
                         memo[k] = st.vtx
                         continue
@@ -731,7 +917,7 @@ class Engine:
             key = st.key
             if key not in states:
                 states.add(key)
-                st.jobs.append(job)
+                st.add_job(job)
                 st.watch(progress)
             for inp in v.inputs:
                 iv = inp.vertex
@@ -763,7 +949,13 @@ class Engine:
                 key = _ignore_key(digest)
             st = actives.get(key)
             if st is None:
-                inputs = [Edge(memo[id(e.vertex)], e.index) for e in v.inputs]  # type: ignore[arg-type]
+                inputs: list[Edge] = []
+                for e in v.inputs:
+                    ist = actives[memo[id(e.vertex)].digest]  # type: ignore[union-attr]
+                    shared = ist.output0
+                    if shared is None or e.index:
+                        shared = ist.output(e.index)
+                    inputs.append(shared)
                 st = VertexState(self, key, LoadedVertex(v, key, inputs), digest)
                 actives[key] = st
                 if key != digest:
@@ -772,7 +964,7 @@ class Engine:
             st.add_source(cache)
         if job is not None and st.key not in job._states:
             job._states.add(st.key)
-            st.jobs.append(job)
+            st.add_job(job)
         if parent is not None and parent.key not in st.parents:
             if not st.parents:
                 st.parents = set()

@@ -5,17 +5,46 @@ vertex late still sees what happened before it came) and forwards new ones to
 every job that uses it, including jobs that reach it through a nested build or a
 merge. A job reads its events with ``Job.status()``; this module holds each job's
 buffer.
+
+Events are kept as *records*: plain tuples of the event's fields, in
+:class:`~solver.ProgressEvent`'s order, made into events only when a job reads
+them. A tuple of strings, numbers and bytes is one the cyclic collector stops
+tracking the first time it looks at it, while an event object (a slotted
+dataclass) is tracked for as long as it lives; a cold build keeps two events per
+vertex in its job's buffer and the vertex's history until the job is
+discarded, and every full collection walked them (``docs/performance.md``, "Issue
+13: the cold build's objects"). A record whose event carries an error message
+holds a string like every other field; nothing else goes in one.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Iterable
 
 import anyio
 
 from .._progress import ProgressEvent
 
-__all__ = ["JobProgress"]
+__all__ = ["EventRecord", "JobProgress", "event_record"]
+
+# (vertex, name, status, timestamp, error, data, stream, cache_source)
+EventRecord = tuple[str, str, str, float, str | None, bytes, int, str | None]
+
+
+def event_record(
+    vertex: str,
+    name: str,
+    status: str,
+    error: BaseException | str | None = None,
+    data: bytes = b"",
+    stream: int = 0,
+    cache_source: str | None = None,
+) -> EventRecord:
+    """The record of an event that happens now (as :func:`~solver.make_event`
+    makes the event: an exception becomes its message, or its type's name)."""
+    text = None if error is None else (str(error) or type(error).__name__)
+    return (vertex, name, status, time.time(), text, data, stream, cache_source)
 
 
 class JobProgress:
@@ -26,25 +55,25 @@ class JobProgress:
     def __init__(self) -> None:
         # the keys of the vertex states that forward their events here
         self.watching: set[str] = set()
-        self._buffer: list[ProgressEvent] = []
+        self._buffer: list[EventRecord] = []
         self._closed = False
         self._wakeup: anyio.Event | None = None
 
-    def put(self, event: ProgressEvent) -> None:
+    def put(self, record: EventRecord) -> None:
         if self._closed:
             return
-        self._buffer.append(event)
+        self._buffer.append(record)
         if self._wakeup is not None:
             self._wakeup.set()
             self._wakeup = None
 
     @staticmethod
-    def fan_out(watchers: Iterable[JobProgress], event: ProgressEvent) -> None:
-        """``put`` ``event`` into each of ``watchers`` (one loop, no call per
+    def fan_out(watchers: Iterable[JobProgress], record: EventRecord) -> None:
+        """``put`` ``record`` into each of ``watchers`` (one loop, no call per
         watcher: K jobs watching one graph receive every event of it)."""
         for w in watchers:
             if not w._closed:
-                w._buffer.append(event)
+                w._buffer.append(record)
                 wakeup = w._wakeup
                 if wakeup is not None:
                     w._wakeup = None
@@ -61,11 +90,12 @@ class JobProgress:
         return self._closed
 
     async def events(self) -> AsyncIterator[ProgressEvent]:
-        """Every event so far, then new ones until the job is discarded."""
+        """Every event so far, then new ones until the job is discarded (each
+        event made from its record as it is read)."""
         pos = 0
         while True:
             while pos < len(self._buffer):
-                yield self._buffer[pos]
+                yield ProgressEvent(*self._buffer[pos])
                 pos += 1
             if self._closed:
                 return
