@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import stat
 import threading
 import time
@@ -47,6 +48,7 @@ __all__ = [
     "MAX_ENTRIES",
     "SETTLE_NS",
     "clear",
+    "copy_hashing",
     "count_stored",
     "file_digest",
     "hash_file",
@@ -68,7 +70,7 @@ _Key = tuple[int, int, int, int, int, int]  # dev, ino, size, mtime_ns, ctime_ns
 _known: dict[tuple[int, int], tuple[_Key, str]] = {}
 _reading: dict[tuple[int, int], threading.Event] = {}  # inodes being read now
 _lock = threading.Lock()
-_counts = {"hashed": 0, "bytes": 0, "remembered": 0, "stored": 0}
+_counts = {"hashed": 0, "bytes": 0, "remembered": 0, "stored": 0, "copied": 0}
 
 
 def _key(st: os.stat_result) -> _Key:
@@ -139,6 +141,34 @@ def hash_file(path: str, *, sealed: bool = False) -> tuple[str, os.stat_result, 
     return digest, st, keep
 
 
+def copy_hashing(src: str, dst: str) -> str:
+    """Copy the regular file ``src`` to the new file ``dst`` (which must not
+    exist; never following a symlink) and return the hex SHA-256 of the bytes
+    copied: a snapshot made from host files knows its files' digests without
+    reading them again. Copies the mode and times as ``shutil.copy2`` does;
+    counted as ``copied`` bytes, not as reads."""
+    h = hashlib.sha256()
+    size = 0
+    fd_in = os.open(src, os.O_RDONLY | _NOFOLLOW)
+    try:
+        fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
+        try:
+            while chunk := os.read(fd_in, _CHUNK):
+                size += len(chunk)
+                h.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd_out, view):]
+        finally:
+            os.close(fd_out)
+    finally:
+        os.close(fd_in)
+    shutil.copystat(src, dst, follow_symlinks=False)
+    with _lock:
+        _counts["copied"] += size
+    return h.hexdigest()
+
+
 def count_stored(n: int = 1) -> None:
     """Count ``n`` digests served from a stored table
     (:mod:`solver.worker._digesttables`) without opening the file."""
@@ -149,9 +179,10 @@ def count_stored(n: int = 1) -> None:
 def statistics() -> dict[str, int]:
     """``hashed`` (files read), ``bytes`` (bytes read to hash them),
     ``remembered`` (digests served from this process's memory), ``stored``
-    (digests served from a snapshot's or a local source's stored table) and
-    ``entries`` (files remembered in memory now), since the process started or
-    :func:`clear`."""
+    (digests served from a snapshot's or a local source's stored table),
+    ``copied`` (bytes hashed while copying host files into a snapshot, read once
+    for both) and ``entries`` (files remembered in memory now), since the
+    process started or :func:`clear`."""
     with _lock:
         return {**_counts, "entries": len(_known)}
 

@@ -971,6 +971,12 @@ class SnapshotStore:
             return None
         return self._digests.snapshot_table(record.id, record.path)
 
+    def new_snapshot_table(self, mutable: MutableSnapshot) -> DigestTable:
+        """The digest table of the snapshot ``mutable`` will be once committed,
+        for an op that knows its files' digests as it writes them (keyed by
+        inode, size and mtime, which committing keeps). O(1)."""
+        return self._digests.snapshot_table(mutable.id, self._root / "snapshots" / mutable.id)
+
     def local_digest_table(
         self, top: str, include: Sequence[str], exclude: Sequence[str]
     ) -> DigestTable:

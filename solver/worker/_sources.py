@@ -36,13 +36,14 @@ from .._errors import SolveError
 from .._op import CacheMap
 from .._result import Result
 from ..definition import JSONValue, OpContext, OpHistory, OpKindRegistry, canonical_json
+from ._digests import copy_hashing
 from ._digesttables import DigestTable
 from ._fileops import (
     FILE_MODE,
     check_fields,
     check_globs,
     check_mode,
-    copy_entries,
+    copy_one,
     decode_data,
     digest_of_files,
     entry_record,
@@ -174,9 +175,28 @@ def _local_digest_and_files(
     return "sha256:" + h.hexdigest(), files
 
 
-def _copy_local(path: str, include: list[str], exclude: list[str], out: str) -> None:
+def _copy_local(
+    path: str, include: list[str], exclude: list[str], out: str, table: DigestTable
+) -> None:
+    """Copy the selected entries of the host directory into the working directory
+    ``out``, hashing each file's bytes as they are copied, and write ``table``
+    (the table of the snapshot ``out`` becomes) with those digests: a content
+    key over the new snapshot then reads none of its files. Runs in a thread."""
     top = _local_top(path)
-    copy_entries(select_tree(top, include, exclude, what=f"{_LOCAL} entry"), out)
+    seeds: list[tuple[str, str, str]] = []
+    for e in select_tree(top, include, exclude, what=f"{_LOCAL} entry"):
+        dst = os.path.join(out, *e.rel.split("/"))
+        if stat.S_ISREG(e.mode):
+            seeds.append((e.rel, dst, copy_hashing(e.path, dst)))
+            os.chmod(dst, stat.S_IMODE(e.mode) | stat.S_IWUSR)
+        else:
+            copy_one(e.path, e.mode, dst)
+    # Sealing keeps each file's inode, size and mtime (the table's key): it only
+    # drops write bits. A table whose snapshot is never committed is removed
+    # when the store next opens.
+    for rel, dst, digest in seeds:
+        table.add(rel, os.lstat(dst), digest)
+    table.save()
 
 
 class LocalOp:
@@ -225,7 +245,12 @@ class LocalOp:
         )
         try:
             await anyio.to_thread.run_sync(
-                _copy_local, self.path, self.include, self.exclude, os.fspath(mutable.path)
+                _copy_local,
+                self.path,
+                self.include,
+                self.exclude,
+                os.fspath(mutable.path),
+                self.store.new_snapshot_table(mutable),
             )
             ref: SnapshotRef = await mutable.commit()
         finally:
