@@ -488,3 +488,30 @@ def test_real_processes_and_one_killed_while_writing(tmp_path: Path, tree: Path)
     proc, marker = child(tmp_path, root, defn, "build")
     assert wait_for(marker, proc) == "0 0"
     assert proc.wait(30) == 0
+
+
+def test_copy_hashing_copies_bytes_mode_and_times(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    settled(src, "payload\n")
+    src.chmod(0o640)
+    dst = tmp_path / "dst"
+    digest = _digests.copy_hashing(os.fspath(src), os.fspath(dst))
+    assert digest == hashlib.sha256(b"payload\n").hexdigest()
+    assert dst.read_bytes() == b"payload\n"
+    assert dst.stat().st_mtime_ns == src.stat().st_mtime_ns
+    assert dst.stat().st_mode == src.stat().st_mode
+    assert _digests.statistics()["copied"] == len(b"payload\n")
+    assert _digests.statistics()["hashed"] == 0
+
+
+def test_copy_hashing_refuses_what_is_no_longer_a_regular_file(tmp_path: Path) -> None:
+    """A FIFO or a symlink put in a listed file's place is refused at once (a
+    FIFO would block a plain open forever)."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="no longer a regular file"):
+        _digests.copy_hashing(os.fspath(fifo), os.fspath(tmp_path / "a"))
+    link = tmp_path / "link"
+    link.symlink_to(fifo)
+    with pytest.raises(OSError):
+        _digests.copy_hashing(os.fspath(link), os.fspath(tmp_path / "b"))

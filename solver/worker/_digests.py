@@ -149,8 +149,12 @@ def copy_hashing(src: str, dst: str) -> str:
     counted as ``copied`` bytes, not as reads."""
     h = hashlib.sha256()
     size = 0
-    fd_in = os.open(src, os.O_RDONLY | _NOFOLLOW)
+    # Non-blocking: a FIFO put in the file's place since it was listed must not
+    # hang the copy (it is refused below, as a symlink is by O_NOFOLLOW).
+    fd_in = os.open(src, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
     try:
+        if not stat.S_ISREG(os.fstat(fd_in).st_mode):
+            raise OSError(f"{src!r} is no longer a regular file")
         fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o600)
         try:
             while chunk := os.read(fd_in, _CHUNK):
