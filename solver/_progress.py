@@ -19,12 +19,15 @@ __all__ = [
     "ERROR",
     "LOG",
     "STARTED",
+    "WAITING",
     "ProgressEvent",
     "current_cache_source",
     "current_log",
+    "current_wait",
     "log_output",
     "make_event",
     "report_cache_source",
+    "report_waiting",
 ]
 
 STARTED: Final = "started"
@@ -32,6 +35,7 @@ COMPLETED: Final = "completed"
 CACHED: Final = "cached"
 ERROR: Final = "error"
 LOG: Final = "log"
+WAITING: Final = "waiting"
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,12 @@ class ProgressEvent:
     its outputs in a cache it consults itself rather than running
     (:func:`report_cache_source`): ``"shared"`` for a step the shared cache
     restored (``docs/shared-cache.md``).
+
+    ``"waiting"`` (added in issue 21; consumers that do not know it may ignore
+    it) comes before ``"started"`` when the op has to wait for a resource before
+    it can start, such as a slot of ``Worker(max_parallelism=N)``
+    (:func:`report_waiting`): the step is ready but not running yet. Its
+    ``"started"`` comes when it holds the resource.
     """
 
     vertex: str
@@ -109,3 +119,21 @@ def report_cache_source(source: str) -> None:
     box = current_cache_source.get()
     if box is not None:
         box.append(source)
+
+
+# Set by the engine while an op's acquire() is entered: emits a "waiting" event
+# for that vertex.
+current_wait: ContextVar[Callable[[], None] | None] = ContextVar(
+    "solver_current_wait", default=None
+)
+
+
+def report_waiting() -> None:
+    """Say, from inside an op's ``acquire()`` (``Op`` in the contract), that the
+    op must wait for the resource before it can start (every slot of the
+    worker's bound is taken). The vertex then has a ``"waiting"`` event in the
+    status stream of every job that uses it, before its ``"started"``.
+    Elsewhere it does nothing. O(jobs watching the vertex)."""
+    emit = current_wait.get()
+    if emit is not None:
+        emit()

@@ -37,7 +37,9 @@ def test_a_file_is_hashed_once_while_unchanged(tmp_path: Path) -> None:
     settled(f, "one")
     first = _digests.file_digest(os.fspath(f))
     assert _digests.file_digest(os.fspath(f)) == first
-    assert _digests.statistics() == {"hashed": 1, "remembered": 1, "entries": 1}
+    assert _digests.statistics() == {
+        "hashed": 1, "bytes": 3, "remembered": 1, "stored": 0, "copied": 0, "entries": 1
+    }
 
 
 @pytest.mark.parametrize("how", ["write", "same size, old mtime", "replace", "chmod"])
@@ -71,7 +73,9 @@ def test_a_file_changed_just_before_it_was_hashed_is_not_remembered(
     f.write_text("fresh")
     _digests.file_digest(os.fspath(f))
     _digests.file_digest(os.fspath(f))
-    assert _digests.statistics() == {"hashed": 2, "remembered": 0, "entries": 0}
+    assert _digests.statistics() == {
+        "hashed": 2, "bytes": 10, "remembered": 0, "stored": 0, "copied": 0, "entries": 0
+    }
 
 
 async def test_content_keys_hash_each_header_once(
@@ -105,13 +109,14 @@ async def test_content_keys_hash_each_header_once(
             assert await result.ref.sys.read_bytes("3/u3.c") == b"int u3 = 3;\n"  # type: ignore[attr-defined]
     after = _digests.statistics()
     hashed = after["hashed"] - before["hashed"]
-    remembered = after["remembered"] - before["remembered"]
-    # The source's digest: u3.c changed (read), the other 10 host files remembered.
-    # Then each copy keys its selection in the new source snapshot (new inodes):
-    # each u<i>.c once, and x.h once for all ten copies.
-    # Each copy also records its key's files for explaining a later miss
-    # (docs/explain.md): the same 2 files again, all remembered, none read.
-    assert (hashed, remembered) == (1 + 10 + 1, 10 + 9 + 10 * 2)
+    # Served from memory, or (first) from the source's and the snapshot's tables.
+    remembered = after["remembered"] + after["stored"] - before["remembered"] - before["stored"]
+    # The source's digest: u3.c changed (read), the other 10 host files from the
+    # source's stored table. The new source snapshot hashed its files as it
+    # copied them (its table), so the ten copies' keys over it (u<i>.c and x.h
+    # each) read nothing, nor do the files each copy records for explaining a
+    # later miss (docs/explain.md).
+    assert (hashed, remembered) == (1, 10 + 10 * 2 + 10 * 2)
     # Without the cache: 11 host files, and two files for each of the 10 copies,
     # twice (the key, then its file list).
     assert hashed + remembered == 11 + 10 * 2 * 2

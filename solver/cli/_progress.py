@@ -8,6 +8,8 @@ stdout stays free for data):
 
       #1 [sources] STARTED
       #1 [sources] DONE 0.3s
+      #4 [cc b.c] WAITING
+      #4 [cc b.c] STARTED
       #2 [link app] CACHED
       #3 [compile] ERROR exit status 1
       #3 [compile] | a line the process wrote
@@ -17,10 +19,12 @@ stdout stays free for data):
   (where a loaded result came from); log events add ``stream`` and ``data``
   (decoded as UTF-8, invalid bytes replaced); with ``solver build --explain``,
   the ``started`` event of an op (it runs) adds ``reason``, why it missed the
-  cache (``docs/explain.md``).
+  cache (``docs/explain.md``). A step waiting for a slot of ``-j N`` has a
+  ``waiting`` event before its ``started``.
 * ``tty``: drawn with `rich <https://rich.readthedocs.io>`_. At the bottom, one
   live line per running step with its elapsed time and, under it, the last line
-  the step wrote (if any), redrawn at most 10 times a second. Above it, each step
+  the step wrote (if any), then one per step waiting for a slot of ``-j N``
+  (``#4 [cc b.c] waiting``), redrawn at most 10 times a second. Above it, each step
   that ends is printed once and stays: ``DONE``/``CACHED``/``ERROR`` with its
   duration; a failed step is followed by the last lines it wrote. :meth:`close`
   ends with a summary (steps run, cached, failed, total time, and where the
@@ -78,6 +82,7 @@ COMPLETED = "completed"
 CACHED = "cached"
 ERROR = "error"
 LOG = "log"
+WAITING = "waiting"
 CANCELED = "canceled"  # the tty renderer's own: still running when the stream ended
 
 LOG_LINES = 5  # log lines kept per step, printed under it if it fails
@@ -141,6 +146,9 @@ class PlainRenderer:
         if status == STARTED:
             self._started[event.vertex] = event.timestamp
             self._write(f"{prefix} STARTED")
+            return
+        if status == WAITING:
+            self._write(f"{prefix} WAITING")
             return
         self._flush_logs(event.vertex)
         start = self._started.get(event.vertex)
@@ -247,6 +255,7 @@ def make_console(out: TextIO) -> Console:
 _STYLES = {
     "number": "dim",
     "timer": "yellow",
+    WAITING: "dim",
     "log": "dim",
     COMPLETED: "green",
     CACHED: "cyan",
@@ -351,6 +360,9 @@ class TtyRenderer:
             return
         if event.status == STARTED:
             step.status, step.started = STARTED, event.timestamp
+        elif event.status == WAITING:
+            if step.status == "":
+                step.status = WAITING
         else:
             step.status = event.status
             self._print_end(step, event.timestamp, event.error)
@@ -407,7 +419,15 @@ class TtyRenderer:
         line it wrote (``    | text``) under it; none wraps at ``width``."""
         now = self._clock()
         lines: list[Text] = []
+        waiting: list[Text] = []
         for step in self._steps.values():
+            if step.status == WAITING:
+                waiting.append(Text.assemble(
+                    (f"#{step.number}", self._style("number")),
+                    f" [{one_line(step.name)}] ",
+                    ("waiting", self._style(WAITING)),
+                ))
+                continue
             if step.status != STARTED:
                 continue
             timer = "" if step.started is None else f"{max(0.0, now - step.started):.1f}s"
@@ -425,6 +445,7 @@ class TtyRenderer:
             lines.append(line)
             if step.last:
                 lines.append(Text(f"    | {step.last}", self._style("log")))
+        lines += waiting  # below the running ones: they start as slots free up
         for line in lines:
             line.truncate(width, overflow="ellipsis")
             line.no_wrap = True
@@ -482,7 +503,7 @@ class TtyRenderer:
         try:
             now = self._clock()
             for step in self._steps.values():
-                if step.status == STARTED:
+                if step.status in (STARTED, WAITING):
                     step.status = CANCELED
                     line = self._head(step).append("CANCELED", self._style(CANCELED))
                     if step.started is not None:

@@ -26,6 +26,7 @@ owner and every consumer's handle are released.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,16 @@ import anyio
 from .._cache import CacheManager, CacheRecord, ExportableCacheKey
 from .._errors import SlowCacheError, SolveError
 from .._op import CacheMap, ComputeDigest, Op
-from .._progress import CACHED, COMPLETED, ERROR, STARTED, current_cache_source, current_log
+from .._progress import (
+    CACHED,
+    COMPLETED,
+    ERROR,
+    STARTED,
+    WAITING,
+    current_cache_source,
+    current_log,
+    current_wait,
+)
 from .._refs import CachedResultWithKeys, SharedResult
 from ..cache import InMemoryCacheManager, KeyExporter
 from ._scheduler import CANCELED, Pipe
@@ -236,10 +246,14 @@ class SharedOp:
             outputs = await self._exec_logged(op, inputs)
         else:
             cm: contextlib.AbstractAsyncContextManager[Any] = acquire()
+            # An op whose resource is taken says so (report_waiting): "waiting".
+            waiting = current_wait.set(functools.partial(self.state.emit, WAITING))
             try:
                 await cm.__aenter__()
             except Exception as exc:
                 raise self.wrap_error(exc, "acquire op resources") from None
+            finally:
+                current_wait.reset(waiting)
             try:
                 outputs = await self._exec_logged(op, inputs)
             finally:

@@ -604,7 +604,9 @@ class ExecOp:
                     f"{self._label()}: input {index} is not a snapshot of the built-in "
                     f"worker (its sys is {type(view).__name__})"
                 )
-            return await anyio.to_thread.run_sync(selection_digest, os.fspath(view.path), paths)
+            return await anyio.to_thread.run_sync(
+                selection_digest, os.fspath(view.path), paths, self._store.digest_table(view)
+            )
 
         return compute
 

@@ -50,6 +50,7 @@ from .._op import CacheMap, CacheMapDep, ComputeDigest
 from .._result import Result
 from ..definition import JSONValue, OpContext, OpHistory, OpKindRegistry, canonical_json
 from ._digests import file_digest
+from ._digesttables import DigestTable
 from ._paths import check_regular_kind, resolve_in
 from ._snapshots import SnapshotRef, SnapshotStore, SnapshotView, UnsafePathError
 
@@ -217,24 +218,34 @@ def select_tree(
     return out
 
 
-def entry_record(rel: str, path: str, mode: int) -> bytes:
+FileDigest = Callable[[str], str]
+"""The hex SHA-256 of the regular file at a path: :func:`file_digest`, or a
+:meth:`DigestTable.file_digest` of the tree the path is in."""
+
+
+def digest_of_files(table: DigestTable | None) -> FileDigest:
+    """How to hash the files of a tree: through its stored digest table, if any."""
+    return file_digest if table is None else table.file_digest
+
+
+def entry_record(rel: str, path: str, mode: int, digest: FileDigest = file_digest) -> bytes:
     """The canonical line an entry contributes to a content digest: its path, type,
     permission bits (write bits masked: committing drops them) and its content
-    (SHA-256 of a file's bytes, a symlink's target text)."""
+    (SHA-256 of a file's bytes, from ``digest``; a symlink's target text)."""
     perm = stat.S_IMODE(mode) & ~0o222
     if stat.S_ISDIR(mode):
         body: list[JSONValue] = [rel, "dir", perm, ""]
     elif stat.S_ISLNK(mode):
         body = [rel, "symlink", 0, os.readlink(path)]
     else:
-        body = [rel, "file", perm, file_digest(path)]
+        body = [rel, "file", perm, digest(path)]
     return canonical_json(body) + b"\n"
 
 
-def hash_entries(entries: Sequence[Entry], h: Any) -> None:
+def hash_entries(entries: Sequence[Entry], h: Any, digest: FileDigest = file_digest) -> None:
     """Feed each entry's :func:`entry_record` to the hash object ``h``."""
     for e in entries:
-        h.update(entry_record(e.rel, e.path, e.mode))
+        h.update(entry_record(e.rel, e.path, e.mode, digest))
 
 
 def _remove(path: str) -> None:
@@ -407,7 +418,9 @@ def _copy_selection(root: str, action: Mapping[str, JSONValue]) -> tuple[str, li
     return "file", [Entry(name, real, st.st_mode)]
 
 
-def _content_digest(root: str, actions: Sequence[Mapping[str, JSONValue]]) -> str:
+def _content_digest(
+    root: str, actions: Sequence[Mapping[str, JSONValue]], digest: FileDigest = file_digest
+) -> str:
     h = hashlib.sha256()
     for action in actions:
         try:
@@ -418,11 +431,26 @@ def _content_digest(root: str, actions: Sequence[Mapping[str, JSONValue]]) -> st
             h.update(canonical_json([str(action["src"]), "error", str(exc)]) + b"\n")
             continue
         h.update(canonical_json([str(action["src"]), kind]) + b"\n")
-        hash_entries(entries, h)
+        hash_entries(entries, h, digest)
     return "sha256:" + h.hexdigest()
 
 
-def _content_files(root: str, actions: Sequence[Mapping[str, JSONValue]]) -> dict[str, str]:
+def content_digest_kept(
+    root: str, actions: Sequence[Mapping[str, JSONValue]], table: DigestTable | None
+) -> str:
+    """:func:`_content_digest` of the snapshot at ``root`` through its digest
+    ``table`` (files it knows are not read), which is then written if the key
+    added digests to it. Runs in a thread."""
+    try:
+        return _content_digest(root, actions, digest_of_files(table))
+    finally:
+        if table is not None:
+            table.save()
+
+
+def _content_files(
+    root: str, actions: Sequence[Mapping[str, JSONValue]], digest: FileDigest = file_digest
+) -> dict[str, str]:
     """Each entry the copy ``actions`` take from the input at ``root``, by its
     path in the input (``src`` for a file, ``src/<path below it>`` for a
     directory's entries) -> the digest of its :func:`entry_record`: what
@@ -438,17 +466,20 @@ def _content_files(root: str, actions: Sequence[Mapping[str, JSONValue]]) -> dic
         top = src.strip("/")
         for e in entries:
             name = top if kind != "dir" else f"{top}/{e.rel}" if top not in ("", ".") else e.rel
-            files[name] = digest_of(entry_record(e.rel, e.path, e.mode))
+            files[name] = digest_of(entry_record(e.rel, e.path, e.mode, digest))
         if not entries:
             files[src] = digest_of(kind.encode())
     return files
 
 
-def selection_digest(root: str, paths: Sequence[str]) -> str:
+def selection_digest(
+    root: str, paths: Sequence[str], table: DigestTable | None = None
+) -> str:
     """The content digest of sub-paths of the snapshot at ``root`` (each a
     directory, hashed whole, or a file), as a ``copy`` of each would key it: an
-    exec mount selector's content key. Runs in a thread."""
-    return _content_digest(root, [{"src": path} for path in paths])
+    exec mount selector's content key; through the snapshot's digest ``table``
+    when given (see :func:`content_digest_kept`). Runs in a thread."""
+    return content_digest_kept(root, [{"src": path} for path in paths], table)
 
 
 def _apply(
@@ -618,7 +649,9 @@ class FileOp:
     def _content_key(self, index: int, copies: list[Mapping[str, JSONValue]]) -> ComputeDigest:
         async def compute(result: Result) -> str:
             view = snapshot_view(result, f"input {index} of file op {self.name!r}")
-            digest = await anyio.to_thread.run_sync(_content_digest, os.fspath(view.path), copies)
+            digest = await anyio.to_thread.run_sync(
+                content_digest_kept, os.fspath(view.path), copies, self.store.digest_table(view)
+            )
             await self._record_content(index, copies, view, digest)
             return digest
 
@@ -635,7 +668,12 @@ class FileOp:
         if history is None:
             return
         try:
-            files = await anyio.to_thread.run_sync(_content_files, os.fspath(view.path), copies)
+            files = await anyio.to_thread.run_sync(
+                _content_files,
+                os.fspath(view.path),
+                copies,
+                digest_of_files(self.store.digest_table(view)),
+            )
             slot = f"{digest_of(b'solver.worker/file/v1' + canonical_json(self.payload))}#{index}"
             await history.record_content(self.vertex, index, slot, digest, files)
         except Exception as exc:  # a help for explaining, never worth a failed build

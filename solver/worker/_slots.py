@@ -6,9 +6,11 @@ cold build 1.5x CPU/wall against ninja's 1.97x. :class:`StepSlots` is the
 worker's bound, ``Worker(max_parallelism=N)`` (default ``os.cpu_count()``),
 handed to every ``exec`` op it makes, which offers it to the engine as the
 op's ``acquire()`` (``Op`` in the contract: an async context manager entered
-around ``exec``). So a step that waits for a slot has not started: the engine
-emits its ``started`` event only when it holds one, and progress shows it as
-waiting (not running) until then, and its time as its run time.
+around ``exec``). So a step that waits for a slot has not started: it reports a
+``waiting`` progress event (:func:`solver.report_waiting`) when every slot is
+taken, the engine emits its ``started`` event only when it holds one, and
+progress shows it as waiting (not running) until then, and its time as its run
+time.
 
 One slot is one step: its mounts placed, its process run, its outputs
 committed. Only ``exec`` takes slots; the file ops, sources and merges are
@@ -28,6 +30,8 @@ import os
 from collections.abc import AsyncIterator
 
 import anyio
+
+from .._progress import report_waiting
 
 __all__ = ["StepSlots", "default_parallelism"]
 
@@ -60,6 +64,8 @@ class StepSlots:
             self._limiter = anyio.CapacityLimiter(self.total)
         limiter = self._limiter
         token = object()
+        if limiter.available_tokens < 1 or limiter.statistics().tasks_waiting:
+            report_waiting()  # the step's "waiting" progress event
         await limiter.acquire_on_behalf_of(token)
         try:
             yield

@@ -20,6 +20,9 @@ Layout
     root/snapshots/<id>/      an immutable snapshot's files (write bits dropped)
     root/meta/<id>.json       its metadata: id, created_at, last_used, size,
                               description, parents
+    root/meta/<id>.digests    the digests of its files that content keys
+                              needed (``_digesttables``), when there are any
+    root/local-digests/       the stat-checked digests of local sources' files
     root/tmp/<id>/            mutable working directories, and trees being deleted
 
 Ids are ``secrets.token_hex(16)``. A mutable's working directory already has the id
@@ -140,6 +143,7 @@ from sortedcontainers import SortedKeyList  # type: ignore[import-untyped, unuse
 from .. import _refs
 from .._errors import DoubleReleaseError, SolveError
 from .._result import Result
+from ._digesttables import TABLE_SUFFIX, DigestTable, StoreDigests, recover_local_tables
 from ._gc import PrunePolicy, as_rules
 
 if sys.platform != "win32":
@@ -815,6 +819,7 @@ class SnapshotStore:
         self._busy_count = 0
         self._idle: anyio.Event | None = None
         self._delete_listeners: list[Callable[[Sequence[str]], Awaitable[None]]] = []
+        self._digests = StoreDigests(self._root)
 
     @property
     def root(self) -> Path:
@@ -946,12 +951,38 @@ class SnapshotStore:
     async def _notify_deleted(self, ids: Sequence[str]) -> None:
         if not ids:
             return
+        self._digests.forget(ids)
         with anyio.CancelScope(shield=True):
             for listener in self._delete_listeners:
                 try:
                     await listener(list(ids))
                 except Exception:
                     _log.exception("a delete listener of %s failed", self._root)
+
+    # -- digest tables ---------------------------------------------------------------
+
+    def digest_table(self, view: SnapshotView) -> DigestTable | None:
+        """The stored digests of the files of the snapshot ``view`` shows
+        (:mod:`solver.worker._digesttables`), for content keys over it; ``None``
+        for a view of another store. Use it in a worker thread while holding a
+        handle on the snapshot. O(1)."""
+        record = view._record
+        if record.store is not self or record.dead:
+            return None
+        return self._digests.snapshot_table(record.id, record.path)
+
+    def new_snapshot_table(self, mutable: MutableSnapshot) -> DigestTable:
+        """The digest table of the snapshot ``mutable`` will be once committed,
+        for an op that knows its files' digests as it writes them (keyed by
+        inode, size and mtime, which committing keeps). O(1)."""
+        return self._digests.snapshot_table(mutable.id, self._root / "snapshots" / mutable.id)
+
+    def local_digest_table(
+        self, top: str, include: Sequence[str], exclude: Sequence[str]
+    ) -> DigestTable:
+        """The stored, stat-checked digests of the host files a local source
+        reads from directory ``top`` with these globs. O(1)."""
+        return self._digests.local_table(top, include, exclude)
 
     # -- snapshots ------------------------------------------------------------------
 
@@ -1580,6 +1611,10 @@ def _delete_snapshots(root: Path, ids: list[str]) -> dict[str, OSError]:
             (root / "meta" / f"{sid}.json").unlink(missing_ok=True)
         except OSError as exc:
             _log.error("could not remove the metadata of deleted snapshot %s: %s", sid, exc)
+        try:
+            (root / "meta" / f"{sid}{TABLE_SUFFIX}").unlink(missing_ok=True)
+        except OSError as exc:  # the next open removes a table without a snapshot
+            _log.error("could not remove the digest table of deleted snapshot %s: %s", sid, exc)
         if top is not None:
             _remove_quietly(doomed)
     return failed
@@ -1644,12 +1679,15 @@ def _recover(root: Path) -> list[_Meta]:
         _log.info("removing leftover %s of an earlier process", path)
         _remove_path(path)
     meta_files: dict[str, str] = {}
+    tables: dict[str, str] = {}
     with os.scandir(root / "meta") as entries:
         for entry in entries:
             sid, dot, ext = entry.name.partition(".")
             if dot and ext == "json" and _is_id(sid):
                 meta_files[sid] = entry.path
-            else:  # an interrupted metadata write, or a stranger
+            elif dot and f".{ext}" == TABLE_SUFFIX and _is_id(sid):
+                tables[sid] = entry.path
+            else:  # an interrupted metadata or digest table write, or a stranger
                 _remove_path(entry.path)
     metas: list[_Meta] = []
     with os.scandir(root / "snapshots") as entries:
@@ -1675,6 +1713,11 @@ def _recover(root: Path) -> list[_Meta]:
     for sid, meta_path in meta_files.items():
         _log.info("removing metadata of missing snapshot %s", sid)
         _remove_path(meta_path)
+    kept = {meta.id for meta in metas}
+    for sid, table_path in tables.items():
+        if sid not in kept:  # its snapshot was deleted (or is debris)
+            _remove_path(table_path)
+    recover_local_tables(root)
     return metas
 
 

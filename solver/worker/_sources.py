@@ -36,15 +36,17 @@ from .._errors import SolveError
 from .._op import CacheMap
 from .._result import Result
 from ..definition import JSONValue, OpContext, OpHistory, OpKindRegistry, canonical_json
+from ._digests import copy_hashing
+from ._digesttables import DigestTable
 from ._fileops import (
     FILE_MODE,
     check_fields,
     check_globs,
     check_mode,
-    copy_entries,
+    copy_one,
     decode_data,
+    digest_of_files,
     entry_record,
-    hash_entries,
     select_tree,
     write_file,
 )
@@ -143,15 +145,18 @@ def _local_top(path: str) -> str:
     return path
 
 
-def _local_digest(path: str, include: list[str], exclude: list[str]) -> str:
-    top = _local_top(path)
-    h = hashlib.sha256(b"solver.worker/source.local/v1\n")
-    hash_entries(select_tree(top, include, exclude, what=f"{_LOCAL} entry"), h)
-    return "sha256:" + h.hexdigest()
+def _local_digest(
+    path: str, include: list[str], exclude: list[str], table: DigestTable | None = None
+) -> str:
+    """The cache digest of the selected entries of the host directory ``path``;
+    with ``table`` (the source's stored digests), a file whose stat data is as
+    the table has it is not read, and the table is written after. Runs in a
+    thread."""
+    return _local_digest_and_files(path, include, exclude, table)[0]
 
 
 def _local_digest_and_files(
-    path: str, include: list[str], exclude: list[str]
+    path: str, include: list[str], exclude: list[str], table: DigestTable | None = None
 ) -> tuple[str, dict[str, str]]:
     """:func:`_local_digest`, and each selected entry's path -> the digest of its
     :func:`~solver.worker._fileops.entry_record`, in the same pass (for the op
@@ -159,16 +164,39 @@ def _local_digest_and_files(
     top = _local_top(path)
     h = hashlib.sha256(b"solver.worker/source.local/v1\n")
     files: dict[str, str] = {}
+    digest = digest_of_files(table)
     for e in select_tree(top, include, exclude, what=f"{_LOCAL} entry"):
-        record = entry_record(e.rel, e.path, e.mode)
+        record = entry_record(e.rel, e.path, e.mode, digest)
         h.update(record)
         files[e.rel] = digest_of(record)
+    if table is not None:
+        table.keep_only(set(files))
+        table.save()
     return "sha256:" + h.hexdigest(), files
 
 
-def _copy_local(path: str, include: list[str], exclude: list[str], out: str) -> None:
+def _copy_local(
+    path: str, include: list[str], exclude: list[str], out: str, table: DigestTable
+) -> None:
+    """Copy the selected entries of the host directory into the working directory
+    ``out``, hashing each file's bytes as they are copied, and write ``table``
+    (the table of the snapshot ``out`` becomes) with those digests: a content
+    key over the new snapshot then reads none of its files. Runs in a thread."""
     top = _local_top(path)
-    copy_entries(select_tree(top, include, exclude, what=f"{_LOCAL} entry"), out)
+    seeds: list[tuple[str, str, str]] = []
+    for e in select_tree(top, include, exclude, what=f"{_LOCAL} entry"):
+        dst = os.path.join(out, *e.rel.split("/"))
+        if stat.S_ISREG(e.mode):
+            seeds.append((e.rel, dst, copy_hashing(e.path, dst)))
+            os.chmod(dst, stat.S_IMODE(e.mode) | stat.S_IWUSR)
+        else:
+            copy_one(e.path, e.mode, dst)
+    # Sealing keeps each file's inode, size and mtime (the table's key): it only
+    # drops write bits. A table whose snapshot is never committed is removed
+    # when the store next opens.
+    for rel, dst, digest in seeds:
+        table.add(rel, os.lstat(dst), digest)
+    table.save()
 
 
 class LocalOp:
@@ -191,16 +219,19 @@ class LocalOp:
         if history is not None:
             return CacheMap(await self._digest_recorded(history)), True
         digest = await anyio.to_thread.run_sync(
-            _local_digest, self.path, self.include, self.exclude
+            _local_digest, self.path, self.include, self.exclude, self._table()
         )
         return CacheMap(digest), True
+
+    def _table(self) -> DigestTable:
+        return self.store.local_digest_table(self.path, self.include, self.exclude)
 
     async def _digest_recorded(self, history: OpHistory) -> str:
         """The cache digest, with the digest of each file it covers recorded in the
         op history (as input ``-1``: the op's own key), so that a miss can name
         the files that changed (``docs/explain.md``)."""
         digest, files = await anyio.to_thread.run_sync(
-            _local_digest_and_files, self.path, self.include, self.exclude
+            _local_digest_and_files, self.path, self.include, self.exclude, self._table()
         )
         try:
             await history.record_content(self.vertex, -1, f"{self.vertex}#local", digest, files)
@@ -214,7 +245,12 @@ class LocalOp:
         )
         try:
             await anyio.to_thread.run_sync(
-                _copy_local, self.path, self.include, self.exclude, os.fspath(mutable.path)
+                _copy_local,
+                self.path,
+                self.include,
+                self.exclude,
+                os.fspath(mutable.path),
+                self.store.new_snapshot_table(mutable),
             )
             ref: SnapshotRef = await mutable.commit()
         finally:
