@@ -46,6 +46,7 @@ if TYPE_CHECKING:
         ProgressEvent as ProgressEvent,
         log_output as log_output,
         report_cache_source as report_cache_source,
+        report_waiting as report_waiting,
     )
     from ._refs import (
         CachedResultWithKeys as CachedResultWithKeys,
@@ -149,7 +150,7 @@ _exports = LazyExports(
         "._errors": ("DoubleReleaseError", "InternalError", "SlowCacheError", "SolveError"),
         "._graph": ("Edge", "Vertex", "VertexOptions"),
         "._op": ("Builder", "CacheMap", "CacheMapDep", "ComputeDigest", "Op", "ResolveOp"),
-        "._progress": ("ProgressEvent", "log_output", "report_cache_source"),
+        "._progress": ("ProgressEvent", "log_output", "report_cache_source", "report_waiting"),
         "._refs": (
             "CachedResultWithKeys", "SharedCachedResult", "SharedResult", "split_result_proxy",
         ),
