@@ -109,6 +109,20 @@ def tables(root: Path) -> list[Path]:
     return sorted((root / "meta").glob("*.digests"))
 
 
+def tables_of(root: Path, kind: str) -> list[Path]:
+    """The tables of the snapshots made by ops of ``kind``."""
+    return [
+        t for t in tables(root)
+        if json.loads(t.with_suffix(".json").read_text())["description"]["kind"] == kind
+    ]
+
+
+def source_table(root: Path) -> Path:
+    """The table of the one source snapshot."""
+    (table,) = tables_of(root, "source.local")
+    return table
+
+
 def snapshot_ids(root: Path) -> set[str]:
     return {p.name for p in (root / "snapshots").iterdir()}
 
@@ -125,8 +139,12 @@ async def test_a_later_process_reads_no_file_bytes(
     # content keys over it read nothing.
     assert (first["hashed"], first["bytes"], first["copied"]) == (4, SOURCES, SOURCES)
     assert first["stored"] == 2 * UNITS * 2 + 1
-    # One table for the source snapshot, one for the local source.
-    assert len(tables(root)) == 1
+    # One table for the source snapshot, one for the local source; and one for
+    # each copy and the merge, their digests carried through the hard links
+    # (none read).
+    assert len(tables_of(root, "source.local")) == 1
+    assert len(tables_of(root, "file")) == UNITS
+    assert len(tables_of(root, "merge")) == 1
     assert len(list((root / "local-digests").glob("*.digests"))) == 1
 
     # A later process, other copies and another step over the same source: new
@@ -210,7 +228,7 @@ async def test_a_bad_table_is_ignored_with_a_warning_and_rebuilt(
 ) -> None:
     root = tmp_path / "store"
     await build(root, tree)
-    (table,) = tables(root)
+    table = source_table(root)
     good = table.read_bytes()
     corrupt(table, how)
     caplog.clear()
@@ -235,7 +253,7 @@ async def test_another_snapshots_table_is_not_trusted(
     is refused: its entries describe other files."""
     root = tmp_path / "store"
     await build(root, tree)
-    (table,) = tables(root)
+    table = source_table(root)
     stranger = table.with_name("0" * 32 + ".digests")
     stranger.write_bytes(table.read_bytes())
     # Claim it for the real snapshot: same bytes, wrong owner in the header.
@@ -255,7 +273,7 @@ async def test_an_entry_for_another_file_is_not_trusted(
     that is not the sealed one) is not used for that file: it is read."""
     root = tmp_path / "store"
     await build(root, tree)
-    (path,) = tables(root)
+    path = source_table(root)
     table = _digesttables.DigestTable(path, path.stem, "/nowhere", sealed=True)
     table.lookup("x.h", os.stat_result((0,) * 10))  # read it
     assert table._entries is not None
@@ -278,7 +296,7 @@ async def test_pruning_a_snapshot_removes_its_table(
 ) -> None:
     root = tmp_path / "store"
     await build(root, tree)
-    (table,) = tables(root)
+    table = source_table(root)
     assert table.stem in snapshot_ids(root)
     async with Worker(root, sandbox="none") as worker:
         deleted = await worker.store.prune()
@@ -288,7 +306,7 @@ async def test_pruning_a_snapshot_removes_its_table(
     # And a later build makes it again, reading the files once more.
     _, executed, _ = await build(root, tree)
     assert executed == 2 + UNITS + 1
-    assert len(tables(root)) == 1
+    assert len(tables(root)) == 1 + UNITS + 1  # the source, each copy, the merge
 
 
 async def test_debris_is_removed_when_the_store_opens(
@@ -296,7 +314,8 @@ async def test_debris_is_removed_when_the_store_opens(
 ) -> None:
     root = tmp_path / "store"
     await build(root, tree)
-    (table,) = tables(root)
+    table = source_table(root)
+    whole = tables(root)
     orphan = table.with_name("a" * 32 + ".digests")
     orphan.write_bytes(table.read_bytes())
     partial = table.with_name(f"{table.name}.1234abcd.tmp")
@@ -305,7 +324,8 @@ async def test_debris_is_removed_when_the_store_opens(
     local_partial.write_bytes(b"solver-digests 1 ")
     async with Worker(root, sandbox="none"):
         pass
-    assert tables(root) == [table]
+    assert tables(root) == whole
+    assert not orphan.exists()
     assert not partial.exists()
     assert not local_partial.exists()
 
@@ -464,9 +484,10 @@ def wait_for(marker: Path, proc: subprocess.Popen[bytes]) -> str:
 
 def test_real_processes_and_one_killed_while_writing(tmp_path: Path, tree: Path) -> None:
     """Real processes: one killed (SIGKILL) while it writes the first copy's
-    table leaves half a temporary file, which the next process removes and never
-    reads; that process reads the header once (for the key that was being
-    stored), and the one after it reads no byte."""
+    table (the digests its links carried, written before its commit) leaves half
+    a temporary file, which the next process removes and never reads; that
+    process makes the copy again, carrying the digests once more, and neither it
+    nor the one after it reads a byte."""
     root = tmp_path / "store"
     defn = tmp_path / "defn.json"
     data = chain(tree).definition().to_json()
@@ -480,10 +501,10 @@ def test_real_processes_and_one_killed_while_writing(tmp_path: Path, tree: Path)
     assert len(tables(root)) == 1  # the source snapshot's, whole
 
     proc, marker = child(tmp_path, root, defn, "build")
-    assert wait_for(marker, proc) == "1 6000"
+    assert wait_for(marker, proc) == "0 0"
     assert proc.wait(30) == 0
     assert not list((root / "meta").glob("*.tmp"))
-    assert len(whole_tables(root)) == 2
+    assert len(whole_tables(root)) == 3  # the source's and each copy's
 
     proc, marker = child(tmp_path, root, defn, "build")
     assert wait_for(marker, proc) == "0 0"

@@ -113,8 +113,10 @@ class DigestTable:
         "_dead",
         "_dirty",
         "_entries",
+        "_fed",
         "_key",
         "_lock",
+        "_origins",
         "_prefix",
         "_save_lock",
         "_width",
@@ -135,6 +137,10 @@ class DigestTable:
         self._entries: dict[str, _Entry] | None = None  # None: not read yet
         self._dirty = False
         self._dead = False
+        # rel -> (the table of the sealed snapshot the file was hard-linked
+        # from, its path there): told the digest when this table learns it.
+        self._origins: dict[str, tuple[DigestTable, str]] = {}
+        self._fed: set[DigestTable] = set()  # origins told a digest since the last save
 
     def file_digest(self, path: str) -> str:
         """The hex SHA-256 of the regular file ``path`` (below ``top``): from the
@@ -154,7 +160,42 @@ class DigestTable:
         digest, st, keep = _digests.hash_file(path, sealed=self.sealed)
         if keep:
             self.add(rel, st, digest)
+            with self._lock:
+                origin = self._origins.pop(rel, None)
+            if origin is not None and origin[0].add_linked(origin[1], st, digest):
+                with self._lock:
+                    self._fed.add(origin[0])
         return digest
+
+    def carry(self, rel: str, st: os.stat_result, origin: DigestTable, origin_rel: str) -> bool:
+        """``top/rel`` (lstat ``st``) was just hard-linked from ``origin_rel`` of
+        the sealed snapshot whose table is ``origin``: one inode, so one content.
+        Copy its digest from ``origin`` if known there (True); else remember the
+        link, so that when this table hashes the file, ``origin`` learns the
+        digest too (the next link from it then carries it). No file is read."""
+        if not self.sealed or not origin.sealed:
+            raise ValueError("digests are carried only between sealed snapshots' tables")
+        digest = origin.lookup(origin_rel, st)
+        if digest is not None:
+            self.add(rel, st, digest)
+            return True
+        with self._lock:
+            self._origins[rel] = (origin, origin_rel)
+        return False
+
+    def add_linked(self, rel: str, st: os.stat_result, digest: str) -> bool:
+        """Add ``digest`` for ``top/rel`` if that file is the inode ``st``
+        describes (a hard link of it: same device, inode, size, mtime); the
+        caller vouches that ``digest`` is that inode's content. Returns whether
+        it was added."""
+        try:
+            own = os.lstat(self._prefix + rel)
+        except OSError:  # the snapshot is gone
+            return False
+        if (own.st_dev, own.st_ino) != (st.st_dev, st.st_ino) or self._key(own) != self._key(st):
+            return False
+        self.add(rel, own, digest)
+        return True
 
     def lookup(self, rel: str, st: os.stat_result) -> str | None:
         """The stored digest of ``top/rel`` if its entry matches ``st``."""
@@ -188,8 +229,17 @@ class DigestTable:
 
     def save(self) -> None:
         """Write the table if it changed since it was read or last written (whole,
-        to a temporary sibling renamed over the file). A failure is logged at
-        WARNING: the digests are computed again next time."""
+        to a temporary sibling renamed over the file), and the tables of the
+        snapshots its files were linked from that learned a digest from it (see
+        :meth:`carry`). A failure is logged at WARNING: the digests are computed
+        again next time."""
+        with self._lock:
+            fed, self._fed = self._fed, set()
+        for origin in fed:
+            origin.save()
+        self._save_own()
+
+    def _save_own(self) -> None:
         with self._save_lock:
             with self._lock:
                 if not self._dirty or self._dead or self._entries is None:

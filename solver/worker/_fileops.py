@@ -53,6 +53,7 @@ from ._digests import file_digest
 from ._digesttables import DigestTable
 from ._paths import check_regular_kind, resolve_in
 from ._snapshots import SnapshotRef, SnapshotStore, SnapshotView, UnsafePathError
+from ._storelinks import StoreLinks, carry_digests
 
 _log = logging.getLogger("solver")
 
@@ -283,17 +284,16 @@ def ensure_dir(path: str, mode: int = DIR_MODE) -> None:
     os.chmod(path, mode | stat.S_IRWXU)
 
 
-def copy_one(
-    src: str, mode: int, dst: str, links: set[tuple[int, int]] | None = None
-) -> None:
+def copy_one(src: str, mode: int, dst: str, links: StoreLinks | None = None) -> None:
     """Copy one entry (not a directory's contents) to ``dst``, replacing what is
     there: a directory becomes a directory (an existing one is kept), a symlink is
     copied as a symlink, a file's bytes and mode are copied (owner write added).
 
     With ``links`` (``src`` is in a sealed snapshot of the store, ``dst`` in a
     working directory no process sees), a regular file without write bits is
-    hard-linked instead, and its ``(st_dev, st_ino)`` added to ``links``, for
-    :meth:`MutableSnapshot.share_store_files`; where linking fails (another file
+    hard-linked instead, and recorded in ``links`` (for
+    :meth:`MutableSnapshot.share_store_files` and the digests the link carries,
+    :mod:`solver.worker._storelinks`); where linking fails (another file
     system, too many links) it is copied."""
     if stat.S_ISDIR(mode):
         ensure_dir(dst, stat.S_IMODE(mode))
@@ -309,16 +309,13 @@ def copy_one(
         except OSError:
             pass
         else:
-            st = os.lstat(dst)
-            links.add((st.st_dev, st.st_ino))
+            links.record(src, dst, os.lstat(dst))
             return
     shutil.copy2(src, dst, follow_symlinks=False)
     os.chmod(dst, stat.S_IMODE(mode) | stat.S_IWUSR)
 
 
-def copy_entries(
-    entries: Sequence[Entry], dest: str, links: set[tuple[int, int]] | None = None
-) -> None:
+def copy_entries(entries: Sequence[Entry], dest: str, links: StoreLinks | None = None) -> None:
     """Copy selected entries below the real directory ``dest`` (which exists);
     parents come before children, so each parent is a real directory by then.
     ``links``: see :func:`copy_one`."""
@@ -483,11 +480,17 @@ def selection_digest(
 
 
 def _apply(
-    out: str, roots: Sequence[str], actions: Sequence[Mapping[str, JSONValue]]
-) -> set[tuple[int, int]]:
-    """Apply the actions to the working directory ``out``. Runs in a thread.
-    Returns the inodes hard-linked from the input snapshots (see :func:`copy_one`)."""
-    links: set[tuple[int, int]] = set()
+    out: str,
+    inputs: Sequence[tuple[str, DigestTable | None]],
+    actions: Sequence[Mapping[str, JSONValue]],
+    table: DigestTable,
+) -> StoreLinks:
+    """Apply the actions to the working directory ``out``; ``inputs`` are the
+    input snapshots' directories and digest tables. Runs in a thread. Returns
+    the links made from the input snapshots (see :func:`copy_one`), whose
+    digests are carried into ``table``, the new snapshot's."""
+    roots = [root for root, _ in inputs]
+    links = StoreLinks()
     for i, action in enumerate(actions):
         name = str(action["action"])
         try:
@@ -499,6 +502,7 @@ def _apply(
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise SolveError(f"file op: actions[{i}] ({name}): {reason}") from exc
+    carry_digests(links, out, inputs, table)
     return links
 
 
@@ -507,7 +511,7 @@ def _apply_one(
     roots: Sequence[str],
     name: str,
     action: Mapping[str, JSONValue],
-    links: set[tuple[int, int]],
+    links: StoreLinks,
 ) -> None:
     if name == "mkdir":
         path = str(action["path"])
@@ -566,7 +570,7 @@ def _apply_one(
         else:
             make_parents(out, real_dest)
             target = real_dest
-        copy_one(entry.path, entry.mode, target)
+        copy_one(entry.path, entry.mode, target, links)
 
 
 def write_file(root: str, real: str, data: bytes, mode: int, path: str) -> None:
@@ -688,11 +692,15 @@ class FileOp:
             {"kind": "file", "vertex": self.vertex, "name": self.name}, base=base
         )
         try:
-            roots = [os.fspath(v.path) for v in views]
+            sources = [(os.fspath(v.path), self.store.digest_table(v)) for v in views]
             links = await anyio.to_thread.run_sync(
-                _apply, os.fspath(mutable.path), roots, self.actions
+                _apply,
+                os.fspath(mutable.path),
+                sources,
+                self.actions,
+                self.store.new_snapshot_table(mutable),
             )
-            mutable.share_store_files(links)
+            mutable.share_store_files(links.inodes)
             ref: SnapshotRef = await mutable.commit()
         finally:
             with anyio.CancelScope(shield=True):

@@ -2,9 +2,11 @@
 union of the inputs' files, applied in input order (a later input wins: its entry
 replaces whatever an earlier one had at that path; directories are merged).
 
-Cache map: a fixed digest; every input takes part as a whole. The first input is
-copied by the store (``new_mutable(base=...)``), the others over it in a worker
-thread; nothing is followed through a symlink.
+Cache map: a fixed digest; every input takes part as a whole. The inputs are laid
+into an empty working directory in a worker thread, their regular files
+hard-linked (each sealed file is one inode however many snapshots name it) and
+their digests carried into the new snapshot's table (:mod:`._storelinks`);
+nothing is followed through a symlink.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from .._errors import SolveError
 from .._op import CacheMap, CacheMapDep
 from .._result import Result
 from ..definition import JSONValue, OpContext, OpKindRegistry
+from ._digesttables import DigestTable
 from ._fileops import check_fields, copy_entries, select_tree, snapshot_view
 from ._snapshots import SnapshotRef, SnapshotStore
+from ._storelinks import StoreLinks, carry_digests
 
 __all__ = ["register_merge"]
 
@@ -30,12 +34,16 @@ def validate_merge(payload: Mapping[str, JSONValue]) -> None:
     check_fields("merge", "payload", payload, ())
 
 
-def _merge_into(out: str, roots: list[str]) -> set[tuple[int, int]]:
-    """Lay the input snapshots' trees over ``out``, hard-linking their files (see
-    :func:`copy_one`); returns the linked inodes."""
-    links: set[tuple[int, int]] = set()
-    for root in roots:
+def _merge_into(
+    out: str, inputs: list[tuple[str, DigestTable | None]], table: DigestTable
+) -> StoreLinks:
+    """Lay the input snapshots' trees (directory, digest table) over ``out`` in
+    order, hard-linking their files (see :func:`copy_one`) and carrying their
+    digests into ``table``; returns the links."""
+    links = StoreLinks()
+    for root, _ in inputs:
         copy_entries(select_tree(root, what="merge input entry"), out, links)
+    carry_digests(links, out, inputs, table)
     return links
 
 
@@ -56,12 +64,17 @@ class MergeOp:
         views = [snapshot_view(r, f"input {i} of merge op {self.name!r}")
                  for i, r in enumerate(inputs)]
         mutable = await self.store.new_mutable(
-            {"kind": "merge", "vertex": self.vertex, "name": self.name}, base=inputs[0]
+            {"kind": "merge", "vertex": self.vertex, "name": self.name}
         )
         try:
-            roots = [os.fspath(v.path) for v in views[1:]]
-            links = await anyio.to_thread.run_sync(_merge_into, os.fspath(mutable.path), roots)
-            mutable.share_store_files(links)
+            sources = [(os.fspath(v.path), self.store.digest_table(v)) for v in views]
+            links = await anyio.to_thread.run_sync(
+                _merge_into,
+                os.fspath(mutable.path),
+                sources,
+                self.store.new_snapshot_table(mutable),
+            )
+            mutable.share_store_files(links.inodes)
             ref: SnapshotRef = await mutable.commit()
         finally:
             with anyio.CancelScope(shield=True):
