@@ -136,6 +136,7 @@ from .._result import Result
 from ..definition import DefinitionError, JSONValue, OpContext, OpKindRegistry, canonical_json
 from ._failedsteps import FailedStep, keep_failed_step
 from ._fileops import selection_digest
+from ._opmemo import OpMemo
 from ._paths import check_regular_kind, resolve_in
 from ._sandbox import (
     BASE_ENV,
@@ -566,6 +567,7 @@ class ExecOp:
         keep_failed: int = 0,
         vertex: str = "",
         slots: StepSlots | None = None,
+        cache_key: str | None = None,
     ) -> None:
         self._keep_failed = keep_failed
         self._vertex = vertex
@@ -577,7 +579,9 @@ class ExecOp:
         self._name = name
         self._sandbox: SandboxMode = sandbox
         self._secrets: Mapping[str, SecretSource] = secrets or {}
-        self._digest = cache_digest(payload, spec, sandbox)
+        # ``cache_key``: :func:`cache_digest` of this payload, spec and sandbox,
+        # already computed (the factory keeps it per op digest).
+        self._digest = cache_key if cache_key is not None else cache_digest(payload, spec, sandbox)
 
     async def cache_map(self, index: int) -> tuple[CacheMap, bool]:
         """The payload's digest and one dependency per input: keyed on the content
@@ -1055,7 +1059,7 @@ def register_exec(
         if not isinstance(source, bytes | str | os.PathLike):
             raise TypeError(f"secret {name!r} must be bytes or a file path, got {source!r}")
 
-    def factory(ctx: OpContext) -> Op:
+    def derive(ctx: OpContext) -> tuple[_Spec, str]:
         spec = _parse(ctx.payload)
         for i, m in enumerate(spec.mounts):
             if m.input is not None and m.input >= ctx.inputs:
@@ -1065,6 +1069,13 @@ def register_exec(
                     op=ctx.vertex.digest,
                     kind=ctx.kind,
                 )
+        return spec, cache_digest(ctx.payload, spec, sandbox)
+
+    # The parsed payload and the cache digest, once per op digest (_opmemo).
+    memo: OpMemo[tuple[_Spec, str]] = OpMemo(derive)
+
+    def factory(ctx: OpContext) -> Op:
+        spec, digest = memo.get(ctx)
         return ExecOp(
             spec,
             ctx.payload,
@@ -1077,6 +1088,7 @@ def register_exec(
             keep_failed=keep_failed,
             vertex=ctx.vertex.digest,
             slots=slots,
+            cache_key=digest,
         )
 
     registry.register(_KIND, factory, outputs=_count_outputs, validate=_validate, replace=replace)

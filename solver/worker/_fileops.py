@@ -51,6 +51,7 @@ from .._result import Result
 from ..definition import JSONValue, OpContext, OpHistory, OpKindRegistry, canonical_json
 from ._digests import file_digest
 from ._digesttables import DigestTable
+from ._opmemo import OpMemo
 from ._paths import check_regular_kind, resolve_in
 from ._snapshots import SnapshotRef, SnapshotStore, SnapshotView, UnsafePathError
 from ._storelinks import StoreLinks, carry_digests
@@ -597,6 +598,32 @@ def write_file(root: str, real: str, data: bytes, mode: int, path: str) -> None:
         os.close(fd)
 
 
+FileKeys = tuple[str, tuple[str | None, ...]]
+"""A ``file`` op's cache digest, and per input the selector of its copies'
+selections (``None``: the input takes part as a whole)."""
+
+
+def file_keys(payload: Mapping[str, JSONValue], inputs: int) -> FileKeys:
+    """The cache digest of a ``file`` op with this payload and number of inputs,
+    and each input's selector: the digest of its copy selections, or ``None``
+    for the base and an input nothing is copied from (whole)."""
+    digest = digest_of(b"solver.worker/file/v1\0" + canonical_json(payload))
+    raw = payload.get("actions") or []
+    actions = [a for a in raw if isinstance(a, Mapping)] if isinstance(raw, Sequence) else []
+    base = payload.get("base")
+    selectors: list[str | None] = []
+    for i in range(inputs):
+        copies = [a for a in actions if a.get("action") == "copy" and a.get("from") == i]
+        if (type(base) is int and i == base) or not copies:
+            selectors.append(None)
+            continue
+        selections: list[JSONValue] = [
+            [str(a["src"]), _globs(a, "include"), _globs(a, "exclude")] for a in copies
+        ]
+        selectors.append(digest_of(canonical_json(selections)))
+    return digest, tuple(selectors)
+
+
 class FileOp:
     """The op of one ``file`` vertex."""
 
@@ -605,9 +632,11 @@ class FileOp:
         ctx: OpContext,
         store: SnapshotStore,
         history: Callable[[], OpHistory | None] | None = None,
+        keys: FileKeys | None = None,
     ) -> None:
         self.store = store
         self.history = history
+        self.keys = keys  # file_keys(payload, inputs), when already known
         self.payload = ctx.payload
         self.name = ctx.vertex.name
         self.vertex = ctx.vertex.digest
@@ -634,19 +663,15 @@ class FileOp:
         return [a for a in self.actions if a.get("action") == "copy" and a.get("from") == index]
 
     async def cache_map(self, index: int) -> tuple[CacheMap, bool]:
-        digest = digest_of(b"solver.worker/file/v1\0" + canonical_json(self.payload))
+        keys = self.keys if self.keys is not None else file_keys(self.payload, self.inputs)
+        digest, selectors = keys
         deps: list[CacheMapDep] = []
-        for i in range(self.inputs):
-            copies = self._copies(i)
-            if i == self.base or not copies:
+        for i, selector in enumerate(selectors):
+            if selector is None:
                 deps.append(CacheMapDep())
                 continue
-            selections: list[JSONValue] = [
-                [str(a["src"]), _globs(a, "include"), _globs(a, "exclude")] for a in copies
-            ]
             deps.append(CacheMapDep(
-                selector=digest_of(canonical_json(selections)),
-                compute_digest=self._content_key(i, copies),
+                selector=selector, compute_digest=self._content_key(i, self._copies(i))
             ))
         return CacheMap(digest, deps), True
 
@@ -715,5 +740,9 @@ def register_file(
 ) -> None:
     """Register the ``file`` kind, bound to ``store``; ``history()`` (when given)
     is the op history its content keys are recorded in, if any."""
-    registry.register("file", lambda ctx: FileOp(ctx, store, history), validate=validate_file)
+    # The cache digest and selectors, once per op digest (_opmemo).
+    memo: OpMemo[FileKeys] = OpMemo(lambda ctx: file_keys(ctx.payload, ctx.inputs))
+    registry.register(
+        "file", lambda ctx: FileOp(ctx, store, history, memo.get(ctx)), validate=validate_file
+    )
 
