@@ -1062,7 +1062,8 @@ def test_a_frozen_payload_is_encoded_without_a_second_copy(
     """An op's payload is frozen (checked, read-only) when the op is made;
     encoding it again (an op kind's cache digest does, per build) gives the
     same text without walking it again: one ``_freeze`` call, not one per
-    value. A plain mapping with the same content is walked value by value."""
+    container. A plain mapping with the same content is walked container by
+    container."""
     from solver.definition import _definition
 
     payload: dict[str, JSONValue] = {"args": ["cc", "-c", "x.c"], "env": {"A": "1"}, "n": 3}
@@ -1076,6 +1077,27 @@ def test_a_frozen_payload_is_encoded_without_a_second_copy(
 
     monkeypatch.setattr(_definition, "_freeze", counted)
     assert canonical_json(op.payload) == canonical_json(payload)
-    # the frozen payload: 1 call; the plain one 8: the dict, its 3 values, the
-    # list's 3 items and the nested dict's value
-    assert calls[0] == 1 + 8
+    # the frozen payload: 1 call; the plain one 3: the dict, the list and the
+    # nested dict (strings and in-range ints are kept in place without a call)
+    assert calls[0] == 1 + 3
+
+
+@pytest.mark.parametrize(
+    ("value", "where", "problem"),
+    [
+        (["a", True, None, 2**63], '["xs"][3]', "integer 9223372036854775808 is outside"),
+        (["a", 1.5], '["xs"][1]', "floats are not allowed (got 1.5)"),
+        ([["a", [0.5]]], '["xs"][0][1][0]', "floats are not allowed (got 0.5)"),
+    ],
+)
+def test_a_bad_leaf_in_an_array_read_from_json_is_named(
+    value: object, where: str, problem: str
+) -> None:
+    """Arrays of plain leaves are kept without a call per leaf; one bad leaf
+    among them is still named by its place."""
+    d = "sha256:" + "0" * 64
+    doc = json.dumps({"version": 1, "output": [d, 0],
+                      "ops": {d: {"kind": "k.x", "payload": {"xs": value}, "inputs": []}}})
+    with pytest.raises(DefinitionError) as info:
+        Definition.from_json(doc)
+    assert f"payload{where}: {problem}" in str(info.value)

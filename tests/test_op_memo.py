@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from solver import Definition, DefinitionError, OpContext, OpDef, Solver
+from solver import Definition, DefinitionError, OpContext, OpDef, OutputRef, Solver
 from solver.testing import HandleTracker
 from solver.worker import State, Worker, _exec, _fileops, merge, run
 from solver.worker._opmemo import MAX_OPS, OpMemo
@@ -22,10 +22,10 @@ from solver.worker._opmemo import MAX_OPS, OpMemo
 pytestmark = pytest.mark.anyio
 
 
-def graph(tree: Path, units: int) -> State:
+def graph(tree: Path, units: int, tag: str = "") -> State:
     src = State.local(tree)
     steps = [
-        run(["/bin/sh", "-c", f"cat src/u{i} > out"], root=State.scratch(),
+        run(["/bin/sh", "-c", f"cat src/u{i} > out{tag}"], root=State.scratch(),
             mounts={"src": State.scratch().copy(src, "/", "/", include=[f"u{i}"])},
             readonly=["src"], name=f"step {i}")
         for i in range(units)
@@ -141,3 +141,29 @@ def test_exec_payload_errors_are_unchanged(tmp_path: Path) -> None:
     for _ in range(2):
         with pytest.raises(DefinitionError, match=r"mounts\[0\]\.input is 1, but the op has 0"):
             kinds.require("exec").factory(ctx)
+
+
+def test_exec_payloads_read_again_from_json_are_validated_without_parsing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Validation checks each exec payload of every definition read; one equal to
+    a payload parsed before (new objects, same canonical text) takes the parsed
+    form from before; a bad one fails with its error every time."""
+    kinds = Worker(tmp_path / "store", sandbox="none").op_kinds
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    text = graph(tree, 3, "-v").definition().to_json()
+    Definition.from_json(text).validate(kinds)  # parsed here
+    parses = counting(monkeypatch, _exec, "_parse_payload")
+    for _ in range(3):
+        Definition.from_json(text).validate(kinds)
+    assert parses[0] == 0
+    # Another payload is parsed.
+    Definition.from_json(graph(tree, 4, "-v").definition().to_json()).validate(kinds)
+    assert parses[0] == 1
+    op = OpDef("exec", {"args": "not a list"})
+    bad = Definition({op.digest: op}, OutputRef(op.digest), {}, 1)
+    for _ in range(2):
+        with pytest.raises(DefinitionError, match="invalid payload"):
+            bad.validate(kinds)
+    assert parses[0] == 1 + 2

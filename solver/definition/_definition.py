@@ -130,6 +130,15 @@ def _freeze(value: object, depth: int) -> JSONValue:
     cls = type(value)
     if cls is str:
         return value  # type: ignore[return-value]
+    if cls is dict or cls is list:
+        # What ``json.loads`` makes (a definition read from JSON): one pass with
+        # the common leaves (str, bool, None, in-range int) kept in place, no
+        # call per leaf; anything else goes through the general path below.
+        if depth > MAX_PAYLOAD_DEPTH:
+            raise _FieldError(f"nested deeper than {MAX_PAYLOAD_DEPTH} levels")
+        if cls is dict:
+            return _freeze_dict(value, depth)  # type: ignore[arg-type]
+        return _freeze_list(value, depth)  # type: ignore[arg-type]
     if cls is int:
         if not _INT_MIN <= value <= _INT_MAX:  # type: ignore[operator]
             raise _FieldError(f"integer {value} is outside the signed 64-bit range")
@@ -180,6 +189,51 @@ def _freeze(value: object, depth: int) -> JSONValue:
         f"{type(value).__name__} is not a JSON value (use None, bool, int, str, "
         "list, tuple or a mapping with str keys)"
     )
+
+
+def _is_leaf(item: object) -> bool:
+    """A value ``_freeze`` returns as it is: ``str``, ``bool``, ``None`` or an
+    ``int`` (exact types) within the signed 64-bit range."""
+    t = type(item)
+    return (
+        t is str or item is None or t is bool
+        or (t is int and _INT_MIN <= item <= _INT_MAX)  # type: ignore[operator]
+    )
+
+
+def _freeze_dict(value: dict[object, object], depth: int) -> _FrozenDict:
+    items: list[tuple[str, JSONValue]] = []
+    append = items.append
+    for key, item in value.items():
+        if type(key) is not str:
+            if not isinstance(key, str):
+                raise _FieldError(
+                    f"object keys must be strings, got {type(key).__name__} {key!r}"
+                )
+            key = str.__str__(key)
+        if _is_leaf(item):
+            append((key, item))  # type: ignore[arg-type]
+            continue
+        try:
+            append((key, _freeze(item, depth + 1)))
+        except _FieldError as exc:
+            exc.path.append(f"[{json.dumps(key, ensure_ascii=False)}]")
+            raise
+    items.sort(key=_first)
+    return _FrozenDict(items)
+
+
+def _freeze_list(value: list[object], depth: int) -> _FrozenList:
+    if all(map(_is_leaf, value)):
+        return _FrozenList(value)
+    out: list[JSONValue] = []
+    for i, item in enumerate(value):
+        try:
+            out.append(_freeze(item, depth + 1))
+        except _FieldError as exc:
+            exc.path.append(f"[{i}]")
+            raise
+    return _FrozenList(out)
 
 
 def _first(item: tuple[str, JSONValue]) -> str:
