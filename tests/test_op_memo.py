@@ -14,7 +14,15 @@ from typing import Any
 
 import pytest
 
-from solver import Definition, DefinitionError, OpContext, OpDef, OutputRef, Solver
+from solver import (
+    Definition,
+    DefinitionError,
+    OpContext,
+    OpDef,
+    OpKindRegistry,
+    OutputRef,
+    Solver,
+)
 from solver.testing import HandleTracker
 from solver.worker import State, Worker, _exec, _fileops, merge, run
 from solver.worker._opmemo import MAX_OPS, OpMemo
@@ -167,3 +175,40 @@ def test_exec_payloads_read_again_from_json_are_validated_without_parsing(
         with pytest.raises(DefinitionError, match="invalid payload"):
             bad.validate(kinds)
     assert parses[0] == 1 + 2
+
+
+def test_the_op_check_is_kept_per_class() -> None:
+    """``resolve_op`` accepts an Op's class after one check, and refuses what is
+    not an Op every time."""
+
+    class Step:
+        async def cache_map(self, index: int) -> Any:
+            raise AssertionError
+
+        async def exec(self, inputs: Any) -> Any:
+            raise AssertionError
+
+    class NotAStep:
+        async def cache_map(self, index: int) -> Any:
+            raise AssertionError
+
+    kinds = OpKindRegistry()
+    kinds.register("t.step", lambda ctx: Step())  # type: ignore[arg-type,return-value]
+    kinds.register("t.half", lambda ctx: NotAStep())  # type: ignore[arg-type,return-value]
+
+    def vertex(kind: str) -> Any:
+        op = OpDef(kind, {})
+
+        class _Vertex:
+            digest = op.digest
+            inputs = ()
+            name = "v"
+            sys = op
+
+        return _Vertex()
+
+    for _ in range(2):
+        assert isinstance(kinds.resolve_op(vertex("t.step"), None), Step)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="returned NotAStep, which is not an Op"):
+            kinds.resolve_op(vertex("t.half"), None)  # type: ignore[arg-type]
+    assert kinds._op_types == {Step}

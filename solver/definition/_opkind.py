@@ -98,12 +98,14 @@ class OpKindRegistry:
     take no lock and are O(1).
     """
 
-    __slots__ = ("_kinds", "_lock")
+    __slots__ = ("_kinds", "_lock", "_op_types")
 
     def __init__(self, kinds: Iterable[OpKind] = ()) -> None:
         """A registry holding ``kinds`` (an error if two share a name)."""
         self._kinds: dict[str, OpKind] = {}
         self._lock = threading.Lock()
+        # Classes whose instances are Ops by their class alone (see _is_op).
+        self._op_types: set[type] = set()
         for kind in kinds:
             self.add(kind)
 
@@ -240,13 +242,32 @@ class OpKindRegistry:
                 kind=op.kind,
             )
         made = kind.factory(OpContext(op.kind, op.payload, vertex, builder, len(vertex.inputs)))
-        if not isinstance(made, Op):
+        if not self._is_op(made):
             raise TypeError(
                 f"the factory of op kind {op.kind!r} returned {type(made).__name__}, "
                 "which is not an Op (it needs async cache_map and exec methods)"
             )
         return made
 
+
+    def _is_op(self, made: object) -> bool:
+        """``isinstance(made, Op)``, which for a runtime-checkable protocol looks
+        up each member on every call (~10 us; once per active vertex on every
+        build). A class that itself defines callable ``cache_map`` and ``exec``
+        makes every instance an Op, unless the instance shadows one of them: it is
+        checked once, then by a set lookup."""
+        cls = type(made)
+        shadows = _OP_MEMBERS & getattr(made, "__dict__", {}).keys()
+        if cls in self._op_types and not shadows:
+            return True
+        if not isinstance(made, Op):
+            return False
+        if not shadows and all(callable(getattr(cls, m, None)) for m in _OP_MEMBERS):
+            self._op_types.add(cls)
+        return True
+
+
+_OP_MEMBERS: Final = frozenset(("cache_map", "exec"))
 
 default_op_kinds: Final = OpKindRegistry()
 """The registry applications and the built-in worker register their kinds in."""
