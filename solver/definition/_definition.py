@@ -191,14 +191,9 @@ def _freeze(value: object, depth: int) -> JSONValue:
     )
 
 
-def _is_leaf(item: object) -> bool:
-    """A value ``_freeze`` returns as it is: ``str``, ``bool``, ``None`` or an
-    ``int`` (exact types) within the signed 64-bit range."""
-    t = type(item)
-    return (
-        t is str or item is None or t is bool
-        or (t is int and _INT_MIN <= item <= _INT_MAX)  # type: ignore[operator]
-    )
+_PLAIN_LEAVES: Final = frozenset((str, bool, type(None)))
+"""The types ``_freeze`` keeps as they are without a check (an ``int`` has its
+range checked)."""
 
 
 def _freeze_dict(value: dict[object, object], depth: int) -> _FrozenDict:
@@ -211,7 +206,10 @@ def _freeze_dict(value: dict[object, object], depth: int) -> _FrozenDict:
                     f"object keys must be strings, got {type(key).__name__} {key!r}"
                 )
             key = str.__str__(key)
-        if _is_leaf(item):
+        t = type(item)
+        if t is str or t is bool or item is None or (
+            t is int and _INT_MIN <= item <= _INT_MAX  # type: ignore[operator]
+        ):
             append((key, item))  # type: ignore[arg-type]
             continue
         try:
@@ -224,7 +222,7 @@ def _freeze_dict(value: dict[object, object], depth: int) -> _FrozenDict:
 
 
 def _freeze_list(value: list[object], depth: int) -> _FrozenList:
-    if all(map(_is_leaf, value)):
+    if set(map(type, value)) <= _PLAIN_LEAVES:  # one C-level pass: an argv, globs
         return _FrozenList(value)
     out: list[JSONValue] = []
     for i, item in enumerate(value):
