@@ -826,7 +826,7 @@ class CombinedCacheManager:
       records for do); a key without deps is saved as a root key. A record whose
       result is gone raises :class:`~solver.SolveError` ("failed to load deleted
       cache").
-    - ``save`` and ``release`` go to the main cache only.
+    - ``save``, ``save_many`` and ``release`` go to the main cache only.
     - ``close()`` closes nothing: the members belong to whoever made them.
 
     Members with equal IDs are all asked: telling caches apart by ID is the solver's

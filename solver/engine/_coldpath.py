@@ -16,9 +16,12 @@ best record) through the vertex's :class:`~solver.engine._sharedop.SharedOp`, as
 its edge would: the same single-flight calls, units on the work pool, progress
 events and memos. Every request whose inputs are done is made at once, so
 independent vertices run together; the pass's task (``_Pass`` in
-``_jobs.py``) waits on one event for a batch of answers, saves each exec result
-under its commit key (the key its edge would compute: the cache map's digest
-over its inputs' result keys) and completes the vertex's edge with it
+``_jobs.py``) waits on one event for a batch of answers, saves the batch's exec
+results together, each under its commit key (the key its edge would compute:
+the cache map's digest over its inputs' result keys; one ``save_many`` per
+cache where the cache has it, else one ``save`` each: a save was a quarter of a
+cold build, ``docs/performance.md``, "Issue 13: the cold build's cache save"),
+and completes each vertex's edge with its result
 (:meth:`ActiveEdge.complete <solver.engine._edge.ActiveEdge.complete>`), so that
 the solver afterwards holds exactly what the edges would have left: a complete
 edge per vertex that ran or was loaded, owning its result until the state is
