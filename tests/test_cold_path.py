@@ -427,11 +427,16 @@ async def test_failing_loads_on_the_cold_path_run_nothing_twice(
 
 
 class BatchRecordingCache(CountingCache):
-    """Records the values of each ``save_many``'s results."""
+    """Records the values of each ``save_many``'s results, and of each ``save``'s
+    as a batch of one."""
 
     def __init__(self) -> None:
         super().__init__()
         self.batches: list[list[str]] = []
+
+    async def save(self, key: CacheKey, result: Result, created_at: float) -> ExportableCacheKey:
+        self.batches.append([unwrap(result)])
+        return await super().save(key, result, created_at)
 
     async def save_many(
         self, saves: Sequence[tuple[CacheKey, Result, float]]
@@ -443,11 +448,12 @@ class BatchRecordingCache(CountingCache):
 async def test_a_cold_build_saves_each_batch_of_answers_in_one_call(
     handle_tracker: HandleTracker,
 ) -> None:
-    """Eight leaves under one top, and the diamond: every result is saved once,
-    through ``save_many`` only; results that answered together share a call
-    (some batch holds several leaves); a batch never holds a vertex with its
-    input (the input's key must be saved first), so ``top`` is saved alone,
-    last. A second job gets everything from the edges (no exec, no load)."""
+    """Eight leaves under one top, and the diamond: every result is saved once;
+    results that answered together share a ``save_many`` (some batch holds
+    several leaves), a batch of one is a ``save``; a batch never holds a vertex
+    with its input (the input's key must be saved first), so ``top`` is saved
+    alone, last, with ``save``. A second job gets everything from the edges (no
+    exec, no load)."""
     with anyio.fail_after(TIMEOUT):
         wide = vtx(name="top", cache_key_seed="top", value="top", inputs=[
             Edge(vtx(name=f"leaf{i}", cache_key_seed=f"leaf{i}", value=f"leaf{i}"))
@@ -463,6 +469,7 @@ async def test_a_cold_build_saves_each_batch_of_answers_in_one_call(
                 assert sorted(n for b in cache.batches for n in b) == sorted(names)
                 assert cache.save_counter == counters.exec == len(names)
                 assert max(len(b) for b in cache.batches) > 1
+                assert cache.save_many_counter == sum(len(b) > 1 for b in cache.batches)
                 assert cache.batches[-1] == ["top"]
                 saved_before: set[str] = set()
                 for batch in cache.batches:

@@ -290,9 +290,17 @@ class KeyedCacheManager:
         except anyio.WouldBlock:
             await self._save_lock.acquire()
         try:
-            return await self._save_one(key, result, created_at)
+            stored = await self._results.save(result, created_at)
+            try:
+                await self._storage.add_result(await self._get_id(key), stored)
+                await self._ensure_persistent_key(key)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await self._forget_if_unreferenced(stored.id)
+                raise
         finally:
             self._save_lock.release()
+        return ExportableCacheKey(key, SavedKeyExporter(key, self, stored))
 
     async def save_many(
         self, saves: Sequence[tuple[CacheKey, Result, float]]
@@ -310,41 +318,28 @@ class KeyedCacheManager:
         ``walk_links_many``, and stores the results under their keys and the links
         to them in one call where it has ``add_many``; a key whose deps are not all
         saved since the last release is then linked as :meth:`save` links it. Two
-        equal keys of one batch get one ID, as two saves in a row do. Otherwise it
-        is :meth:`save` of each, under one hold of the lock.
+        equal keys of one batch get one ID, as two saves in a row do. Otherwise
+        (and for a batch of one) it is :meth:`save` of each.
 
         If it fails or is cancelled, what was stored under a key stays stored (as
         after the saves before a failing one), and every result it stored but put
         under no key is released again. O(keys + their deps) steps for the batch,
         plus the links :meth:`save` would walk for the keys it walks.
         """
-        if not saves:
-            return []
-        try:
-            self._save_lock.acquire_nowait()
-        except anyio.WouldBlock:
-            await self._save_lock.acquire()
-        try:
-            plan = self._batch_plan(saves)
-            if plan is not None:
-                return await self._save_batch(saves, plan)
-            return [await self._save_one(key, result, at) for key, result, at in saves]
-        finally:
-            self._save_lock.release()
-
-    async def _save_one(
-        self, key: CacheKey, result: Result, created_at: float
-    ) -> ExportableCacheKey:
-        # save's body, under the caller's hold of the lock
-        stored = await self._results.save(result, created_at)
-        try:
-            await self._storage.add_result(await self._get_id(key), stored)
-            await self._ensure_persistent_key(key)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._forget_if_unreferenced(stored.id)
-            raise
-        return ExportableCacheKey(key, SavedKeyExporter(key, self, stored))
+        if len(saves) > 1:
+            try:
+                self._save_lock.acquire_nowait()
+            except anyio.WouldBlock:
+                await self._save_lock.acquire()
+            try:
+                plan = self._batch_plan(saves)
+                if plan is not None:
+                    return await self._save_batch(saves, plan)
+            finally:
+                self._save_lock.release()
+        # KeyedCacheManager's own save: a subclass's save_many does its own
+        # bookkeeping after this one returns
+        return [await KeyedCacheManager.save(self, key, r, at) for key, r, at in saves]
 
     def _batch_plan(self, saves: Sequence[tuple[CacheKey, Result, float]]) -> _BatchPlan | None:
         """Each key's links from its deps, in one list, or None if a dep has no ID of

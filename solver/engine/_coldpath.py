@@ -61,6 +61,7 @@ from ..cache import MergedExporter
 from ._scheduler import Pipe
 
 if TYPE_CHECKING:
+    from .._cache import CacheManager
     from .._op import CacheMap
     from ._index import PendingEdge
     from ._jobs import Engine, VertexState
@@ -186,9 +187,7 @@ async def run_cold(solver: Engine, order: list[ColdNode]) -> bool:
             # The cache saves are not interrupted by the caller's cancellation
             # (as the dispatcher's are not): it takes effect at the next wait.
             with anyio.CancelScope(shield=True):
-                taken = _take_answers(run)
-                if taken:
-                    await _complete(taken, run)
+                taken = await _take_batch(run)
                 if run.failed:
                     # An exec failed: the build fails, and what is still running
                     # is not needed, as when an edge fails. A load or a save
@@ -261,12 +260,17 @@ def _drop_answer(node: ColdNode) -> None:
         _release_value(node.state, pipe.take())
 
 
-def _take_answers(run: _Run) -> list[tuple[ColdNode, Any]]:
-    """Take the answers queued now, in order: each with a loaded result, or the one
-    output of an exec that its node saves (the others released, as
-    ``ActiveEdge._commit`` does). A failure stops the run and the taking: the
-    answers after it are left for :func:`_cancel`."""
+async def _take_batch(run: _Run) -> list[tuple[ColdNode, Any]]:
+    """Take the answers queued now, in order: each a loaded result, or the one
+    output of an exec (the others released, as ``ActiveEdge._commit`` does); save
+    the exec results together (:func:`_save_batch`), then complete each node's
+    edge, in order, and return them. A failure stops the run and the taking (the
+    answers after it are left for :func:`_cancel`); the answers before it are
+    saved and completed. If the save fails, the loaded ones are completed, the
+    exec results released, and the run stops (the edges save again, and report
+    the error as they do)."""
     taken: list[tuple[ColdNode, Any]] = []
+    execs: list[tuple[ColdNode, Any]] = []
     answers = run.answers
     while answers:
         node = answers.popleft()
@@ -294,16 +298,8 @@ def _take_answers(run: _Run) -> list[tuple[ColdNode, Any]]:
                 run.failed = True
                 break
             value = outputs[index]
+            execs.append((node, value))
         taken.append((node, value))
-    return taken
-
-
-async def _complete(taken: list[tuple[ColdNode, Any]], run: _Run) -> None:
-    """Save the exec results of ``taken`` together (:func:`_save_batch`), then
-    complete each node's edge, in order. If the save fails, the loaded ones are
-    completed, the exec results released, and the run stops (the edges save
-    again, and report the error as they do)."""
-    execs = [(node, value) for node, value in taken if node.record is None]
     saved: list[CachedResultWithKeys] | None = None
     if execs:
         try:
@@ -319,6 +315,7 @@ async def _complete(taken: list[tuple[ColdNode, Any]], run: _Run) -> None:
         elif saved is not None:
             _hold(node, saved[pos], run)
             pos += 1
+    return taken
 
 
 def _hold(node: ColdNode, cached: Any, run: _Run) -> None:
@@ -383,21 +380,31 @@ def commit_key(node: ColdNode) -> CacheKey:
 async def _save_batch(execs: list[tuple[ColdNode, Any]]) -> list[CachedResultWithKeys]:
     """Save each exec result of ``execs`` under its node's commit key, with one
     ``save_many`` per cache (the vertices' combined caches: one, unless some have
-    their own cache sources) where the cache has it, else one ``save`` each; the
-    results wrapped with their keys, in order. The results stay the caller's."""
+    their own cache sources) where the cache has it and has more than one result
+    to save, else one ``save`` each; the results wrapped with their keys, in
+    order. The results stay the caller's."""
     now = time.time()
-    keys = [commit_key(node) for node, _ in execs]
-    by_cache: dict[int, tuple[Any, list[int]]] = {}
+    if len(execs) == 1:
+        # a chain's every batch: one save, in fewer calls than a batch of one
+        node, res = execs[0]
+        key = commit_key(node)
+        one = await node.state.combined_cache().save(key, res, now)
+        exporter: CacheExporter = one.exporter if one.exporter is not None else MergedExporter(())
+        return [CachedResultWithKeys(res, [ExportableCacheKey(key, exporter)])]
+    keys: list[CacheKey] = []
+    groups: list[tuple[CacheManager, list[int]]] = []
     for i, (node, _) in enumerate(execs):
+        keys.append(commit_key(node))
         cache = node.state.combined_cache()
-        entry = by_cache.get(id(cache))
-        if entry is None:
-            by_cache[id(cache)] = (cache, [i])
+        for member, positions in groups:
+            if member is cache:
+                positions.append(i)
+                break
         else:
-            entry[1].append(i)
+            groups.append((cache, [i]))
     exported: list[ExportableCacheKey | None] = [None] * len(execs)
-    for cache, positions in by_cache.values():
-        save_many = getattr(cache, "save_many", None)
+    for cache, positions in groups:
+        save_many = getattr(cache, "save_many", None) if len(positions) > 1 else None
         if save_many is not None:
             batch = [(keys[i], execs[i][1], now) for i in positions]
             for i, saved in zip(positions, await save_many(batch), strict=True):
@@ -411,8 +418,6 @@ async def _save_batch(execs: list[tuple[ColdNode, Any]]) -> list[CachedResultWit
         # The save's one exporter is the key's exporter (a MergedExporter of one
         # exports exactly what its member does: two GC-tracked objects fewer per
         # vertex, each walked by every full collection while the build is kept).
-        exporter: CacheExporter = (
-            saved.exporter if saved.exporter is not None else MergedExporter(())
-        )
+        exporter = saved.exporter if saved.exporter is not None else MergedExporter(())
         out.append(CachedResultWithKeys(res, [ExportableCacheKey(key, exporter)]))
     return out
