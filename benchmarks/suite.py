@@ -5,6 +5,7 @@ Run from the repository root (``docs/performance.md`` explains every number)::
     python benchmarks/suite.py [--quick] [--backend asyncio|trio|both]
                                [--out benchmarks/results/<name>.json]
                                [--sizes 1000,10000] [--shapes chain,fan,lattice,random]
+                               [--large-sizes 100000] [--large-shapes chain,lattice,random]
                                [--repeat 3] [--once-above 1000] [--no-dask]
                                [--concurrency 1,8,64,128] [--concurrency-size 1000]
                                [--memory-shapes lattice,random] [--memory-size 10000]
@@ -16,7 +17,10 @@ For each backend, in one process, on graphs of :class:`~benchmarks.graphs.NoopVe
    on the same graph, a cold solve, a warm re-solve in a new job (everything
    cached: one load), the discard of the cold job, and, for the lattice and
    random shapes, a warm re-solve of the graph with one leaf replaced (only its
-   dependants run);
+   dependants run); then the same without the leaf change for each of
+   ``--large-shapes`` at each of ``--large-sizes`` (by default chain, lattice
+   and random at 100,000 vertices, once: the growth target's largest size, so
+   that the default run checks every target of issue 13);
 2. *concurrency*: K jobs building the same graph at once in a fresh solver;
 3. *memory*: a separate pass under ``tracemalloc``: peak bytes traced during a
    cold solve, per active vertex (timings never run under tracemalloc).
