@@ -402,3 +402,28 @@ async def test_a_batch_never_checkpoints_in_memory(handle_tracker: HandleTracker
         await v.release()
     finally:
         await m.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_a_resolved_key_and_an_equal_new_key_in_one_batch_share_its_id(
+    kind: str, tmp_path: Path, handle_tracker: HandleTracker
+) -> None:
+    """A key whose ID was resolved but never saved (no link leads to it yet) is
+    saved in a batch with a new, equal key object after it: the new key gets
+    its ID, as a second ``save`` would give it (through the links the first
+    adds), and both results are records of that one key."""
+    st = await _open(kind, tmp_path / "cache.db")
+    m = KeyedCacheManager(secrets.token_hex(8), st, InMemoryResultStorage())
+    try:
+        a = await save(m, root(dgst("a")), "a")
+        c = key_with(dgst("c"), 0, a)
+        await m.storage_id(c)  # minted and memoized, nothing stored
+        again = key_with(dgst("c"), 0, a)  # equal to c, no ID yet
+        v1, v2 = CountingResult("r1", "v1"), CountingResult("r2", "v2")
+        await m.save_many([(c, v1, 2.0), (again, v2, 3.0)])
+        assert again.ids[m] == c.ids[m]
+        assert len(await m.records(again)) == 2
+        await v1.release()
+        await v2.release()
+    finally:
+        await m.close()

@@ -448,9 +448,14 @@ class KeyedCacheManager:
         added: dict[tuple[str, CacheInfoLink], list[str]] = {}
         out: list[str] = []
         pos = 0
-        for (key, _, _), (start, _, _) in zip(saves, plan.spans, strict=True):
+        for (key, _, _), (start, end, _) in zip(saves, plan.spans, strict=True):
             memo = key.ids.get(self)
             if memo is not None:
+                # its save links it from its deps too
+                for i in range(start, end):
+                    targets = added.setdefault(dep_links[i], [])
+                    if memo not in targets:
+                        targets.append(memo)
                 out.append(memo)
                 continue
             if not key.deps:

@@ -304,10 +304,16 @@ async def _take_batch(run: _Run) -> list[tuple[ColdNode, Any]]:
     if execs:
         try:
             saved = await _save_batch(execs)
-        except Exception:
+        except BaseException as exc:
             run.failed = True
             for node, value in execs:
                 node.state.solver.release_later(value)
+            if not isinstance(exc, Exception):
+                # nothing is held: the loaded results go too, then the exception
+                for node, value in taken:
+                    if node.record is not None:
+                        node.state.solver.release_later(value)
+                raise
     pos = 0
     for node, value in taken:
         if node.record is not None:
