@@ -114,6 +114,7 @@ COUNTERS: dict[str, str] = {
     "cache query batch": "solver.cache._manager:KeyedCacheManager.query_many",
     "cache records": "solver.cache._manager:KeyedCacheManager.records",
     "cache save": "solver.cache._manager:InMemoryCacheManager.save",
+    "cache save batch": "solver.cache._manager:InMemoryCacheManager.save_many",
     "cache load": "solver.cache._manager:InMemoryCacheManager.load",
     "index load_or_store": "solver.engine._index:EdgeIndex.load_or_store",
     "progress events": "solver.engine._jobs:VertexState.emit",
@@ -130,6 +131,8 @@ STEPS: dict[str, str] = {
     "    second pass, keys layer by layer: _resolve_layer": (
         "solver.engine._cachedpath:_resolve_layer"
     ),
+    "    cold path, the batched saves: _save_batch": "solver.engine._coldpath:_save_batch",
+    "      cache save batch": "solver.cache._manager:InMemoryCacheManager.save_many",
     "  Scheduler.build (the root's pipe)": "solver.engine._scheduler:Scheduler.build",
     "work pool: WorkPool._serve (dispatches and units)": "solver.engine._workpool:WorkPool._serve",
     "  dispatch: Scheduler._dispatch": "solver.engine._scheduler:Scheduler._dispatch",

@@ -5,6 +5,7 @@ Run from the repository root (``docs/performance.md`` explains every number)::
     python benchmarks/suite.py [--quick] [--backend asyncio|trio|both]
                                [--out benchmarks/results/<name>.json]
                                [--sizes 1000,10000] [--shapes chain,fan,lattice,random]
+                               [--large-sizes 100000] [--large-shapes chain,lattice,random]
                                [--repeat 3] [--once-above 1000] [--no-dask]
                                [--concurrency 1,8,64,128] [--concurrency-size 1000]
                                [--memory-shapes lattice,random] [--memory-size 10000]
@@ -16,7 +17,10 @@ For each backend, in one process, on graphs of :class:`~benchmarks.graphs.NoopVe
    on the same graph, a cold solve, a warm re-solve in a new job (everything
    cached: one load), the discard of the cold job, and, for the lattice and
    random shapes, a warm re-solve of the graph with one leaf replaced (only its
-   dependants run);
+   dependants run); then the same without the leaf change for each of
+   ``--large-shapes`` at each of ``--large-sizes`` (by default chain, lattice
+   and random at 100,000 vertices, once: the growth target's largest size, so
+   that the default run checks every target of issue 13);
 2. *concurrency*: K jobs building the same graph at once in a fresh solver;
 3. *memory*: a separate pass under ``tracemalloc``: peak bytes traced during a
    cold solve, per active vertex (timings never run under tracemalloc).
@@ -111,6 +115,11 @@ class Config:
 
     sizes: tuple[int, ...] = (1_000, 10_000)
     shapes: tuple[str, ...] = ("chain", "fan", "lattice", "random")
+    # After ``sizes``, each of ``large_shapes`` (those also in ``shapes``) at each
+    # of ``large_sizes``, once (above ``once_above``) and without the leaf-changed
+    # rebuild: what the 100k growth target needs, in the default run.
+    large_sizes: tuple[int, ...] = (100_000,)
+    large_shapes: tuple[str, ...] = ("chain", "lattice", "random")
     repeat: int = 5
     leaf_shapes: tuple[str, ...] = ("lattice", "random")
     concurrency: tuple[int, ...] = (1, 8, 64, 128)
@@ -131,7 +140,9 @@ class Config:
         # Seconds, not minutes. Depth is the full run's business: a 200-vertex
         # chain stays below the default recursion limit even for code that
         # recurses once per level.
-        return cls(sizes=(20, 200), repeat=1, concurrency_size=100, memory_size=200)
+        return cls(
+            sizes=(20, 200), large_sizes=(), repeat=1, concurrency_size=100, memory_size=200
+        )
 
     def repeats(self, n: int) -> int:
         return 1 if n > self.once_above else self.repeat
@@ -162,6 +173,17 @@ class CountingCacheManager:
         self.queries += 1
         return await self.inner.query(deps, input, digest, output)
 
+    async def query_many(
+        self, requests: Sequence[tuple[Sequence[CacheKeyWithSelector], int, str, int]]
+    ) -> list[list[CacheKey]]:
+        # the cached path's batched lookups: counted per query, forwarded as a batch
+        # so the engine is measured as it runs over its own cache
+        self.queries += len(requests)
+        query_many = getattr(self.inner, "query_many", None)
+        if query_many is None:
+            return [await self.inner.query(*r) for r in requests]
+        return await query_many(requests)  # type: ignore[no-any-return]
+
     async def records(self, key: CacheKey) -> list[CacheRecord]:
         return await self.inner.records(key)
 
@@ -172,6 +194,16 @@ class CountingCacheManager:
     async def save(self, key: CacheKey, result: Result, created_at: float) -> ExportableCacheKey:
         self.saves += 1
         return await self.inner.save(key, result, created_at)
+
+    async def save_many(
+        self, saves: Sequence[tuple[CacheKey, Result, float]]
+    ) -> list[ExportableCacheKey]:
+        # the cold path's batched saves: counted per result, forwarded as a batch
+        self.saves += len(saves)
+        save_many = getattr(self.inner, "save_many", None)
+        if save_many is None:
+            return [await self.inner.save(*s) for s in saves]
+        return await save_many(saves)  # type: ignore[no-any-return]
 
     async def release(self, result_id: str) -> None:
         await self.inner.release(result_id)
@@ -384,11 +416,13 @@ def _check(problems: list[str], what: str, got: int, want: int) -> None:
         problems.append(f"{what}: {got}, expected {want}")
 
 
-async def _measure_shape(cfg: Config, shape: str, n: int) -> ShapeResult:
+async def _measure_shape(
+    cfg: Config, shape: str, n: int, *, leaf_change: bool = True
+) -> ShapeResult:
     graph = SHAPES[shape](n)
     n = len(graph.vertices)
     out = ShapeResult(shape, n, cfg.repeats(n))
-    changed = with_leaf_changed(graph) if shape in cfg.leaf_shapes else None
+    changed = with_leaf_changed(graph) if leaf_change and shape in cfg.leaf_shapes else None
     dsk = dask_graph(graph) if cfg.dask and dask_get is not None else None
     rec = _Recorder(cfg.gc_off)
     try:
@@ -560,6 +594,16 @@ async def run_backend(cfg: Config, backend: str) -> BackendResults:
     for n in cfg.sizes:
         for shape in cfg.shapes:
             r = await _measure_shape(cfg, shape, n)
+            out.shapes.append(r)
+            _progress(
+                f"  {backend} {shape} {r.vertices}: cold {_fmt(r.cold_us)} µs/v"
+                f"{'  ' + r.error if r.error else ''}"
+            )
+    for n in cfg.large_sizes:
+        for shape in cfg.large_shapes:
+            if shape not in cfg.shapes:
+                continue
+            r = await _measure_shape(cfg, shape, n, leaf_change=False)
             out.shapes.append(r)
             _progress(
                 f"  {backend} {shape} {r.vertices}: cold {_fmt(r.cold_us)} µs/v"
@@ -973,7 +1017,8 @@ def run_suite(cfg: Config, backends: Sequence[str]) -> dict[str, Any]:
 def format_report(cfg: Config, results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
-        f"solver benchmark suite: sizes {', '.join(map(str, cfg.sizes))}; median of "
+        f"solver benchmark suite: sizes {', '.join(map(str, cfg.sizes))}"
+        f"{_large_sizes(cfg)}; median of "
         f"{cfg.repeat} runs (sizes above {cfg.once_above}: 1 run); {results['seconds']} s"
         f"{'; cyclic GC OFF in timed sections' if cfg.gc_off else ''}",
         f"{m['implementation']} {m['python']} on {m['platform']}, {m['cpu_count']} CPUs, "
@@ -990,6 +1035,13 @@ def format_report(cfg: Config, results: dict[str, Any]) -> str:
         lines += ["", "== problems (wrong counts, errors)"]
         lines += [f"  {p}" for p in results["problems"]]
     return "\n".join(lines)
+
+
+def _large_sizes(cfg: Config) -> str:
+    shapes = [s for s in cfg.large_shapes if s in cfg.shapes]
+    if not cfg.large_sizes or not shapes:
+        return ""
+    return f", then {', '.join(map(str, cfg.large_sizes))} ({', '.join(shapes)})"
 
 
 def _backend_from_dict(raw: dict[str, Any]) -> BackendResults:
@@ -1034,6 +1086,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, list[str], Path]:
     ap.add_argument("--backend", choices=["asyncio", "trio", "both"], default="both")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the JSON results file")
     ap.add_argument("--sizes", type=_int_list, help="vertices per graph, e.g. 1000,10000")
+    ap.add_argument(
+        "--large-sizes",
+        type=_int_list,
+        help="then the large shapes at these sizes, once (default 100000; '' skips; "
+        "skipped by --quick, and by --sizes unless given)",
+    )
+    ap.add_argument(
+        "--large-shapes", type=_name_list, help="shapes at the large sizes (chain,lattice,random)"
+    )
     ap.add_argument("--shapes", type=_name_list, help=f"a subset of {','.join(SHAPES)}")
     ap.add_argument("--repeat", type=int, help="runs per measurement (median)")
     ap.add_argument("--once-above", type=int, help="graphs larger than this run once")
@@ -1051,6 +1112,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, list[str], Path]:
     cfg = Config.quick() if args.quick else Config.full()
     overrides: dict[str, Any] = {
         "sizes": args.sizes,
+        "large_sizes": args.large_sizes,
+        "large_shapes": args.large_shapes,
         "shapes": args.shapes,
         "repeat": args.repeat,
         "once_above": args.once_above,
@@ -1060,6 +1123,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, list[str], Path]:
         "memory_size": args.memory_size,
     }
     changes = {k: v for k, v in overrides.items() if v is not None}
+    if args.sizes is not None and args.large_sizes is None:
+        # the sizes asked for, and no others
+        changes["large_sizes"] = ()
     if args.no_dask:
         changes["dask"] = False
     if args.gc_off:

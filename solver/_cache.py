@@ -260,6 +260,14 @@ class CacheManager(Protocol):
     (by a caller, or by the manager itself: a bounded cache evicts) or the manager
     is closed; ``load`` returns a new handle that the caller owns.
     Managers are told apart by ``id``.
+
+    Two optional batched methods, looked up with ``getattr`` (a manager without
+    them is called one request at a time, as before): ``query_many(requests)``,
+    ``query`` of each ``(deps, input, digest, output)`` in order, which the cached
+    path uses for a layer of a graph; and ``save_many(saves)``, ``save`` of each
+    ``(key, result, created_at)`` in order, returning the saved keys in order,
+    which the cold path uses for the results one pass finished together
+    (``KeyedCacheManager`` has both).
     """
 
     @property

@@ -354,11 +354,15 @@ def blocking_function(n: int) -> Hook:
 
 
 class TrackingCacheManager:
-    """Wraps a cache manager and counts ``load`` calls; can force loads to fail."""
+    """Wraps a cache manager and counts ``load`` calls, saved results and batched
+    saves; can force loads to fail."""
 
     def __init__(self, inner: CacheManager) -> None:
         self.inner = inner
         self.load_counter = 0
+        # results saved (one per save, one per result of a batch) and batches
+        self.save_counter = 0
+        self.save_many_counter = 0
         self.force_fail = False
 
     @property
@@ -389,7 +393,19 @@ class TrackingCacheManager:
         return await self.inner.load(record)
 
     async def save(self, key: CacheKey, result: Result, created_at: float) -> ExportableCacheKey:
+        self.save_counter += 1
         return await self.inner.save(key, result, created_at)
+
+    async def save_many(
+        self, saves: Sequence[tuple[CacheKey, Result, float]]
+    ) -> list[ExportableCacheKey]:
+        # the cold path's batched saves (KeyedCacheManager.save_many)
+        self.save_many_counter += 1
+        self.save_counter += len(saves)
+        save_many = getattr(self.inner, "save_many", None)
+        if save_many is None:
+            return [await self.inner.save(*s) for s in saves]
+        return await save_many(saves)  # type: ignore[no-any-return]
 
     async def release(self, result_id: str) -> None:
         await self.inner.release(result_id)

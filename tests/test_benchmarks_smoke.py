@@ -119,3 +119,35 @@ def test_memory_longlived_runs_on_both_backends(tmp_path: Path) -> None:
         assert (r["cache_results"], r["cache_max_results"]) == (300, 10_000)
         assert r["cache_keys"] == 300
         assert min(r["rss_start"], r["rss_half"], r["rss_end"], r["ratio"]) > 0
+
+
+def test_the_default_run_includes_the_large_sizes(tmp_path: Path) -> None:
+    """The large sizes (100,000 in the default run, which the README's one command
+    runs) come after the others, for chain, lattice and random only, once and
+    without the leaf change, and the growth target compares them with the next
+    size down; ``--quick``, ``--sizes`` alone and ``--large-sizes ''`` leave them
+    out."""
+    cfg, _, _ = suite.parse_args([])
+    assert (cfg.sizes, cfg.large_sizes) == ((1_000, 10_000), (100_000,))
+    assert cfg.large_shapes == ("chain", "lattice", "random")
+    for argv in (["--quick"], ["--sizes", "1000"], ["--large-sizes", ""]):
+        assert suite.parse_args(argv)[0].large_sizes == (), argv
+
+    out = tmp_path / "large.json"
+    status = suite.main([
+        "--quick", "--backend", "asyncio", "--large-sizes", "300", "--shapes", "chain,fan,lattice",
+        "--concurrency", "", "--memory-shapes", "", "--no-dask", "--out", str(out),
+        "--repeat", "2", "--once-above", "250",
+    ])
+    results = json.loads(out.read_text())
+    assert results["problems"] == []
+    assert status == 0
+    shapes = [(r["shape"], r["vertices"]) for r in results["backends"]["asyncio"]["shapes"]]
+    assert shapes[-2:] == [("chain", 300), ("lattice", 300)]
+    assert results["backends"]["asyncio"]["shapes"][0]["repeats"] == 2
+    for r in results["backends"]["asyncio"]["shapes"][-2:]:
+        assert r["repeats"] == 1
+        assert r["leaf"] is None
+        assert (r["cold"]["execs"], r["cold"]["saves"]) == (300, 300)
+    growth = {t["case"] for t in results["targets"] if t["name"].startswith("linear growth")}
+    assert growth == {"chain 200→300", "fan 20→200", "lattice 200→300"}

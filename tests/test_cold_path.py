@@ -24,10 +24,12 @@ from solver import (
     CacheKey,
     CacheKeyWithSelector,
     Edge,
+    ExportableCacheKey,
     InMemoryCacheManager,
     SolveError,
     Solver,
 )
+from solver._result import Result
 from solver.engine import _edge
 from solver.testing import HandleTracker
 from tests.harness import (
@@ -36,6 +38,7 @@ from tests.harness import (
     TrackingCacheManager,
     build_value,
     resolve_op,
+    unwrap,
     vtx,
 )
 
@@ -417,3 +420,176 @@ async def test_failing_loads_on_the_cold_path_run_nothing_twice(
     assert on.calls == off.calls
     for i, (a, b) in enumerate(zip(on.events, off.events, strict=True)):
         assert a == b, (i, sorted((a - b).items()), sorted((b - a).items()))
+
+
+# -- the cold path's batched saves (docs/performance.md, "Issue 13: the cold
+# -- build's cache save")
+
+
+class BatchRecordingCache(CountingCache):
+    """Records the values of each ``save_many``'s results, and of each ``save``'s
+    as a batch of one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[str]] = []
+
+    async def save(self, key: CacheKey, result: Result, created_at: float) -> ExportableCacheKey:
+        self.batches.append([unwrap(result)])
+        return await super().save(key, result, created_at)
+
+    async def save_many(
+        self, saves: Sequence[tuple[CacheKey, Result, float]]
+    ) -> list[ExportableCacheKey]:
+        self.batches.append([unwrap(r) for _, r, _ in saves])
+        return await super().save_many(saves)
+
+
+async def test_a_cold_build_saves_each_batch_of_answers_in_one_call(
+    handle_tracker: HandleTracker,
+) -> None:
+    """Eight leaves under one top, and the diamond: every result is saved once;
+    results that answered together share a ``save_many`` (some batch holds
+    several leaves), a batch of one is a ``save``; a batch never holds a vertex
+    with its input (the input's key must be saved first), so ``top`` is saved
+    alone, last, with ``save``. A second job gets everything from the edges (no
+    exec, no load)."""
+    with anyio.fail_after(TIMEOUT):
+        wide = vtx(name="top", cache_key_seed="top", value="top", inputs=[
+            Edge(vtx(name=f"leaf{i}", cache_key_seed=f"leaf{i}", value=f"leaf{i}"))
+            for i in range(8)
+        ])
+        for top in (wide, diamond()):
+            cache = BatchRecordingCache()
+            async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
+                counters = top.setup_call_counters()
+                job = s.new_job()
+                assert await build_value(job, Edge(top)) == "top"
+                names = {v.name for v in _vertices(top)}
+                assert sorted(n for b in cache.batches for n in b) == sorted(names)
+                assert cache.save_counter == counters.exec == len(names)
+                assert max(len(b) for b in cache.batches) > 1
+                assert cache.save_many_counter == sum(len(b) > 1 for b in cache.batches)
+                assert cache.batches[-1] == ["top"]
+                saved_before: set[str] = set()
+                for batch in cache.batches:
+                    for v in _vertices(top):
+                        if v.name in batch:
+                            assert {e.vertex.name for e in v.inputs} <= saved_before
+                    saved_before.update(batch)
+                j2 = s.new_job()
+                assert await build_value(j2, Edge(top)) == "top"
+                assert cache.load_counter == 0
+                assert cache.save_counter == counters.exec
+                await j2.discard()
+                await job.discard()
+            await cache.close()
+
+
+def _vertices(top: TestVertex) -> list[TestVertex]:
+    seen: dict[str, TestVertex] = {}
+    stack = [top]
+    while stack:
+        v = stack.pop()
+        if v.name not in seen:
+            seen[v.name] = v
+            stack.extend(e.vertex for e in v.inputs)  # type: ignore[misc]
+    return list(seen.values())
+
+
+class GatedBatchCache(CountingCache):
+    """Blocks its ``gated``-th ``save_many`` (1-based) on ``gate``."""
+
+    def __init__(self, gate: Gate, gated: int) -> None:
+        super().__init__()
+        self.gate = gate
+        self.gated = gated
+
+    async def save_many(
+        self, saves: Sequence[tuple[CacheKey, Result, float]]
+    ) -> list[ExportableCacheKey]:
+        if self.save_many_counter + 1 == self.gated:
+            await self.gate.wait()
+        return await super().save_many(saves)
+
+
+async def test_cancelled_during_a_batched_save_keeps_the_batch(
+    handle_tracker: HandleTracker,
+) -> None:
+    """The caller is cancelled while the diamond's second batch (``left`` and
+    ``right``) is being saved: the save is shielded and finishes (the gate sees
+    no cancellation), ``build`` then raises the cancellation with ``top``'s
+    result unsaved, and a rebuild in a new job runs ``top`` alone, loading the
+    batch's two results from the cache. Every handle is released once (``handle_tracker``)."""
+    with anyio.fail_after(TIMEOUT):
+        gate = Gate()
+        cache = GatedBatchCache(gate, gated=2)
+        async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
+            top = diamond()
+            counters = top.setup_call_counters()
+            job = s.new_job()
+            scope = anyio.CancelScope()
+
+            async def build() -> None:
+                with scope:
+                    await job.build(Edge(top))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(build)
+                await gate.entered.wait()
+                scope.cancel()
+                await anyio.wait_all_tasks_blocked()
+                assert gate.running == 1  # shielded: still saving
+                gate.opened.set()
+            assert scope.cancelled_caught
+            assert (gate.calls, gate.cancelled) == (1, 0)
+            # the batch was saved, and top's request made after it; top's exec
+            # has no cancel point and answered before the pass saw the
+            # cancellation, which released its result unsaved
+            assert (counters.exec, cache.save_counter, cache.save_many_counter) == (5, 4, 2)
+            await job.discard()
+            assert not s._actives
+
+            j2 = s.new_job()
+            assert await build_value(j2, Edge(top)) == "top"
+            assert counters.exec == 6  # top alone
+            assert cache.load_counter == 2  # left and right, saved by the batch
+            assert cache.save_counter == 5
+            await j2.discard()
+        await cache.close()
+
+
+async def test_a_failed_batched_save_leaves_the_build_to_the_edges(
+    handle_tracker: HandleTracker,
+) -> None:
+    """The second batch's save raises: the pass stops and the edges finish the
+    build with the execs memoized (every op once) and save again, one at a
+    time; the value is the same as without the failure."""
+
+    class FailingBatch(CountingCache):
+        async def save_many(
+            self, saves: Sequence[tuple[CacheKey, Result, float]]
+        ) -> list[ExportableCacheKey]:
+            if self.save_many_counter == 1:
+                self.save_many_counter += 1
+                raise OSError("disk full")
+            return await super().save_many(saves)
+
+    with anyio.fail_after(TIMEOUT):
+        cache = FailingBatch()
+        async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
+            top = diamond()
+            counters = top.setup_call_counters()
+            job = s.new_job()
+            assert await build_value(job, Edge(top)) == "top"
+            assert counters.exec == 5
+            # base and other in the first batch; left, right and top saved by
+            # their edges
+            assert cache.save_many_counter == 2
+            assert cache.save_counter == 5
+            await job.discard()
+            j2 = s.new_job()
+            assert await build_value(j2, Edge(top)) == "top"
+            assert counters.exec == 5
+            await j2.discard()
+        await cache.close()

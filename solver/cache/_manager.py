@@ -59,6 +59,7 @@ from .._errors import SolveError
 from ._export import SavedKeyExporter
 from ._storage import (
     CacheKeyStorage,
+    CacheResult,
     InMemoryCacheStorage,
     InMemoryResultStorage,
     NotFoundError,
@@ -107,6 +108,16 @@ class _LinkFrame:
     deps: Iterator[tuple[CacheKey, CacheInfoLink]]
     # the link from the dep being made persistent to this key, added once it is
     link_after: tuple[str, CacheInfoLink] | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _BatchPlan:
+    # what KeyedCacheManager.save_many works out before its first storage call
+    mark: object  # the manager's _linked_mark then
+    # every key's (dep ID, link to the key), the keys' in order
+    links: list[tuple[str, CacheInfoLink]]
+    # per key: its slice of links, and whether every dep was saved since the mark
+    spans: list[tuple[int, int, bool]]
 
 
 class KeyedCacheManager:
@@ -290,6 +301,189 @@ class KeyedCacheManager:
         finally:
             self._save_lock.release()
         return ExportableCacheKey(key, SavedKeyExporter(key, self, stored))
+
+    async def save_many(
+        self, saves: Sequence[tuple[CacheKey, Result, float]]
+    ) -> list[ExportableCacheKey]:
+        """:meth:`save` of each ``(key, result, created_at)``, in order, with the same
+        keys, results and links stored and the same keys returned, in a few storage
+        calls for the whole batch: the cold path saves every result one pass of a
+        build finished together (``docs/performance.md``, "Issue 13: the cold
+        build's cache save").
+
+        When every dep of every key has this manager's ID already (a key made of its
+        inputs' saved or found keys, the case in a build), the batch takes the lock
+        once, stores the results in one call where the result storage has
+        ``save_many``, reads the deps' links in one call where the key storage has
+        ``walk_links_many``, and stores the results under their keys and the links
+        to them in one call where it has ``add_many``; a key whose deps are not all
+        saved since the last release is then linked as :meth:`save` links it. Two
+        equal keys of one batch get one ID, as two saves in a row do. Otherwise
+        (and for a batch of one) it is :meth:`save` of each.
+
+        If it fails or is cancelled, what was stored under a key stays stored (as
+        after the saves before a failing one), and every result it stored but put
+        under no key is released again. O(keys + their deps) steps for the batch,
+        plus the links :meth:`save` would walk for the keys it walks.
+        """
+        if len(saves) > 1:
+            try:
+                self._save_lock.acquire_nowait()
+            except anyio.WouldBlock:
+                await self._save_lock.acquire()
+            try:
+                plan = self._batch_plan(saves)
+                if plan is not None:
+                    return await self._save_batch(saves, plan)
+            finally:
+                self._save_lock.release()
+        # KeyedCacheManager's own save: a subclass's save_many does its own
+        # bookkeeping after this one returns
+        return [await KeyedCacheManager.save(self, key, r, at) for key, r, at in saves]
+
+    def _batch_plan(self, saves: Sequence[tuple[CacheKey, Result, float]]) -> _BatchPlan | None:
+        """Each key's links from its deps, in one list, or None if a dep has no ID of
+        this manager yet (the batch is then saved one key at a time)."""
+        mark = self._linked_mark
+        links: list[tuple[str, CacheInfoLink]] = []
+        spans: list[tuple[int, int, bool]] = []
+        for key, _, _ in saves:
+            start = len(links)
+            linked = True
+            output, digest = key.output, key.digest
+            for i, alternatives in enumerate(key.deps):
+                for dep in alternatives:
+                    dk = dep.key.key
+                    dep_id = dk.ids.get(self)
+                    if dep_id is None:
+                        return None
+                    links.append((dep_id, new_link(i, output, digest, dep.selector)))
+                    if dk.linked is not mark:
+                        linked = False
+            spans.append((start, len(links), linked))
+        return _BatchPlan(mark, links, spans)
+
+    async def _save_batch(
+        self, saves: Sequence[tuple[CacheKey, Result, float]], plan: _BatchPlan
+    ) -> list[ExportableCacheKey]:
+        storage = self._storage
+        mark = plan.mark
+        results_many = getattr(self._results, "save_many", None)
+        if results_many is not None:
+            stored: list[CacheResult] = await results_many([(r, at) for _, r, at in saves])
+        else:
+            stored = []
+            try:
+                for _, result, created_at in saves:
+                    stored.append(await self._results.save(result, created_at))
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    for s in stored:
+                        await self._forget_if_unreferenced(s.id)
+                raise
+        try:
+            ids = await self._batch_ids(saves, plan)
+            # the links of the keys whose deps are all linked (saved since the last
+            # release) are stored with the results; the others are walked after
+            links: list[tuple[str, CacheInfoLink, str]] = []
+            walked: list[CacheKey] = []
+            quick: list[CacheKey] = []
+            dep_links = plan.links
+            for (key, _, _), key_id, (start, end, linked) in zip(
+                saves, ids, plan.spans, strict=True
+            ):
+                if linked:
+                    for i in range(start, end):
+                        dep_id, link = dep_links[i]
+                        links.append((dep_id, link, key_id))
+                    quick.append(key)
+                else:
+                    walked.append(key)
+            pairs = list(zip(ids, stored, strict=True))
+            add_many = getattr(storage, "add_many", None)
+            if add_many is not None:
+                await add_many(pairs, links)
+            else:
+                for key_id, s in pairs:
+                    await storage.add_result(key_id, s)
+                for dep_id, link, key_id in links:
+                    await storage.add_link(dep_id, link, key_id)
+            if self._linked_mark is mark:
+                for key in quick:
+                    key.linked = mark
+            else:
+                # a release meanwhile may have cut below a dep: walk them all
+                walked = [key for key, _, _ in saves]
+            for key in walked:
+                await self._ensure_persistent_key(key)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                for s in stored:
+                    await self._forget_if_unreferenced(s.id)
+            raise
+        return [
+            ExportableCacheKey(key, SavedKeyExporter(key, self, s))
+            for (key, _, _), s in zip(saves, stored, strict=True)
+        ]
+
+    async def _batch_ids(
+        self, saves: Sequence[tuple[CacheKey, Result, float]], plan: _BatchPlan
+    ) -> list[str]:
+        """The storage ID of each key of ``saves``, memoized on it, as :meth:`_get_id`
+        one save after the other gives them: the links of the keys not resolved yet
+        read in one call, and a key equal to an earlier one of the batch (reached
+        through the links that key's save adds) given that key's ID."""
+        dep_links = plan.links
+        requests: list[tuple[str, CacheInfoLink]] = []
+        for (key, _, _), (start, end, _) in zip(saves, plan.spans, strict=True):
+            if end > start and self not in key.ids:
+                requests.extend(dep_links[start:end])
+        storage = self._storage
+        walk_many = getattr(storage, "walk_links_many", None)
+        if walk_many is not None:
+            walked: list[list[str]] = await walk_many(requests)
+        else:
+            walked = [await storage.walk_links(dep_id, link) for dep_id, link in requests]
+        # the links the batch's earlier keys add: (dep ID, link) -> their IDs
+        added: dict[tuple[str, CacheInfoLink], list[str]] = {}
+        out: list[str] = []
+        pos = 0
+        for (key, _, _), (start, end, _) in zip(saves, plan.spans, strict=True):
+            memo = key.ids.get(self)
+            if memo is not None:
+                # its save links it from its deps too
+                for i in range(start, end):
+                    targets = added.setdefault(dep_links[i], [])
+                    if memo not in targets:
+                        targets.append(memo)
+                out.append(memo)
+                continue
+            if not key.deps:
+                out.append(key.ids.setdefault(self, key.id))
+                continue
+            # as _id_from_deps: an ID reached from every input through any of its
+            # alternatives, the first found in link order
+            first, at = pos, start
+            matches: dict[str, None] | None = None
+            for alternatives in key.deps:
+                reached: dict[str, None] = {}
+                for _ in alternatives:
+                    for target in walked[pos]:
+                        reached[target] = None
+                    for target in added.get(dep_links[at], ()):
+                        reached[target] = None
+                    pos += 1
+                    at += 1
+                matches = reached if matches is None else {t: None for t in matches if t in reached}
+            id = key.ids.setdefault(self, next(iter(matches)) if matches else _new_id())
+            for i in range(first, pos):
+                pair = requests[i]
+                if id not in walked[i]:
+                    targets = added.setdefault(pair, [])
+                    if id not in targets:
+                        targets.append(id)
+            out.append(id)
+        return out
 
     async def storage_id(self, key: CacheKey) -> str:
         """This manager's storage ID of ``key`` (found through links from its deps,
@@ -551,6 +745,25 @@ class InMemoryCacheManager(KeyedCacheManager):
             await self._evict(len(lru) - bound + bound // _EVICT_SLACK)
         return saved
 
+    async def save_many(
+        self, saves: Sequence[tuple[CacheKey, Result, float]]
+    ) -> list[ExportableCacheKey]:
+        """:meth:`save` of each ``(key, result, created_at)`` in one batch (see
+        :meth:`KeyedCacheManager.save_many`): the results become the most recently
+        used, in order, and the bound is enforced once, after the batch. A batch
+        of at most 99 % of the bound is never evicted by its own eviction.
+        O(keys + their deps + links added + evicted results x their cascades)."""
+        saved = await super().save_many(saves)
+        lru = self._lru
+        for _, result, _ in saves:
+            id = result.id
+            lru[id] = None
+            lru.move_to_end(id)
+        bound = self._max_results
+        if bound is not None and len(lru) > bound:
+            await self._evict(len(lru) - bound + bound // _EVICT_SLACK)
+        return saved
+
     async def release(self, result_id: str) -> None:
         """Forget ``result_id`` (see :meth:`KeyedCacheManager.release`). O(cascade)."""
         self._lru.pop(result_id, None)
@@ -613,7 +826,7 @@ class CombinedCacheManager:
       records for do); a key without deps is saved as a root key. A record whose
       result is gone raises :class:`~solver.SolveError` ("failed to load deleted
       cache").
-    - ``save`` and ``release`` go to the main cache only.
+    - ``save``, ``save_many`` and ``release`` go to the main cache only.
     - ``close()`` closes nothing: the members belong to whoever made them.
 
     Members with equal IDs are all asked: telling caches apart by ID is the solver's
@@ -691,6 +904,16 @@ class CombinedCacheManager:
     async def save(self, key: CacheKey, result: Result, created_at: float) -> ExportableCacheKey:
         """Saves into the main cache."""
         return await self._main.save(key, result, created_at)
+
+    async def save_many(
+        self, saves: Sequence[tuple[CacheKey, Result, float]]
+    ) -> list[ExportableCacheKey]:
+        """Saves into the main cache: its ``save_many`` if it has one, else one
+        ``save`` each."""
+        save_many = getattr(self._main, "save_many", None)
+        if save_many is not None:
+            return await save_many(saves)  # type: ignore[no-any-return]
+        return [await self._main.save(key, result, at) for key, result, at in saves]
 
     async def release(self, result_id: str) -> None:
         """Releases from the main cache."""

@@ -258,6 +258,20 @@ class SQLiteCacheStorage:
             return []
         return await self._call(_walk_links_many, requests)
 
+    async def add_many(
+        self,
+        results: Sequence[tuple[str, CacheResult]],
+        links: Sequence[tuple[str, CacheInfoLink, str]],
+    ) -> None:
+        """:meth:`add_result` of each ``(id, result)``, then :meth:`add_link` of each
+        ``(id, link, target)``, in one write transaction: one storage call (and one
+        checkpoint) for a batch of saves, all of it stored or none. O(len(results)
+        + len(links))."""
+        if not results and not links:
+            self._live()
+            return
+        await self._call(_add_many, results, links, write=True)
+
     async def has_link(self, id: str, link: CacheInfoLink, target: str) -> bool:
         """Whether ``id`` links to ``target`` under exactly ``link``. O(1)."""
         return await self._call(_has_link, id, link, target)
@@ -477,6 +491,17 @@ def _walk_links_many(
     conn: sqlite3.Connection, requests: Sequence[tuple[str, CacheInfoLink]]
 ) -> list[list[str]]:
     return [_walk_links(conn, id, link) for id, link in requests]
+
+
+def _add_many(
+    conn: sqlite3.Connection,
+    results: Sequence[tuple[str, CacheResult]],
+    links: Sequence[tuple[str, CacheInfoLink, str]],
+) -> None:
+    for id, result in results:
+        _add_result(conn, id, result)
+    for id, link, target in links:
+        _add_link(conn, id, link, target)
 
 
 def _has_link(conn: sqlite3.Connection, id: str, link: CacheInfoLink, target: str) -> bool:

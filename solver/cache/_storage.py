@@ -405,7 +405,9 @@ class InMemoryCacheStorage:
     targets (they carry the backlinks); those are not reported by :meth:`exists` or
     :meth:`walk`. Iteration order is insertion order. Beyond the protocol,
     :meth:`release_many` releases a batch in one cascade (what a bounded cache's
-    eviction uses).
+    eviction uses), :meth:`walk_links_many` reads a batch of links and
+    :meth:`add_many` stores a batch of results and links, each in one call (what a
+    manager's batched query and save use).
     """
 
     __slots__ = ("_by_id", "_by_result", "_closed", "_labels")
@@ -463,6 +465,9 @@ class InMemoryCacheStorage:
     async def add_result(self, id: str, result: CacheResult) -> None:
         """O(1)."""
         self._live()
+        self._add_result(id, result)
+
+    def _add_result(self, id: str, result: CacheResult) -> None:
         record = self._by_id.get(id)
         if record is None:
             self._by_id[id] = ((result.id, result.created_at), None, None)
@@ -553,6 +558,9 @@ class InMemoryCacheStorage:
     async def add_link(self, id: str, link: CacheInfoLink, target: str) -> None:
         """O(1)."""
         self._live()
+        self._add_link(id, link, target)
+
+    def _add_link(self, id: str, link: CacheInfoLink, target: str) -> None:
         record = self._by_id.get(id)
         results, links, backlinks = (None, None, None) if record is None else record
         targets = _map_get(links, link)
@@ -602,6 +610,22 @@ class InMemoryCacheStorage:
             else:
                 out.append([targets] if isinstance(targets, str) else list(targets))
         return out
+
+    async def add_many(
+        self,
+        results: Sequence[tuple[str, CacheResult]],
+        links: Sequence[tuple[str, CacheInfoLink, str]],
+    ) -> None:
+        """:meth:`add_result` of each ``(id, result)``, then :meth:`add_link` of each
+        ``(id, link, target)``, in order, in one call (what a manager's batched save
+        uses: the results first, so that no key is linked before it leads to one).
+        O(len(results) + len(links))."""
+        self._live()
+        add_link = self._add_link
+        for id, result in results:
+            self._add_result(id, result)
+        for id, link, target in links:
+            add_link(id, link, target)
 
     async def has_link(self, id: str, link: CacheInfoLink, target: str) -> bool:
         """O(1)."""
@@ -776,6 +800,19 @@ class InMemoryResultStorage:
         if result.id not in self._results:
             self._results[result.id] = result.clone()
         return CacheResult(result.id, created_at)
+
+    async def save_many(self, saves: Sequence[tuple[Result, float]]) -> list[CacheResult]:
+        """:meth:`save` of each ``(result, created_at)``, in order, in one call (a
+        manager's batched save). O(len(saves)). Never checkpoints."""
+        self._live()
+        stored = self._results
+        out: list[CacheResult] = []
+        for result, created_at in saves:
+            id = result.id
+            if id not in stored:
+                stored[id] = result.clone()
+            out.append(CacheResult(id, created_at))
+        return out
 
     async def load(self, cache_result: CacheResult) -> Result:
         """O(1). Never checkpoints."""

@@ -16,9 +16,12 @@ best record) through the vertex's :class:`~solver.engine._sharedop.SharedOp`, as
 its edge would: the same single-flight calls, units on the work pool, progress
 events and memos. Every request whose inputs are done is made at once, so
 independent vertices run together; the pass's task (``_Pass`` in
-``_jobs.py``) waits on one event for a batch of answers, saves each exec result
-under its commit key (the key its edge would compute: the cache map's digest
-over its inputs' result keys) and completes the vertex's edge with it
+``_jobs.py``) waits on one event for a batch of answers, saves the batch's exec
+results together, each under its commit key (the key its edge would compute:
+the cache map's digest over its inputs' result keys; one ``save_many`` per
+cache where the cache has it, else one ``save`` each: a save was a quarter of a
+cold build, ``docs/performance.md``, "Issue 13: the cold build's cache save"),
+and completes each vertex's edge with its result
 (:meth:`ActiveEdge.complete <solver.engine._edge.ActiveEdge.complete>`), so that
 the solver afterwards holds exactly what the edges would have left: a complete
 edge per vertex that ran or was loaded, owning its result until the state is
@@ -58,6 +61,7 @@ from ..cache import MergedExporter
 from ._scheduler import Pipe
 
 if TYPE_CHECKING:
+    from .._cache import CacheManager
     from .._op import CacheMap
     from ._index import PendingEdge
     from ._jobs import Engine, VertexState
@@ -183,18 +187,16 @@ async def run_cold(solver: Engine, order: list[ColdNode]) -> bool:
             # The cache saves are not interrupted by the caller's cancellation
             # (as the dispatcher's are not): it takes effect at the next wait.
             with anyio.CancelScope(shield=True):
-                while run.answers:
-                    node = run.answers.popleft()
-                    run.inflight -= 1
-                    await _take(node, run)
-                    if run.failed:
-                        # An exec failed: the build fails, and what is still
-                        # running is not needed, as when an edge fails. A load or
-                        # a save failed: the edges finish the build, and the
-                        # execs running now are theirs to take (memoized), so
-                        # they run on rather than twice.
-                        await _cancel(run, order, stop_execs=run.error is not None)
-                        break
+                taken = await _take_batch(run)
+                if run.failed:
+                    # An exec failed: the build fails, and what is still running
+                    # is not needed, as when an edge fails. A load or a save
+                    # failed: the edges finish the build, and the execs running
+                    # now are theirs to take (memoized), so they run on rather
+                    # than twice.
+                    await _cancel(run, order, stop_execs=run.error is not None)
+                    continue
+                for node, _ in taken:
                     for consumer in node.consumers:
                         consumer.pending -= 1
                         if not consumer.pending:
@@ -258,30 +260,74 @@ def _drop_answer(node: ColdNode) -> None:
         _release_value(node.state, pipe.take())
 
 
-async def _take(node: ColdNode, run: _Run) -> None:
-    """Take one answer: the result of an exec (saved here) or of a load, onto the
-    node's edge; a failure stops the run."""
-    pipe = node.pipe
-    assert pipe is not None
-    node.pipe = None
-    pipe.receive()
-    st = node.state
-    err = pipe.err
-    if err is not None:
-        run.failed = True
-        if node.record is None and isinstance(err, SolveError):
-            run.error = err
-        return
-    value = pipe.take()
-    if node.record is not None:
-        cached = value
-    else:
-        try:
-            cached = await _commit(node, value)
-        except Exception:
-            # the edges save again, and report the error as they do
+async def _take_batch(run: _Run) -> list[tuple[ColdNode, Any]]:
+    """Take the answers queued now, in order: each a loaded result, or the one
+    output of an exec (the others released, as ``ActiveEdge._commit`` does); save
+    the exec results together (:func:`_save_batch`), then complete each node's
+    edge, in order, and return them. A failure stops the run and the taking (the
+    answers after it are left for :func:`_cancel`); the answers before it are
+    saved and completed. If the save fails, the loaded ones are completed, the
+    exec results released, and the run stops (the edges save again, and report
+    the error as they do)."""
+    taken: list[tuple[ColdNode, Any]] = []
+    execs: list[tuple[ColdNode, Any]] = []
+    answers = run.answers
+    while answers:
+        node = answers.popleft()
+        run.inflight -= 1
+        pipe = node.pipe
+        assert pipe is not None
+        node.pipe = None
+        pipe.receive()
+        err = pipe.err
+        if err is not None:
             run.failed = True
-            return
+            if node.record is None and isinstance(err, SolveError):
+                run.error = err
+            break
+        value = pipe.take()
+        if node.record is None:
+            outputs: list[Any] = value
+            release_later = node.state.solver.release_later
+            index = node.out
+            for i, r in enumerate(outputs):
+                if i != index:
+                    release_later(r)
+            if len(outputs) <= index:
+                # the edges report it, as they do (the shared op memoized it)
+                run.failed = True
+                break
+            value = outputs[index]
+            execs.append((node, value))
+        taken.append((node, value))
+    saved: list[CachedResultWithKeys] | None = None
+    if execs:
+        try:
+            saved = await _save_batch(execs)
+        except BaseException as exc:
+            run.failed = True
+            for node, value in execs:
+                node.state.solver.release_later(value)
+            if not isinstance(exc, Exception):
+                # nothing is held: the loaded results go too, then the exception
+                for node, value in taken:
+                    if node.record is not None:
+                        node.state.solver.release_later(value)
+                raise
+    pos = 0
+    for node, value in taken:
+        if node.record is not None:
+            _hold(node, value, run)
+        elif saved is not None:
+            _hold(node, saved[pos], run)
+            pos += 1
+    return taken
+
+
+def _hold(node: ColdNode, cached: Any, run: _Run) -> None:
+    """Put a loaded or saved result on the node's edge (or its state, which makes
+    the edge when first asked for), indexed under its first key."""
+    st = node.state
     result = SharedCachedResult(cached)
     node.result = result
     if st.has_edge(node.out):
@@ -337,29 +383,47 @@ def commit_key(node: ColdNode) -> CacheKey:
     return CacheKey(cache_map.digest, vtx.digest, node.out, deps)
 
 
-async def _commit(node: ColdNode, outputs: list[Any]) -> CachedResultWithKeys:
-    """Save output ``node.out`` under its commit key; release the other outputs
-    (as ``ActiveEdge._commit`` does)."""
-    st = node.state
-    index = node.out
-    if len(outputs) <= index:
-        for r in outputs:
-            st.solver.release_later(r)
-        raise ValueError("too few outputs")
-    res = outputs[index]
-    for i, r in enumerate(outputs):
-        if i != index:
-            st.solver.release_later(r)
-    key = commit_key(node)
-    try:
-        saved = await st.combined_cache().save(key, res, time.time())
-    except BaseException:
-        st.solver.release_later(res)
-        raise
-    # The save's one exporter is the key's exporter (a MergedExporter of one
-    # exports exactly what its member does: two GC-tracked objects fewer per
-    # vertex, each walked by every full collection while the build is kept).
-    exporter: CacheExporter = (
-        saved.exporter if saved.exporter is not None else MergedExporter(())
-    )
-    return CachedResultWithKeys(res, [ExportableCacheKey(key, exporter)])
+async def _save_batch(execs: list[tuple[ColdNode, Any]]) -> list[CachedResultWithKeys]:
+    """Save each exec result of ``execs`` under its node's commit key, with one
+    ``save_many`` per cache (the vertices' combined caches: one, unless some have
+    their own cache sources) where the cache has it and has more than one result
+    to save, else one ``save`` each; the results wrapped with their keys, in
+    order. The results stay the caller's."""
+    now = time.time()
+    if len(execs) == 1:
+        # a chain's every batch: one save, in fewer calls than a batch of one
+        node, res = execs[0]
+        key = commit_key(node)
+        one = await node.state.combined_cache().save(key, res, now)
+        exporter: CacheExporter = one.exporter if one.exporter is not None else MergedExporter(())
+        return [CachedResultWithKeys(res, [ExportableCacheKey(key, exporter)])]
+    keys: list[CacheKey] = []
+    groups: list[tuple[CacheManager, list[int]]] = []
+    for i, (node, _) in enumerate(execs):
+        keys.append(commit_key(node))
+        cache = node.state.combined_cache()
+        for member, positions in groups:
+            if member is cache:
+                positions.append(i)
+                break
+        else:
+            groups.append((cache, [i]))
+    exported: list[ExportableCacheKey | None] = [None] * len(execs)
+    for cache, positions in groups:
+        save_many = getattr(cache, "save_many", None) if len(positions) > 1 else None
+        if save_many is not None:
+            batch = [(keys[i], execs[i][1], now) for i in positions]
+            for i, saved in zip(positions, await save_many(batch), strict=True):
+                exported[i] = saved
+        else:
+            for i in positions:
+                exported[i] = await cache.save(keys[i], execs[i][1], now)
+    out: list[CachedResultWithKeys] = []
+    for (_, res), key, saved in zip(execs, keys, exported, strict=True):
+        assert saved is not None
+        # The save's one exporter is the key's exporter (a MergedExporter of one
+        # exports exactly what its member does: two GC-tracked objects fewer per
+        # vertex, each walked by every full collection while the build is kept).
+        exporter = saved.exporter if saved.exporter is not None else MergedExporter(())
+        out.append(CachedResultWithKeys(res, [ExportableCacheKey(key, exporter)]))
+    return out
