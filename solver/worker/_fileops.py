@@ -416,58 +416,59 @@ def _copy_selection(root: str, action: Mapping[str, JSONValue]) -> tuple[str, li
     return "file", [Entry(name, real, st.st_mode)]
 
 
-def _content_digest(
-    root: str, actions: Sequence[Mapping[str, JSONValue]], digest: FileDigest = file_digest
+def _content_walk(
+    root: str,
+    actions: Sequence[Mapping[str, JSONValue]],
+    digest: FileDigest = file_digest,
+    files: dict[str, str] | None = None,
 ) -> str:
+    """The content digest of what the copy ``actions`` take from the input at
+    ``root``, in one walk of each selection; when ``files`` is given, each entry
+    is also put there, by its path in the input (``src`` for a file,
+    ``src/<path below it>`` for a directory's entries) -> the digest of its
+    :func:`entry_record` (what the op history keeps to name the files that
+    changed, ``docs/explain.md``)."""
     h = hashlib.sha256()
-    for action in actions:
-        try:
-            kind, entries = _copy_selection(root, action)
-        except (SolveError, OSError) as exc:
-            # An unusable source (unsafe, unreadable) is the exec's error to report,
-            # with its action named; the key just has to differ from any good one.
-            h.update(canonical_json([str(action["src"]), "error", str(exc)]) + b"\n")
-            continue
-        h.update(canonical_json([str(action["src"]), kind]) + b"\n")
-        hash_entries(entries, h, digest)
-    return "sha256:" + h.hexdigest()
-
-
-def content_digest_kept(
-    root: str, actions: Sequence[Mapping[str, JSONValue]], table: DigestTable | None
-) -> str:
-    """:func:`_content_digest` of the snapshot at ``root`` through its digest
-    ``table`` (files it knows are not read), which is then written if the key
-    added digests to it. Runs in a thread."""
-    try:
-        return _content_digest(root, actions, digest_of_files(table))
-    finally:
-        if table is not None:
-            table.save()
-
-
-def _content_files(
-    root: str, actions: Sequence[Mapping[str, JSONValue]], digest: FileDigest = file_digest
-) -> dict[str, str]:
-    """Each entry the copy ``actions`` take from the input at ``root``, by its
-    path in the input (``src`` for a file, ``src/<path below it>`` for a
-    directory's entries) -> the digest of its :func:`entry_record`: what
-    :func:`_content_digest` covers, one entry at a time."""
-    files: dict[str, str] = {}
     for action in actions:
         src = str(action["src"])
         try:
             kind, entries = _copy_selection(root, action)
         except (SolveError, OSError) as exc:
-            files[src] = digest_of(str(exc).encode())
+            # An unusable source (unsafe, unreadable) is the exec's error to report,
+            # with its action named; the key just has to differ from any good one.
+            h.update(canonical_json([src, "error", str(exc)]) + b"\n")
+            if files is not None:
+                files[src] = digest_of(str(exc).encode())
+            continue
+        h.update(canonical_json([src, kind]) + b"\n")
+        if files is None:
+            hash_entries(entries, h, digest)
             continue
         top = src.strip("/")
         for e in entries:
+            record = entry_record(e.rel, e.path, e.mode, digest)
+            h.update(record)
             name = top if kind != "dir" else f"{top}/{e.rel}" if top not in ("", ".") else e.rel
-            files[name] = digest_of(entry_record(e.rel, e.path, e.mode, digest))
+            files[name] = digest_of(record)
         if not entries:
             files[src] = digest_of(kind.encode())
-    return files
+    return "sha256:" + h.hexdigest()
+
+
+def content_digest_kept(
+    root: str,
+    actions: Sequence[Mapping[str, JSONValue]],
+    table: DigestTable | None,
+    files: dict[str, str] | None = None,
+) -> str:
+    """:func:`_content_walk` of the snapshot at ``root`` through its digest
+    ``table`` (files it knows are not read), which is then written if the key
+    added digests to it. Runs in a thread."""
+    try:
+        return _content_walk(root, actions, digest_of_files(table), files)
+    finally:
+        if table is not None:
+            table.save()
 
 
 def selection_digest(
@@ -678,31 +679,30 @@ class FileOp:
     def _content_key(self, index: int, copies: list[Mapping[str, JSONValue]]) -> ComputeDigest:
         async def compute(result: Result) -> str:
             view = snapshot_view(result, f"input {index} of file op {self.name!r}")
+            history = self.history() if self.history is not None else None
+            # the op history's list of the files the key covers comes from the
+            # same walk: one walk of the selection, not two
+            files: dict[str, str] | None = {} if history is not None else None
             digest = await anyio.to_thread.run_sync(
-                content_digest_kept, os.fspath(view.path), copies, self.store.digest_table(view)
+                content_digest_kept,
+                os.fspath(view.path),
+                copies,
+                self.store.digest_table(view),
+                files,
             )
-            await self._record_content(index, copies, view, digest)
+            if history is not None and files is not None:
+                await self._record_content(history, index, digest, files)
             return digest
 
         return compute
 
     async def _record_content(
-        self, index: int, copies: list[Mapping[str, JSONValue]], view: SnapshotView, digest: str
+        self, history: OpHistory, index: int, digest: str, files: dict[str, str]
     ) -> None:
         """Tell the worker's op history which files the content key ``digest`` of
-        input ``index`` covers, so that a miss can name the files that changed
-        (``docs/explain.md``). The files are hashed a second time for it (see
-        there for the cost)."""
-        history = self.history() if self.history is not None else None
-        if history is None:
-            return
+        input ``index`` covers (each with the digest of its entry), so that a
+        miss can name the files that changed (``docs/explain.md``)."""
         try:
-            files = await anyio.to_thread.run_sync(
-                _content_files,
-                os.fspath(view.path),
-                copies,
-                digest_of_files(self.store.digest_table(view)),
-            )
             slot = f"{digest_of(b'solver.worker/file/v1' + canonical_json(self.payload))}#{index}"
             await history.record_content(self.vertex, index, slot, digest, files)
         except Exception as exc:  # a help for explaining, never worth a failed build
