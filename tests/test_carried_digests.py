@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from digest_support import OLD, fresh_digests, settled  # noqa: F401 (fresh_digests: autouse)
 
 from solver import Solver
 from solver.testing import HandleTracker
@@ -25,23 +24,8 @@ from solver.worker._digesttables import DigestTable
 
 pytestmark = pytest.mark.anyio
 
-OLD = time.time_ns() - 10 * _digests.SETTLE_NS
 UNITS = 4
 OBJECT = 5000  # bytes each "object" a step writes adds to its source's
-
-
-def settled(path: Path, text: str) -> None:
-    path.write_text(text)
-    os.utime(path, ns=(OLD, OLD))
-
-
-@pytest.fixture(autouse=True)
-def fresh_memory(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    _digests.clear()
-    # ctime cannot be set back from user space: let "settled" mean "not in the future".
-    monkeypatch.setattr(_digests, "SETTLE_NS", -(10**18))
-    yield
-    _digests.clear()
 
 
 @pytest.fixture

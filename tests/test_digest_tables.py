@@ -19,12 +19,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import anyio.to_thread
 import pytest
+from digest_support import OLD, fresh_digests, settled  # noqa: F401 (fresh_digests: autouse)
 
 from solver import Solver
 from solver.testing import HandleTracker
@@ -32,23 +32,8 @@ from solver.worker import State, Worker, _digests, _digesttables, merge, run
 
 pytestmark = pytest.mark.anyio
 
-OLD = time.time_ns() - 10 * _digests.SETTLE_NS
 UNITS = 3
 HEADER = "#define X 1\n" * 500  # 6,000 bytes
-
-
-def settled(path: Path, text: str) -> None:
-    path.write_text(text)
-    os.utime(path, ns=(OLD, OLD))
-
-
-@pytest.fixture(autouse=True)
-def fresh_memory(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    _digests.clear()
-    # ctime cannot be set back from user space: let "settled" mean "not in the future".
-    monkeypatch.setattr(_digests, "SETTLE_NS", -(10**18))
-    yield
-    _digests.clear()
 
 
 @pytest.fixture

@@ -8,28 +8,13 @@ import time
 from pathlib import Path
 
 import pytest
+from digest_support import OLD, fresh_digests, settled  # noqa: F401 (fresh_digests: autouse)
 
 from solver import Solver
 from solver.testing import HandleTracker
 from solver.worker import State, Worker, _digests, merge
 
 pytestmark = pytest.mark.anyio
-
-OLD = time.time_ns() - 10 * _digests.SETTLE_NS
-
-
-def settled(path: Path, text: str) -> None:
-    """Write ``path`` and age it past the settle time (mtime; ctime is set by the
-    kernel, so tests that need a settled ctime go through :func:`age_ctime`)."""
-    path.write_text(text)
-    os.utime(path, ns=(OLD, OLD))
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    _digests.clear()
-    # ctime cannot be set back from user space: let "settled" mean "not in the future".
-    monkeypatch.setattr(_digests, "SETTLE_NS", -10**18)
 
 
 def test_a_file_is_hashed_once_while_unchanged(tmp_path: Path) -> None:
