@@ -218,21 +218,33 @@ def own_server() -> Iterator[PgServer]:
         shutil.rmtree(server.base, ignore_errors=True)
 
 
-def test_server_stopped_mid_build_goes_on_locally(tmp_path: Path, own_server: PgServer) -> None:
+def _build_with_server_stopped_mid_step(
+    tmp_path: Path, own_server: PgServer, url_suffix: str, out: Path | None
+) -> tuple[int, str, str]:
+    """A CLI build of a slow step whose server is stopped (immediate) while the
+    step holds its lease: the exit status, stdout and stderr."""
     url = own_server.new_database()
     defn = tmp_path / "slow.py"
     defn.write_text(SLOW_GRAPH.format(seconds=2))
-    proc = subprocess.Popen(_build_argv(defn, tmp_path / "a", url, tmp_path / "o"), env=_env(),
+    proc = subprocess.Popen(_build_argv(defn, tmp_path / "a", url + url_suffix, out),
+                            env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_lease(url, proc, hold=0.2)
         own_server.stop("immediate")
-        out, err = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 0, err
+    return proc.returncode, stdout, stderr
+
+
+def test_server_stopped_mid_build_goes_on_locally(tmp_path: Path, own_server: PgServer) -> None:
+    returncode, out, err = _build_with_server_stopped_mid_step(
+        tmp_path, own_server, "", tmp_path / "o"
+    )
+    assert returncode == 0, err
     assert PASSWORD not in out + err
     warnings = [line for line in err.splitlines() if "warning:" in line]
     assert len(warnings) == 1, err
@@ -240,7 +252,7 @@ def test_server_stopped_mid_build_goes_on_locally(tmp_path: Path, own_server: Pg
     assert "(unreachable: built locally)" in err
     assert (tmp_path / "o" / "id.txt").is_file()
     # nothing local was lost: the same cache directory has every step
-    again = build(defn, tmp_path / "a", None, None)
+    again = build(tmp_path / "slow.py", tmp_path / "a", None, None)
     assert again.returncode == 0, again.stderr
     assert again.stderr.count("CACHED") == 2, again.stderr
 
@@ -322,20 +334,9 @@ def test_a_bad_shared_cache_url_is_refused_without_its_password(
 def test_strict_fails_when_the_server_stops_mid_build(
     tmp_path: Path, own_server: PgServer
 ) -> None:
-    url = own_server.new_database()
-    defn = tmp_path / "slow.py"
-    defn.write_text(SLOW_GRAPH.format(seconds=2))
-    proc = subprocess.Popen(_build_argv(defn, tmp_path / "a", url + "&strict=true", None),
-                            env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for_lease(url, proc, hold=0.2)
-        own_server.stop("immediate")
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 1, err
+    returncode, out, err = _build_with_server_stopped_mid_step(
+        tmp_path, own_server, "&strict=true", None
+    )
+    assert returncode == 1, err
     assert PASSWORD not in out + err
     assert re.search(r"solver: error: .*shared cache postgresql://solver:\*\*\*@/", err), err
