@@ -434,3 +434,26 @@ def generate_sub_graph(nodes: int, rng: Any) -> tuple[Edge, int]:
     extra = rng.randrange(500)
     value += extra
     return Edge(vtx_sum(extra, inputs=inputs)), value
+
+
+@dataclass
+class Gate:
+    """A hook that blocks until opened and records how its calls ended."""
+
+    entered: anyio.Event = field(default_factory=anyio.Event)
+    opened: anyio.Event = field(default_factory=anyio.Event)
+    calls: int = 0
+    cancelled: int = 0
+    running: int = 0
+
+    async def wait(self) -> None:
+        self.calls += 1
+        self.running += 1
+        self.entered.set()
+        try:
+            await self.opened.wait()
+        except BaseException:
+            self.cancelled += 1
+            raise
+        finally:
+            self.running -= 1

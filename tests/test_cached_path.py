@@ -38,6 +38,7 @@ from solver.engine._cachedpath import seed_cached_root
 from solver.testing import HandleTracker
 from tests.harness import (
     Counters,
+    Gate,
     TestVertex,
     TrackingCacheManager,
     build_value,
@@ -228,29 +229,6 @@ async def test_cache_maps_of_a_warm_build_run_concurrently(
             assert barrier.arrived == 2
             assert counters == Counters(cache=6, exec=3)
             await j1.discard()
-
-
-@dataclass
-class Gate:
-    """A hook that blocks until opened and records how its calls ended."""
-
-    entered: anyio.Event = field(default_factory=anyio.Event)
-    opened: anyio.Event = field(default_factory=anyio.Event)
-    calls: int = 0
-    cancelled: int = 0
-    running: int = 0
-
-    async def wait(self) -> None:
-        self.calls += 1
-        self.running += 1
-        self.entered.set()
-        try:
-            await self.opened.wait()
-        except BaseException:
-            self.cancelled += 1
-            raise
-        finally:
-            self.running -= 1
 
 
 async def test_cancelled_while_a_cache_map_runs(handle_tracker: HandleTracker) -> None:

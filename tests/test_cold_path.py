@@ -15,7 +15,6 @@ and off give the same values, calls, loads and events) cover the cold path too.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import anyio
 import pytest
@@ -34,6 +33,7 @@ from solver.engine import _edge
 from solver.testing import HandleTracker
 from tests.harness import (
     Counters,
+    Gate,
     TestVertex,
     TrackingCacheManager,
     build_value,
@@ -74,29 +74,6 @@ class CountingCache(TrackingCacheManager):
             else:
                 self.leaf_queries += 1
         return await super().query_many(requests)
-
-
-@dataclass
-class Gate:
-    """A hook that blocks until opened and records how its calls ended."""
-
-    entered: anyio.Event = field(default_factory=anyio.Event)
-    opened: anyio.Event = field(default_factory=anyio.Event)
-    calls: int = 0
-    cancelled: int = 0
-    running: int = 0
-
-    async def wait(self) -> None:
-        self.calls += 1
-        self.running += 1
-        self.entered.set()
-        try:
-            await self.opened.wait()
-        except BaseException:
-            self.cancelled += 1
-            raise
-        finally:
-            self.running -= 1
 
 
 def diamond(**top: object) -> TestVertex:
@@ -416,6 +393,9 @@ async def test_failing_loads_on_the_cold_path_run_nothing_twice(
     with anyio.fail_after(TIMEOUT * 3):
         on = await run_builds(graphs, False, monkeypatch, fail_loads_from=1)
         off = await run_builds(graphs, True, monkeypatch, fail_loads_from=1)
+    # the path was taken (the first, cold build at least), and only with it on
+    assert on.seeded >= 1
+    assert off.seeded == 0
     assert on.values == off.values
     assert on.calls == off.calls
     for i, (a, b) in enumerate(zip(on.events, off.events, strict=True)):
@@ -479,6 +459,7 @@ async def test_a_cold_build_saves_each_batch_of_answers_in_one_call(
                     saved_before.update(batch)
                 j2 = s.new_job()
                 assert await build_value(j2, Edge(top)) == "top"
+                assert counters.exec == len(names)  # nothing ran again
                 assert cache.load_counter == 0
                 assert cache.save_counter == counters.exec
                 await j2.discard()

@@ -334,13 +334,14 @@ def _hold(node: ColdNode, cached: Any, run: _Run) -> None:
         run.own.append(result)
         return
     keys: Sequence[ExportableCacheKey]
-    if node.found_keys is None and node.record is None and not st.vtx.options.ignore_cache:
+    # (no ignore-cache vertex comes here: the cached path hands those to the edges)
+    if node.found_keys is None and node.record is None:
         # an exec's commit keys alone: the result's own list (never written to;
         # an edge made from it copies it), not a copy of it per vertex
         keys = cached.cache_keys
     else:
         keys = list(node.found_keys or ())
-        if node.record is None and not st.vtx.options.ignore_cache:
+        if node.record is None:
             keys.extend(cached.cache_keys)
     loaded = node.record is not None
     # The state holds the completion and makes the edge when it is first asked
