@@ -48,6 +48,7 @@ from ._sandbox import (
     find_bwrap,
     resolve_rootfs,
 )
+from ._snapshots import _remove_path
 
 __all__ = [
     "FAILED_DIR",
@@ -93,19 +94,8 @@ def _folder(store_root: Path, vertex: str) -> Path:
 
 def _force_remove(path: Path) -> None:
     """Remove ``path`` whatever the modes in it (read-only copies have no write
-    bits); missing is fine."""
-    if not os.path.lexists(path):
-        return
-    if not path.is_dir() or path.is_symlink():
-        path.unlink()
-        return
-    for top, dirs, _ in os.walk(path):
-        for name in dirs:
-            sub = os.path.join(top, name)
-            if not os.path.islink(sub):
-                os.chmod(sub, os.stat(sub).st_mode | stat.S_IRWXU)
-    os.chmod(path, os.stat(path).st_mode | stat.S_IRWXU)
-    shutil.rmtree(path)
+    bits); missing is fine: the store's own removal."""
+    _remove_path(os.fspath(path))
 
 
 def keep_failed_step(
