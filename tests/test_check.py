@@ -20,6 +20,7 @@ from solver import SolveError
 from solver.bridge import CheckReport, OpCheck, Solver, check_determinism, tree_digest
 from solver.cli._check import format_report, run_check
 from solver.definition import node
+from solver.insight import BuildHistory
 from solver.testing import HandleTracker
 from solver.worker import SandboxMode, SnapshotView, State, Worker, merge, run
 
@@ -136,6 +137,30 @@ async def test_a_deterministic_two_step_build_passes(
         report = await check_determinism(solver, second.definition())
     assert statuses(report) == [("write", "same"), ("join", "same")]
     assert report.ok
+
+
+async def test_a_check_adds_no_build_of_one_op_to_the_history(
+    tmp_path: Path, handle_tracker: HandleTracker
+) -> None:
+    """The check's rebuilds of one op each are not builds: a solver with a build
+    history records the builds of the whole definition (the user's, then the
+    check's own, cached) and none of the check's solves of one op."""
+    first = sh("mkdir -p out; printf 'a\\n' > out/a.txt", name="write")
+    second = sh("cat out/a.txt > out/b.txt", root=first, name="join")
+    history = BuildHistory(tmp_path / "history")
+    async with (
+        Worker(tmp_path / "store") as worker,
+        Solver(worker=worker, history=history) as solver,
+    ):
+        async with await solver.solve(second.definition()):
+            pass
+        [built] = history.entries()
+        report = await check_determinism(solver, second.definition())
+        assert report.ok
+        entries = history.entries()
+    assert len(entries) == 2
+    assert {e.build for e in entries} == {built.build}
+    assert sorted(e.executed for e in entries) == [0, 2]  # the build, then the cached one
 
 
 # -- the store and the handles ---------------------------------------------------------

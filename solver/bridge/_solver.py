@@ -62,7 +62,8 @@ _recording: ContextVar[bool] = ContextVar("solver_recording_definitions", defaul
 @contextlib.contextmanager
 def definitions_unrecorded() -> Iterator[None]:
     """Solves in this context (this task and what it awaits) leave the op history
-    as it is."""
+    and the build history as they are (``check_determinism``'s rebuilds of one op
+    each are not builds of their own)."""
     token = _recording.set(False)
     try:
         yield
@@ -268,11 +269,16 @@ class Solver(Engine):
         # Shielded: reading the job's buffered events never waits, and a caller
         # cancelled after its build ran still gets the build recorded (its next
         # checkpoint raises the cancellation, and the result is released then).
+        history = self.history if _recording.get() else None
         with anyio.CancelScope(shield=True):
             summary = await build_summary(
                 job, op_graph(edge), build=edge.vertex.digest, started=started, ended=ended
             )
-        record_build(summary, self.history)
+            if history is None:
+                record_build(summary, None)
+            else:
+                # files written and old records pruned: not on the event loop
+                await anyio.to_thread.run_sync(record_build, summary, history)
         return summary
 
     async def _solve_frontend(self, request: SolveRequest, job: Job) -> SolveResult:

@@ -205,7 +205,7 @@ class _Host:
             self.held.move_to_end(digest)
             self.stats.reused += 1
             return held.clone()
-        with scratch_file(self.root.parent) as path:
+        with scratch_file(self.store.root / "tmp") as path:
             await anyio.to_thread.run_sync(path.write_bytes, _blob_data(blob))
             ref = await self.codec.unpack(path)
         self.stats.unpacked += 1
@@ -217,7 +217,7 @@ class _Host:
             raise RemoteOpError(
                 f"a remote op returned {type(result).__name__}, not a snapshot"
             )
-        with scratch_file(self.root.parent) as path:
+        with scratch_file(self.store.root / "tmp") as path:
             digest = await self.codec.pack(result, path)
             if digest is None:  # pragma: no cover - a SnapshotRef always packs
                 raise RemoteOpError("a remote op's output is not a snapshot")
