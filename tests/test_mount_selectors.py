@@ -5,9 +5,13 @@ file runs again only when that file (or a header it mounts) changes."""
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import anyio
+import anyio.from_thread
 import pytest
 
 from solver import DefinitionError, SolveError, Solver
@@ -168,3 +172,45 @@ async def test_bad_selectors_are_refused_before_anything_runs(
 def test_selectors_must_name_read_only_mounts() -> None:
     with pytest.raises(ValueError, match="not read-only mounts: \\['m'\\]"):
         run(["true"], mounts={"m": State.inline({"a": "a"})}, selectors={"m": "a"})
+
+
+async def test_cancelled_while_a_selector_key_is_computed_leaks_nothing(
+    tmp_path: Path, handle_tracker: HandleTracker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The build is cancelled while a step's selector content key is being
+    computed (the await on the thread that hashes the selected paths): every
+    handle is released once (the tracker), no snapshot stays in use, and a
+    later build finishes with the right outputs."""
+    from solver.worker import _exec
+
+    hashing = anyio.Event()
+    real = _exec.selection_digest
+
+    def slow(*args: Any) -> str:  # runs in the worker thread of the key's await
+        anyio.from_thread.run_sync(hashing.set)
+        time.sleep(0.2)
+        return real(*args)
+
+    monkeypatch.setattr(_exec, "selection_digest", slow)
+    tree = tmp_path / "tree"
+    write_tree(tree, {"src/a.c": "A1\n", "src/b.c": "B1\n", "src/c.c": "C1\n",
+                      "include/x.h": "X1\n"})
+    finished = False
+    async with Worker(tmp_path / "w") as worker, Solver(worker=worker) as solver:
+        async with anyio.create_task_group() as tg:
+
+            async def cancel_once_hashing() -> None:
+                await hashing.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(cancel_once_hashing)
+            await build(solver, graph(tree))
+            finished = True
+            tg.cancel_scope.cancel()
+        assert hashing.is_set()
+        assert not finished  # cancelled while the key was being computed
+        assert not [i.id for i in await worker.store.usage() if i.in_use]
+        monkeypatch.setattr(_exec, "selection_digest", real)
+        out, ran = await build(solver, graph(tree))
+        assert out == {"a": b"A1\nX1\n", "b": b"B1\nX1\n", "c": b"C1\nX1\n"}
+        assert ran <= set(UNITS)
