@@ -64,7 +64,7 @@ if TYPE_CHECKING:
     from rich.live import Live
     from rich.text import Text
 
-from .._progress import ProgressEvent
+from .._progress import CACHED, COMPLETED, ERROR, LOG, STARTED, WAITING, ProgressEvent
 
 __all__ = [
     "JsonRenderer",
@@ -77,12 +77,6 @@ __all__ = [
     "run_progress",
 ]
 
-STARTED = "started"
-COMPLETED = "completed"
-CACHED = "cached"
-ERROR = "error"
-LOG = "log"
-WAITING = "waiting"
 CANCELED = "canceled"  # the tty renderer's own: still running when the stream ended
 
 LOG_LINES = 5  # log lines kept per step, printed under it if it fails
