@@ -40,7 +40,7 @@ from solver import Edge, InMemoryCacheManager, Solver
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.graphs import SHAPES, Graph, exec_counts, reset_exec_counts, resolve_op
-from benchmarks.profile_vertex import GcClock
+from benchmarks.suite import GcClock
 
 
 def _type_counts() -> collections.Counter[str]:

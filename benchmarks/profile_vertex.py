@@ -82,7 +82,7 @@ from benchmarks.graphs import (
     reset_exec_counts,
     resolve_op,
 )
-from benchmarks.suite import _version, machine_info as suite_machine_info
+from benchmarks.suite import GcClock, _version, machine_info as suite_machine_info
 
 _Profiler: Any
 try:  # optional: only for --pyinstrument
@@ -159,28 +159,6 @@ FuncKey = tuple[str, int, str]
 
 
 # -- timing ----------------------------------------------------------------------------
-class GcClock:
-    """Time spent in the cyclic collector while active (a ``gc.callbacks`` hook)."""
-
-    __slots__ = ("_started", "collections", "seconds", "seconds_by_generation")
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.seconds_by_generation = [0.0, 0.0, 0.0]
-        self.collections = [0, 0, 0]
-        self._started: float | None = None
-
-    def __call__(self, phase: str, info: dict[str, Any]) -> None:
-        if phase == "start":
-            self._started = time.perf_counter()
-        elif self._started is not None:
-            took = time.perf_counter() - self._started
-            self.seconds += took
-            self.seconds_by_generation[info["generation"]] += took
-            self.collections[info["generation"]] += 1
-            self._started = None
-
-
 @contextmanager
 def _clocked() -> Iterator[tuple[list[float], GcClock]]:
     """Time the block after a ``gc.collect()``: wall seconds in ``[0]`` and the

@@ -316,20 +316,26 @@ def _describe(exc: BaseException, phase: str) -> str:
     return f"{kind} in {phase}{where}: {message}"
 
 
-class _GCClock:
-    """Seconds the cyclic collector ran, from ``gc.callbacks`` (start/stop)."""
+class GcClock:
+    """Time spent in the cyclic collector while active (a ``gc.callbacks`` hook)."""
 
-    __slots__ = ("seconds", "started")
+    __slots__ = ("_started", "collections", "seconds", "seconds_by_generation")
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self.started = 0.0
+        self.seconds_by_generation = [0.0, 0.0, 0.0]
+        self.collections = [0, 0, 0]
+        self._started: float | None = None
 
-    def __call__(self, phase: str, info: dict[str, int]) -> None:
+    def __call__(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
-            self.started = time.perf_counter()
-        else:
-            self.seconds += time.perf_counter() - self.started
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            took = time.perf_counter() - self._started
+            self.seconds += took
+            self.seconds_by_generation[info["generation"]] += took
+            self.collections[info["generation"]] += 1
+            self._started = None
 
 
 @contextlib.contextmanager
@@ -341,7 +347,7 @@ def _stopwatch(gc_off: bool) -> Iterator[list[float]]:
     gc.collect()
     if gc_off:
         gc.disable()
-    clock = _GCClock()
+    clock = GcClock()
     gc.callbacks.append(clock)
     t = time.perf_counter()
     try:
@@ -453,7 +459,7 @@ async def _measure_shape(
     out.dask_us = rec.median_us("dask", n)
     out.cold_us = rec.median_us("cold", n)
     cold_s, cold_gc_s = rec.times.get("cold", []), rec.times.get("cold gc", [])
-    if cold_s and sum(cold_s) > 0:
+    if cold_s and sum(cold_s) > 0 and not cfg.gc_off:  # --gc-off: nothing to measure
         out.cold_gc_share = sum(cold_gc_s) / sum(cold_s)
     out.discard_us = rec.median_us("cold discard", n)
     out.warm_us = rec.median_us("warm", n)
