@@ -7,7 +7,6 @@ built-in worker's ``exec``) and the renderers of the command line.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -25,7 +24,6 @@ __all__ = [
     "current_log",
     "current_wait",
     "log_output",
-    "make_event",
     "report_cache_source",
     "report_waiting",
 ]
@@ -72,19 +70,6 @@ class ProgressEvent:
     data: bytes = b""
     stream: int = 0
     cache_source: str | None = None
-
-
-def make_event(
-    vertex: str,
-    name: str,
-    status: str,
-    error: BaseException | str | None = None,
-    data: bytes = b"",
-    stream: int = 0,
-    cache_source: str | None = None,
-) -> ProgressEvent:
-    text = None if error is None else (str(error) or type(error).__name__)
-    return ProgressEvent(vertex, name, status, time.time(), text, data, stream, cache_source)
 
 
 # Set by the engine while an op's exec runs: emits a log event for that vertex.

@@ -41,8 +41,8 @@ def event_record(
     stream: int = 0,
     cache_source: str | None = None,
 ) -> EventRecord:
-    """The record of an event that happens now (as :func:`~solver.make_event`
-    makes the event: an exception becomes its message, or its type's name)."""
+    """The record of an event that happens now, in :class:`ProgressEvent`'s field
+    order (an exception becomes its message, or its type's name)."""
     text = None if error is None else (str(error) or type(error).__name__)
     return (vertex, name, status, time.time(), text, data, stream, cache_source)
 
