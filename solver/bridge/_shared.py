@@ -636,14 +636,12 @@ class _SharedOp:
     async def exec(self, inputs: Sequence[Result]) -> Sequence[Result]:
         shared = self._shared
         if not shared.available:
-            shared._executed += 1
-            return await self._inner.exec(inputs)
+            return await self._run_here(inputs)
         digests: list[str] = []
         for result in inputs:
             digest = await shared.content_digest(result)
             if digest is None:  # not a snapshot: this op cannot be shared
-                shared._executed += 1
-                return await self._inner.exec(inputs)
+                return await self._run_here(inputs)
             digests.append(digest)
         action = digest_of(
             json.dumps(
@@ -652,29 +650,20 @@ class _SharedOp:
                 separators=(",", ":"),
             ).encode()
         )
-        record = await shared.find(action, self._vertex)
-        if record is not None:
-            outs = await shared.restore(record)
-            if outs is not None:
-                log_output(RESTORED_LINE, 2)
-                report_cache_source(SHARED_SOURCE)
-                return outs
+        outs = await self._restored(await shared.find(action, self._vertex))
+        if outs is not None:
+            return outs
         if shared.mode == "ro" or not shared.available:
-            shared._executed += 1
-            return await self._inner.exec(inputs)
+            return await self._run_here(inputs)
         return await self._exec_leased(action, inputs)
 
     async def _exec_leased(self, action: str, inputs: Sequence[Result]) -> Sequence[Result]:
         shared = self._shared
         try:
             async with shared.lease(action):
-                record = await shared.lookup(action)
-                if record is not None:
-                    outs = await shared.restore(record)
-                    if outs is not None:
-                        log_output(RESTORED_LINE, 2)
-                        report_cache_source(SHARED_SOURCE)
-                        return outs
+                outs = await self._restored(await shared.lookup(action))
+                if outs is not None:
+                    return outs
                 shared._executed += 1
                 outs = list(await self._inner.exec(inputs))
                 try:
@@ -688,7 +677,22 @@ class _SharedOp:
         except SharedCacheError as exc:
             # the lease could not be taken or kept: run here, without it
             shared._fail(exc)
-        shared._executed += 1
+        return await self._run_here(inputs)
+
+    async def _restored(self, record: ActionRecord | None) -> Sequence[Result] | None:
+        """The outputs of ``record`` (if any) restored from the shared cache, the
+        step's progress saying so; ``None`` when there is nothing to restore."""
+        if record is None:
+            return None
+        outs = await self._shared.restore(record)
+        if outs is not None:
+            log_output(RESTORED_LINE, 2)
+            report_cache_source(SHARED_SOURCE)
+        return outs
+
+    async def _run_here(self, inputs: Sequence[Result]) -> Sequence[Result]:
+        """Run the op on this machine, without the shared cache."""
+        self._shared._executed += 1
         return await self._inner.exec(inputs)
 
 
