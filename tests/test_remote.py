@@ -319,7 +319,7 @@ async def test_a_cluster_that_goes_away_gives_a_clear_error_and_leaks_nothing(
     step = sh("sleep 30; echo x > x.txt", name="orphan")
     c = _local_cluster(n=1)
     try:
-        async with remote_solver(tmp_path, c.scheduler_address) as (_, _, s):
+        async with remote_solver(tmp_path, c.scheduler_address) as (worker, _, s):
             with distributed.Client(c.scheduler_address, set_as_default=False) as client:
 
                 async def close_cluster() -> None:
@@ -333,6 +333,10 @@ async def test_a_cluster_that_goes_away_gives_a_clear_error_and_leaks_nothing(
                         await s.solve(step.definition())
                     except SolveError as exc:
                         failure = exc
+            # nothing left in use, no blob left in the store's scratch area
+            assert not [i.id for i in await worker.store.usage() if i.in_use]
+            assert [p for p in os.listdir(worker.store.root / "tmp")
+                    if p.startswith("blob-")] == []
     finally:
         c.close()
     assert failure is not None
