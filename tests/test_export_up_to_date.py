@@ -1,6 +1,6 @@
 """An export into a directory that already holds the same files is left alone
 (issue 21: a no-op ``solver build --output DIR`` copied the whole result again);
-a new result rewrites only the files that differ."""
+a new result rewrites the files that differ."""
 
 from __future__ import annotations
 
@@ -42,9 +42,14 @@ async def test_exporting_the_same_snapshot_again_changes_nothing(
         assert (dest / "d" / "b.txt").read_text() == "b\n"
 
 
-async def test_a_new_result_rewrites_only_what_differs(
+async def test_a_new_result_rewrites_what_differs_and_refuses_nothing(
     tmp_path: Path, handle_tracker: HandleTracker
 ) -> None:
+    """A new result over an earlier export: the changed file and the manifest are
+    rewritten, the rest is right. What is left alone is only what the same
+    snapshot file backs (the test above): a file hard-linked into a new snapshot
+    has a new ctime (linking changes it), which the export's source identity
+    includes against inode reuse, so it is written again."""
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
     (src / "a.txt").write_text("a\n")
