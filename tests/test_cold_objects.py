@@ -164,9 +164,13 @@ async def test_a_late_job_sees_a_long_history_in_order(handle_tracker: HandleTra
         await cache.close()
 
 
-async def test_a_cold_built_edge_exports_a_later_merges_inputs(
+async def test_a_cold_built_keys_exporter_shares_its_edges_merge_list(
     handle_tracker: HandleTracker,
 ) -> None:
+    """The key a cold build saved exports through its edge's secondary-exporter
+    list itself (made when first needed), so a later merge's inputs added to the
+    edge are in the export (the export of a merged key end to end:
+    ``tests/test_cache_export.py``, ``test_cache_exporting_merged_key``)."""
     with anyio.fail_after(TIMEOUT):
         cache = InMemoryCacheManager()
         async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
