@@ -340,8 +340,11 @@ async def test_a_root_held_by_another_process_is_waited_for(
             await waiting.open()
         assert scope.cancelled_caught
         assert not waiting.store.is_open
-        # ... and ends when the other process lets go
+        # ... and ends when the other process lets go (a fresh event: the waits
+        # above already set the first one, and letting go before this worker
+        # has tried would make it open without waiting)
         sighting.count = 0
+        sighting.seen = anyio.Event()
         worker = Worker(root)
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.open)
