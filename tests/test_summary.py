@@ -4,7 +4,9 @@ from the op records."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -20,7 +22,8 @@ from solver import (
     SolveRequest,
     node,
 )
-from solver.insight import BuildSummary, OpRecord, summarize
+from solver.bridge import job_events
+from solver.insight import BuildHistory, BuildSummary, OpRecord, op_graph, summarize
 from solver.testing import HandleTracker
 from solver.worker import Worker
 
@@ -203,3 +206,79 @@ async def test_job_events_do_not_wait_for_more() -> None:
         assert [e.status for e in events] == ["started", "completed"] * 2
         assert ops.execs == ["a", "b"]
         await job.discard()
+
+
+class FoldCount:
+    """Counts the folds of a build's events into a summary (``summarize`` as
+    ``Solver.solve`` calls it)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from solver.bridge import _summary
+
+        self.calls = 0
+        real = _summary.summarize  # type: ignore[attr-defined]
+
+        def counted(*args: Any, **kwargs: Any) -> BuildSummary:
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(_summary, "summarize", counted)
+
+
+async def test_a_summary_nobody_reads_is_never_folded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A solve without history or tracing folds its summary the first time
+    ``SolveResult.summary`` is read (also after the result is released), once,
+    and not at all when nobody reads it; what is read is what an eager fold of
+    the same events gives."""
+    folds = FoldCount(monkeypatch)
+    ops = Ops()
+    async with Solver(op_kinds=ops.registry()) as s:
+        async with await s.solve(diamond()):
+            pass
+        assert folds.calls == 0
+        async with await s.solve(diamond()) as res:
+            pass
+        assert folds.calls == 0
+        warm = res.summary  # read after the release
+        assert folds.calls == 1
+        assert res.summary is warm  # kept
+        assert folds.calls == 1
+        assert warm is not None
+        assert (warm.executed, warm.cached, warm.failed) == (0, 4, 0)
+        assert warm.cache_hits == {"unneeded": 3, "memory": 1}
+        assert warm.build == diamond().to_vertices(None).vertex.digest
+        assert len(warm.ops) == 4
+        # The same events, folded at once by hand, give the same summary.
+        job = s.new_job()
+        started = time.time()
+        edge = diamond("e").to_vertices(s.op_kinds)
+        async with await s.solve(diamond("e"), job=job) as res:
+            lazy = res.summary
+        events = await job_events(job)
+        await job.discard()
+        assert folds.calls == 2
+        assert lazy is not None
+        eager = summarize(events, op_graph(edge), build=lazy.build, started=lazy.started,
+                          ended=lazy.ended)
+        assert started <= lazy.started
+        assert [(op.digest, op.state, op.cache_source, op.inputs) for op in lazy.ops] == [
+            (op.digest, op.state, op.cache_source, op.inputs) for op in eager.ops
+        ]
+        assert (lazy.executed, lazy.cached) == (1, 3)
+    assert ops.execs == ["a", "b", "c", "d", "e"]
+
+
+async def test_a_recorded_build_is_folded_once_at_the_solve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folds = FoldCount(monkeypatch)
+    history = BuildHistory(tmp_path / "history")
+    async with Solver(op_kinds=Ops().registry(), history=history) as s:
+        async with await s.solve(diamond()) as res:
+            assert folds.calls == 1  # recorded before the result was returned
+            summary = res.summary
+        assert folds.calls == 1
+    assert summary is not None
+    last = history.get("last").summary
+    assert (last.build, last.executed) == (summary.build, summary.executed) == (
+        diamond().to_vertices(None).vertex.digest, 4)
