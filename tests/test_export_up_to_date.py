@@ -252,3 +252,44 @@ async def test_a_reused_inode_number_does_not_pass_for_the_file_it_was(
                 "source_path"] == str(two.sys.path / "a.txt")  # type: ignore[attr-defined]
         finally:
             await two.release()
+
+
+async def test_a_copy_whose_digest_the_store_does_not_know_is_read_not_written(
+    tmp_path: Path,
+) -> None:
+    """The new result's file is another inode with the same bytes and time, and
+    its snapshot's table does not know its digest: the export reads it once
+    (hashing it into the table: the next export reads nothing) and leaves the
+    output alone. A manifest whose ``source_path`` no file can have is no
+    error."""
+    dest = tmp_path / "out"
+    when = 1_700_000_000_000_000_000
+    async with SnapshotStore(tmp_path / "snapshots") as store:
+        one = await one_file(store, "same\n", when)
+        two = await one_file(store, "same\n", when)
+        try:
+            table = store.digest_table(one.sys)  # type: ignore[arg-type]
+            assert table is not None
+            table.file_digest(str(one.sys.path / "a.txt"))  # type: ignore[attr-defined]
+            await export_to_dir(one, dest)
+            doc = json.loads((dest / MANIFEST_NAME).read_text())
+            doc["entries"]["a.txt"]["source_path"] = "no\0such"
+            (dest / MANIFEST_NAME).write_text(json.dumps(doc))
+            before = identities(dest)
+            reads = hashed()
+            await export_to_dir(two, dest)
+            assert hashed() - reads == 1
+            after = identities(dest)
+            assert rewritten(before, after, dest) == {MANIFEST_NAME}
+            rec = json.loads((dest / MANIFEST_NAME).read_text())["entries"]["a.txt"]
+            assert rec["source_path"] == str(two.sys.path / "a.txt")  # type: ignore[attr-defined]
+            assert rec["digest"] == doc["entries"]["a.txt"]["digest"]
+            _digests.clear()  # a new process: only the store's tables remember
+            await export_to_dir(one, dest)  # back: the first file is still there
+            await export_to_dir(two, dest)
+            assert hashed() == 0
+            assert rewritten(after, identities(dest), dest) <= {MANIFEST_NAME}
+            assert (dest / "a.txt").read_text() == "same\n"
+        finally:
+            await one.release()
+            await two.release()

@@ -477,7 +477,7 @@ def _same_content(rec: Mapping[str, object], item: _Planned, found: dict[str, st
         if (source[0], source[1], source[3], source[4]) == mine:
             try:
                 now = os.lstat(path)
-            except OSError:
+            except (OSError, ValueError):  # gone (or a path no file can have)
                 now = None
             if now is not None and stat.S_ISREG(now.st_mode) and (
                 now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns
