@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from solver.worker import (
 )
 
 pytestmark = pytest.mark.anyio
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def rewritten(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]],
@@ -293,3 +296,35 @@ async def test_a_copy_whose_digest_the_store_does_not_know_is_read_not_written(
         finally:
             await one.release()
             await two.release()
+
+
+def test_solver_build_output_writes_only_what_a_one_file_change_changed(tmp_path: Path) -> None:
+    """``solver build --output DIR`` in a new process after one source file
+    changed: only that file and the manifest are written (the store's digest
+    tables and the recorded source paths tell, as the previous process left
+    them)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(20):
+        settled(src / f"f{i}.txt", f"file {i}\n")
+    state = merge([local_copy(src), State.scratch().mkfile("/extra.txt", "x\n")])
+    defn = tmp_path / "defn.json"
+    defn.write_text(state.definition().to_json())
+    out = tmp_path / "out"
+    env = {**os.environ, "SOLVER_CACHE_DIR": str(tmp_path / "cache")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    argv = [sys.executable, "-m", "solver", "build", str(defn), "--progress", "plain",
+            "--output", str(out)]
+
+    def build() -> None:
+        done = subprocess.run(argv, env=env, capture_output=True, timeout=120)
+        assert done.returncode == 0, done.stderr.decode()
+
+    build()
+    before = identities(out)
+    settled(src / "f3.txt", "changed\n")
+    build()
+    after = identities(out)
+    assert rewritten(before, after, out) == {"f3.txt", MANIFEST_NAME}
+    assert (out / "f3.txt").read_text() == "changed\n"
+    assert (out / "f4.txt").read_text() == "file 4\n"
