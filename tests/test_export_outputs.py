@@ -165,6 +165,7 @@ async def test_exporting_again_replaces_the_earlier_output_and_removes_what_is_g
                 # the snapshot file it was copied from, to leave it alone next time
                 "source": [src.st_dev, src.st_ino, src.st_ctime_ns, src.st_size,
                            src.st_mtime_ns],
+                "source_path": str(two.sys.path / "a.txt"),  # type: ignore[attr-defined]
             }
             await export_to_dir(one, dest)  # and back
             assert listing(dest) == {

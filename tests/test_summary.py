@@ -4,7 +4,11 @@ from the op records."""
 
 from __future__ import annotations
 
+import functools
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -12,15 +16,19 @@ from frontend_support import Ops, text
 from persistence_support import SnapOps, chain
 
 from solver import (
+    CacheRecord,
     Definition,
+    InMemoryCacheManager,
     LocalCacheExport,
     LocalCacheImport,
     ProgressEvent,
+    Result,
     Solver,
     SolveRequest,
     node,
 )
-from solver.insight import BuildSummary, OpRecord, summarize
+from solver.bridge import job_events
+from solver.insight import BuildHistory, BuildSummary, OpRecord, op_graph, summarize
 from solver.testing import HandleTracker
 from solver.worker import Worker
 
@@ -203,3 +211,193 @@ async def test_job_events_do_not_wait_for_more() -> None:
         assert [e.status for e in events] == ["started", "completed"] * 2
         assert ops.execs == ["a", "b"]
         await job.discard()
+
+
+class FoldCount:
+    """Counts the folds of a build's events into a summary (``summarize`` as
+    ``Solver.solve`` calls it)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from solver.bridge import _summary
+
+        self.calls = 0
+        real = _summary.summarize  # type: ignore[attr-defined]
+
+        def counted(*args: Any, **kwargs: Any) -> BuildSummary:
+            self.calls += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(_summary, "summarize", counted)
+
+
+async def test_a_summary_nobody_reads_is_never_folded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A solve without history or tracing folds its summary the first time
+    ``SolveResult.summary`` is read (also after the result is released), once,
+    and not at all when nobody reads it; what is read is what an eager fold of
+    the same events gives."""
+    folds = FoldCount(monkeypatch)
+    ops = Ops()
+    async with Solver(op_kinds=ops.registry()) as s:
+        async with await s.solve(diamond()):
+            pass
+        assert folds.calls == 0
+        async with await s.solve(diamond()) as res:
+            pass
+        assert folds.calls == 0
+        warm = res.summary  # read after the release
+        assert folds.calls == 1
+        assert res.summary is warm  # kept
+        assert folds.calls == 1
+        assert warm is not None
+        assert (warm.executed, warm.cached, warm.failed) == (0, 4, 0)
+        assert warm.cache_hits == {"unneeded": 3, "memory": 1}
+        assert warm.build == diamond().to_vertices(None).vertex.digest
+        assert len(warm.ops) == 4
+        # The same events, folded at once by hand, give the same summary.
+        job = s.new_job()
+        started = time.time()
+        edge = diamond("e").to_vertices(s.op_kinds)
+        async with await s.solve(diamond("e"), job=job) as res:
+            lazy = res.summary
+        events = await job_events(job)
+        await job.discard()
+        assert folds.calls == 2
+        assert lazy is not None
+        eager = summarize(events, op_graph(edge), build=lazy.build, started=lazy.started,
+                          ended=lazy.ended)
+        assert started <= lazy.started
+        assert [(op.digest, op.state, op.cache_source, op.inputs) for op in lazy.ops] == [
+            (op.digest, op.state, op.cache_source, op.inputs) for op in eager.ops
+        ]
+        assert (lazy.executed, lazy.cached) == (1, 3)
+    assert sorted(ops.execs[:4]) == ["a", "b", "c", "d"]
+    assert ops.execs[4:] == ["e"]
+
+
+async def test_a_recorded_build_is_folded_once_at_the_solve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folds = FoldCount(monkeypatch)
+    history = BuildHistory(tmp_path / "history")
+    async with Solver(op_kinds=Ops().registry(), history=history) as s:
+        async with await s.solve(diamond()) as res:
+            assert folds.calls == 1  # recorded before the result was returned
+            summary = res.summary
+        assert folds.calls == 1
+    assert summary is not None
+    last = history.get("last").summary
+    assert (last.build, last.executed) == (summary.build, summary.executed) == (
+        diamond().to_vertices(None).vertex.digest, 4)
+
+
+class _LoadOrder(InMemoryCacheManager):
+    """An in-memory cache whose load of the result ``"v"`` waits until the
+    result ``"vc"`` has been loaded (and, with ``hold``, until cancelled), so a
+    consumer's ``cached`` event comes first, in every run."""
+
+    def __init__(self, *, hold: bool = False) -> None:
+        super().__init__()
+        self.hold = hold
+        self.consumer_loaded = anyio.Event()
+        self.input_waiting = anyio.Event()
+        self.input_cancelled = False
+
+    async def load(self, record: CacheRecord) -> Result:
+        result = await super().load(record)
+        if result.sys == "vc":
+            self.consumer_loaded.set()
+        elif result.sys == "v":
+            self.input_waiting.set()
+            try:
+                await self.consumer_loaded.wait()
+                if self.hold:
+                    await anyio.sleep_forever()
+            except anyio.get_cancelled_exc_class():
+                self.input_cancelled = True
+                with anyio.CancelScope(shield=True):
+                    await result.release()
+                raise
+        return result
+
+
+def consumers_of_v() -> tuple[Definition, Definition]:
+    """``C(V)``, then ``T(C(V), D(V))``: C is found, D is new and needs V's result."""
+    v = node("test.text", {"text": "v"}, name="V")
+    c = node("test.text", {"text": "c"}, inputs=[v], name="C")
+    d = node("test.text", {"text": "d"}, inputs=[v], name="D")
+    return Definition.of(c), Definition.of(node("test.text", {"text": "t"}, inputs=[c, d],
+                                                name="T"))
+
+
+async def test_an_input_loaded_after_its_found_consumer_says_where_it_came_from(
+    handle_tracker: HandleTracker,
+) -> None:
+    """V is loaded for D after C (also V's consumer) was loaded: C's ``cached``
+    event used to mark V cached as ``unneeded`` and V's own event, saying
+    ``memory``, was dropped, so the summary said V was never loaded."""
+    ops = Ops()
+    cache = _LoadOrder()
+    async with Solver(op_kinds=ops.registry(), default_cache=cache) as s:
+        first, second = consumers_of_v()
+        async with await s.solve(first):
+            pass
+        job = s.new_job()
+        async with await s.solve(second, job=job) as res:
+            summary = res.summary
+            assert res.ref is not None
+            assert res.ref.sys == "vcvdt"
+        events = await job_events(job)
+        await job.discard()
+    await cache.close()  # the caller's: it holds the results
+    assert ops.execs == ["v", "c", "d", "t"]
+    assert cache.consumer_loaded.is_set()
+    assert summary is not None
+    assert summary.cache_hits == {"memory": 2}
+    assert {op.name: (op.state, op.cache_source) for op in summary.ops} == {
+        "V": ("cached", "memory"), "C": ("cached", "memory"),
+        "D": ("executed", None), "T": ("executed", None),
+    }
+    # one cached event for V, the load's own
+    assert [(e.status, e.cache_source) for e in events if e.name == "V"] == [("cached", "memory")]
+    assert ops.live_values() == []
+
+
+async def test_an_input_whose_load_is_cancelled_after_its_consumer_was_found_is_cached(
+    handle_tracker: HandleTracker,
+) -> None:
+    """When V's load (deferred past C's ``cached`` event) is cancelled, V still
+    gets the ``cached`` event C's would have given it, and nothing leaks."""
+    ops = Ops()
+    cache = _LoadOrder()
+    async with Solver(op_kinds=ops.registry(), default_cache=cache) as s:
+        first, second = consumers_of_v()
+        async with await s.solve(first):
+            pass
+        cache.hold = True
+        job = s.new_job()
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(functools.partial(s.solve, second, job=job))
+                await cache.input_waiting.wait()
+                await cache.consumer_loaded.wait()
+                await wait_until(lambda: cache.input_cancelled, scope)
+        events = await job_events(job)
+        await job.discard()
+    await cache.close()  # the caller's: it holds the results
+    assert cache.input_cancelled
+    assert [(e.status, e.cache_source) for e in events if e.name == "V"] == [("cached", None)]
+    assert ops.execs == ["v", "c"]
+    assert ops.live_values() == []
+
+
+async def wait_until(done: Callable[[], bool], scope: anyio.CancelScope) -> None:
+    """Let the solve reach V's held load, cancel ``scope``, and wait (shielded)
+    until ``done()``."""
+    for _ in range(100):
+        await anyio.lowlevel.checkpoint()
+    scope.cancel()
+    with anyio.CancelScope(shield=True):
+        for _ in range(1000):
+            if done():
+                return
+            await anyio.sleep(0.001)

@@ -8,7 +8,7 @@ registry, builds its output in a job of its own, and hands back a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -56,13 +56,18 @@ class SolveResult:
     a handle of its own). ``summary`` (a :class:`~solver.insight.BuildSummary`)
     says what the solve of a definition did: ops run, cached (by cache source)
     and failed, time in ops and in the engine, the critical path (``None`` for a
-    frontend solve). Every handle in it is distinct, even where a frontend
+    frontend solve). It may be given as a function of no arguments that makes
+    it: that is called the first time ``summary`` is read, and only then
+    (:meth:`Solver.solve` folds a build's events into its summary so, lazily).
+    Every handle in it is distinct, even where a frontend
     returned one value several times. ``release()`` releases every handle it holds
     exactly once; calling it again does nothing. Use it as an async context manager
     to release on exit.
     """
 
-    __slots__ = ("_released", "attestations", "metadata", "ref", "refs", "summary")
+    __slots__ = (
+        "_make_summary", "_released", "_summary", "attestations", "metadata", "ref", "refs"
+    )
 
     def __init__(
         self,
@@ -70,10 +75,15 @@ class SolveResult:
         refs: Mapping[str, CachedResult] | None = None,
         metadata: Mapping[str, bytes] | None = None,
         attestations: Mapping[str, list[Attestation[CachedResult]]] | None = None,
-        summary: BuildSummary | None = None,
+        summary: BuildSummary | Callable[[], BuildSummary] | None = None,
     ) -> None:
         self.ref = ref
-        self.summary = summary
+        self._summary: BuildSummary | None = None
+        self._make_summary: Callable[[], BuildSummary] | None = None
+        if callable(summary):
+            self._make_summary = summary
+        else:
+            self._summary = summary
         self.refs: dict[str, CachedResult] = dict(refs or {})
         self.metadata: dict[str, bytes] = dict(metadata or {})
         self.attestations: dict[str, list[Attestation[CachedResult]]] = {
@@ -84,6 +94,21 @@ class SolveResult:
     def __repr__(self) -> str:
         state = " released" if self._released else ""
         return f"<SolveResult ref={self.ref!r} refs={sorted(self.refs)}{state}>"
+
+    @property
+    def summary(self) -> BuildSummary | None:
+        """What the solve did (see the class docs); made on first read when it
+        was given as a function."""
+        make = self._make_summary
+        if make is not None:
+            self._summary = make()
+            self._make_summary = None
+        return self._summary
+
+    @summary.setter
+    def summary(self, value: BuildSummary | None) -> None:
+        self._summary = value
+        self._make_summary = None
 
     @property
     def released(self) -> bool:

@@ -35,13 +35,13 @@ from ..definition import (
     history_records,
 )
 from ..engine import Engine, Job
-from ..insight import BuildHistory, BuildSummary, op_graph
+from ..insight import BuildHistory, tracing_enabled
 from ..worker import Worker
 from ._bridge import SolverBridge, to_solve_result
 from ._caches import build_with_caches, opened_imports, run_exports
 from ._frontend import Frontend
 from ._request import SolveRequest, SolveResult
-from ._summary import build_summary, record_build
+from ._summary import PendingSummary, pending_summary, record_build
 
 if TYPE_CHECKING:
     from ..remote import DaskCluster
@@ -262,23 +262,22 @@ class Solver(Engine):
                 raise
         return solved
 
-    async def _summarize(self, job: Job, edge: Edge, started: float) -> BuildSummary:
-        """The summary of the build of ``edge`` in ``job``, recorded in the history
-        when there is one (a failure to write it is logged, not raised)."""
+    async def _summarize(self, job: Job, edge: Edge, started: float) -> PendingSummary:
+        """The summary of the build of ``edge`` in ``job``, folded when first read
+        (``bridge/_summary.py``), or now to record it in the history when there
+        is one (a failure to write it is logged, not raised) or send its spans."""
         ended = time.time()
         # Shielded: reading the job's buffered events never waits, and a caller
         # cancelled after its build ran still gets the build recorded (its next
         # checkpoint raises the cancellation, and the result is released then).
         history = self.history if _recording.get() else None
         with anyio.CancelScope(shield=True):
-            summary = await build_summary(
-                job, op_graph(edge), build=edge.vertex.digest, started=started, ended=ended
-            )
-            if history is None:
-                record_build(summary, None)
-            else:
+            summary = await pending_summary(job, edge, started=started, ended=ended)
+            if history is not None:
                 # files written and old records pruned: not on the event loop
-                await anyio.to_thread.run_sync(record_build, summary, history)
+                await anyio.to_thread.run_sync(record_build, summary(), history)
+            elif tracing_enabled():
+                record_build(summary(), None)
         return summary
 
     async def _solve_frontend(self, request: SolveRequest, job: Job) -> SolveResult:

@@ -117,7 +117,9 @@ class VertexState:
         "children",
         "history",
         "key",
+        "loading",
         "main_cache",
+        "mark_deferred",
         "op",
         "orig_digest",
         "output0",
@@ -168,6 +170,12 @@ class VertexState:
         # progress: the records of the events so far (a tuple while short: see
         # _publish), and the jobs that see them
         self.history: tuple[EventRecord, ...] | list[EventRecord] = ()
+        # loads of this vertex requested and not answered (SharedOp.request_load):
+        # a consumer does not mark it cached meanwhile, since its load will say
+        # where it came from; ``mark_deferred`` says a consumer would have, which
+        # its load does if it fails or is cancelled (docs/insight.md)
+        self.loading = 0
+        self.mark_deferred = False
         # whether every job in ``jobs`` watches this state (true after a full
         # connect; a merge that adds jobs clears it)
         self.watched = False
@@ -476,6 +484,9 @@ class VertexState:
         while stack:
             st = actives.get(stack.pop())
             if st is None or st.history:
+                continue
+            if st.loading:
+                st.mark_deferred = True  # its load's event says where it came from
                 continue
             st._publish(CACHED)
             stack.extend(inp.vertex.digest for inp in st.vtx.inputs)

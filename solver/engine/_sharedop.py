@@ -336,6 +336,7 @@ class SharedOp:
 
     # -- cache loads ------------------------------------------------------------------
     def request_load(self, pipe: Pipe, record: CacheRecord) -> None:
+        self.state.loading += 1  # answered in _load, whatever happens
         self.state.solver.spawn(self._load, pipe, record)
 
     async def _load(self, pipe: Pipe, record: CacheRecord) -> None:
@@ -356,6 +357,12 @@ class SharedOp:
             raise
         except BaseException as exc:
             err = exc
+        st = self.state
+        st.loading -= 1
+        if st.mark_deferred and not st.loading:
+            st.mark_deferred = False
+            if value is None and not st.history:
+                st.emit(CACHED)  # a consumer's key matched: not needed after all
         pipe.waiter = None
         if value is not None:
             pipe.finalize(value, None, owned=True)

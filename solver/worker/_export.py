@@ -19,14 +19,23 @@ Exporting into the same directory again. A directory export records what it
 wrote in a manifest, :data:`MANIFEST_NAME` (``.solver-output.json``), in the
 destination: every entry below it, with its type, and for a file its size and
 modification time (nanoseconds) and the snapshot file it was copied from
-(``source``: device, inode, ctime, size, mtime), for a symlink its target. The
-next export into that directory then
+(``source``: device, inode, ctime, size, mtime; ``source_path``: its path in the
+store) and, when the store knows it, the SHA-256 of its bytes (``digest``), for
+a symlink its target. The next export into that directory then
 
 * leaves the directory alone when it holds exactly what it would write: every
-  entry unchanged since the last export and copied from the same snapshot file
-  (a committed snapshot's files never change), nothing else, and the same modes
-  and directory times (a no-op ``solver build --output DIR`` writes nothing);
-  otherwise it skips, one by one, the files that are in that state;
+  entry unchanged since the last export and holding what its new source holds,
+  nothing else, and the same modes and directory times (a no-op ``solver build
+  --output DIR`` writes nothing); otherwise it skips, one by one, the files that
+  are in that state. A file holds what its new source holds when that source is
+  the same snapshot file (same ``source``: a committed snapshot's files never
+  change), or the same inode as the recorded ``source_path``, which still exists
+  (a file hard-linked into a new snapshot: linking changed its ctime), or a file
+  with the same size, time and ``digest`` (from the snapshot's digest table,
+  :mod:`solver.worker._digesttables`, or hashed then: a read, never a write).
+  Device and inode alone are never trusted: a deleted snapshot's inode number
+  can be reused, but not while the recorded path still holds it (snapshot ids
+  are random, so a path is never reused either);
 
 * replaces the entries the manifest lists, and removes those the new tree no
   longer has;
@@ -48,6 +57,11 @@ its name. While it runs the manifest lists both what the previous export wrote
 and every path of the new tree (``"complete": false``, plus the suffix of its
 temporary names), so an export that is interrupted leaves a directory the next
 export replaces without complaint.
+
+The manifest stays version 1: ``source_path`` and ``digest`` are optional
+fields that the previous version ignores (it compares ``source``, which is
+always the identity of the file the output now matches), and a manifest
+without them is used as that version used it (a linked file is written again).
 
 The caller keeps ownership of every ref: it must hold a live handle while the
 export runs.
@@ -73,6 +87,7 @@ import anyio
 
 from .._errors import SolveError
 from .._result import Result
+from ._digesttables import DigestTable
 from ._snapshots import SnapshotView
 
 __all__ = [
@@ -103,6 +118,18 @@ def exported_mode(mode: int) -> int:
     return stat.S_IMODE(mode) | stat.S_IWUSR
 
 
+#: One part of a directory export: its name in the destination (``""``: the
+#: destination itself), its source (a snapshot's directory, or a file's bytes)
+#: and the digest table of that snapshot (``None`` for bytes).
+_Part = tuple[str, Path | bytes, DigestTable | None]
+
+
+def _digest_table(view: SnapshotView) -> DigestTable | None:
+    """The store's digest table of the snapshot ``view`` shows (nothing is read
+    until it is used), or ``None`` when the store has none for it."""
+    return view._record.store.digest_table(view)
+
+
 def _view_of(ref: Result) -> SnapshotView:
     view = getattr(ref, "sys", None)
     if not isinstance(view, SnapshotView):
@@ -128,7 +155,7 @@ async def export_to_dir(
     ``dest`` as an absolute path.
     """
     view = _view_of(ref)
-    parts: list[tuple[str, Path | bytes]] = [("", view.path)]
+    parts: list[_Part] = [("", view.path, _digest_table(view))]
     try:
         return await anyio.to_thread.run_sync(_export_dir, parts, Path(dest), overwrite)
     except OSError as exc:
@@ -146,11 +173,15 @@ async def export_parts_to_dir(
     holding those bytes. Names are single path components. ``dest`` itself keeps
     its mode; otherwise as :func:`export_to_dir` (one manifest for everything).
     Returns ``dest`` as an absolute path."""
-    layout: list[tuple[str, Path | bytes]] = []
+    layout: list[_Part] = []
     for name, part in parts.items():
         if name in ("", ".", "..", MANIFEST_NAME) or "/" in name or "\0" in name:
             raise SolveError(f"cannot export to {dest}: {name!r} is not usable as an entry name")
-        layout.append((name, part if isinstance(part, bytes) else _view_of(part).path))
+        if isinstance(part, bytes):
+            layout.append((name, part, None))
+        else:
+            view = _view_of(part)
+            layout.append((name, view.path, _digest_table(view)))
     try:
         return await anyio.to_thread.run_sync(_export_dir, layout, Path(dest), overwrite)
     except OSError as exc:
@@ -295,11 +326,14 @@ def _tar_to_stdout(src: Path) -> None:
 @dataclass(frozen=True, slots=True)
 class _Planned:
     """An entry the export writes: its type, its source (a path in a snapshot, or
-    the bytes of a file) and the source's ``lstat`` (None for bytes)."""
+    the bytes of a file) and the source's ``lstat`` (None for bytes); for a file
+    of a snapshot, that snapshot's digest table and the file's path in it."""
 
     kind: _Kind
     src: str | bytes
     st: os.stat_result | None
+    table: DigestTable | None = None
+    rel: str = ""
 
 
 class _BadManifest(ValueError):
@@ -312,18 +346,18 @@ class _Manifest:
     partial_suffix: str | None
 
 
-def _plan(parts: list[tuple[str, Path | bytes]]) -> dict[str, _Planned]:
+def _plan(parts: list[_Part]) -> dict[str, _Planned]:
     """Every entry to write, parents before children (``""`` is the destination
     itself, when one part is the whole tree)."""
     new: dict[str, _Planned] = {}
-    for name, source in parts:
+    for name, source, table in parts:
         if isinstance(source, bytes):
             new[name] = _Planned("file", source, None)
             continue
         new[name] = _Planned("dir", os.fspath(source), os.lstat(source))
         for entry in _output_entries(source):
             new[f"{name}/{entry.rel}" if name else entry.rel] = _Planned(
-                entry.kind, entry.path, entry.st
+                entry.kind, entry.path, entry.st, table, entry.rel
             )
     return new
 
@@ -407,30 +441,84 @@ def _source_id(item: _Planned) -> list[int] | None:
     """What identifies the snapshot file an entry is copied from: its device,
     inode, ctime, size and mtime. A committed snapshot's files never change (its
     ctime is the seal's), and a new inode with the same number also has a new
-    ctime; ``None`` for bytes and anything but a file."""
+    ctime; ``None`` for bytes and anything but a file. Linking the file into
+    another snapshot changes its ctime too: :func:`_same_content` then decides."""
     st = item.st
     if item.kind != "file" or st is None or isinstance(item.src, bytes):
         return None
     return [st.st_dev, st.st_ino, st.st_ctime_ns, st.st_size, st.st_mtime_ns]
 
 
+def _same_content(rec: Mapping[str, object], item: _Planned, found: dict[str, str]) -> bool:
+    """Whether the file an export wrote (``rec``, unchanged since) holds the bytes
+    and modification time of the snapshot file ``item`` would copy, when the
+    recorded source identity no longer matches (a hard link into a new snapshot
+    changed the ctime, or the new snapshot has a new copy of the same bytes).
+    Puts the digest it vouches for in ``found[item.src]``. Either
+
+    * the recorded source file (``source_path``) still exists and is ``item``'s
+      inode (same device, inode, size and mtime): a sealed file never changes and
+      a snapshot's path is never reused (random ids), so that inode has held those
+      bytes since the export copied them, and no other file can have reused its
+      number while it exists; or
+    * the recorded ``digest`` is the content digest of ``item``'s file, from its
+      snapshot's digest table (kept or carried through links by the store), or
+      hashed now (a read, never a write) when the table does not know it.
+    """
+    st = item.st
+    if st is None or isinstance(item.src, bytes):
+        return False
+    if rec.get("size") != st.st_size or rec.get("mtime_ns") != st.st_mtime_ns:
+        return False  # the output would get other bytes or another time
+    digest = rec.get("digest")
+    source, path = rec.get("source"), rec.get("source_path")
+    if isinstance(source, list) and len(source) == 5 and isinstance(path, str):
+        mine = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if (source[0], source[1], source[3], source[4]) == mine:
+            try:
+                now = os.lstat(path)
+            except (OSError, ValueError):  # gone (or a path no file can have)
+                now = None
+            if now is not None and stat.S_ISREG(now.st_mode) and (
+                now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns
+            ) == mine:
+                if isinstance(digest, str):
+                    found[item.src] = digest
+                return True
+    if not isinstance(digest, str) or item.table is None:
+        return False
+    if item.table.file_digest(item.src) != digest:
+        return False
+    found[item.src] = digest
+    return True
+
+
 def _up_to_date(
-    rec: Mapping[str, object] | None, item: _Planned, st: os.stat_result | None
+    rec: Mapping[str, object] | None,
+    item: _Planned,
+    st: os.stat_result | None,
+    found: dict[str, str],
 ) -> bool:
     """Whether an entry an export wrote (``rec``, already checked unchanged since,
     now ``st``) is exactly what exporting ``item`` would write again, so that it
-    can be left alone: a file copied from the same snapshot file, with the mode
-    and time the export gives it; a directory with its mode and time."""
+    can be left alone: a file with the bytes and time of the snapshot file it
+    would be copied from (the same file, or :func:`_same_content`) and the mode
+    the export gives it; a directory with its mode and time."""
     if rec is None or st is None or rec.get("pending") is True or item.st is None:
         return False
     if item.kind == "file":
         source = _source_id(item)
-        return (
-            source is not None
-            and rec.get("source") == source
-            and stat.S_ISREG(st.st_mode)
+        if source is None or not (
+            stat.S_ISREG(st.st_mode)
             and stat.S_IMODE(st.st_mode) == exported_mode(item.st.st_mode)
-        )
+        ):
+            return False
+        if rec.get("source") == source:
+            digest = rec.get("digest")
+            if isinstance(digest, str) and isinstance(item.src, str):
+                found[item.src] = digest
+            return True
+        return _same_content(rec, item, found)
     if item.kind == "dir":
         return (
             stat.S_ISDIR(st.st_mode)
@@ -440,13 +528,25 @@ def _up_to_date(
     return False
 
 
-def _record(path: Path, kind: _Kind, item: _Planned | None = None) -> dict[str, object]:
+def _record(
+    path: Path, kind: _Kind, item: _Planned | None = None, digest: str | None = None
+) -> dict[str, object]:
+    """The manifest record of the entry just written (or left alone) at ``path``;
+    for a file copied from a snapshot, where from (``source``, ``source_path``)
+    and, when known, the content digest of its bytes."""
     if kind == "file":
         st = os.lstat(path)
         rec: dict[str, object] = {"type": kind, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         source = None if item is None else _source_id(item)
         if source is not None:
+            assert item is not None
+            assert isinstance(item.src, str)
             rec["source"] = source
+            rec["source_path"] = os.path.abspath(item.src)
+            if digest is None and item.table is not None and item.st is not None:
+                digest = item.table.lookup(item.rel, item.st)
+            if digest is not None:
+                rec["digest"] = digest
         return rec
     if kind == "symlink":
         return {"type": kind, "target": os.readlink(path)}
@@ -528,7 +628,7 @@ def _refusal(dest: Path, offending: list[tuple[str, str]]) -> SolveError:
     )
 
 
-def _export_dir(parts: list[tuple[str, Path | bytes]], dest: Path, overwrite: bool) -> Path:
+def _export_dir(parts: list[_Part], dest: Path, overwrite: bool) -> Path:
     dest = dest.absolute()
     if dest.is_symlink() or (os.path.lexists(dest) and not dest.is_dir()):
         raise SolveError(f"cannot export to {dest}: it exists and is not a directory")
@@ -569,19 +669,37 @@ def _export_dir(parts: list[tuple[str, Path | bytes]], dest: Path, overwrite: bo
 
     # An export of the same snapshot files into an untouched earlier export: every
     # entry is already what it would write, nothing is extra. Leave it alone.
-    done_before = {
-        rel for rel, item in new.items()
-        if rel and rel in ours and _up_to_date(manifest.entries.get(rel), item, existing[rel])
-    }
-    if (
-        manifest.partial_suffix is None
-        and not offending
-        and "" in new
-        and set(ours) == done_before == set(new) - {""}
-        and _up_to_date({"type": "dir"}, new[""], os.lstat(dest))
-    ):
-        return dest
+    found: dict[str, str] = {}  # source path -> the digest its output was found to hold
+    try:
+        done_before = {
+            rel for rel, item in new.items()
+            if rel and rel in ours
+            and _up_to_date(manifest.entries.get(rel), item, existing[rel], found)
+        }
+        if (
+            manifest.partial_suffix is None
+            and not offending
+            and "" in new
+            and set(ours) == done_before == set(new) - {""}
+            and _up_to_date({"type": "dir"}, new[""], os.lstat(dest), found)
+        ):
+            return dest
+        return _write_export(dest, new, existing, ours, done_before, found)
+    finally:
+        # digests the checks hashed are kept for the next export and content key
+        for table in {id(t): t for _, _, t in parts if t is not None}.values():
+            table.save()
 
+
+def _write_export(
+    dest: Path,
+    new: dict[str, _Planned],
+    existing: dict[str, os.stat_result],
+    ours: dict[str, dict[str, object]],
+    done_before: set[str],
+    found: dict[str, str],
+) -> Path:
+    """Steps 2 to 5 of :func:`_export_dir`: write what is not ``done_before``."""
     suffix = _new_suffix([*new, *existing])
     dest.mkdir(parents=True, exist_ok=True)
     # 2. While the export runs, the manifest claims both the old and the new paths
@@ -611,13 +729,23 @@ def _export_dir(parts: list[tuple[str, Path | bytes]], dest: Path, overwrite: bo
 
     # 5. The manifest of what is there now, then directory modes and times (last:
     #    writing into a directory changes its modification time).
-    done = {rel: _record(dest / rel, item.kind, item) for rel, item in new.items() if rel}
+    done = {
+        rel: _record(
+            dest / rel, item.kind, item, found.get(item.src) if isinstance(item.src, str) else None
+        )
+        for rel, item in new.items() if rel
+    }
     _write_manifest(dest, done, suffix, complete=True)
+    #    A directory already so (nothing written in it) is left alone.
     for rel, item in reversed(new.items()):
         if item.kind == "dir" and item.st is not None:
             path = dest / rel if rel else dest
-            os.chmod(path, exported_mode(item.st.st_mode))
-            os.utime(path, ns=(item.st.st_atime_ns, item.st.st_mtime_ns))
+            mode = exported_mode(item.st.st_mode)
+            now = os.lstat(path)
+            if stat.S_IMODE(now.st_mode) != mode:
+                os.chmod(path, mode)
+            if now.st_mtime_ns != item.st.st_mtime_ns:
+                os.utime(path, ns=(item.st.st_atime_ns, item.st.st_mtime_ns))
     return dest
 
 
