@@ -12,6 +12,10 @@ After BuildKit's ``solver/jobs.go``.
 * A state lives while any job or parent state (a nested build) refers to it;
   ``Job.discard`` removes the job everywhere and deletes what is left
   unreferenced, releasing the edges' results and the op's outputs.
+* K jobs asking for one root share its graph as a whole: the first loads it,
+  the second makes the root's hold (:class:`_Hold`, one holder and one shared
+  event log for every job that joins that root), and every later fresh job
+  joins the hold in O(1) (``Engine._join``).
 * When the scheduler merges an edge into an equal one, the jobs of the merged
   state are added to the target, its ancestors and merged inputs, so the target
   outlives every job that reaches it (BuildKit's "inconsistent graph state" fix).
