@@ -9,7 +9,9 @@ live; a job cancelled among K leaves the others' build running (the first job as
 well as a later one) and the last discard releases everything exactly once; K
 cancelled jobs stop the work; a vertex object other than the hold's joins only
 after a check that the hold has its whole graph (an ignore-cache root does not
-join); a member that then builds an overlapping graph sees each event once.
+join); a member that then builds an overlapping graph sees each event once;
+K ``Solver.solve`` calls of one definition (new vertices each) share the hold
+and each gets a summary of every op.
 """
 
 from __future__ import annotations
@@ -334,3 +336,45 @@ async def test_a_member_building_an_overlapping_graph_sees_each_event_once(
             await j2.discard()
             assert not s._actives
         assert not handle_tracker.live
+
+
+async def test_k_solves_of_one_definition_share_the_hold_and_each_gets_its_summary(
+    handle_tracker: HandleTracker,
+) -> None:
+    """``Solver.solve`` makes new vertices for each solve: later jobs join the
+    hold after the check, and each solve's summary (made from its job's events,
+    the shared log's included) lists every op."""
+    from frontend_support import Ops, text
+
+    k = 4
+    ops = Ops()
+    defn = text("a", "b", "c", kind="test.gate")
+    states: list[tuple[str, ...]] = []
+    with anyio.fail_after(TIMEOUT):
+        async with Solver(op_kinds=ops.registry()) as s:
+            jobs = [s.new_job() for _ in range(k)]
+
+            async def solve(job: Job) -> None:
+                async with await s.solve(defn, job=job) as res:
+                    assert res.summary is not None
+                    assert res.ref is not None
+                    assert str(res.ref.sys) == "abc"
+                    states.append(tuple(op.state for op in res.summary.ops))
+
+            async with anyio.create_task_group() as tg:
+                for job in jobs:
+                    tg.start_soon(solve, job)
+                await ops.start_signal("c").wait()
+                await anyio.wait_all_tasks_blocked()
+                assert sum(1 for job in jobs if job._holds) == k - 1
+                assert _registrations(s) == 2 * 3
+                ops.gate("c").set()
+            assert ops.execs == ["a", "b", "c"]
+            assert len(states) == k
+            assert all(len(st) == 3 for st in states)
+            assert set(states) == {("executed", "executed", "executed")}
+            for job in jobs:
+                await job.discard()
+            assert not s._actives
+        assert not handle_tracker.live
+        assert not ops.live_values()
