@@ -106,6 +106,10 @@ async def test_k_jobs_keep_one_hold_not_k_registrations(handle_tracker: HandleTr
                 assert statuses == {v.name: ["started", "completed"] for v in graph}
                 assert s._state_jobs(root.digest) is not None
             assert s._state_jobs(root.digest) == {job.id for job in jobs}
+            # a reader that stopped waiting (job_events cancels its wait) left
+            # no wake-up in the shared log
+            (log,) = {job._progress.shared for job in jobs if job._holds}
+            assert not log[0]._waiters
             for job in jobs:
                 await job.discard()
             assert not s._actives

@@ -411,7 +411,7 @@ class VertexState:
         key = self.key
         if key in watching:
             return
-        if progress.shared and any(key in log.watching for log in progress.shared):
+        if progress.shared and progress.sees(key):
             return  # its events reach the job through a hold's log already
         watching.add(key)
         watchers = self._watchers
