@@ -11,7 +11,8 @@ cancelled jobs stop the work; a vertex object other than the hold's joins only
 after a check that the hold has its whole graph (an ignore-cache root does not
 join); a member that then builds an overlapping graph sees each event once;
 K ``Solver.solve`` calls of one definition (new vertices each) share the hold
-and each gets a summary of every op.
+and each gets a summary of every op; a member's solve cancelled before each of
+its suspensions in turn leaves the first solve's build and leaks nothing.
 """
 
 from __future__ import annotations
@@ -382,3 +383,53 @@ async def test_k_solves_of_one_definition_share_the_hold_and_each_gets_its_summa
             assert not s._actives
         assert not handle_tracker.live
         assert not ops.live_values()
+
+
+async def test_a_member_solve_cancelled_at_each_suspension_leaves_the_build(
+    handle_tracker: HandleTracker,
+) -> None:
+    """A second solve of one definition (it makes the hold and joins it) while the
+    first runs, cancelled before each of its suspensions in turn: the first
+    solve gets its result, each op runs once, and every value ends released
+    exactly once."""
+    from frontend_support import Ops, text
+    from test_solve_checkpoints import assert_all_released, cancel_at_suspension, every_suspension
+
+    joined: list[bool] = []
+
+    async def run(n: int) -> bool:
+        ops = Ops()
+        with anyio.fail_after(TIMEOUT):
+            async with Solver(op_kinds=ops.registry()) as s:
+                first, member = s.new_job(), s.new_job()
+                got: list[str] = []
+
+                async def first_solve() -> None:
+                    async with await s.solve(text("a", "b"), job=first) as res:
+                        assert res.ref is not None
+                        got.append(str(res.ref.sys))
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(first_solve)
+                    while not first._states:  # the first job loads first
+                        await anyio.lowlevel.checkpoint()
+                    result, count = await cancel_at_suspension(
+                        n, lambda: s.solve(text("a", "b"), job=member)
+                    )
+                    joined.append(bool(member._holds))
+                    if result is not None:
+                        assert result.ref is not None
+                        assert result.ref.sys == "ab"
+                        await result.release()
+                assert got == ["ab"]
+                assert ops.execs == ["a", "b"]
+                for job in (member, first):
+                    await job.discard()
+                assert not s._actives
+                assert not s._holds
+        assert_all_released(ops)
+        return count < n
+
+    last = await every_suspension(run)
+    assert last > 3
+    assert all(joined)  # the member joined the hold on every path tried
