@@ -11,7 +11,8 @@ cancelled jobs stop the work; a vertex object other than the hold's joins only
 after a check that the hold has its whole graph (an ignore-cache root does not
 join); a member that then builds an overlapping graph sees each event once;
 K ``Solver.solve`` calls of one definition (new vertices each) share the hold
-and each gets a summary of every op; a member's solve cancelled before each of
+and each gets a summary of every op; a merge into another graph keeps the merge
+target for a hold's members as for a job; a member's solve cancelled before each of
 its suspensions in turn leaves the first solve's build and leaks nothing.
 """
 
@@ -433,3 +434,50 @@ async def test_a_member_solve_cancelled_at_each_suspension_leaves_the_build(
     last = await every_suspension(run)
     assert last > 3
     assert all(joined)  # the member joined the hold on every path tried
+
+
+async def test_a_merge_target_stays_for_the_members_of_a_hold(
+    handle_tracker: HandleTracker,
+) -> None:
+    """BuildKit's stale-edge merge with a hold: two jobs build v1 at once (the
+    second makes the hold of v1's graph) and v1's edge merges into v0's, an
+    equal key another job built: the hold is added to v0's graph as a job
+    would be, so v0 outlives the job that built it and the first job, for the
+    member; the member reads v0's events through the hold's log, as the first
+    job reads them in its own buffer."""
+    from harness import vtx_add, vtx_const
+
+    dep0 = vtx_const(1, name="depV0")
+    dep1 = vtx_const(1, name="depV1")
+    v0 = vtx_add(2, name="v0", inputs=[Edge(dep0)])
+    v1 = vtx_add(2, name="v1", inputs=[Edge(dep1)])
+    with anyio.fail_after(TIMEOUT):
+        async with Solver(resolve_op=resolve_op) as s:
+            j0 = s.new_job("job0")
+            res = await j0.build(Edge(v0))
+            await res.release()
+            j1, j2 = s.new_job("job1"), s.new_job("job2")
+            async with anyio.create_task_group() as tg:
+                for job in (j1, j2):
+                    tg.start_soon(_build, job, v1, [])
+            (member,) = (job for job in (j1, j2) if job._holds)
+            assert s._state_jobs(v0.digest) == {"job0", "job1", "job2"}
+            assert s._state_jobs(dep0.digest) == {"job0", "job1", "job2"}
+            # the member sees what the job that loaded v1 itself sees: the
+            # merge target's events (v1 never ran)
+            (direct,) = (job for job in (j1, j2) if job is not member)
+            seen = [
+                [(ev.name, ev.status) for ev in await job_events(job)] for job in (direct, member)
+            ]
+            assert seen[0] == seen[1]
+            assert ("v0", "completed") in seen[1]
+            for job in (j0, j1, j2):
+                if job is not member:
+                    await job.discard()
+            assert s._state_jobs(v0.digest) == {member.id}
+            assert s._state_jobs(dep0.digest) == {member.id}
+            assert s._state_jobs(v1.digest) == {member.id}
+            await member.discard()
+            assert not s._actives
+            assert not s._holds
+        assert not handle_tracker.live
