@@ -481,3 +481,54 @@ async def test_a_merge_target_stays_for_the_members_of_a_hold(
             assert not s._actives
             assert not s._holds
         assert not handle_tracker.live
+
+
+async def test_a_vertex_a_member_watches_itself_is_read_once_when_a_merge_adds_it(
+    handle_tracker: HandleTracker,
+) -> None:
+    """A member builds another graph itself (v0) while its hold's graph (v1) is
+    still in flight; v1's edge then merges into v0's (equal keys), which adds
+    v0 to the hold and its log: the member stops watching v0 itself and skips
+    the history the log replays, so it reads each of v0's events once, as the
+    job that loaded v1 itself does."""
+    from harness import vtx_add, vtx_const
+
+    gate = anyio.Event()
+
+    async def wait() -> None:
+        await gate.wait()
+
+    dep0 = vtx_const(1, name="depV0")
+    dep1 = vtx_const(1, name="depV1", cache_pre_func=wait)
+    v0 = vtx_add(2, name="v0", inputs=[Edge(dep0)])
+    v1 = vtx_add(2, name="v1", inputs=[Edge(dep1)])
+    with anyio.fail_after(TIMEOUT):
+        async with Solver(resolve_op=resolve_op) as s:
+            j1, member = s.new_job("job1"), s.new_job("member")
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_build, j1, v1, [])
+                while not j1._states:  # j1 loads v1 first
+                    await anyio.lowlevel.checkpoint()
+                tg.start_soon(_build, member, v1, [])
+                while not member._holds:
+                    await anyio.lowlevel.checkpoint()
+                await _build(member, v0, [])  # v1 waits for the gate meanwhile
+                assert s._state_jobs(v0.digest) == {"member"}
+                assert member._progress.watching == {v0.digest, dep0.digest}
+                gate.set()
+            # the merge added the hold (and j1) to v0's graph
+            assert s._state_jobs(v0.digest) == {"job1", "member"}
+            assert not member._progress.watching
+            seen = {
+                job.id: Counter((ev.name, ev.status) for ev in await job_events(job))
+                for job in (j1, member)
+            }
+            assert seen["member"] == seen["job1"]
+            assert seen["member"][("v0", "completed")] == 1
+            assert set(seen["member"].values()) == {1}
+            for job in (j1, member):
+                await job.discard()
+            assert not s._actives
+            (log,) = {*member._progress.shared}
+            assert not log.mixed
+        assert not handle_tracker.live

@@ -421,6 +421,19 @@ class VertexState:
             watchers.append(progress)
         else:
             self._watchers = [watchers, progress]
+        if progress.shared:
+            progress.watches_itself()  # a hold's member watching a vertex itself
+        if progress.mixed:
+            # a hold's log taking over a vertex a member watches itself (a merge
+            # adds it to the hold): the member stops, and skips the history here
+            mixed = progress.readers_watching(key)
+            start = progress.kept()
+            for ev in self.history:
+                progress.put(ev)
+            for reader in mixed:
+                self.remove_watcher(reader)
+                reader.take_over(key, progress, start, progress.kept())
+            return
         for ev in self.history:
             progress.put(ev)
 

@@ -58,7 +58,16 @@ class JobProgress:
     :meth:`sees`), so each vertex's events reach the job once and in order.
     """
 
-    __slots__ = ("_buffer", "_closed", "_waiters", "_wakeup", "shared", "watching")
+    __slots__ = (
+        "_buffer",
+        "_closed",
+                "_skips",
+        "_waiters",
+        "_wakeup",
+        "mixed",
+        "shared",
+        "watching",
+    )
 
     def __init__(self) -> None:
         # the keys of the vertex states that forward their events here
@@ -71,6 +80,12 @@ class JobProgress:
         # the wake-ups of readers of *other* buffers that read this one as a
         # shared log and wait for a new record (None: nobody waits)
         self._waiters: list[anyio.Event] | None = None
+        # as a shared log: its readers that also watch some vertex themselves
+        # (a member that built another graph after joining; None: none do)
+        self.mixed: set[JobProgress] | None = None
+        # as a reader: ranges of a shared log not to read (records it read in
+        # its own buffer first: see ``take_over``)
+        self._skips: dict[JobProgress, list[tuple[int, int]]] | None = None
 
     def sees(self, key: str) -> bool:
         """Whether the events of the vertex state ``key`` reach this buffer's
@@ -83,6 +98,32 @@ class JobProgress:
         """Read ``log`` (a hold's buffer) too, from its first record."""
         if log not in self.shared:
             self.shared = (*self.shared, log)
+
+    def watches_itself(self) -> None:
+        """This reader of shared logs now watches a vertex itself: its logs keep
+        it among their mixed readers (see :meth:`readers_watching`)."""
+        for log in self.shared:
+            if log.mixed is None:
+                log.mixed = set()
+            log.mixed.add(self)
+
+    def readers_watching(self, key: str) -> list[JobProgress]:
+        """As a shared log about to forward the vertex state ``key``'s events:
+        its readers that watch ``key`` themselves (empty unless a member built
+        another graph after joining, and a merge adds a vertex of it to the
+        hold). O(mixed readers)."""
+        return [r for r in self.mixed or () if key in r.watching]
+
+    def take_over(self, key: str, log: JobProgress, start: int, end: int) -> None:
+        """``log``, which this buffer's reader reads, forwards ``key``'s events
+        from now on and holds the history this reader had already read here at
+        ``log``'s records ``[start, end)``: stop watching ``key`` here and skip
+        those records there, so that each event is read once."""
+        self.watching.discard(key)
+        if start < end:
+            if self._skips is None:
+                self._skips = {}
+            self._skips.setdefault(log, []).append((start, end))
 
     def put(self, record: EventRecord) -> None:
         if self._closed:
@@ -116,6 +157,9 @@ class JobProgress:
 
     def close(self) -> None:
         self._closed = True
+        for log in self.shared:
+            if log.mixed is not None:
+                log.mixed.discard(self)
         if self._wakeup is not None:
             self._wakeup.set()
             self._wakeup = None
@@ -147,6 +191,13 @@ class JobProgress:
                     cursors.append(0)
                 buffer = log._buffer
                 while cursors[i] < len(buffer):
+                    skips = self._skips
+                    if skips is not None and log in skips:
+                        at = cursors[i]
+                        end = next((e for b, e in skips[log] if b <= at < e), None)
+                        if end is not None:
+                            cursors[i] = end
+                            continue
                     yield ProgressEvent(*buffer[cursors[i]])
                     cursors[i] += 1
                     ready = True
