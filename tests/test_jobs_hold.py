@@ -133,9 +133,16 @@ async def test_a_job_that_comes_after_the_build_joins_the_hold(
                 await _build(job, root, out)
             assert counters.exec == len(graph)
             assert _registrations(s) == 2 * len(graph)
+            assert out == ["root"] * 4
             for job in jobs:
                 statuses = _statuses(await job_events(job))
                 assert statuses == {v.name: ["started", "completed"] for v in graph}
+            # a member building the root again adds nothing: it holds it all
+            await _build(jobs[-1], root, out)
+            assert _registrations(s) == 2 * len(graph)
+            assert not jobs[-1]._states
+            assert not jobs[-1]._progress.watching
+            assert counters.exec == len(graph)
             # the first job and then every member but the last leave: all stays
             for job in jobs[:-1]:
                 await job.discard()

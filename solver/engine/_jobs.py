@@ -973,15 +973,22 @@ class Engine:
         vertex to check that the hold has them all. Any other job is added to
         every state itself: one visit per vertex."""
         actives = self._actives
-        if not job._states and not job._holds and not job._progress.watching:
-            hold = self._holds.get(root.digest)
-            if hold is not None and (hold.root is root or self._holds_all(hold, root)):
+        hold = self._holds.get(root.digest)
+        # a member building that root again holds it all; a fresh job joins
+        member = hold is not None and hold in job._holds
+        fresh = not job._states and not job._holds and not job._progress.watching
+        if (
+            hold is not None
+            and (member or fresh)
+            and (hold.root is root or self._holds_all(hold, root))
+        ):
+            if not member:
                 hold.add(job)
-                return actives[root.digest].vtx
+            return actives[root.digest].vtx
         found = self._simple_states(root)
         if found is None:
             return None
-        if not job._states and not job._holds and not job._progress.watching:
+        if fresh:
             hold = _Hold(self, root)
             for st in found:
                 hold._states.add(st.key)
