@@ -152,13 +152,14 @@ async def test_a_late_job_sees_a_long_history_in_order(handle_tracker: HandleTra
                 events = await job_events(job)
                 assert [ev.status for ev in events] == ["started", *["log"] * 20, "completed"]
                 assert [ev.data for ev in events if ev.status == "log"] == lines
-            # both jobs keep the state and watch it; each discard drops its own
+            # both jobs keep the state and see it (the later one through the
+            # hold it joined, and its shared log); each discard drops its own
             st = s._actives[v.digest]
-            assert [j.id for j in st.jobs] == [j1.id, j2.id]
-            assert len(st.watchers) == 2
+            assert s._state_jobs(v.digest) == {j1.id, j2.id}
+            assert list(st.watchers) == [j1._progress, *j2._progress.shared]
             await j1.discard()
-            assert [j.id for j in st.jobs] == [j2.id]
-            assert st.watchers == (j2._progress,)
+            assert s._state_jobs(v.digest) == {j2.id}
+            assert st.watchers == j2._progress.shared
             await j2.discard()
             assert not s._actives
         await cache.close()

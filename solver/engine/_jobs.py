@@ -12,6 +12,10 @@ After BuildKit's ``solver/jobs.go``.
 * A state lives while any job or parent state (a nested build) refers to it;
   ``Job.discard`` removes the job everywhere and deletes what is left
   unreferenced, releasing the edges' results and the op's outputs.
+* K jobs asking for one root share its graph as a whole: the first loads it,
+  the second makes the root's hold (:class:`_Hold`, one holder and one shared
+  event log for every job that joins that root), and every later fresh job
+  joins the hold in O(1) (``Engine._join``).
 * When the scheduler merges an edge into an equal one, the jobs of the merged
   state are added to the target, its ancestors and merged inputs, so the target
   outlives every job that reaches it (BuildKit's "inconsistent graph state" fix).
@@ -412,17 +416,34 @@ class VertexState:
         # membership through the progress's own set: a watcher list may hold
         # K jobs, and K jobs loading one graph would make this O(K^2)
         watching = progress.watching
-        if self.key not in watching:
-            watching.add(self.key)
-            watchers = self._watchers
-            if watchers is None:
-                self._watchers = progress
-            elif isinstance(watchers, list):
-                watchers.append(progress)
-            else:
-                self._watchers = [watchers, progress]
+        key = self.key
+        if key in watching:
+            return
+        if progress.shared and progress.sees(key):
+            return  # its events reach the job through a hold's log already
+        watching.add(key)
+        watchers = self._watchers
+        if watchers is None:
+            self._watchers = progress
+        elif isinstance(watchers, list):
+            watchers.append(progress)
+        else:
+            self._watchers = [watchers, progress]
+        if progress.shared:
+            progress.watches_itself()  # a hold's member watching a vertex itself
+        if progress.mixed:
+            # a hold's log taking over a vertex a member watches itself (a merge
+            # adds it to the hold): the member stops, and skips the history here
+            mixed = progress.readers_watching(key)
+            start = progress.kept()
             for ev in self.history:
                 progress.put(ev)
+            for reader in mixed:
+                self.remove_watcher(reader)
+                reader.take_over(key, progress, start, progress.kept())
+            return
+        for ev in self.history:
+            progress.put(ev)
 
     def emit(
         self,
@@ -561,7 +582,7 @@ class Job:
     job can still build; it is discarded again by its next discard.
     """
 
-    __slots__ = ("_progress", "_states", "id", "solver")
+    __slots__ = ("_holds", "_progress", "_states", "id", "solver")
 
     def __init__(self, solver: Engine, id: str) -> None:
         self.solver = solver
@@ -570,6 +591,9 @@ class Job:
         # the keys of the states whose ``jobs`` hold this job (O(1) membership:
         # a state's job list may be long)
         self._states: set[str] = set()
+        # the holds this job is a member of (a job joins at most one: see
+        # Engine._join)
+        self._holds: tuple[_Hold, ...] = ()
 
     def __repr__(self) -> str:
         return f"<Job {self.id}>"
@@ -626,6 +650,36 @@ class Job:
         return self._progress.events()
 
 
+class _Hold(Job):
+    """The jobs that joined one root's build as a whole, as one holder of it.
+
+    K jobs asking for one root: the first loads its graph (a registration and a
+    watch on every vertex state); the second makes a hold of the graph, which
+    registers on and watches every state of the root's graph *once*, as a job
+    would, and joins it; every later one joins the hold in O(1). A member holds
+    every state the hold holds (they live while the hold has a member) and
+    reads the hold's progress buffer (one shared log) with a cursor of its own
+    (``JobProgress.shared``). Everything that adds a job to states (a merge's
+    ``add_jobs``, a nested build's ``_connect_progress``) adds the hold like a
+    job, so members keep what a job would. The last member's discard discards
+    the hold: that releases what only it kept."""
+
+    __slots__ = ("members", "root")
+
+    def __init__(self, solver: Engine, root: Vertex) -> None:
+        super().__init__(solver, f"hold:{secrets.token_hex(8)}")
+        self.root = root
+        self.members: list[Job] = []
+
+    def __repr__(self) -> str:
+        return f"<Hold {self.root.name!r} members={len(self.members)}>"
+
+    def add(self, job: Job) -> None:
+        self.members.append(job)
+        job._holds = (*job._holds, self)
+        job._progress.read_also(self._progress)
+
+
 class Engine:
     """The core of a solver: jobs, active vertices, the scheduler and its work.
 
@@ -662,6 +716,8 @@ class Engine:
         self._collecting: list[Any] | None = None
         # the roots on the cached path now, each with its pass (see Job.build)
         self._passes: dict[str, _Pass] = {}
+        # the holds of roots several jobs asked for, by root digest (see _join)
+        self._holds: dict[str, _Hold] = {}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} jobs={len(self._jobs)} active={len(self._actives)}>"
@@ -779,15 +835,24 @@ class Engine:
         states = job._states
         progress = job._progress
         watching = progress.watching
-        for key, st in list(self._actives.items()):
-            if key in states:
-                st.remove_job(job)
-                self._delete_if_unreferenced(key, st)
-            if key in watching and self._actives.get(key) is st:
-                st.remove_watcher(progress)
+        if states or watching:
+            # (a job that only joined a hold has neither: no walk over the states)
+            for key, st in list(self._actives.items()):
+                if key in states:
+                    st.remove_job(job)
+                    self._delete_if_unreferenced(key, st)
+                if key in watching and self._actives.get(key) is st:
+                    st.remove_watcher(progress)
         states.clear()
         watching.clear()
         progress.close()
+        holds, job._holds = job._holds, ()
+        for hold in holds:
+            hold.members.remove(job)
+            if not hold.members:
+                if self._holds.get(hold.root.digest) is hold:
+                    del self._holds[hold.root.digest]
+                self._discard(hold)
         if self._jobs.get(job.id) is job:
             del self._jobs[job.id]
 
@@ -907,14 +972,59 @@ class Engine:
         return loaded
 
     def _join(self, root: Vertex, job: Job) -> LoadedVertex | None:
-        """Add ``job`` to the states of a graph that is active already (K jobs
-        building one graph): one visit per vertex, in any order. None if a vertex
-        is not that simple (not active, not watched by all its jobs, part of a
-        nested build, ignore-cache or with cache sources): ``_load`` then loads
-        the graph (the joins made so far are ones it would make too)."""
+        """Add ``job`` to a graph that is active already (K jobs building one
+        graph). None if a vertex is not that simple (not active, not watched by
+        all its jobs, part of a nested build, ignore-cache or with cache
+        sources): ``_load`` then loads the graph.
+
+        A job that holds and watches nothing yet joins the root's hold
+        (:class:`_Hold`), made now if there is none: O(1) when the hold was
+        made for this very root vertex (vertices are immutable, so the same
+        object is the same graph with the same options), else one visit per
+        vertex to check that the hold has them all. Any other job is added to
+        every state itself: one visit per vertex."""
         actives = self._actives
-        states = job._states
-        progress = job._progress
+        hold = self._holds.get(root.digest)
+        # a member building that root again holds it all; a fresh job joins
+        member = hold is not None and hold in job._holds
+        fresh = not job._states and not job._holds and not job._progress.watching
+        if (
+            hold is not None
+            and (member or fresh)
+            and (hold.root is root or self._holds_all(hold, root))
+        ):
+            if not member:
+                hold.add(job)
+            return actives[root.digest].vtx
+        found = self._simple_states(root)
+        if found is None:
+            return None
+        if fresh:
+            hold = _Hold(self, root)
+            for st in found:
+                hold._states.add(st.key)
+                st.add_job(hold)
+                st.watch(hold._progress)
+            # (a hold of this digest made for another root object, which the
+            # check above found not to hold it all, stays for its members)
+            self._holds[root.digest] = hold
+            hold.add(job)
+        else:
+            states = job._states
+            progress = job._progress
+            for st in found:
+                if st.key not in states:
+                    states.add(st.key)
+                    st.add_job(job)
+                    st.watch(progress)
+        return actives[root.digest].vtx
+
+    def _simple_states(self, root: Vertex) -> list[VertexState] | None:
+        """The states of ``root``'s graph if each is active, watched by all its
+        jobs, no part of a nested build, neither ignore-cache nor with cache
+        sources (else None): one visit per vertex, in any order."""
+        actives = self._actives
+        found: list[VertexState] = []
         seen = {id(root)}
         stack = [root]
         while stack:
@@ -925,18 +1035,20 @@ class Engine:
             options = v.options
             if options.ignore_cache or options.cache_sources:
                 return None
-            key = st.key
-            if key not in states:
-                states.add(key)
-                st.add_job(job)
-                st.watch(progress)
+            found.append(st)
             for inp in v.inputs:
                 iv = inp.vertex
                 if id(iv) not in seen:
                     seen.add(id(iv))
                     stack.append(iv)
-        root_state = actives[root.digest]
-        return root_state.vtx
+        return found
+
+    def _holds_all(self, hold: _Hold, root: Vertex) -> bool:
+        """Whether ``hold`` holds every state of ``root``'s graph, each one a
+        simple one (as :meth:`_simple_states` checks)."""
+        found = self._simple_states(root)
+        held = hold._states
+        return found is not None and all(st.key in held for st in found)
 
     def _load_one(
         self,
@@ -1016,7 +1128,15 @@ class Engine:
     # -- introspection (tests and debugging) ---------------------------------------------
     def _state_jobs(self, digest: str) -> set[str] | None:
         st = self._actives.get(digest)
-        return None if st is None else {j.id for j in st.jobs}
+        if st is None:
+            return None
+        ids: set[str] = set()
+        for j in st.jobs:
+            if isinstance(j, _Hold):
+                ids.update(m.id for m in j.members)
+            else:
+                ids.add(j.id)
+        return ids
 
 
 def _ignore_key(digest: str) -> str:
