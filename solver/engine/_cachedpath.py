@@ -184,29 +184,26 @@ async def _cold_plan(
     found: dict[tuple[str, int], _Found | None],
 ) -> list[ColdNode] | None:
     """The nodes of a cold run (``_coldpath.py``), with the record each needed
-    found node loads; None if the edges must do it (two cache maps with one
-    digest, which they would merge; a needed found key without a record)."""
-    digests: set[str] = set()
+    found node loads; None if the edges must do it (two vertices whose keys
+    may be equal, which they would merge: :func:`_may_merge`; a needed found
+    key without a record)."""
+    by_digest: dict[str, list[tuple[Vertex, CacheMap]]] = {}
+    map_digest: dict[str, str] = {}
     nodes: dict[tuple[str, int], ColdNode] = {}
     for v, st, cache_map in zip(order, states, maps, strict=True):
-        if cache_map.digest in digests:
-            return None
-        digests.add(cache_map.digest)
+        map_digest[v.digest] = cache_map.digest
+        same = by_digest.setdefault(cache_map.digest, [])
+        for other, other_map in same:
+            if _may_merge(v, cache_map, other, other_map, map_digest):
+                return None
+        same.append((v, cache_map))
         for out in needed[v.digest]:
             f = found[v.digest, out]
             nodes[v.digest, out] = ColdNode(st, out, cache_map, None if f is None else f.keys)
     run = needed_nodes(nodes, nodes[root.vertex.digest, root.index])
     for node in run:
         keys = node.found_keys
-        if keys is None:
-            # A missed vertex with a content key: its edge would compute the key
-            # from the input's result and may find it stored (an edit that did
-            # not change the selected files). The cold path does not.
-            for dep in node.cache_map.deps:
-                if dep.compute_digest is not None:
-                    return None
-            continue
-        if not node.consumers:
+        if keys is None or not node.consumers:
             continue
         cache = node.state.combined_cache()
         records: list[CacheRecord] = []
@@ -217,6 +214,29 @@ async def _cold_plan(
             return None
         node.record = rec
     return run
+
+
+def _may_merge(
+    a: Vertex, a_map: CacheMap, b: Vertex, b_map: CacheMap, map_digest: dict[str, str]
+) -> bool:
+    """Whether two vertices with one cache-map digest may get equal keys (their
+    edges would merge): both leaves (one root key), or, at every input place
+    both have, inputs with one cache-map digest or a content key (which does
+    not depend on the input's vertex). A merge of two objects and a merge of
+    59 (``benchmarks/cbuild.py``) share the digest and cannot: an input's key
+    is made of its own cache-map digest. Overlapping places are compared, not
+    only equal counts: the live index finds a key by intersecting the links
+    from its inputs' keys."""
+    if not a.inputs or not b.inputs:
+        return not a.inputs and not b.inputs
+    for i, (x, y) in enumerate(zip(a.inputs, b.inputs, strict=False)):
+        if (
+            a_map.deps[i].compute_digest is None
+            and b_map.deps[i].compute_digest is None
+            and map_digest[x.vertex.digest] != map_digest[y.vertex.digest]
+        ):
+            return False
+    return True
 
 
 class _Answers:
