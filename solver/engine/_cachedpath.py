@@ -23,16 +23,16 @@ edges.
 An input with a content key (``compute_digest``) is looked up by its
 definition keys, as its edge does first: a warm build whose definition keys all
 match computes no content key on the edges either, so it is one key pass and one
-load here too. A vertex with a content key that misses and must run is the
-edges' (they compute the key from the input's result and may find it stored:
-an edit that left the selected files as they were); the cold path does not.
+load here too. A vertex with a content key that misses here is the cold path's:
+it computes the key once the input has a result and may find it stored (an edit
+that left the selected files as they were).
 
 The pass gives up, leaving everything to the edges, as soon as a vertex is one
 the edges must handle themselves: an ignore-cache vertex, one with cache sources,
 one that already has an edge, an op whose cache map is not its only one, fails,
-or is being computed by an edge; when two vertices have one cache-map digest
-(the edges would merge them), a found key that the cold path must load has no
-record, or a vertex that must run has a content key; and on a cache error (the
+or is being computed by an edge; when two vertices may get equal keys (the
+edges would merge them: ``_may_merge``) or a found key that the cold path must
+load has no record; and on a cache error (the
 edges report it, or work around it, as they do). It runs only while the live edge
 index is empty, so no equal live edge is missed that the edges would have
 merged with. What it did is not lost when it
