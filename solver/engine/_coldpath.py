@@ -15,7 +15,22 @@ first, requests each needed vertex's exec (or, for a found one, the load of its
 best record) through the vertex's :class:`~solver.engine._sharedop.SharedOp`, as
 its edge would: the same single-flight calls, units on the work pool, progress
 events and memos. Every request whose inputs are done is made at once, so
-independent vertices run together; the pass's task (``_Pass`` in
+independent vertices run together.
+
+A missed vertex that keys an input on its content (``compute_digest``), or
+takes an input found here, may still hit: an edit that left the selected files
+as they were. Once each of its inputs is a hit or has a result, the content key
+of every such input with a result is computed (the shared op's single-flight
+call, as the edge's), and its keys are asked of the cache as its edge asks
+them (each input's keys, and its content key, linking the definition keys to
+what the content key finds; one ``query_many`` for every vertex ready then). A
+hit is loaded only when something needs its result (a consumer that runs, the
+root); a miss runs. A vertex that takes a result of this run whole (no content
+key) cannot hit and is known to run at once, and so, in turn, are its
+consumers: the hits it needs are loaded while the rest runs. A content-keyed
+input found without a result is asked with its definition keys first and
+loaded for its content key only if they find nothing, as the edges do. The
+pass's task (``_Pass`` in
 ``_jobs.py``) waits on one event for a batch of answers, saves the batch's exec
 results together, each under its commit key (the key its edge would compute:
 the cache map's digest over its inputs' result keys; one ``save_many`` per
@@ -28,9 +43,10 @@ edge per vertex that ran or was loaded, owning its result until the state is
 released.
 
 What it does not handle it leaves to the edges, before it starts (two vertices
-with one cache-map digest, which the edges would merge; a found vertex without
-records) or when it happens (a load that fails, an exec or a load cancelled by
-the engine, a save that fails): it stops, cancels what still runs (as an edge
+that may get equal keys, which the edges would merge; a found vertex without
+records) or when it happens (a load, a content key, a query or a save that
+fails, an exec or a load cancelled by the engine, a hit found here without a
+record to load): it stops, cancels what still runs (as an edge
 cancels its inputs' work when it fails), releases the answers it did not take,
 and returns False; the edges then find every finished exec memoized and do the
 rest as they do. An exec that fails fails the build the same way, with the
