@@ -16,7 +16,12 @@ import pytest
 from solver._cache import CacheInfoLink, CacheKey, CacheKeyWithSelector
 from solver.cache._manager import KeyedCacheManager
 from solver.cache._sqlite import SQLiteCacheStorage
-from solver.cache._storage import CacheKeyStorage, CacheResult, InMemoryCacheStorage, InMemoryResultStorage
+from solver.cache._storage import (
+    CacheKeyStorage,
+    CacheResult,
+    InMemoryCacheStorage,
+    InMemoryResultStorage,
+)
 from solver.testing import HandleTracker
 from tests.test_cache_manager import dgst, exp, key_with, key_with_deps, root, save
 
