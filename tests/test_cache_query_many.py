@@ -37,6 +37,7 @@ class CountingStorage:
         self.walk_links_many_calls = 0
         self.add_link_calls = 0
         self.add_many_calls = 0
+        self.has_link_calls = 0
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
@@ -54,6 +55,10 @@ class CountingStorage:
     async def add_link(self, id: str, link: CacheInfoLink, target: str) -> None:
         self.add_link_calls += 1
         await self.inner.add_link(id, link, target)
+
+    async def has_link(self, id: str, link: CacheInfoLink, target: str) -> bool:
+        self.has_link_calls += 1
+        return await self.inner.has_link(id, link, target)
 
     async def add_many(
         self,
@@ -173,26 +178,36 @@ async def test_a_storage_without_batched_reads_is_asked_one_link_at_a_time(
         await m.close()
 
 
-async def test_a_save_over_found_keys_writes_its_links_at_once(
+async def test_a_save_over_found_keys_adds_only_its_own_links(
     storage: CountingStorage, handle_tracker: HandleTracker
 ) -> None:
-    """c found by a query (not saved since: its links below are walked, not
-    assumed), then d saved over it: the walk finds the link from c to d missing
-    and c's own link from a there, and writes what it adds in one call; d is
-    then found from c, and a new key over d takes the quick way (one write)."""
+    """c found by a query is marked linked below (a stored key is reached only
+    through links, added after those below): a save of d over it adds its one
+    link and reads none. Found before a release, c is walked again (the release
+    may have cut below it), and the walk writes what it adds in one call."""
     m = KeyedCacheManager(secrets.token_hex(8), storage, InMemoryResultStorage())  # type: ignore[arg-type]
     try:
         a = await save(m, root(dgst("a")), "a")
         await save(m, key_with(dgst("c"), 0, a), "c")
         (found_c,) = await m.query([CacheKeyWithSelector(a)], 0, dgst("c"), 0)
         found_c.deps = [[CacheKeyWithSelector(a)]]
-        storage.add_link_calls = storage.add_many_calls = 0
-        d = await save(m, key_with(dgst("d"), 0, exp(found_c)), "d")
-        assert (storage.add_link_calls, storage.add_many_calls) == (0, 1)
-        assert len(await m.query([CacheKeyWithSelector(exp(found_c))], 0, dgst("d"), 0)) == 1
-        storage.add_link_calls = storage.add_many_calls = 0
-        await save(m, key_with(dgst("e"), 0, d), "e")
-        # one link (d to e): one add_link, as before
+        storage.add_link_calls = storage.add_many_calls = storage.has_link_calls = 0
+        await save(m, key_with(dgst("d"), 0, exp(found_c)), "d")
         assert (storage.add_link_calls, storage.add_many_calls) == (1, 0)
+        assert storage.has_link_calls == 0
+        assert len(await m.query([CacheKeyWithSelector(exp(found_c))], 0, dgst("d"), 0)) == 1
+
+        ((c_again,),) = await m.query_many([([CacheKeyWithSelector(a)], 0, dgst("c"), 0)])
+        c_again.deps = [[CacheKeyWithSelector(a)]]
+        x = await save(m, root(dgst("x")), "x")
+        (rec,) = await m.records(x.key)
+        await m.release(rec.id)
+        storage.add_link_calls = storage.add_many_calls = storage.has_link_calls = 0
+        await save(m, key_with(dgst("e"), 0, exp(c_again)), "e")
+        # walked: c's link from a is read (there) and e's from c is missing,
+        # then written (one call for what the walk adds)
+        assert storage.has_link_calls == 2
+        assert storage.add_link_calls + storage.add_many_calls == 1
+        assert len(await m.query([CacheKeyWithSelector(exp(c_again))], 0, dgst("e"), 0)) == 1
     finally:
         await m.close()
