@@ -212,7 +212,7 @@ class _Run:
         # nodes whose keys are to be asked of the cache, and hits found here
         # whose records are to be read before their load
         self.to_query: list[ColdNode] = []
-        self.to_load: list[ColdNode] = []
+        self.to_load: dict[ColdNode, None] = {}
 
 
 def needed_nodes(nodes: dict[tuple[str, int], ColdNode], root: ColdNode) -> list[ColdNode]:
@@ -427,8 +427,7 @@ def _load(node: ColdNode, run: _Run) -> None:
     if node.pipe is not None or node.result is not None:
         return
     if node.record is None:
-        if node not in run.to_load:
-            run.to_load.append(node)
+        run.to_load[node] = None
         return
     st = node.state
     op = st.op
@@ -561,7 +560,7 @@ async def _records(run: _Run) -> None:
     """Read the records of the hits found here that are to be loaded, then
     load each from its best record; a hit without one stops the run (its edge
     runs it)."""
-    nodes, run.to_load = run.to_load, []
+    nodes, run.to_load = run.to_load, {}
     for node in nodes:
         if node.pipe is not None or node.result is not None:
             continue
