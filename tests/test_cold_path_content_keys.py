@@ -15,6 +15,7 @@ events are the edges' (the same builds with the path kept off).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import anyio
 import pytest
@@ -250,4 +251,90 @@ async def test_cancelled_while_a_content_key_is_computed_on_the_cold_path(
             # archive run; the other compiles are loaded for the merge.
             assert counters.exec == 5
             assert cache.load_counter - loads == 1 + len(UNITS) - 1
+        await cache.close()
+
+
+class GatedQueries(TrackingCacheManager):
+    """Holds the second ``query_many`` call (and those after it) on ``gate``,
+    when set: the first is the key pass's."""
+
+    def __init__(self) -> None:
+        super().__init__(InMemoryCacheManager())
+        self.gate: Gate | None = None
+        self.calls = 0
+
+    async def query_many(self, requests: Any) -> Any:
+        if self.gate is not None:
+            self.calls += 1
+            if self.calls >= 2:
+                await self.gate.wait()
+        return await super().query_many(requests)
+
+
+async def test_cancelled_while_the_cold_path_asks_the_cache(
+    handle_tracker: HandleTracker,
+) -> None:
+    """The caller is cancelled while the cold path asks the cache for the keys
+    of the file steps whose content keys are in: the cache call is shielded (as
+    the dispatcher's are) and finishes, the cancellation takes effect at the
+    next wait and stops what runs; every handle is released once (the tracker
+    checks), nothing is in use once the job is discarded, and the next build
+    runs what the edit needs, once."""
+    with anyio.fail_after(TIMEOUT):
+        content = UnitContent()
+        cache = GatedQueries()
+        async with Solver(resolve_op=lambda v, b: v.sys, default_cache=cache) as s:
+            version = dict.fromkeys(UNITS, 1)
+            job = s.new_job()
+            res = await job.build(Edge(tree(version, content)))
+            await res.release()
+            await job.discard()
+            content.calls = 0
+
+            version["c"] = 2
+            gate = cache.gate = Gate()
+            top = tree(version, content)
+            counters = top.setup_call_counters()
+            job = s.new_job()
+            held: list[tuple[int, int]] = []
+
+            async def opener() -> None:
+                # the key pass's query_many went through; the cold path's first
+                # is held: once the cancelled build waits there, open it
+                await gate.entered.wait()
+                await anyio.wait_all_tasks_blocked()
+                held.append((gate.running, gate.cancelled))
+                gate.opened.set()
+
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(opener)
+                with anyio.CancelScope() as scope:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(job.build, Edge(top))
+                        await gate.entered.wait()
+                        assert content.calls >= 1  # the keys it asks about
+                        scope.cancel()
+            # shielded: the cache call was still running, not cancelled
+            assert held == [(1, 0)]
+            assert scope.cancelled_caught
+            # the source, and what the answers queued before the cancellation
+            # took effect (at the pass's next wait) started: c's path
+            ran_before = counters.exec
+            assert 1 <= ran_before <= 6
+            await job.discard()
+            assert not s._actives
+
+            cache.gate = None
+            top = tree(version, content)
+            counters = top.setup_call_counters()
+            job = s.new_job()
+            res = await job.build(Edge(top))
+            assert unwrap(res) == "result"
+            await res.release()
+            await job.discard()
+            # the source was saved before the cancellation: at most c's file
+            # step and compile, the merges and the archive run, and every one of
+            # them ran in one of the two builds
+            assert counters.exec <= 5
+            assert ran_before + counters.exec >= 6
         await cache.close()
