@@ -338,3 +338,50 @@ async def test_cancelled_while_the_cold_path_asks_the_cache(
             assert counters.exec <= 5
             assert ran_before + counters.exec >= 6
         await cache.close()
+
+
+class FailingQueries(TrackingCacheManager):
+    """The second ``query_many`` call (the cold path's first) raises, once."""
+
+    def __init__(self) -> None:
+        super().__init__(InMemoryCacheManager())
+        self.armed = False
+        self.calls = 0
+
+    async def query_many(self, requests: Any) -> Any:
+        if self.armed:
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("the cache is down")
+        return await super().query_many(requests)
+
+
+async def test_a_failing_query_on_the_cold_path_leaves_the_build_to_the_edges(
+    handle_tracker: HandleTracker,
+) -> None:
+    """The cold path's query fails: it stops, and the edges finish the build
+    (asking the cache one query at a time, as they do) with what ran memoized:
+    the right result, each step of the edit's path run once."""
+    with anyio.fail_after(TIMEOUT):
+        content = UnitContent()
+        cache = FailingQueries()
+        async with Solver(resolve_op=lambda v, b: v.sys, default_cache=cache) as s:
+            version = dict.fromkeys(UNITS, 1)
+            job = s.new_job()
+            res = await job.build(Edge(tree(version, content)))
+            await res.release()
+            await job.discard()
+
+            version["d"] = 2
+            cache.armed = True
+            top = tree(version, content)
+            counters = top.setup_call_counters()
+            job = s.new_job()
+            res = await job.build(Edge(top))
+            assert unwrap(res) == "result"
+            await res.release()
+            await job.discard()
+            assert cache.calls >= 2
+            assert counters.exec == 6
+            assert not s._actives
+        await cache.close()

@@ -253,22 +253,21 @@ async def run_cold(solver: Engine, order: list[ColdNode]) -> bool:
     try:
         _start(order, run)
         while True:
-            if run.to_query or run.to_load:
+            if (run.to_query or run.to_load) and not run.failed:
                 # The cache calls are not interrupted by the caller's
                 # cancellation (as the dispatcher's are not): it takes effect at
                 # the next wait.
                 with anyio.CancelScope(shield=True):
-                    if not run.failed:
-                        try:
-                            await _queries(run)
-                            await _records(run)
-                        except Exception:
-                            # a failing cache: the edges report it or work
-                            # around it, as they do
-                            run.to_query.clear()
-                            run.to_load.clear()
-                            await _cancel(run, order, stop_execs=False)
+                    try:
+                        await _queries(run)
+                        await _records(run)
+                    except Exception:
+                        # a failing cache: the edges report it or work around
+                        # it, as they do
+                        await _cancel(run, order, stop_execs=False)
                 continue
+            run.to_query.clear()  # (a stopped run asks nothing more)
+            run.to_load.clear()
             if not run.inflight:
                 break
             if not run.answers:
