@@ -193,6 +193,9 @@ async def _cold_plan(
     for v, st, cache_map in zip(order, states, maps, strict=True):
         map_digest[v.digest] = cache_map.digest
         same = by_digest.setdefault(cache_map.digest, [])
+        if len(same) >= _MAX_SHARED_DIGEST:
+            # each is compared with the others: bounded, as the edges handle it
+            return None
         for other, other_map in same:
             if _may_merge(v, cache_map, other, other_map, map_digest):
                 return None
@@ -214,6 +217,11 @@ async def _cold_plan(
             return None
         node.record = rec
     return run
+
+
+# How many vertices of one graph may share a cache-map digest on the cold path
+# (each is compared with the ones before it: O(n^2) beyond a few).
+_MAX_SHARED_DIGEST = 64
 
 
 def _may_merge(
