@@ -1,7 +1,9 @@
 """Batched key lookups (``KeyedCacheManager.query_many`` over a storage's
 ``walk_links_many``), which the cached path uses for each layer of a graph:
 the same keys and the same links as one ``query`` per request, on the in-memory
-and the SQLite key storage, in one storage call."""
+and the SQLite key storage, in one storage call for the reads and one for the
+links they add (``add_many``); a save of a key over found keys writes the
+links its walk adds in one call too."""
 
 from __future__ import annotations
 
@@ -14,7 +16,12 @@ import pytest
 from solver._cache import CacheInfoLink, CacheKey, CacheKeyWithSelector
 from solver.cache._manager import KeyedCacheManager
 from solver.cache._sqlite import SQLiteCacheStorage
-from solver.cache._storage import CacheKeyStorage, InMemoryCacheStorage, InMemoryResultStorage
+from solver.cache._storage import (
+    CacheKeyStorage,
+    CacheResult,
+    InMemoryCacheStorage,
+    InMemoryResultStorage,
+)
 from solver.testing import HandleTracker
 from tests.test_cache_manager import dgst, exp, key_with, key_with_deps, root, save
 
@@ -28,6 +35,9 @@ class CountingStorage:
         self.inner = inner
         self.walk_links_calls = 0
         self.walk_links_many_calls = 0
+        self.add_link_calls = 0
+        self.add_many_calls = 0
+        self.has_link_calls = 0
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
@@ -41,6 +51,22 @@ class CountingStorage:
     ) -> list[list[str]]:
         self.walk_links_many_calls += 1
         return await self.inner.walk_links_many(requests)  # type: ignore[attr-defined,no-any-return]
+
+    async def add_link(self, id: str, link: CacheInfoLink, target: str) -> None:
+        self.add_link_calls += 1
+        await self.inner.add_link(id, link, target)
+
+    async def has_link(self, id: str, link: CacheInfoLink, target: str) -> bool:
+        self.has_link_calls += 1
+        return await self.inner.has_link(id, link, target)
+
+    async def add_many(
+        self,
+        results: Sequence[tuple[str, CacheResult]],
+        links: Sequence[tuple[str, CacheInfoLink, str]],
+    ) -> None:
+        self.add_many_calls += 1
+        await self.inner.add_many(results, links)  # type: ignore[attr-defined]
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -81,10 +107,13 @@ async def test_the_same_keys_and_links_as_one_query_each(
         link_c = CacheInfoLink(0, 0, dgst("c"), None)
         assert len(await storage.inner.walk_links(a_id, link_c)) == 1
         storage.walk_links_calls = 0
+        storage.add_link_calls = storage.add_many_calls = 0
 
         batched = await m.query_many(requests)
         assert storage.walk_links_many_calls == 1
         assert storage.walk_links_calls == 0
+        # the two links it adds (a to c-over-b, b to c-over-a) in one write
+        assert (storage.add_link_calls, storage.add_many_calls) == (0, 1)
         assert [len(keys) for keys in batched] == [2, 1, 0, 1]
         # the alternatives now lead to both stored keys of c
         targets = {k.ids[m] for k in batched[0]}
@@ -145,5 +174,40 @@ async def test_a_storage_without_batched_reads_is_asked_one_link_at_a_time(
         assert [len(k) for k in got] == [0, 1]
         assert st.walks >= 2
         assert isinstance(got[1][0], CacheKey)
+    finally:
+        await m.close()
+
+
+async def test_a_save_over_found_keys_adds_only_its_own_links(
+    storage: CountingStorage, handle_tracker: HandleTracker
+) -> None:
+    """c found by a query is marked linked below (a stored key is reached only
+    through links, added after those below): a save of d over it adds its one
+    link and reads none. Found before a release, c is walked again (the release
+    may have cut below it), and the walk writes what it adds in one call."""
+    m = KeyedCacheManager(secrets.token_hex(8), storage, InMemoryResultStorage())  # type: ignore[arg-type]
+    try:
+        a = await save(m, root(dgst("a")), "a")
+        await save(m, key_with(dgst("c"), 0, a), "c")
+        (found_c,) = await m.query([CacheKeyWithSelector(a)], 0, dgst("c"), 0)
+        found_c.deps = [[CacheKeyWithSelector(a)]]
+        storage.add_link_calls = storage.add_many_calls = storage.has_link_calls = 0
+        await save(m, key_with(dgst("d"), 0, exp(found_c)), "d")
+        assert (storage.add_link_calls, storage.add_many_calls) == (1, 0)
+        assert storage.has_link_calls == 0
+        assert len(await m.query([CacheKeyWithSelector(exp(found_c))], 0, dgst("d"), 0)) == 1
+
+        ((c_again,),) = await m.query_many([([CacheKeyWithSelector(a)], 0, dgst("c"), 0)])
+        c_again.deps = [[CacheKeyWithSelector(a)]]
+        x = await save(m, root(dgst("x")), "x")
+        (rec,) = await m.records(x.key)
+        await m.release(rec.id)
+        storage.add_link_calls = storage.add_many_calls = storage.has_link_calls = 0
+        await save(m, key_with(dgst("e"), 0, exp(c_again)), "e")
+        # walked: c's link from a is read (there) and e's from c is missing,
+        # then written (one call for what the walk adds)
+        assert storage.has_link_calls == 2
+        assert storage.add_link_calls + storage.add_many_calls == 1
+        assert len(await m.query([CacheKeyWithSelector(exp(c_again))], 0, dgst("e"), 0)) == 1
     finally:
         await m.close()

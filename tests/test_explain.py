@@ -627,6 +627,56 @@ async def test_history_content_keys_name_the_files_that_differ(
     assert h.changed_files("v4", 0) is None
 
 
+async def test_sqlite_history_writes_content_keys_recorded_together_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twenty content keys recorded side by side (as a build's file steps do) are
+    written in a few transactions, not twenty; each slot's changed files are
+    still named; a caller cancelled while it writes, or while it waits for the
+    writer, leaves once it may, and its record is written all the same."""
+    h = await SQLiteOpHistory.open(tmp_path / OP_HISTORY_DB_NAME)
+    calls: list[int] = []
+    real = SQLiteOpHistory._call
+
+    async def counted(self: SQLiteOpHistory, func: Any, *args: Any) -> Any:
+        calls.append(len(args[0]) if func.__name__ == "_record_contents" else 0)
+        return await real(self, func, *args)
+
+    monkeypatch.setattr(SQLiteOpHistory, "_call", counted)
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(h.record_content, f"v{i}", 0, f"slot{i}", "d1", {"a": "1"})
+        assert sum(calls) == 20
+        assert len(calls) < 20
+        calls.clear()
+        # a caller cancelled as it writes: its batch is written, then it leaves
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await h.record_content("first", 0, "slot-first", "d8", {"y": "1"})
+        assert scope.cancelled_caught
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(h.record_content, f"v{i}", 0, f"slot{i}", "d2", {"a": str(i)})
+            while not h._writing:
+                await anyio.lowlevel.checkpoint()
+            # a caller that waits behind the writer: cancelled, it leaves at once
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await h.record_content("late", 0, "slot-late", "d9", {"z": "1"})
+            assert scope.cancelled_caught
+            assert h._writing
+        assert [h.changed_files(f"v{i}", 0) for i in (0, 1)] == [("a",), ()]
+        # both written although their callers were cancelled: each new key is
+        # compared with them
+        await h.record_content("again", 0, "slot-first", "d10", {"y": "2"})
+        await h.record_content("again", 1, "slot-late", "d10", {"z": "2"})
+        assert h.changed_files("again", 0) == ("y",)
+        assert h.changed_files("again", 1) == ("z",)
+    finally:
+        await h.close()
+
+
 def test_history_bounds_are_checked() -> None:
     with pytest.raises(ValueError, match="at least 1 op"):
         InMemoryOpHistory(0)

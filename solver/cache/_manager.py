@@ -185,6 +185,7 @@ class KeyedCacheManager:
         alternatives of an input lead to the same stored keys from then on.
         O(deps x keys found) steps.
         """
+        mark = self._linked_mark
         links: list[tuple[str, CacheInfoLink, set[str]]] = []
         found: dict[str, CacheKey] = {}
         for dep in deps:
@@ -204,7 +205,21 @@ class KeyedCacheManager:
             if not await self._storage.exists(id):
                 return []
             return [self._new_key(id, digest, output)]
-        return list(found.values())
+        keys = list(found.values())
+        self._mark_found(keys, mark)
+        return keys
+
+    def _mark_found(self, keys: Iterable[CacheKey], mark: object) -> None:
+        """Mark keys a query found as linked below (as a save marks its key):
+        a stored key is reached only through links, and a save adds a link into
+        a key only after every link below it, so everything below a found key
+        is linked, unless a release since the query began cut some (then the
+        mark is no longer current and they are left unmarked). A save over
+        found keys then adds only its own links (a one-change C build's merge
+        of 58 found objects walked 116 ``has_link`` reads below them)."""
+        if self._linked_mark is mark:
+            for k in keys:
+                k.linked = mark
 
     async def query_many(
         self, requests: Sequence[tuple[Sequence[CacheKeyWithSelector], int, str, int]]
@@ -227,7 +242,9 @@ class KeyedCacheManager:
             walked: list[list[str]] = await walk_many(pairs)
         else:
             walked = [await storage.walk_links(dep_id, link) for dep_id, link in pairs]
+        mark = self._linked_mark
         out: list[list[CacheKey]] = []
+        new_links: list[tuple[str, CacheInfoLink, str]] = []
         pos = 0
         for deps, input, digest, output in requests:
             if not deps:
@@ -246,9 +263,28 @@ class KeyedCacheManager:
                     for i in range(first, pos):
                         if target not in walked[i]:
                             dep_id, link = pairs[i]
-                            await storage.add_link(dep_id, link, target)
+                            new_links.append((dep_id, link, target))
             out.append(list(found.values()))
+        await self._add_links(new_links)
+        for keys in out:
+            self._mark_found(keys, mark)
         return out
+
+    async def _add_links(self, links: Sequence[tuple[str, CacheInfoLink, str]]) -> None:
+        """Store ``links`` (each ``(source, link, target)``, idempotent): in one
+        write where the key storage has ``add_many`` (a one-change C build's
+        cold path links 58 definition keys to what their content keys found:
+        58 write transactions, each a worker thread's, became one), else one
+        ``add_link`` each."""
+        if not links:
+            return
+        storage = self._storage
+        add_many = getattr(storage, "add_many", None)
+        if add_many is not None and len(links) > 1:
+            await add_many((), links)
+            return
+        for dep_id, link, target in links:
+            await storage.add_link(dep_id, link, target)
 
     async def records(self, key: CacheKey) -> list[CacheRecord]:
         """The results stored under ``key`` that the result storage still has, as
@@ -589,34 +625,41 @@ class KeyedCacheManager:
         # A post-order walk with an explicit stack (a deep chain of new keys must not
         # hit the recursion limit). The link dep -> key is added only after the dep's
         # own links exist: an existing link is taken to mean "everything below is
-        # linked", so an interrupted save must never leave one too early.
+        # linked", so an interrupted save must never leave one too early. The links
+        # are collected in that order and written together at the end (one write
+        # where the storage has ``add_many``: all of them or none); one planned
+        # already counts as existing.
         # The mark as the walk starts: a release during the walk (a persistent
         # storage awaits) leaves this key unmarked, as it may have cut below it.
         mark = self._linked_mark
         key_id = await self._get_id(key)
         deps = key.deps
+        links: list[tuple[str, CacheInfoLink, str]] = []
         if deps and all(alt.key.key.linked is mark for alts in deps for alt in alts):
             # The common case in a build: every dep is a key this manager saved
             # since its last release (an input's key), so everything below it is
             # linked and it needs only its link to this key; no walk.
-            storage = self._storage
             output, digest = key.output, key.digest
             for i, alternatives in enumerate(deps):
                 for alt in alternatives:
                     dk = alt.key.key
                     link = new_link(i, output, digest, alt.selector)
-                    await storage.add_link(dk.ids.get(self) or await self._get_id(dk), link, key_id)
+                    links.append((dk.ids.get(self) or await self._get_id(dk), link, key_id))
+            await self._add_links(links)
             if self._linked_mark is mark:
                 key.linked = mark
                 return
             # a release meanwhile may have cut below a dep: walk (links are idempotent)
+            links = []
+        planned: set[tuple[str, CacheInfoLink, str]] = set()
         stack = [_LinkFrame(key_id, _dep_links(key))]
         while stack:
             frame = stack[-1]
             if frame.link_after is not None:
                 dep_id, link = frame.link_after
                 frame.link_after = None
-                await self._storage.add_link(dep_id, link, frame.id)
+                links.append((dep_id, link, frame.id))
+                planned.add((dep_id, link, frame.id))
             step = next(frame.deps, None)
             if step is None:
                 stack.pop()
@@ -627,10 +670,13 @@ class KeyedCacheManager:
                 # a key this manager saved since its last release (an input's
                 # key, in a build): every key below it is linked already
                 # (add_link is idempotent)
-                await self._storage.add_link(dep_id, link, frame.id)
-            elif not await self._storage.has_link(dep_id, link, frame.id):
+                links.append((dep_id, link, frame.id))
+            elif (dep_id, link, frame.id) not in planned and not await self._storage.has_link(
+                dep_id, link, frame.id
+            ):
                 frame.link_after = (dep_id, link)
                 stack.append(_LinkFrame(dep_id, _dep_links(dep)))
+        await self._add_links(links)
         key.linked = mark
 
 

@@ -23,16 +23,16 @@ edges.
 An input with a content key (``compute_digest``) is looked up by its
 definition keys, as its edge does first: a warm build whose definition keys all
 match computes no content key on the edges either, so it is one key pass and one
-load here too. A vertex with a content key that misses and must run is the
-edges' (they compute the key from the input's result and may find it stored:
-an edit that left the selected files as they were); the cold path does not.
+load here too. A vertex with a content key that misses here is the cold path's:
+it computes the key once the input has a result and may find it stored (an edit
+that left the selected files as they were).
 
 The pass gives up, leaving everything to the edges, as soon as a vertex is one
 the edges must handle themselves: an ignore-cache vertex, one with cache sources,
 one that already has an edge, an op whose cache map is not its only one, fails,
-or is being computed by an edge; when two vertices have one cache-map digest
-(the edges would merge them), a found key that the cold path must load has no
-record, or a vertex that must run has a content key; and on a cache error (the
+or is being computed by an edge; when two vertices may get equal keys (the
+edges would merge them: ``_may_merge``) or a found key that the cold path must
+load has no record; and on a cache error (the
 edges report it, or work around it, as they do). It runs only while the live edge
 index is empty, so no equal live edge is missed that the edges would have
 merged with. What it did is not lost when it
@@ -184,29 +184,29 @@ async def _cold_plan(
     found: dict[tuple[str, int], _Found | None],
 ) -> list[ColdNode] | None:
     """The nodes of a cold run (``_coldpath.py``), with the record each needed
-    found node loads; None if the edges must do it (two cache maps with one
-    digest, which they would merge; a needed found key without a record)."""
-    digests: set[str] = set()
+    found node loads; None if the edges must do it (two vertices whose keys
+    may be equal, which they would merge: :func:`_may_merge`; a needed found
+    key without a record)."""
+    by_digest: dict[str, list[tuple[Vertex, CacheMap]]] = {}
+    map_digest: dict[str, str] = {}
     nodes: dict[tuple[str, int], ColdNode] = {}
     for v, st, cache_map in zip(order, states, maps, strict=True):
-        if cache_map.digest in digests:
+        map_digest[v.digest] = cache_map.digest
+        same = by_digest.setdefault(cache_map.digest, [])
+        if len(same) >= _MAX_SHARED_DIGEST:
+            # each is compared with the others: bounded, as the edges handle it
             return None
-        digests.add(cache_map.digest)
+        for other, other_map in same:
+            if _may_merge(v, cache_map, other, other_map, map_digest):
+                return None
+        same.append((v, cache_map))
         for out in needed[v.digest]:
             f = found[v.digest, out]
             nodes[v.digest, out] = ColdNode(st, out, cache_map, None if f is None else f.keys)
     run = needed_nodes(nodes, nodes[root.vertex.digest, root.index])
     for node in run:
         keys = node.found_keys
-        if keys is None:
-            # A missed vertex with a content key: its edge would compute the key
-            # from the input's result and may find it stored (an edit that did
-            # not change the selected files). The cold path does not.
-            for dep in node.cache_map.deps:
-                if dep.compute_digest is not None:
-                    return None
-            continue
-        if not node.consumers:
+        if keys is None or not node.consumers:
             continue
         cache = node.state.combined_cache()
         records: list[CacheRecord] = []
@@ -217,6 +217,34 @@ async def _cold_plan(
             return None
         node.record = rec
     return run
+
+
+# How many vertices of one graph may share a cache-map digest on the cold path
+# (each is compared with the ones before it: O(n^2) beyond a few).
+_MAX_SHARED_DIGEST = 64
+
+
+def _may_merge(
+    a: Vertex, a_map: CacheMap, b: Vertex, b_map: CacheMap, map_digest: dict[str, str]
+) -> bool:
+    """Whether two vertices with one cache-map digest may get equal keys (their
+    edges would merge): both leaves (one root key), or, at every input place
+    both have, inputs with one cache-map digest or a content key (which does
+    not depend on the input's vertex). A merge of two objects and a merge of
+    59 (``benchmarks/cbuild.py``) share the digest and cannot: an input's key
+    is made of its own cache-map digest. Overlapping places are compared, not
+    only equal counts: the live index finds a key by intersecting the links
+    from its inputs' keys."""
+    if not a.inputs or not b.inputs:
+        return not a.inputs and not b.inputs
+    for i, (x, y) in enumerate(zip(a.inputs, b.inputs, strict=False)):
+        if (
+            a_map.deps[i].compute_digest is None
+            and b_map.deps[i].compute_digest is None
+            and map_digest[x.vertex.digest] != map_digest[y.vertex.digest]
+        ):
+            return False
+    return True
 
 
 class _Answers:

@@ -32,6 +32,7 @@ import binascii
 import fnmatch
 import functools
 import hashlib
+import json
 import logging
 import os
 import re
@@ -159,10 +160,32 @@ class Entry:
 @functools.lru_cache(maxsize=256)
 def _glob_regex(patterns: tuple[str, ...]) -> re.Pattern[str]:
     """One compiled regex for a list of ``fnmatch`` patterns (what
-    ``fnmatch.fnmatchcase`` would match with any of them): a content key walks
-    a whole tree against the same patterns, 59 keys x 150 entries x 20 patterns
-    in one benchmark build (``docs/performance.md``, "Real builds")."""
-    return re.compile("|".join(f"(?:{fnmatch.translate(p.strip('/'))})" for p in patterns))
+    ``fnmatch.fnmatchcase`` would match with any of them)."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+_GLOB_CHARS = frozenset("*?[")
+
+
+@functools.lru_cache(maxsize=1024)
+def _matcher(patterns: tuple[str, ...]) -> Callable[[str], bool]:
+    """Whether a path matches one of ``patterns`` (``fnmatch``, case-sensitive,
+    ``*`` also matches ``/``): a pattern without ``*``, ``?`` or ``[`` matches
+    exactly itself, so those are a set; the others one regex, cached by the
+    globs alone. A content key walks a whole tree against the same patterns, 59
+    keys x 130 entries x 20 patterns in one benchmark build, each key's own
+    (its unit's name, then ``*.h`` and the textual includes): one regex of all
+    20 per key was 59 compilations, 0.6 s of a new process's CPU under the
+    profiler (``docs/performance.md``, "Issue 21: the one-change build")."""
+    stripped = [p.strip("/") for p in patterns]
+    literal = frozenset(p for p in stripped if _GLOB_CHARS.isdisjoint(p))
+    globs = tuple(p for p in stripped if not _GLOB_CHARS.isdisjoint(p))
+    if not globs:
+        return literal.__contains__
+    match = _glob_regex(globs).match
+    if not literal:
+        return lambda rel: match(rel) is not None
+    return lambda rel: rel in literal or match(rel) is not None
 
 
 def _matches(rel: str, patterns: Sequence[str]) -> bool:
@@ -170,7 +193,7 @@ def _matches(rel: str, patterns: Sequence[str]) -> bool:
     (``fnmatch``, case-sensitive; ``*`` also matches ``/``)."""
     if not patterns:
         return False
-    match = _glob_regex(tuple(patterns)).match
+    match = _matcher(tuple(patterns))
     if match(rel):
         return True
     parts = rel.split("/")
@@ -230,6 +253,9 @@ def digest_of_files(table: DigestTable | None) -> FileDigest:
     return file_digest if table is None else table.file_digest
 
 
+_RECORD_ENCODER: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
 def entry_record(rel: str, path: str, mode: int, digest: FileDigest = file_digest) -> bytes:
     """The canonical line an entry contributes to a content digest: its path, type,
     permission bits (write bits masked: committing drops them) and its content
@@ -241,7 +267,15 @@ def entry_record(rel: str, path: str, mode: int, digest: FileDigest = file_diges
         body = [rel, "symlink", 0, os.readlink(path)]
     else:
         body = [rel, "file", perm, digest(path)]
-    return canonical_json(body) + b"\n"
+    try:
+        # canonical_json's bytes for a flat list of strings and a small integer,
+        # without its freezer (80 % of a record's time; a one-change C build
+        # makes 3,000 records: docs/performance.md, "Issue 21: the one-change
+        # build")
+        return _RECORD_ENCODER.encode(body).encode("utf-8") + b"\n"
+    except UnicodeEncodeError:
+        # a name with a lone surrogate: canonical_json's error
+        return canonical_json(body) + b"\n"
 
 
 def hash_entries(entries: Sequence[Entry], h: Any, digest: FileDigest = file_digest) -> None:

@@ -84,6 +84,23 @@ CREATE INDEX IF NOT EXISTS contents_by_seen ON contents (seen_at);
 _COLUMNS: Final = "digest, op, name, place, seen_at"
 
 
+class _ContentRecord:
+    """One queued :meth:`SQLiteOpHistory.record_content` call."""
+
+    __slots__ = ("digest", "done", "error", "files", "input", "slot", "vertex")
+
+    def __init__(
+        self, vertex: str, input: int, slot: str, digest: str, files: Mapping[str, str]
+    ) -> None:
+        self.vertex = vertex
+        self.input = input
+        self.slot = slot
+        self.digest = digest
+        self.files = files
+        self.done = anyio.Event()
+        self.error: Exception | None = None
+
+
 class SQLiteOpHistory:
     """An :class:`~solver.definition.OpHistory` in a SQLite file, bounded to
     ``max_ops`` ops. Open it with ``await SQLiteOpHistory.open(path)``; close it
@@ -96,6 +113,9 @@ class SQLiteOpHistory:
         self._lock = threading.Lock()
         self._limiter = anyio.CapacityLimiter(1)
         self._changed: OrderedDict[tuple[str, int], tuple[str, ...]] = OrderedDict()
+        # record_content calls waiting to be written, and whether one writes them
+        self._queue: list[_ContentRecord] = []
+        self._writing = False
 
     @classmethod
     async def open(
@@ -128,11 +148,49 @@ class SQLiteOpHistory:
     async def record_content(
         self, vertex: str, input: int, slot: str, digest: str, files: Mapping[str, str]
     ) -> None:
-        before = await self._call(
-            _record_content, slot, digest, files, time.time(), self.max_ops
-        )
-        if before is not None:
-            note_changed_files(self._changed, vertex, input, files_that_differ(before[1], files))
+        """Record the content key ``digest`` of ``slot`` and the files it covers.
+
+        The content keys of a build's ``file`` steps are computed side by side
+        and recorded at about the same time (59 in a one-change pycryptodome
+        build), so the calls are written together: the first caller writes
+        every one queued while it writes, each batch one transaction in one
+        worker thread, and the others wait for theirs (``docs/performance.md``,
+        "Issue 21: the one-change build"). The writing is shielded, so a
+        cancelled caller never leaves the others waiting; a cancelled waiter
+        leaves, and its record is written all the same."""
+        entry = _ContentRecord(vertex, input, slot, digest, files)
+        self._queue.append(entry)
+        if not self._writing:
+            self._writing = True
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self._write_queued()
+            finally:
+                self._writing = False
+            # a caller's cancellation takes effect here, once the batch is written
+            await anyio.lowlevel.checkpoint()
+        else:
+            await entry.done.wait()
+        if entry.error is not None:
+            raise entry.error
+
+    async def _write_queued(self) -> None:
+        while self._queue:
+            batch, self._queue = self._queue, []
+            rows = [(e.slot, e.digest, e.files) for e in batch]
+            try:
+                befores = await self._call(_record_contents, rows, time.time(), self.max_ops)
+            except Exception as exc:
+                for e in batch:
+                    e.error = exc
+                    e.done.set()
+                continue
+            for e, before in zip(batch, befores, strict=True):
+                if before is not None:
+                    note_changed_files(
+                        self._changed, e.vertex, e.input, files_that_differ(before[1], e.files)
+                    )
+                e.done.set()
 
     def changed_files(self, vertex: str, input: int) -> tuple[str, ...] | None:
         return self._changed.get((vertex, input))
@@ -236,6 +294,18 @@ def _record_content(
         return None
     before = json.loads(row[1])
     return row[0], before if isinstance(before, dict) else {}
+
+
+def _record_contents(
+    conn: sqlite3.Connection,
+    rows: list[tuple[str, str, Mapping[str, str]]],
+    now: float,
+    max_ops: int,
+) -> list[tuple[str, dict[str, str]] | None]:
+    """:func:`_record_content` of each ``(slot, digest, files)``, in one
+    transaction."""
+    return [_record_content(conn, slot, digest, files, now, max_ops)
+            for slot, digest, files in rows]
 
 
 def _get(conn: sqlite3.Connection, digest: str) -> OpDefinitionRecord | None:
