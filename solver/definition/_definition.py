@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias
 from .._digest import digest_of
 from .._errors import SolveError
 from .._graph import Edge, VertexOptions
+from ._readmemo import read_memo
 
 if TYPE_CHECKING:
     # type-only: _opkind builds on this module (kinds resolve OpDefs)
@@ -811,7 +812,25 @@ class Definition:
         :class:`DefinitionError` naming the op and field. Whitespace, key order and
         string escapes in the document do not matter. O(size); no recursion over the
         graph.
+
+        The same text read again gives the same object, without reading it again:
+        the definitions read are kept by the SHA-256 of their text (a few, bounded;
+        a text that fails is read every time: ``_readmemo.py``).
         """
+        if cls is not Definition or not isinstance(text, str | bytes | bytearray):
+            return cls._read_json(text)
+        key = read_memo.key(text)
+        if key is None:
+            return cls._read_json(text)
+        digest, size = key
+        kept = read_memo.get(digest)
+        if kept is None:
+            kept = cls._read_json(text)
+            read_memo.keep(digest, size, kept)
+        return kept
+
+    @classmethod
+    def _read_json(cls, text: str | bytes | bytearray) -> Definition:
         doc = _parse(text)
         if not isinstance(doc, dict):
             raise DefinitionError(f"a definition must be a JSON object, got {_describe(doc)}")
