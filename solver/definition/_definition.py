@@ -873,12 +873,18 @@ class Definition:
         construction). With one: every op's kind is registered, every payload passes
         its kind's ``validate``, and every input and the output name an output index
         below the count the kind's ``outputs`` gives. Calls each kind's ``validate``
-        and ``outputs`` once per op. O(ops + inputs).
+        and ``outputs`` once per op, and not again for an op (by digest) the
+        registry found valid before, until a kind is registered. O(ops + inputs).
         """
         if kinds is None:
             return
+        checked, generation = kinds._checked_outputs()
         counts: dict[str, int] = {}
         for d, op in self.ops.items():
+            n = checked.get(d)
+            if n is not None:
+                counts[d] = n
+                continue
             kind = kinds.get(op.kind)
             if kind is None:
                 raise DefinitionError(
@@ -896,7 +902,8 @@ class Definition:
                         op=d,
                         kind=op.kind,
                     ) from exc
-            counts[d] = _output_count(kind.outputs, op, d)
+            counts[d] = n = _output_count(kind.outputs, op, d)
+            kinds._note_checked(d, n, generation)
         for d, op in self.ops.items():
             for i, ref in enumerate(op.inputs):
                 n = counts[ref.digest]
