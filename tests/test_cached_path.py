@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -229,6 +229,44 @@ async def test_cache_maps_of_a_warm_build_run_concurrently(
             assert barrier.arrived == 2
             assert counters == Counters(cache=6, exec=3)
             await j1.discard()
+
+
+async def test_the_leaves_cache_maps_start_first(handle_tracker: HandleTracker) -> None:
+    """The pass asks for the cache maps root first, so that the work pool, which
+    runs the units queued newest first, starts the leaves' first: a leaf's is
+    the one that blocks (a local source's stat check, in a thread), and it runs
+    beside the others instead of after them. Every vertex starts its cache map
+    after each of its inputs'."""
+    with anyio.fail_after(TIMEOUT):
+        async with Solver(resolve_op=resolve_op) as s:
+            started: list[str] = []
+            armed = [False]
+
+            def hook(name: str) -> Callable[[], Awaitable[None]]:
+                async def note() -> None:
+                    if armed[0]:
+                        started.append(name)
+
+                return note
+
+            def node(name: str, *inputs: TestVertex) -> TestVertex:
+                return vtx(name=name, cache_key_seed=name, value=name,
+                           cache_pre_func=hook(name), inputs=[Edge(i) for i in inputs])
+
+            base, other = node("base"), node("other")
+            left, right = node("left", base), node("right", base, other)
+            top = node("top", left, right)
+            await warm_up(s, top)
+            armed[0] = True
+            job = s.new_job()
+            assert await build_value(job, Edge(top)) == "top"
+            await job.discard()
+            assert sorted(started) == ["base", "left", "other", "right", "top"]
+            assert started[0] == "base"
+            for consumer, inputs in (("left", ["base"]), ("right", ["base", "other"]),
+                                     ("top", ["left", "right"])):
+                for inp in inputs:
+                    assert started.index(inp) < started.index(consumer), started
 
 
 async def test_cancelled_while_a_cache_map_runs(handle_tracker: HandleTracker) -> None:
