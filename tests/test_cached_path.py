@@ -33,6 +33,7 @@ from solver import (
     SolveError,
     Solver,
 )
+from solver.cache import InMemoryCacheStorage, InMemoryResultStorage, KeyedCacheManager
 from solver.engine import _jobs as solver_module
 from solver.engine._cachedpath import seed_cached_root
 from solver.testing import HandleTracker
@@ -380,6 +381,72 @@ async def test_cancelled_during_the_cache_calls_returns_after_them(
             j2 = s.new_job()
             assert await build_value(j2, Edge(top)) == "top"
             assert cache.load_counter == 1
+            await j2.discard()
+        await cache.close()
+
+
+class GatedRootKeys(InMemoryCacheStorage):
+    """A key storage whose batched root-key reads (``exists_many``, the leaves
+    of a layer) wait on a gate while ``armed``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = Gate()
+        self.armed = False
+
+    async def exists_many(self, ids: Sequence[str]) -> list[bool]:
+        if self.armed:
+            await self.gate.wait()
+        return await super().exists_many(ids)
+
+
+async def test_cancelled_while_the_root_keys_are_read_returns_after_them(
+    handle_tracker: HandleTracker,
+) -> None:
+    """Cancelled while the pass reads its leaves' root keys in one batch
+    (``exists_many``): the read is not interrupted, ``build`` raises the
+    cancellation once it has returned, nothing was loaded or run, and the next
+    build loads the root once."""
+    with anyio.fail_after(TIMEOUT):
+        storage = GatedRootKeys()
+        inner = KeyedCacheManager("gated-root-keys", storage, InMemoryResultStorage())
+        cache = TrackingCacheManager(inner)
+        async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
+            top = diamond()
+            counters = top.setup_call_counters()
+            await warm_up(s, top)
+            execs = counters.exec
+
+            storage.armed = True
+            job = s.new_job("cancelled")
+            done = anyio.Event()
+            scope = anyio.CancelScope()
+            async with anyio.create_task_group() as tg:
+
+                async def run() -> None:
+                    with scope:
+                        try:
+                            await job.build(Edge(top))
+                        finally:
+                            done.set()
+
+                tg.start_soon(run)
+                await storage.gate.entered.wait()
+                scope.cancel()
+                await anyio.wait_all_tasks_blocked()
+                assert not done.is_set(), "build returned during the root keys' read"
+                storage.gate.opened.set()
+            assert scope.cancelled_caught
+            assert storage.gate.calls == 1
+            assert storage.gate.cancelled == 0
+            assert cache.load_counter == 0
+            await job.discard()
+
+            j2 = s.new_job()
+            assert await build_value(j2, Edge(top)) == "top"
+            assert cache.load_counter == 1
+            assert storage.gate.calls == 2
+            assert counters.exec == execs
             await j2.discard()
         await cache.close()
 
