@@ -197,6 +197,13 @@ _PLAIN_LEAVES: Final = frozenset((str, bool, type(None)))
 range checked)."""
 
 
+_PLAIN_LEAVES_AND_INT: Final = _PLAIN_LEAVES | {int}
+
+
+def _ints_in_range(value: list[object]) -> bool:
+    return all(type(i) is not int or _INT_MIN <= i <= _INT_MAX for i in value)
+
+
 def _freeze_dict(value: dict[object, object], depth: int) -> _FrozenDict:
     items: list[tuple[str, JSONValue]] = []
     append = items.append
@@ -223,7 +230,11 @@ def _freeze_dict(value: dict[object, object], depth: int) -> _FrozenDict:
 
 
 def _freeze_list(value: list[object], depth: int) -> _FrozenList:
-    if set(map(type, value)) <= _PLAIN_LEAVES:  # one C-level pass: an argv, globs
+    types = set(map(type, value))  # one C-level pass
+    if types <= _PLAIN_LEAVES:  # an argv, globs
+        return _FrozenList(value)
+    if types <= _PLAIN_LEAVES_AND_INT and _ints_in_range(value):
+        # a content digest's entry record: [path, "file", mode, digest]
         return _FrozenList(value)
     out: list[JSONValue] = []
     for i, item in enumerate(value):
