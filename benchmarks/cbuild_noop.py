@@ -176,6 +176,8 @@ def main() -> int:
               f"(target <= 2x); load average {os.getloadavg()[0]:.2f}")
         if args.phases:
             _timed_phases(embedded, defn, args.phases)
+        if not args.profile:
+            return 0
         prof = cProfile.Profile()
         t0 = time.perf_counter()
 
