@@ -342,6 +342,30 @@ class GatedCache(TrackingCacheManager):
         return await super().query_many(requests)
 
 
+async def cancel_while_gated(job: Job, top: TestVertex, gate: Gate) -> None:
+    """Build ``top`` in ``job`` and cancel the build once a call waits on
+    ``gate``: the build must not return while the call runs, and must raise the
+    cancellation once the gate opens and the call returns."""
+    done = anyio.Event()
+    scope = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            with scope:
+                try:
+                    await job.build(Edge(top))
+                finally:
+                    done.set()
+
+        tg.start_soon(run)
+        await gate.entered.wait()
+        scope.cancel()
+        await anyio.wait_all_tasks_blocked()
+        assert not done.is_set(), "build returned during a gated cache call"
+        gate.opened.set()
+    assert scope.cancelled_caught
+
+
 async def test_cancelled_during_the_cache_calls_returns_after_them(
     handle_tracker: HandleTracker,
 ) -> None:
@@ -356,24 +380,7 @@ async def test_cancelled_during_the_cache_calls_returns_after_them(
 
             cache.armed = True
             job = s.new_job("cancelled")
-            done = anyio.Event()
-            scope = anyio.CancelScope()
-            async with anyio.create_task_group() as tg:
-
-                async def run() -> None:
-                    with scope:
-                        try:
-                            await job.build(Edge(top))
-                        finally:
-                            done.set()
-
-                tg.start_soon(run)
-                await cache.gate.entered.wait()
-                scope.cancel()
-                await anyio.wait_all_tasks_blocked()
-                assert not done.is_set(), "build returned during a cache call"
-                cache.gate.opened.set()
-            assert scope.cancelled_caught
+            await cancel_while_gated(job, top, cache.gate)
             assert cache.gate.cancelled == 0
             assert cache.load_counter == 0
             await job.discard()
@@ -419,24 +426,7 @@ async def test_cancelled_while_the_root_keys_are_read_returns_after_them(
 
             storage.armed = True
             job = s.new_job("cancelled")
-            done = anyio.Event()
-            scope = anyio.CancelScope()
-            async with anyio.create_task_group() as tg:
-
-                async def run() -> None:
-                    with scope:
-                        try:
-                            await job.build(Edge(top))
-                        finally:
-                            done.set()
-
-                tg.start_soon(run)
-                await storage.gate.entered.wait()
-                scope.cancel()
-                await anyio.wait_all_tasks_blocked()
-                assert not done.is_set(), "build returned during the root keys' read"
-                storage.gate.opened.set()
-            assert scope.cancelled_caught
+            await cancel_while_gated(job, top, storage.gate)
             assert storage.gate.calls == 1
             assert storage.gate.cancelled == 0
             assert cache.load_counter == 0
