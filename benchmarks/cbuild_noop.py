@@ -10,8 +10,12 @@ key queries, storage reads, loads, edges, dispatches) and the top functions by
 inclusive and own time, per build (the event loop's thread only: the
 threads it hands work to, such as the worker's file hashing, are not profiled).
 
+It also times the phases of ``--phases`` no-op builds (reading the definition,
+making vertices, the cache maps, the key pass, the load, the summary), each
+with the clock around it, without the profiler.
+
 Run: ``python benchmarks/cbuild_noop.py [--library brotli] [--repeat 15]
-[--profile 5] [--jobs N] [--cache-dir DIR] [--top 30]``. The cache directory
+[--phases 15] [--profile 5] [--jobs N] [--cache-dir DIR] [--top 30]``. The cache directory
 defaults to cbuild's; the work tree is ``DIR/noop/<library>``.
 """
 
@@ -26,6 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -48,6 +53,76 @@ STEPS = (
 )
 
 
+# (label, module, attribute path, async): the phases of one no-op build, each
+# timed with the clock around it (after the timed runs; one wrapper call each)
+PHASES = (
+    ("reading the definition (Definition.from_json)", "solver.definition._definition",
+     "Definition.from_json", False),
+    ("validating it, making vertices (to_vertices)", "solver.definition._definition",
+     "Definition.to_vertices", False),
+    ("loading the vertices (Engine._load)", "solver.engine._jobs", "Engine._load", False),
+    ("the cache maps, all (awaited by the pass)", "solver.engine._cachedpath", "_cache_maps",
+     True),
+    ("  of which the local source's (stat check, op history)", "solver.worker._sources",
+     "LocalOp.cache_map", True),
+    ("the key pass and the seed", "solver.engine._cachedpath", "_resolve_and_seed", True),
+    ("the root's load (Scheduler.build)", "solver.engine._scheduler", "Scheduler.build", True),
+    ("the summary (Solver._summarize)", "solver.bridge._solver", "Solver._summarize", True),
+    ("discarding the job", "solver.engine._jobs", "Job.discard", True),
+    ("the whole build", "cbuild", "Embedded._build", True),
+)
+
+
+def _timed_phases(embedded: cbuild.Embedded, defn: bytes, runs: int) -> None:
+    """Median wall time of each of :data:`PHASES` over ``runs`` no-op builds."""
+    import importlib
+
+    spent: dict[str, list[float]] = {label: [] for label, *_ in PHASES}
+    undo: list[tuple[object, str, object]] = []
+    for label, module, path, is_async in PHASES:
+        owner: object = importlib.import_module(module) if module != "cbuild" else cbuild
+        *outer, name = path.split(".")
+        for part in outer:
+            owner = getattr(owner, part)
+        real = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        func = real.__func__ if isinstance(real, classmethod) else real
+        times = spent[label]
+
+        def wrap(func: Any = func, times: list[float] = times, is_async: bool = is_async) -> Any:
+            if is_async:
+                async def timed_async(*args: Any, **kwargs: Any) -> Any:
+                    t0 = time.perf_counter()
+                    try:
+                        return await func(*args, **kwargs)
+                    finally:
+                        times.append(time.perf_counter() - t0)
+                return timed_async
+
+            def timed_sync(*args: Any, **kwargs: Any) -> Any:
+                t0 = time.perf_counter()
+                try:
+                    return func(*args, **kwargs)
+                finally:
+                    times.append(time.perf_counter() - t0)
+            return timed_sync
+
+        wrapped = wrap()
+        setattr(owner, name, classmethod(wrapped) if isinstance(real, classmethod) else wrapped)
+        undo.append((owner, name, real))
+    try:
+        for _ in range(runs):
+            embedded.build(defn, False)
+    finally:
+        for owner, name, real in reversed(undo):
+            setattr(owner, name, real)
+    print(f"phases, median wall time of {runs} no-op builds (the clock around each):")
+    for label, *_ in PHASES:
+        times = spent[label]
+        per_build = len(times) / runs
+        value = statistics.median(times) * 1e3 if times else 0.0
+        print(f"  {value:7.3f} ms  {label}" + (f" (x{per_build:.0f})" if per_build != 1 else ""))
+
+
 def _count(stats: pstats.Stats, name: str, suffix: str) -> int:
     total = 0
     for (path, _, func), (_, ncalls, *_rest) in stats.stats.items():  # type: ignore[attr-defined]
@@ -63,6 +138,8 @@ def main() -> int:
     ap.add_argument("--profile", type=int, default=5)
     ap.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--phases", type=int, default=15,
+                    help="no-op builds whose phases are timed (0: none)")
     ap.add_argument("--cache-dir", type=Path,
                     default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                     / "solver-engine-cbuild")
@@ -97,6 +174,10 @@ def main() -> int:
               f"{args.repeat}: make {med['make'] * 1e3:.2f} ms, embedded "
               f"{med['embedded'] * 1e3:.2f} ms = {med['embedded'] / med['make']:.2f}x make "
               f"(target <= 2x); load average {os.getloadavg()[0]:.2f}")
+        if args.phases:
+            _timed_phases(embedded, defn, args.phases)
+        if not args.profile:
+            return 0
         prof = cProfile.Profile()
         t0 = time.perf_counter()
 

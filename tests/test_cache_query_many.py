@@ -11,6 +11,7 @@ import secrets
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+import anyio
 import pytest
 
 from solver._cache import CacheInfoLink, CacheKey, CacheKeyWithSelector
@@ -38,9 +39,19 @@ class CountingStorage:
         self.add_link_calls = 0
         self.add_many_calls = 0
         self.has_link_calls = 0
+        self.exists_calls = 0
+        self.exists_many_calls = 0
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.inner, name)
+
+    async def exists(self, id: str) -> bool:
+        self.exists_calls += 1
+        return await self.inner.exists(id)
+
+    async def exists_many(self, ids: Sequence[str]) -> list[bool]:
+        self.exists_many_calls += 1
+        return await self.inner.exists_many(ids)  # type: ignore[attr-defined,no-any-return]
 
     async def walk_links(self, id: str, link: CacheInfoLink) -> list[str]:
         self.walk_links_calls += 1
@@ -169,8 +180,12 @@ async def test_a_storage_without_batched_reads_is_asked_one_link_at_a_time(
         await save(m, key_with(dgst("c"), 0, a), "c")
         st.walks = 0
         sel = key_with_deps(dgst("c"), 0, [[CacheKeyWithSelector(a)]])
-        got = await m.query_many([([CacheKeyWithSelector(exp(sel))], 0, dgst("x"), 0),
-                                  ([CacheKeyWithSelector(a)], 0, dgst("c"), 0)])
+        got = await m.query_many(
+            [
+                ([CacheKeyWithSelector(exp(sel))], 0, dgst("x"), 0),
+                ([CacheKeyWithSelector(a)], 0, dgst("c"), 0),
+            ]
+        )
         assert [len(k) for k in got] == [0, 1]
         assert st.walks >= 2
         assert isinstance(got[1][0], CacheKey)
@@ -211,3 +226,83 @@ async def test_a_save_over_found_keys_adds_only_its_own_links(
         assert len(await m.query([CacheKeyWithSelector(exp(c_again))], 0, dgst("e"), 0)) == 1
     finally:
         await m.close()
+
+
+async def test_the_root_keys_of_a_batch_are_read_in_one_call(
+    storage: CountingStorage, handle_tracker: HandleTracker
+) -> None:
+    """Requests without deps (a graph's leaves: their root keys) in a batch are
+    answered by one ``exists_many``, not one ``exists`` each, with the keys
+    ``query`` returns: a stored root key, and nothing for an unknown one."""
+    m = KeyedCacheManager(secrets.token_hex(8), storage, InMemoryResultStorage())  # type: ignore[arg-type]
+    try:
+        a = await save(m, root(dgst("a")), "a")
+        await save(m, root(dgst("b"), 1), "b1")
+        await save(m, key_with(dgst("c"), 0, a), "c")
+        requests: list[tuple[Sequence[CacheKeyWithSelector], int, str, int]] = [
+            ([], 0, dgst("a"), 0),
+            ([], 0, dgst("missing"), 0),
+            ([CacheKeyWithSelector(a)], 0, dgst("c"), 0),
+            ([], 0, dgst("b"), 1),
+            ([], 0, dgst("b"), 0),
+        ]
+        storage.exists_calls = 0
+        batched = await m.query_many(requests)
+        assert storage.exists_many_calls == 1
+        assert storage.exists_calls == 0
+        assert storage.walk_links_many_calls == 1
+        assert [len(keys) for keys in batched] == [1, 0, 1, 1, 0]
+        one_each = [await m.query(*r) for r in requests]
+        assert storage.exists_calls == 4
+        for got, want in zip(batched, one_each, strict=True):
+            assert [(k.ids[m], k.digest, k.output) for k in got] == [
+                (k.ids[m], k.digest, k.output) for k in want
+            ]
+        assert len(await m.records(batched[3][0])) == 1
+        # a batch with no leaf reads no root key
+        await m.query_many([([CacheKeyWithSelector(a)], 0, dgst("c"), 0)])
+        assert storage.exists_many_calls == 1
+        assert await storage.inner.exists_many([]) == []  # type: ignore[attr-defined]
+    finally:
+        await m.close()
+
+
+async def test_a_storage_without_batched_root_keys_is_asked_one_at_a_time(
+    handle_tracker: HandleTracker,
+) -> None:
+    """A key storage without ``exists_many`` answers the leaves of a batch
+    through ``exists``, one each, with the same keys."""
+
+    class Plain:
+        def __init__(self) -> None:
+            self.inner = InMemoryCacheStorage()
+            self.exists_calls = 0
+
+        def __getattr__(self, name: str) -> object:
+            if name == "exists_many":
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+        async def exists(self, id: str) -> bool:
+            self.exists_calls += 1
+            return await self.inner.exists(id)
+
+    st = Plain()
+    m = KeyedCacheManager(secrets.token_hex(8), st, InMemoryResultStorage())  # type: ignore[arg-type]
+    try:
+        await save(m, root(dgst("a")), "a")
+        st.exists_calls = 0
+        got = await m.query_many([([], 0, dgst("a"), 0), ([], 0, dgst("x"), 0)])
+        assert [len(k) for k in got] == [1, 0]
+        assert st.exists_calls == 2
+    finally:
+        await m.close()
+
+
+async def test_a_closed_storage_refuses_a_batch_of_root_keys(tmp_path: Path) -> None:
+    for storage in (InMemoryCacheStorage(), await SQLiteCacheStorage.open(tmp_path / "c.db")):
+        await storage.close()
+        with pytest.raises(anyio.ClosedResourceError):
+            await storage.exists_many(["x"])
+        with pytest.raises(anyio.ClosedResourceError):
+            await storage.exists_many([])

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -33,6 +33,7 @@ from solver import (
     SolveError,
     Solver,
 )
+from solver.cache import InMemoryCacheStorage, InMemoryResultStorage, KeyedCacheManager
 from solver.engine import _jobs as solver_module
 from solver.engine._cachedpath import seed_cached_root
 from solver.testing import HandleTracker
@@ -231,6 +232,44 @@ async def test_cache_maps_of_a_warm_build_run_concurrently(
             await j1.discard()
 
 
+async def test_the_leaves_cache_maps_start_first(handle_tracker: HandleTracker) -> None:
+    """The pass asks for the cache maps root first, so that the work pool, which
+    runs the units queued newest first, starts the leaves' first: a leaf's is
+    the one that blocks (a local source's stat check, in a thread), and it runs
+    beside the others instead of after them. Every vertex starts its cache map
+    after each of its inputs'."""
+    with anyio.fail_after(TIMEOUT):
+        async with Solver(resolve_op=resolve_op) as s:
+            started: list[str] = []
+            armed = [False]
+
+            def hook(name: str) -> Callable[[], Awaitable[None]]:
+                async def note() -> None:
+                    if armed[0]:
+                        started.append(name)
+
+                return note
+
+            def node(name: str, *inputs: TestVertex) -> TestVertex:
+                return vtx(name=name, cache_key_seed=name, value=name,
+                           cache_pre_func=hook(name), inputs=[Edge(i) for i in inputs])
+
+            base, other = node("base"), node("other")
+            left, right = node("left", base), node("right", base, other)
+            top = node("top", left, right)
+            await warm_up(s, top)
+            armed[0] = True
+            job = s.new_job()
+            assert await build_value(job, Edge(top)) == "top"
+            await job.discard()
+            assert sorted(started) == ["base", "left", "other", "right", "top"]
+            assert started[0] == "base"
+            for consumer, inputs in (("left", ["base"]), ("right", ["base", "other"]),
+                                     ("top", ["left", "right"])):
+                for inp in inputs:
+                    assert started.index(inp) < started.index(consumer), started
+
+
 async def test_cancelled_while_a_cache_map_runs(handle_tracker: HandleTracker) -> None:
     """Cancelled in the first pass: the cache map it alone waited for is cancelled
     and has stopped when ``build`` raises; nothing is memoized, so the next build
@@ -303,6 +342,30 @@ class GatedCache(TrackingCacheManager):
         return await super().query_many(requests)
 
 
+async def cancel_while_gated(job: Job, top: TestVertex, gate: Gate) -> None:
+    """Build ``top`` in ``job`` and cancel the build once a call waits on
+    ``gate``: the build must not return while the call runs, and must raise the
+    cancellation once the gate opens and the call returns."""
+    done = anyio.Event()
+    scope = anyio.CancelScope()
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            with scope:
+                try:
+                    await job.build(Edge(top))
+                finally:
+                    done.set()
+
+        tg.start_soon(run)
+        await gate.entered.wait()
+        scope.cancel()
+        await anyio.wait_all_tasks_blocked()
+        assert not done.is_set(), "build returned during a gated cache call"
+        gate.opened.set()
+    assert scope.cancelled_caught
+
+
 async def test_cancelled_during_the_cache_calls_returns_after_them(
     handle_tracker: HandleTracker,
 ) -> None:
@@ -317,24 +380,7 @@ async def test_cancelled_during_the_cache_calls_returns_after_them(
 
             cache.armed = True
             job = s.new_job("cancelled")
-            done = anyio.Event()
-            scope = anyio.CancelScope()
-            async with anyio.create_task_group() as tg:
-
-                async def run() -> None:
-                    with scope:
-                        try:
-                            await job.build(Edge(top))
-                        finally:
-                            done.set()
-
-                tg.start_soon(run)
-                await cache.gate.entered.wait()
-                scope.cancel()
-                await anyio.wait_all_tasks_blocked()
-                assert not done.is_set(), "build returned during a cache call"
-                cache.gate.opened.set()
-            assert scope.cancelled_caught
+            await cancel_while_gated(job, top, cache.gate)
             assert cache.gate.cancelled == 0
             assert cache.load_counter == 0
             await job.discard()
@@ -342,6 +388,55 @@ async def test_cancelled_during_the_cache_calls_returns_after_them(
             j2 = s.new_job()
             assert await build_value(j2, Edge(top)) == "top"
             assert cache.load_counter == 1
+            await j2.discard()
+        await cache.close()
+
+
+class GatedRootKeys(InMemoryCacheStorage):
+    """A key storage whose batched root-key reads (``exists_many``, the leaves
+    of a layer) wait on a gate while ``armed``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = Gate()
+        self.armed = False
+
+    async def exists_many(self, ids: Sequence[str]) -> list[bool]:
+        if self.armed:
+            await self.gate.wait()
+        return await super().exists_many(ids)
+
+
+async def test_cancelled_while_the_root_keys_are_read_returns_after_them(
+    handle_tracker: HandleTracker,
+) -> None:
+    """Cancelled while the pass reads its leaves' root keys in one batch
+    (``exists_many``): the read is not interrupted, ``build`` raises the
+    cancellation once it has returned, nothing was loaded or run, and the next
+    build loads the root once."""
+    with anyio.fail_after(TIMEOUT):
+        storage = GatedRootKeys()
+        inner = KeyedCacheManager("gated-root-keys", storage, InMemoryResultStorage())
+        cache = TrackingCacheManager(inner)
+        async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
+            top = diamond()
+            counters = top.setup_call_counters()
+            await warm_up(s, top)
+            execs = counters.exec
+
+            storage.armed = True
+            job = s.new_job("cancelled")
+            await cancel_while_gated(job, top, storage.gate)
+            assert storage.gate.calls == 1
+            assert storage.gate.cancelled == 0
+            assert cache.load_counter == 0
+            await job.discard()
+
+            j2 = s.new_job()
+            assert await build_value(j2, Edge(top)) == "top"
+            assert cache.load_counter == 1
+            assert storage.gate.calls == 2
+            assert counters.exec == execs
             await j2.discard()
         await cache.close()
 

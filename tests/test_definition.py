@@ -1082,10 +1082,31 @@ def test_a_frozen_payload_is_encoded_without_a_second_copy(
     assert calls[0] == 1 + 3
 
 
+def test_an_array_of_plain_leaves_and_ints_is_encoded_and_frozen() -> None:
+    """A content digest's entry record (path, type, mode, digest) takes the
+    one-pass path of plain leaves with in-range ints: the same canonical text
+    as the general path, frozen, and the edges of the int range kept."""
+    record: list[JSONValue] = [
+        "src/a.c", "file", 0o444, "ab" * 32, True, None, 2**63 - 1, -(2**63)
+    ]
+    assert canonical_json(record) == json.dumps(
+        record, separators=(",", ":"), ensure_ascii=False
+    ).encode()
+    op = OpDef("k.x", {"xs": record})
+    assert op.payload["xs"] == record
+    xs = op.payload["xs"]
+    assert isinstance(xs, list)
+    with pytest.raises(TypeError, match="read-only"):
+        xs.append(1)
+    # a bool is not an int here: True stays true, 1 stays 1
+    assert canonical_json([1, True]) == b"[1,true]"
+
+
 @pytest.mark.parametrize(
     ("value", "where", "problem"),
     [
         (["a", True, None, 2**63], '["xs"][3]', "integer 9223372036854775808 is outside"),
+        (["a", 1, -(2**63) - 1, 2], '["xs"][2]', "integer -9223372036854775809 is outside"),
         (["a", 1.5], '["xs"][1]', "floats are not allowed (got 1.5)"),
         ([["a", [0.5]]], '["xs"][0][1][0]', "floats are not allowed (got 0.5)"),
     ],

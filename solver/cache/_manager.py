@@ -227,7 +227,9 @@ class KeyedCacheManager:
         """:meth:`query` of each ``(deps, input, digest, output)``, in order, with
         the links of all of them read in one storage call when the key storage
         has ``walk_links_many`` (the cached path asks a whole layer of a graph at
-        once: one call and one checkpoint instead of one per input). The same
+        once: one call and one checkpoint instead of one per input), and the root
+        keys of the requests without deps in one more when it has
+        ``exists_many``. The same
         keys are returned and the same links added as by one :meth:`query` per
         request. O(deps x keys found) steps, the reads in one."""
         pairs: list[tuple[str, CacheInfoLink]] = []
@@ -243,12 +245,23 @@ class KeyedCacheManager:
         else:
             walked = [await storage.walk_links(dep_id, link) for dep_id, link in pairs]
         mark = self._linked_mark
+        # the root keys of the requests without deps (a graph's leaves), read
+        # together when the storage can (exists_many), else one query each
+        roots = [root_key(digest, output) for deps, _, digest, output in requests if not deps]
+        exists_many = getattr(storage, "exists_many", None) if roots else None
+        stored: list[bool] = await exists_many(roots) if exists_many is not None else []
         out: list[list[CacheKey]] = []
         new_links: list[tuple[str, CacheInfoLink, str]] = []
         pos = 0
+        leaf = 0
         for deps, input, digest, output in requests:
             if not deps:
-                out.append(await self.query((), input, digest, output))
+                if exists_many is None:
+                    out.append(await self.query((), input, digest, output))
+                else:
+                    id = roots[leaf]
+                    out.append([self._new_key(id, digest, output)] if stored[leaf] else [])
+                    leaf += 1
                 continue
             found: dict[str, CacheKey] = {}
             first = pos

@@ -246,6 +246,15 @@ class SQLiteCacheStorage:
         """The targets linked from ``id`` under exactly ``link``. O(n)."""
         return await self._call(_walk_links, id, link)
 
+    async def exists_many(self, ids: Sequence[str]) -> list[bool]:
+        """:meth:`exists` of each ID, in order, in one read transaction: one
+        storage call (and one checkpoint) for a batch (the root keys of a
+        graph's leaves, which the cached path asks together). O(len(ids))."""
+        if not ids:
+            self._live()
+            return []
+        return await self._call(_exists_many, ids)
+
     async def walk_links_many(
         self, requests: Sequence[tuple[str, CacheInfoLink]]
     ) -> list[list[str]]:
@@ -400,6 +409,10 @@ def _key_exists(conn: sqlite3.Connection, id: str) -> bool:
 
 def _exists(conn: sqlite3.Connection, id: str) -> bool:
     return _key_exists(conn, id)
+
+
+def _exists_many(conn: sqlite3.Connection, ids: Sequence[str]) -> list[bool]:
+    return [_key_exists(conn, id) for id in ids]
 
 
 def _walk(conn: sqlite3.Connection) -> list[str]:

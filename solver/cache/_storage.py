@@ -405,7 +405,8 @@ class InMemoryCacheStorage:
     targets (they carry the backlinks); those are not reported by :meth:`exists` or
     :meth:`walk`. Iteration order is insertion order. Beyond the protocol,
     :meth:`release_many` releases a batch in one cascade (what a bounded cache's
-    eviction uses), :meth:`walk_links_many` reads a batch of links and
+    eviction uses), :meth:`exists_many` and :meth:`walk_links_many` read a batch of
+    keys and of links and
     :meth:`add_many` stores a batch of results and links, each in one call (what a
     manager's batched query and save use).
     """
@@ -594,6 +595,16 @@ class InMemoryCacheStorage:
         if targets is None:
             return []
         return [targets] if isinstance(targets, str) else list(targets)
+
+    async def exists_many(self, ids: Sequence[str]) -> list[bool]:
+        """:meth:`exists` of each ID, in order. O(len(ids))."""
+        self._live()
+        by_id = self._by_id
+        out: list[bool] = []
+        for id in ids:
+            record = by_id.get(id)
+            out.append(record is not None and (record[0] is not None or record[1] is not None))
+        return out
 
     async def walk_links_many(
         self, requests: Sequence[tuple[str, CacheInfoLink]]

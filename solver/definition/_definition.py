@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn, TypeAlias
 from .._digest import digest_of
 from .._errors import SolveError
 from .._graph import Edge, VertexOptions
+from ._readmemo import read_memo
 
 if TYPE_CHECKING:
     # type-only: _opkind builds on this module (kinds resolve OpDefs)
@@ -196,6 +197,13 @@ _PLAIN_LEAVES: Final = frozenset((str, bool, type(None)))
 range checked)."""
 
 
+_PLAIN_LEAVES_AND_INT: Final = _PLAIN_LEAVES | {int}
+
+
+def _ints_in_range(value: list[object]) -> bool:
+    return all(type(i) is not int or _INT_MIN <= i <= _INT_MAX for i in value)
+
+
 def _freeze_dict(value: dict[object, object], depth: int) -> _FrozenDict:
     items: list[tuple[str, JSONValue]] = []
     append = items.append
@@ -222,7 +230,11 @@ def _freeze_dict(value: dict[object, object], depth: int) -> _FrozenDict:
 
 
 def _freeze_list(value: list[object], depth: int) -> _FrozenList:
-    if set(map(type, value)) <= _PLAIN_LEAVES:  # one C-level pass: an argv, globs
+    types = set(map(type, value))  # one C-level pass
+    if types <= _PLAIN_LEAVES:  # an argv, globs
+        return _FrozenList(value)
+    if types <= _PLAIN_LEAVES_AND_INT and _ints_in_range(value):
+        # a content digest's entry record: [path, "file", mode, digest]
         return _FrozenList(value)
     out: list[JSONValue] = []
     for i, item in enumerate(value):
@@ -811,7 +823,25 @@ class Definition:
         :class:`DefinitionError` naming the op and field. Whitespace, key order and
         string escapes in the document do not matter. O(size); no recursion over the
         graph.
+
+        The same text read again gives the same object, without reading it again:
+        the definitions read are kept by the SHA-256 of their text (a few, bounded;
+        a text that fails is read every time: ``_readmemo.py``).
         """
+        if cls is not Definition or not isinstance(text, str | bytes | bytearray):
+            return cls._read_json(text)
+        key = read_memo.key(text)
+        if key is None:
+            return cls._read_json(text)
+        digest, size = key
+        kept = read_memo.get(digest)
+        if kept is None:
+            kept = cls._read_json(text)
+            read_memo.keep(digest, size, kept)
+        return kept
+
+    @classmethod
+    def _read_json(cls, text: str | bytes | bytearray) -> Definition:
         doc = _parse(text)
         if not isinstance(doc, dict):
             raise DefinitionError(f"a definition must be a JSON object, got {_describe(doc)}")
@@ -854,12 +884,18 @@ class Definition:
         construction). With one: every op's kind is registered, every payload passes
         its kind's ``validate``, and every input and the output name an output index
         below the count the kind's ``outputs`` gives. Calls each kind's ``validate``
-        and ``outputs`` once per op. O(ops + inputs).
+        and ``outputs`` once per op, and not again for an op (by digest) the
+        registry found valid before, until a kind is registered. O(ops + inputs).
         """
         if kinds is None:
             return
+        checked, generation = kinds._checked_outputs()
         counts: dict[str, int] = {}
         for d, op in self.ops.items():
+            n = checked.get(d)
+            if n is not None:
+                counts[d] = n
+                continue
             kind = kinds.get(op.kind)
             if kind is None:
                 raise DefinitionError(
@@ -877,7 +913,8 @@ class Definition:
                         op=d,
                         kind=op.kind,
                     ) from exc
-            counts[d] = _output_count(kind.outputs, op, d)
+            counts[d] = n = _output_count(kind.outputs, op, d)
+            kinds._note_checked(d, n, generation)
         for d, op in self.ops.items():
             for i, ref in enumerate(op.inputs):
                 n = counts[ref.digest]

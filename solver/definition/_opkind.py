@@ -98,7 +98,7 @@ class OpKindRegistry:
     take no lock and are O(1).
     """
 
-    __slots__ = ("_kinds", "_lock", "_op_types")
+    __slots__ = ("_checked", "_generation", "_kinds", "_lock", "_op_types")
 
     def __init__(self, kinds: Iterable[OpKind] = ()) -> None:
         """A registry holding ``kinds`` (an error if two share a name)."""
@@ -106,6 +106,12 @@ class OpKindRegistry:
         self._lock = threading.Lock()
         # Classes whose instances are Ops by their class alone (see _is_op).
         self._op_types: set[type] = set()
+        # The ops Definition.validate found valid against these kinds, by op
+        # digest, with the number of outputs each has (see _checked_outputs);
+        # emptied whenever a kind is added or replaced, which bumps the
+        # generation.
+        self._checked: dict[str, int] = {}
+        self._generation = 0
         for kind in kinds:
             self.add(kind)
 
@@ -123,6 +129,8 @@ class OpKindRegistry:
                     f"op kind {kind.name!r} is already registered; pass replace=True to replace it"
                 )
             self._kinds[kind.name] = kind
+            self._generation += 1
+            self._checked = {}
         return kind
 
     @overload
@@ -213,6 +221,29 @@ class OpKindRegistry:
     def __len__(self) -> int:
         return len(self._kinds)
 
+    # -- what Definition.validate found ------------------------------------------------
+
+    def _checked_outputs(self) -> tuple[Mapping[str, int], int]:
+        """The ops found valid against the kinds registered now (by op digest,
+        each with its number of outputs), and the generation of the registration
+        they belong to; for :meth:`Definition.validate
+        <solver.Definition.validate>`, which checks an op once per op digest
+        (its kind and payload are part of the digest, and a kind's ``validate``
+        and ``outputs`` depend on the payload alone)."""
+        return self._checked, self._generation
+
+    def _note_checked(self, digest: str, outputs: int, generation: int) -> None:
+        """Remember that the op ``digest`` passed its kind's checks with
+        ``outputs`` outputs, unless a kind was registered since ``generation``.
+        At most :data:`MAX_CHECKED_OPS` ops, emptied when full."""
+        with self._lock:
+            if generation != self._generation:
+                return
+            checked = self._checked
+            if len(checked) >= MAX_CHECKED_OPS:
+                checked.clear()
+            checked[digest] = outputs
+
     # -- the engine's entry ---------------------------------------------------------------
 
     def resolve_op(self, vertex: Vertex, builder: Builder) -> Op:
@@ -268,6 +299,10 @@ class OpKindRegistry:
 
 
 _OP_MEMBERS: Final = frozenset(("cache_map", "exec"))
+
+MAX_CHECKED_OPS: Final = 65_536
+"""Op digests a registry remembers as valid (emptied when full; about 150 bytes
+each)."""
 
 default_op_kinds: Final = OpKindRegistry()
 """The registry applications and the built-in worker register their kinds in."""

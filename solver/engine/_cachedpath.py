@@ -269,14 +269,22 @@ async def _cache_maps(solver: Engine, states: list[VertexState]) -> list[CacheMa
     answers = _Answers(len(states))
     pipes: list[Pipe] = []
     scheduler = solver._scheduler
-    for st in states:
+    answered = answers.answered
+    # Requested root first: the work pool runs the units queued newest first,
+    # so the leaves' cache maps start first. A leaf's is the one that blocks (a
+    # local source's stat check runs in a thread), and started first it runs
+    # beside the others instead of after them all (brotli: 76 cache maps in
+    # 2.9 ms, the local source's 1.5 ms of it, started last; see
+    # docs/performance.md, "The embedded no-op build").
+    for st in reversed(states):
         op = st.op
         if op is None:
             op = st.op = SharedOp(st)
         p = Pipe(scheduler, None, None)
-        p.on_send = answers.answered
+        p.on_send = answered
         pipes.append(p)
         op.request_cache_map(p, 0)
+    pipes.reverse()
     if answers.left:
         try:
             await answers.done.wait()
