@@ -25,6 +25,7 @@ from solver import (
     Edge,
     ExportableCacheKey,
     InMemoryCacheManager,
+    Job,
     SolveError,
     Solver,
 )
@@ -81,10 +82,12 @@ def diamond(**top: object) -> TestVertex:
     base = vtx(name="base", cache_key_seed="base", value="base")
     other = vtx(name="other", cache_key_seed="other", value="other")
     left = vtx(name="left", cache_key_seed="left", value="left", inputs=[Edge(base)])
-    right = vtx(name="right", cache_key_seed="right", value="right",
-                inputs=[Edge(base), Edge(other)])
-    return vtx(name="top", cache_key_seed="top", value="top",
-               inputs=[Edge(left), Edge(right)], **top)
+    right = vtx(
+        name="right", cache_key_seed="right", value="right", inputs=[Edge(base), Edge(other)]
+    )
+    return vtx(
+        name="top", cache_key_seed="top", value="top", inputs=[Edge(left), Edge(right)], **top
+    )
 
 
 def count_unparks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -263,8 +266,7 @@ async def test_a_failing_exec_fails_the_build_and_cancels_what_runs_beside_it(
 
             slow = vtx(name="slow", cache_key_seed="slow", value="slow", exec_pre_func=gate.wait)
             bad = vtx(name="bad", cache_key_seed="bad", value="bad", exec_pre_func=boom)
-            top = vtx(name="top", cache_key_seed="top", value="top",
-                      inputs=[Edge(slow), Edge(bad)])
+            top = vtx(name="top", cache_key_seed="top", value="top", inputs=[Edge(slow), Edge(bad)])
             counters = top.setup_call_counters()
             job = s.new_job()
             with pytest.raises(SolveError, match="boom"):
@@ -332,8 +334,14 @@ def unique_dag(seed: int, nodes: int, changed_leaf: bool = False) -> TestVertex:
         key = f"v{i}"
         if changed_leaf and not picks and i == 0:
             key = "v0-changed"
-        made.append(vtx(name=f"d{seed}_{i}", cache_key_seed=key, value=f"v{i}",
-                        inputs=[Edge(made[p]) for p in picks]))
+        made.append(
+            vtx(
+                name=f"d{seed}_{i}",
+                cache_key_seed=key,
+                value=f"v{i}",
+                inputs=[Edge(made[p]) for p in picks],
+            )
+        )
     tops = [Edge(v) for j, v in enumerate(made) if j not in used]
     return vtx(name=f"d{seed}_top", cache_key_seed="top", value="top", inputs=tops)
 
@@ -435,10 +443,15 @@ async def test_a_cold_build_saves_each_batch_of_answers_in_one_call(
     alone, last, with ``save``. A second job gets everything from the edges (no
     exec, no load)."""
     with anyio.fail_after(TIMEOUT):
-        wide = vtx(name="top", cache_key_seed="top", value="top", inputs=[
-            Edge(vtx(name=f"leaf{i}", cache_key_seed=f"leaf{i}", value=f"leaf{i}"))
-            for i in range(8)
-        ])
+        wide = vtx(
+            name="top",
+            cache_key_seed="top",
+            value="top",
+            inputs=[
+                Edge(vtx(name=f"leaf{i}", cache_key_seed=f"leaf{i}", value=f"leaf{i}"))
+                for i in range(8)
+            ],
+        )
         for top in (wide, diamond()):
             cache = BatchRecordingCache()
             async with Solver(resolve_op=resolve_op, default_cache=cache) as s:
@@ -574,3 +587,66 @@ async def test_a_failed_batched_save_leaves_the_build_to_the_edges(
             assert counters.exec == 5
             await j2.discard()
         await cache.close()
+
+
+async def test_an_equal_key_building_on_the_edges_when_the_pass_decides_is_merged(
+    handle_tracker: HandleTracker,
+) -> None:
+    """BuildKit's SingleLevelCacheParallel, in the order that once ran the op twice
+    under load: job1's build of v1 is on the edges (its cache map still running)
+    when job0's pass has resolved v0, another vertex with the same cache key. The
+    pass leaves the build to the edges, which index v0's key and merge v1 with it
+    once v1's key is known: one exec. (Run cold, v0 would not be live for v1's
+    edge to find, and v1 would run too.)"""
+    v1_map_entered = anyio.Event()
+    v0_exec_started = anyio.Event()
+    v1_exec_started = anyio.Event()
+
+    async def v0_map() -> None:
+        await v1_map_entered.wait()
+
+    async def v1_map() -> None:
+        v1_map_entered.set()
+        await v0_exec_started.wait()
+
+    async def v0_exec() -> None:
+        v0_exec_started.set()
+        # a second exec (the bug) is let through at once; without one, v0 ends
+        # after a grace period that only decides how sure a failure is
+        with anyio.move_on_after(0.5):
+            await v1_exec_started.wait()
+
+    async def v1_exec() -> None:
+        v1_exec_started.set()
+
+    with anyio.fail_after(TIMEOUT):
+        async with Solver(resolve_op=resolve_op) as s:
+            g0 = vtx(
+                name="v0",
+                cache_key_seed="seed0",
+                cache_pre_func=v0_map,
+                exec_pre_func=v0_exec,
+                value="result0",
+            )
+            g1 = vtx(
+                name="v1",
+                cache_key_seed="seed0",
+                cache_pre_func=v1_map,
+                exec_pre_func=v1_exec,
+                value="result0",
+            )
+            c0, c1 = g0.setup_call_counters(), g1.setup_call_counters()
+            j0, j1 = s.new_job("job0"), s.new_job("job1")
+            values: dict[str, str] = {}
+
+            async def run(job: Job, v: TestVertex) -> None:
+                values[job.id] = await build_value(job, Edge(v))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, j0, g0)
+                tg.start_soon(run, j1, g1)
+            assert values == {"job0": "result0", "job1": "result0"}
+            assert (c0.cache, c1.cache) == (1, 1)
+            assert c0.exec + c1.exec == 1
+            await j0.discard()
+            await j1.discard()

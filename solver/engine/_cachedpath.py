@@ -154,11 +154,15 @@ async def _resolve_and_seed(
         await _resolve_layer(layer, needed, found, top_vertex)
     top = found[root.vertex.digest, root.index]
     # The awaits above may have let other builds in: go on only with a fresh
-    # edge, and only while no live edge could be merged with.
+    # edge, only while no live edge could be merged with, and only while no
+    # other build is on the edges (one whose cache map still runs may get a key
+    # equal to one of this graph's, which the edges merge and this pass would
+    # not: the op would run twice).
     if (
         solver._actives.get(root.vertex.digest) is not root_state
         or root_state.edges
         or len(solver._index)
+        or solver._scheduler.building()
     ):
         return False
     if top is not None:
