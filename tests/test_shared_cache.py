@@ -578,7 +578,11 @@ async def test_lease_waits_counts_only_a_lease_another_session_held(shared_url: 
                         took.set()
 
                 tg.start_soon(wait_for_it)
-                await anyio.sleep(0.3)  # more than one poll: the waiter is waiting
+                # the waiter found the lease held (its on_wait ran) before the
+                # holder lets go: a sleep here let a slow first try come after
+                with anyio.fail_after(30):
+                    while waiter.stats().lease_waits == 0:  # noqa: ASYNC110 - no event
+                        await anyio.sleep(0.01)
                 assert not took.is_set()
             await took.wait()
         assert waiter.stats().lease_waits == 1
