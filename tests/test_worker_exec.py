@@ -128,7 +128,7 @@ async def listing(ref: object) -> list[str]:
     return [st.path for st in await view.walk()]
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5) -> None:
+async def wait_until(predicate: Callable[[], bool], timeout: float = 30) -> None:
     """Poll a condition another process makes true (no event to wait on)."""
     with anyio.fail_after(timeout):
         while not predicate():  # noqa: ASYNC110
@@ -317,7 +317,8 @@ async def test_background_child_does_not_keep_the_op_alive(
     run = node(
         "exec",
         {
-            "args": ["/bin/sh", "-c", f'sleep 30 & echo $! > "{pidfile}"; echo started'],
+            # it would outlive wait_until's 30 s if the op left it running
+            "args": ["/bin/sh", "-c", f'sleep 300 & echo $! > "{pidfile}"; echo started'],
             "mounts": [{"input": None, "dest": "o", "output": 0}],
         },
     )
