@@ -605,13 +605,20 @@ def test_ctrl_c_interrupts_the_build_and_the_cache_stays_usable(tmp_path: Path) 
     cache = tmp_path / "cache"
     argv = [PY, "-m", "solver", "build", str(build_py), "--cache-dir", str(cache),
             "--progress", "plain"]
-    proc = subprocess.Popen(argv, env={**env_for(cache), "SLEEP": "600"},
+    # PYTHONFAULTHANDLER: a build that does not end is made to print where its
+    # threads are (SIGABRT) before the test fails (seen once under load).
+    proc = subprocess.Popen(argv, env={**env_for(cache), "SLEEP": "600", "PYTHONFAULTHANDLER": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     # The exec step runs in a working directory below the store's tmp/.
     work = cache / "snapshots" / "tmp"
     wait_for(lambda: work.is_dir() and any(work.rglob("started")), proc, timeout=120)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate(timeout=60)
+        pytest.fail(f"the build did not end within 120 s of SIGINT; its stderr:\n{err}")
     assert proc.returncode == 130, err
     assert err.splitlines()[-1] == "solver: interrupted"
     assert "Traceback" not in err
