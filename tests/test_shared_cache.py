@@ -248,8 +248,14 @@ async def test_cancelled_anywhere_in_a_shared_restore_leaks_nothing(
 
 
 def advisory_locks(url: str) -> int:
+    """The advisory locks (leases) of this test's database: the server's other
+    databases belong to other tests, whose closed sessions the server may still
+    be ending."""
     with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).fetchone()
     assert row is not None
     return int(row[0])
 
