@@ -598,23 +598,12 @@ def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], timeout
         time.sleep(0.02)
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
-def test_ctrl_c_interrupts_the_build_and_the_cache_stays_usable(tmp_path: Path) -> None:
-    build_py = tmp_path / "sleeper.py"
-    build_py.write_text(SLEEPER)
-    cache = tmp_path / "cache"
-    argv = [PY, "-m", "solver", "build", str(build_py), "--cache-dir", str(cache),
-            "--progress", "plain"]
-    # PYTHONFAULTHANDLER: a build that does not end is made to print where its
-    # threads are (SIGABRT) before the test fails (seen once under load).
-    proc = subprocess.Popen(argv, env={**env_for(cache), "SLEEP": "600", "PYTHONFAULTHANDLER": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    # The exec step runs in a working directory below the store's tmp/.
-    work = cache / "snapshots" / "tmp"
-    wait_for(lambda: work.is_dir() and any(work.rglob("started")), proc, timeout=120)
-    proc.send_signal(signal.SIGINT)
+def stderr_after_sigint(proc: subprocess.Popen[str]) -> str:
+    """The build's stderr once it has ended after a SIGINT; a build that has not
+    within 120 s is made to print its threads' stacks (PYTHONFAULTHANDLER, SIGABRT)
+    and the test fails with them."""
     try:
-        _, err = proc.communicate(timeout=120)
+        return proc.communicate(timeout=120)[1]
     except subprocess.TimeoutExpired:
         # Either the build still runs, or it ended and something it started
         # still holds its stderr open: say which.
@@ -622,12 +611,70 @@ def test_ctrl_c_interrupts_the_build_and_the_cache_stays_usable(tmp_path: Path) 
         if code is None:
             proc.send_signal(signal.SIGABRT)
         try:
-            _, err = proc.communicate(timeout=60)
+            err = proc.communicate(timeout=60)[1]
         except subprocess.TimeoutExpired:
             proc.kill()
             err = "(its stderr is still open: a process it started holds it)"
         pytest.fail(f"no end of stderr within 120 s of SIGINT (exit status then: {code}); "
                     f"its stderr:\n{err}")
+
+
+def start_sleeper(tmp_path: Path) -> tuple[subprocess.Popen[str], list[str], Path]:
+    """A ``solver build`` whose step sleeps 600 s, once the step runs: the
+    process, its argv and the store's tmp/ (where the step's directories are)."""
+    build_py = tmp_path / "sleeper.py"
+    build_py.write_text(SLEEPER)
+    cache = tmp_path / "cache"
+    argv = [PY, "-m", "solver", "build", str(build_py), "--cache-dir", str(cache),
+            "--progress", "plain"]
+    env = {**env_for(cache), "SLEEP": "600", "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    # The exec step runs in a working directory below the store's tmp/.
+    work = cache / "snapshots" / "tmp"
+    wait_for(lambda: work.is_dir() and any(work.rglob("started")), proc, timeout=120)
+    return proc, argv, work
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tgkill, /proc")
+def test_ctrl_c_taken_by_another_thread_of_the_build_interrupts_it(tmp_path: Path) -> None:
+    """The kernel hands a process's SIGINT to any thread that does not block it.
+    One that lands on a thread other than the main one (a worker thread, a child
+    watcher) must still stop the build: asyncio's own handler ran only when the
+    main thread next woke, which a step quiet for minutes never made it do (a
+    build outlived its SIGINT by 120 s in CI)."""
+    import ctypes
+
+    tgkill = getattr(ctypes.CDLL(None, use_errno=True), "tgkill", None)
+    if tgkill is None:
+        pytest.skip("the C library has no tgkill")
+    proc, _, work = start_sleeper(tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        others: list[int] = []
+        while not others and time.monotonic() < deadline:
+            others = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task")
+                      if int(t) != proc.pid]
+            time.sleep(0.02)
+        if not others:
+            pytest.skip("the build runs no thread but its main one")
+        assert tgkill(proc.pid, others[0], signal.SIGINT) == 0, ctypes.get_errno()
+        err = stderr_after_sigint(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == "solver: interrupted"
+    assert list(work.iterdir()) == []  # the step was stopped and its directories removed
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
+def test_ctrl_c_interrupts_the_build_and_the_cache_stays_usable(tmp_path: Path) -> None:
+    proc, argv, work = start_sleeper(tmp_path)
+    cache = tmp_path / "cache"
+    proc.send_signal(signal.SIGINT)
+    err = stderr_after_sigint(proc)
     assert proc.returncode == 130, err
     assert err.splitlines()[-1] == "solver: interrupted"
     assert "Traceback" not in err
