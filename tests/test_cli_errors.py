@@ -632,7 +632,16 @@ def start_sleeper(tmp_path: Path) -> tuple[subprocess.Popen[str], list[str], Pat
                             text=True)
     # The exec step runs in a working directory below the store's tmp/.
     work = cache / "snapshots" / "tmp"
-    wait_for(lambda: work.is_dir() and any(work.rglob("started")), proc, timeout=120)
+
+    def step_started() -> bool:
+        # the build makes and removes directories under tmp/ meanwhile: one can go
+        # between the walk's listing and its look inside (seen: FileNotFoundError)
+        try:
+            return work.is_dir() and any(work.rglob("started"))
+        except FileNotFoundError:
+            return False
+
+    wait_for(step_started, proc, timeout=120)
     return proc, argv, work
 
 
