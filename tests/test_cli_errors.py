@@ -645,6 +645,37 @@ def start_sleeper(tmp_path: Path) -> tuple[subprocess.Popen[str], list[str], Pat
     return proc, argv, work
 
 
+def test_an_interruptible_run_returns_and_raises_as_anyio_run_does() -> None:
+    """The build commands' loop (with its SIGINT receiver) gives back main's value
+    and raises main's exception itself, not in a group (the commands catch
+    DefinitionError and SolveError by type); off the main thread, where no signal
+    receiver can be set up, it runs all the same."""
+    import threading
+
+    from solver.cli._interrupt import run_interruptible
+
+    async def value() -> int:
+        return 42
+
+    async def failure() -> int:
+        raise SolveError("it broke")
+
+    def both() -> list[object]:
+        got: list[object] = [run_interruptible(value)]
+        try:
+            run_interruptible(failure)
+        except SolveError as exc:
+            got.append(str(exc))
+        return got
+
+    assert both() == [42, "it broke"]
+    off_main: list[object] = []
+    thread = threading.Thread(target=lambda: off_main.extend(both()))
+    thread.start()
+    thread.join(timeout=60)
+    assert off_main == [42, "it broke"]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tgkill, /proc")
 def test_ctrl_c_taken_by_another_thread_of_the_build_interrupts_it(tmp_path: Path) -> None:
     """The kernel hands a process's SIGINT to any thread that does not block it.

@@ -16,13 +16,15 @@ writes to, so the loop wakes at once.
 
 Only the first SIGINT is handled here; a second one, while the build stops,
 finds the default handler back and interrupts at once. Windows has no signal
-receiver: there the loop's own handling stays.
+receiver, and only the main thread may set one up: there the loop's own
+handling stays.
 """
 
 from __future__ import annotations
 
 import signal
 import sys
+import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -36,8 +38,8 @@ T = TypeVar("T")
 def run_interruptible(main: Callable[[], Awaitable[T]]) -> T:
     """Run ``main`` in a new event loop; SIGINT cancels it, and once it has stopped
     :class:`KeyboardInterrupt` is raised."""
-    if sys.platform == "win32":
-        return anyio.run(main)
+    if sys.platform == "win32" or threading.current_thread() is not threading.main_thread():
+        return anyio.run(main)  # no signal receiver there (signals reach the main thread)
     interrupted = False
 
     async def guarded() -> T:
