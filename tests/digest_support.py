@@ -22,6 +22,26 @@ def settled(path: Path, text: str) -> None:
     os.utime(path, ns=(OLD, OLD))
 
 
+def past_ctime_of(path: Path) -> None:
+    """Return once the file system's clock has moved past ``path``'s ctime, so the
+    next change to ``path`` gives it a different ctime (the kernel stamps files
+    from a clock that ticks every few milliseconds; a fixed sleep bets on the
+    tick): a probe file beside it is written until its ctime is later."""
+    probe = path.with_name(path.name + ".clock-probe")
+    before = path.stat().st_ctime_ns
+    deadline = time.monotonic() + 10
+    try:
+        while True:
+            probe.write_bytes(b"")
+            if probe.stat().st_ctime_ns > before:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the ctime clock did not move past {before} in 10 s")
+            time.sleep(0.001)
+    finally:
+        probe.unlink(missing_ok=True)
+
+
 @pytest.fixture(autouse=True)
 def fresh_digests(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every test starts and ends with an empty digest memory; ctime cannot be

@@ -175,8 +175,18 @@ async def test_waiter_cancelled_evaluation_goes_on(handle_tracker: HandleTracker
     ops = Ops()
     async with Solver(op_kinds=ops.registry()) as s:
         proxy = await proxy_of(s, text("g", kind="test.gate"))
-        with anyio.move_on_after(0.05):
-            await proxy.result()
+        # the waiter is cancelled once the evaluation runs (a 50 ms timer could
+        # fire before it started, and the test then proved nothing)
+        with anyio.fail_after(10), anyio.CancelScope() as waiter:
+
+            async def cancel_the_waiter_once_running() -> None:
+                await ops.start_signal("g").wait()
+                waiter.cancel()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_the_waiter_once_running)
+                await proxy.result()
+        assert waiter.cancelled_caught
         assert ops.cancelled == []
         ops.gate("g").set()
         assert (await proxy.result()).sys == "g"

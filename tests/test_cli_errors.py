@@ -598,20 +598,123 @@ def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], timeout
         time.sleep(0.02)
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
-def test_ctrl_c_interrupts_the_build_and_the_cache_stays_usable(tmp_path: Path) -> None:
+def stderr_after_sigint(proc: subprocess.Popen[str]) -> str:
+    """The build's stderr once it has ended after a SIGINT; a build that has not
+    within 120 s is made to print its threads' stacks (PYTHONFAULTHANDLER, SIGABRT)
+    and the test fails with them."""
+    try:
+        return proc.communicate(timeout=120)[1]
+    except subprocess.TimeoutExpired:
+        # Either the build still runs, or it ended and something it started
+        # still holds its stderr open: say which.
+        code = proc.poll()
+        if code is None:
+            proc.send_signal(signal.SIGABRT)
+        try:
+            err = proc.communicate(timeout=60)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            err = "(its stderr is still open: a process it started holds it)"
+        pytest.fail(f"no end of stderr within 120 s of SIGINT (exit status then: {code}); "
+                    f"its stderr:\n{err}")
+
+
+def start_sleeper(tmp_path: Path) -> tuple[subprocess.Popen[str], list[str], Path]:
+    """A ``solver build`` whose step sleeps 600 s, once the step runs: the
+    process, its argv and the store's tmp/ (where the step's directories are)."""
     build_py = tmp_path / "sleeper.py"
     build_py.write_text(SLEEPER)
     cache = tmp_path / "cache"
     argv = [PY, "-m", "solver", "build", str(build_py), "--cache-dir", str(cache),
             "--progress", "plain"]
-    proc = subprocess.Popen(argv, env={**env_for(cache), "SLEEP": "600"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {**env_for(cache), "SLEEP": "600", "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     # The exec step runs in a working directory below the store's tmp/.
     work = cache / "snapshots" / "tmp"
-    wait_for(lambda: work.is_dir() and any(work.rglob("started")), proc, timeout=120)
+
+    def step_started() -> bool:
+        # the build makes and removes directories under tmp/ meanwhile: one can go
+        # between the walk's listing and its look inside (seen: FileNotFoundError)
+        try:
+            return work.is_dir() and any(work.rglob("started"))
+        except FileNotFoundError:
+            return False
+
+    wait_for(step_started, proc, timeout=120)
+    return proc, argv, work
+
+
+def test_an_interruptible_run_returns_and_raises_as_anyio_run_does() -> None:
+    """The build commands' loop (with its SIGINT receiver) gives back main's value
+    and raises main's exception itself, not in a group (the commands catch
+    DefinitionError and SolveError by type); off the main thread, where no signal
+    receiver can be set up, it runs all the same."""
+    import threading
+
+    from solver.cli._interrupt import run_interruptible
+
+    async def value() -> int:
+        return 42
+
+    async def failure() -> int:
+        raise SolveError("it broke")
+
+    def both() -> list[object]:
+        got: list[object] = [run_interruptible(value)]
+        try:
+            run_interruptible(failure)
+        except SolveError as exc:
+            got.append(str(exc))
+        return got
+
+    assert both() == [42, "it broke"]
+    off_main: list[object] = []
+    thread = threading.Thread(target=lambda: off_main.extend(both()))
+    thread.start()
+    thread.join(timeout=60)
+    assert off_main == [42, "it broke"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tgkill, /proc")
+def test_ctrl_c_taken_by_another_thread_of_the_build_interrupts_it(tmp_path: Path) -> None:
+    """The kernel hands a process's SIGINT to any thread that does not block it.
+    One that lands on a thread other than the main one (a worker thread, a child
+    watcher) must still stop the build: asyncio's own handler ran only when the
+    main thread next woke, which a step quiet for minutes never made it do (a
+    build outlived its SIGINT by 120 s in CI)."""
+    import ctypes
+
+    tgkill = getattr(ctypes.CDLL(None, use_errno=True), "tgkill", None)
+    if tgkill is None:
+        pytest.skip("the C library has no tgkill")
+    proc, _, work = start_sleeper(tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        others: list[int] = []
+        while not others and time.monotonic() < deadline:
+            others = [int(t) for t in os.listdir(f"/proc/{proc.pid}/task")
+                      if int(t) != proc.pid]
+            time.sleep(0.02)
+        if not others:
+            pytest.skip("the build runs no thread but its main one")
+        assert tgkill(proc.pid, others[0], signal.SIGINT) == 0, ctypes.get_errno()
+        err = stderr_after_sigint(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert err.splitlines()[-1] == "solver: interrupted"
+    assert list(work.iterdir()) == []  # the step was stopped and its directories removed
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
+def test_ctrl_c_interrupts_the_build_and_the_cache_stays_usable(tmp_path: Path) -> None:
+    proc, argv, work = start_sleeper(tmp_path)
+    cache = tmp_path / "cache"
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    err = stderr_after_sigint(proc)
     assert proc.returncode == 130, err
     assert err.splitlines()[-1] == "solver: interrupted"
     assert "Traceback" not in err

@@ -24,7 +24,7 @@ from pathlib import Path
 import anyio
 import anyio.to_thread
 import pytest
-from digest_support import OLD, fresh_digests, settled  # noqa: F401 (fresh_digests: autouse)
+from digest_support import OLD, fresh_digests, past_ctime_of, settled  # noqa: F401 (fresh_digests: autouse)
 
 from solver import Solver
 from solver.testing import HandleTracker
@@ -150,7 +150,7 @@ async def test_a_changed_host_file_is_hashed_again(
 ) -> None:
     root = tmp_path / "store"
     await build(root, tree)
-    await anyio.sleep(0.01)  # a later ctime
+    past_ctime_of(tree / "u1.c")  # the rewrite below gives it a later ctime
     settled(tree / "u1.c", "int u1 = 1;\n")
     stats, executed, _ = await build(root, tree)
     # The source runs again (its key changed) and so does the copy of u1.c.

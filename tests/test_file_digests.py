@@ -4,11 +4,10 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
-from digest_support import OLD, fresh_digests, settled  # noqa: F401 (fresh_digests: autouse)
+from digest_support import OLD, fresh_digests, past_ctime_of, settled  # noqa: F401 (fresh_digests: autouse)
 
 from solver import Solver
 from solver.testing import HandleTracker
@@ -35,7 +34,7 @@ def test_any_change_is_hashed_again(tmp_path: Path, how: str) -> None:
     if how == "write":
         f.write_text("two!")
     elif how == "same size, old mtime":  # mtime put back: ctime still moves
-        time.sleep(0.01)
+        past_ctime_of(f)
         f.write_text("two")
         os.utime(f, ns=(OLD, OLD))
     elif how == "replace":
@@ -43,7 +42,7 @@ def test_any_change_is_hashed_again(tmp_path: Path, how: str) -> None:
         settled(new, "one")  # same bytes: the digest is the same, but read again
         os.replace(new, f)
     else:
-        time.sleep(0.01)
+        past_ctime_of(f)
         f.chmod(0o600)
     again = _digests.file_digest(os.fspath(f))
     assert _digests.statistics()["hashed"] == 2

@@ -5,7 +5,7 @@ file runs again only when that file (or a header it mounts) changes."""
 from __future__ import annotations
 
 import shutil
-import time
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -184,11 +184,14 @@ async def test_cancelled_while_a_selector_key_is_computed_leaks_nothing(
     from solver.worker import _exec
 
     hashing = anyio.Event()
+    cancelled = threading.Event()
     real = _exec.selection_digest
 
     def slow(*args: Any) -> str:  # runs in the worker thread of the key's await
         anyio.from_thread.run_sync(hashing.set)
-        time.sleep(0.2)
+        # the hash ends only once the build is cancelled (a 0.2 s sleep bet the
+        # cancelling task ran within it)
+        assert cancelled.wait(30)
         return real(*args)
 
     monkeypatch.setattr(_exec, "selection_digest", slow)
@@ -202,6 +205,7 @@ async def test_cancelled_while_a_selector_key_is_computed_leaks_nothing(
             async def cancel_once_hashing() -> None:
                 await hashing.wait()
                 tg.cancel_scope.cancel()
+                cancelled.set()
 
             tg.start_soon(cancel_once_hashing)
             await build(solver, graph(tree))

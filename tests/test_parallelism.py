@@ -24,14 +24,24 @@ pytestmark = pytest.mark.anyio
 STEPS = 3
 
 
-def timed_step(name: str, marks: Path | None = None, seconds: float = 0.3) -> State:
+def timed_step(
+    name: str, marks: Path | None = None, seconds: float = 0.3, together: int = 0
+) -> State:
     """A step that writes ``<name>.t`` holding its start and end times (ns); with
-    ``marks``, it also touches ``marks/<name>`` on the host when it starts."""
+    ``marks``, it also touches ``marks/<name>`` on the host when it starts, and
+    with ``together`` it then waits (a minute at most) until ``together`` steps
+    have started before it sleeps and ends."""
     touch = f"pathlib.Path({str(marks)!r}, {name!r}).touch()\n" if marks else ""
+    wait = (
+        "deadline = time.monotonic() + 60\n"
+        f"while len(os.listdir({str(marks)!r})) < {together} and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)\n"
+    ) if marks and together else ""
     code = (
-        "import pathlib, time\n"
+        "import os, pathlib, time\n"
         "start = time.time_ns()\n"
         f"{touch}"
+        f"{wait}"
         f"time.sleep({seconds})\n"
         f"pathlib.Path('{name}.t').write_text(f'{{start}} {{time.time_ns()}}')\n"
     )
@@ -39,12 +49,17 @@ def timed_step(name: str, marks: Path | None = None, seconds: float = 0.3) -> St
 
 
 async def intervals(
-    tmp_path: Path, jobs: int, seconds: float = 0.3
+    tmp_path: Path, jobs: int, seconds: float = 0.3, together: bool = False
 ) -> tuple[list[tuple[int, int]], list[str]]:
     """Build STEPS independent timed steps with ``max_parallelism=jobs``; their
-    (start, end) times, and the job's started/completed events in order."""
+    (start, end) times, and the job's started/completed events in order. With
+    ``together``, no step ends before all have started."""
+    marks = tmp_path / f"marks{jobs}" if together else None
+    if marks is not None:
+        marks.mkdir()
     defn = merge(
-        [timed_step(f"s{i}", seconds=seconds) for i in range(STEPS)], name="all"
+        [timed_step(f"s{i}", marks, seconds, STEPS if together else 0) for i in range(STEPS)],
+        name="all",
     ).definition()
     events: list[str] = []
     async with (
@@ -99,12 +114,14 @@ async def test_without_a_tight_bound_the_steps_overlap(
     tmp_path: Path, handle_tracker: HandleTracker
 ) -> None:
     """The same build with a slot per step: the steps do run at once (so the test
-    above would see it if the bound did not hold)."""
+    above would see it if the bound did not hold). Each step waits until all have
+    started (a 1 s sleep was a bet that a loaded machine started them within it),
+    so a bound that let fewer run would keep the build waiting until the steps
+    give up, and the times would not overlap."""
     with anyio.fail_after(60):
-        # Longer steps: they overlap even when a loaded machine starts them late.
-        times, events = await intervals(tmp_path, STEPS, seconds=1.0)
-    assert overlapping(times) >= 2
-    assert events.index("completed") >= 2  # two started before the first completed
+        times, events = await intervals(tmp_path, STEPS, seconds=0.1, together=True)
+    assert overlapping(times) == STEPS
+    assert events[:STEPS] == ["started"] * STEPS  # all started before one completed
 
 
 async def test_two_slots_never_run_three(tmp_path: Path, handle_tracker: HandleTracker) -> None:

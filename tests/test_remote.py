@@ -93,6 +93,25 @@ def sh(script: str, *, root: State | None = None, name: str = "", **kw: Any) -> 
     return run(["/bin/sh", "-c", script], root=root, name=name or script[:40], **kw)
 
 
+def gated(gate: Path, script: str, **kw: Any) -> State:
+    """A step that runs ``script`` once the host file ``gate`` exists (it waits a
+    minute at most): the test decides when it ends, where a sleep of a second or
+    two bet that the test's look came first. The workers must run it on the host
+    (``sandbox="none"``)."""
+    wait = (f"i=0; while [ ! -e {gate} ] && [ $i -lt 1200 ]; do sleep 0.05; "
+            "i=$((i+1)); done; ")
+    return sh(wait + script, **kw)
+
+
+def wanted_twice(dask_scheduler: Any) -> list[str]:
+    """The op tasks not yet done that two clients want."""
+    return [
+        str(key)
+        for key, ts in dask_scheduler.tasks.items()
+        if str(key).startswith("solver-op-") and ts.state != "memory" and len(ts.who_wants) >= 2
+    ]
+
+
 def example() -> State:
     words = State.inline({"words.txt": "pear\nfig\napple\nfig\n"})
     unique = run(
@@ -227,16 +246,30 @@ async def test_ops_with_secrets_run_locally(
 async def test_two_clients_asking_at_once_run_each_op_once(
     tmp_path: Path, cluster: Any, client: Any, handle_tracker: HandleTracker
 ) -> None:
-    slow = sh("sleep 1; echo one > one.txt", name="slow")
-    top = sh("cat one.txt > two.txt", root=slow, name="top")
+    # Each op ends only once both clients want it: one client finishing an op
+    # before the other asked for it would make the second run it again.
+    gates = [tmp_path / "slow-gate", tmp_path / "top-gate"]
+    slow = gated(gates[0], "echo one > one.txt", name="slow")
+    top = gated(gates[1], "cat one.txt > two.txt", root=slow, name="top")
     before = executed(client)
     results: list[dict[str, bytes]] = []
 
     async def one(i: int) -> None:
-        async with remote_solver(tmp_path / f"w{i}", cluster.scheduler_address) as (_, _, s):
+        async with remote_solver(
+            tmp_path / f"w{i}", cluster.scheduler_address, sandbox="none"
+        ) as (_, _, s):
             results.append(await files_of(s, top))
 
+    async def open_each_gate_when_both_want_it() -> None:
+        seen: set[str] = set()
+        for gate in gates:  # top is asked for only once slow is done
+            await wait_until(lambda: bool(
+                set(client.run_on_scheduler(wanted_twice)) - seen))
+            seen.update(await anyio.to_thread.run_sync(client.run_on_scheduler, wanted_twice))
+            gate.touch()
+
     async with anyio.create_task_group() as tg:
+        tg.start_soon(open_each_gate_when_both_want_it)
         tg.start_soon(one, 1)
         tg.start_soon(one, 2)
     assert results[0] == results[1] == {"one.txt": b"one\n", "two.txt": b"one\n"}
@@ -283,7 +316,8 @@ def _scheduler_keys(dask_scheduler: Any) -> list[str]:
 async def test_a_worker_killed_mid_op_has_the_op_retried_elsewhere(
     tmp_path: Path, handle_tracker: HandleTracker
 ) -> None:
-    step = sh("sleep 2; echo survived > out.txt", name="victim")
+    gate = tmp_path / "gate"
+    step = gated(gate, "echo survived > out.txt", name="victim")
     with _local_cluster() as c, distributed.Client(c.scheduler_address,
                                                    set_as_default=False) as client:
         client.wait_for_workers(2, timeout=60)
@@ -296,9 +330,10 @@ async def test_a_worker_killed_mid_op_has_the_op_retried_elsewhere(
             assert found is not None
             killed.append(pids[found[0]])
             os.kill(pids[found[0]], signal.SIGKILL)
+            gate.touch()  # the retried op (and the killed worker's orphaned step) end
 
         async with (
-            remote_solver(tmp_path, c.scheduler_address) as (_, _, s),
+            remote_solver(tmp_path / "w", c.scheduler_address, sandbox="none") as (_, _, s),
             anyio.create_task_group() as tg,
         ):
             tg.start_soon(kill_its_worker)
@@ -357,7 +392,8 @@ async def test_an_unreachable_scheduler_is_a_clear_error() -> None:
 async def test_cpu_hints_become_dask_resources(
     tmp_path: Path, cluster: Any, client: Any, handle_tracker: HandleTracker
 ) -> None:
-    step = sh("sleep 1; echo x > x.txt", cpus=2, memory=1 << 30, name="hinted")
+    gate = tmp_path / "gate"
+    step = gated(gate, "echo x > x.txt", cpus=2, memory=1 << 30, name="hinted")
     seen: list[dict[str, float] | None] = []
 
     def restrictions(dask_scheduler: Any) -> list[dict[str, float] | None]:
@@ -370,8 +406,11 @@ async def test_cpu_hints_become_dask_resources(
     async def look() -> None:
         await wait_until(lambda: running_op(client) is not None)
         seen.extend(client.run_on_scheduler(restrictions))
+        gate.touch()
 
-    async with remote_solver(tmp_path, cluster.scheduler_address) as (_, dask, s):
+    async with remote_solver(
+        tmp_path / "w", cluster.scheduler_address, sandbox="none"
+    ) as (_, dask, s):
         # the workers declare CPU but not MEMORY: only CPU is asked for
         assert dask.resources({"CPU": 2.0, "MEMORY": 1.0}) == {"CPU": 2.0}
         async with anyio.create_task_group() as tg:

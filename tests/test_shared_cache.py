@@ -248,8 +248,14 @@ async def test_cancelled_anywhere_in_a_shared_restore_leaks_nothing(
 
 
 def advisory_locks(url: str) -> int:
+    """The advisory locks (leases) of this test's database: the server's other
+    databases belong to other tests, whose closed sessions the server may still
+    be ending."""
     with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()
+        row = conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())"
+        ).fetchone()
     assert row is not None
     return int(row[0])
 
@@ -578,7 +584,11 @@ async def test_lease_waits_counts_only_a_lease_another_session_held(shared_url: 
                         took.set()
 
                 tg.start_soon(wait_for_it)
-                await anyio.sleep(0.3)  # more than one poll: the waiter is waiting
+                # the waiter found the lease held (its on_wait ran) before the
+                # holder lets go: a sleep here let a slow first try come after
+                with anyio.fail_after(30):
+                    while waiter.stats().lease_waits == 0:  # noqa: ASYNC110 - no event
+                        await anyio.sleep(0.01)
                 assert not took.is_set()
             await took.wait()
         assert waiter.stats().lease_waits == 1

@@ -14,8 +14,9 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import psycopg
@@ -46,15 +47,22 @@ definition = run(["/bin/sh", "-c", "/usr/bin/wc -l < sorted.txt > count.txt"],
                  root=unique, name="count")
 """
 
-SLOW_GRAPH = """\
+# A step that runs until the test opens its gate (a host file: these builds run
+# with --sandbox none), so a build is still inside the step, holding its lease,
+# for as long as the test needs; a sleep of a few seconds was a bet that the
+# test's next move came first. It gives up waiting after a minute, so a step
+# orphaned by a killed build never outlives the test by long.
+GATED_GRAPH = """\
 from solver.worker import State, run
 
 seed = State.inline({{"seed.txt": "slow"}})
 definition = run(
-    ["/bin/sh", "-c", "/bin/sleep {seconds}; cat /proc/sys/kernel/random/uuid > id.txt"],
+    ["/bin/sh", "-c", "i=0; while [ ! -e {gate} ] && [ $i -lt 1200 ]; do "
+     "/bin/sleep 0.05; i=$((i+1)); done; cat /proc/sys/kernel/random/uuid > id.txt"],
     mounts={{"in": seed}}, readonly=["in"], name="slow",
 )
 """
+ON_HOST = ("--sandbox", "none")  # the gated step sees the host's gate file
 
 
 def _env() -> dict[str, str]:
@@ -64,9 +72,11 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _build_argv(defn: Path, cache: Path, url: str | None, out: Path | None) -> list[str]:
+def _build_argv(
+    defn: Path, cache: Path, url: str | None, out: Path | None, extra: Sequence[str] = ()
+) -> list[str]:
     argv = [sys.executable, "-m", "solver", "build", str(defn), "--cache-dir", str(cache),
-            "--progress", "plain"]
+            "--progress", "plain", *extra]
     if url is not None:
         argv += ["--shared-cache", url]
     if out is not None:
@@ -75,10 +85,10 @@ def _build_argv(defn: Path, cache: Path, url: str | None, out: Path | None) -> l
 
 
 def build(
-    defn: Path, cache: Path, url: str | None, out: Path | None = None
+    defn: Path, cache: Path, url: str | None, out: Path | None = None, extra: Sequence[str] = ()
 ) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(_build_argv(defn, cache, url, out), env=_env(), capture_output=True,
-                          text=True, timeout=180, check=False)
+    proc = subprocess.run(_build_argv(defn, cache, url, out, extra), env=_env(),
+                          capture_output=True, text=True, timeout=180, check=False)
     assert PASSWORD not in proc.stdout + proc.stderr
     return proc
 
@@ -110,12 +120,28 @@ def readme_definition(tmp_path: Path) -> Path:
 
 
 def advisory_locks(url: str) -> int:
+    """The granted advisory locks (leases) of this test's database (the server's
+    other databases belong to other tests)."""
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
+            "database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def wait_for_no_lease(url: str, timeout: float = 30) -> None:
+    """Wait until no lease is held: a process that exited closed its connection,
+    but the server ends that session (and frees its locks) on its own time."""
+    deadline = time.monotonic() + timeout
+    while advisory_locks(url):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"a lease is still held {timeout} s after the builds ended")
+        time.sleep(0.05)
+
+
+WAITING = "[slow] | waiting for another machine that runs this step"
 
 
 def wait_for_lease(url: str, proc: subprocess.Popen[str], *, hold: float = 0.5) -> None:
@@ -175,25 +201,65 @@ def test_four_processes_at_once_run_each_op_once(tmp_path: Path, shared_url: str
     assert all(o == outputs[0] for o in outputs), "the 4 builds differ"
 
 
+class StderrLines:
+    """A child's stderr, read line by line by a thread: wait for a line that
+    holds some text, and the whole text once the child has closed it."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stderr is not None
+        self._stream = proc.stderr
+        self._lines: list[str] = []
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self._stream:
+            with self._changed:
+                self._lines.append(line)
+                self._changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 120) -> None:
+        with self._changed:
+            if not self._changed.wait_for(
+                lambda: any(text in line for line in self._lines), timeout
+            ):
+                raise AssertionError(f"no line with {text!r}: {''.join(self._lines)}")
+
+    def text(self) -> str:
+        self._thread.join(timeout=120)
+        with self._changed:
+            return "".join(self._lines)
+
+
 def test_a_killed_holder_loses_its_lease_and_another_takes_over(
     tmp_path: Path, shared_url: str
 ) -> None:
     defn = tmp_path / "slow.py"
-    defn.write_text(SLOW_GRAPH.format(seconds=3))
-    holder = subprocess.Popen(_build_argv(defn, tmp_path / "a", shared_url, None), env=_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    gate = tmp_path / "gate"
+    defn.write_text(GATED_GRAPH.format(gate=gate))
+    holder = subprocess.Popen(_build_argv(defn, tmp_path / "a", shared_url, None, ON_HOST),
+                              env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              text=True)
     waiter: subprocess.Popen[str] | None = None
     try:
         wait_for_lease(shared_url, holder)
-        waiter = subprocess.Popen(_build_argv(defn, tmp_path / "b", shared_url, tmp_path / "o"),
-                                  env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True)
-        time.sleep(1.5)  # the waiter starts and polls the lease the holder has
+        waiter = subprocess.Popen(
+            _build_argv(defn, tmp_path / "b", shared_url, tmp_path / "o", ON_HOST),
+            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
+        lines = StderrLines(waiter)
+        # the waiter has found the lease held (the holder is still in its step,
+        # which waits for the gate) before the holder dies
+        lines.wait_for(WAITING)
         assert waiter.poll() is None
         holder.kill()  # SIGKILL, by PID
         holder.wait(timeout=30)
-        _out, err = waiter.communicate(timeout=120)
+        gate.touch()  # the waiter's own run of the step, and the orphaned step, end
+        waiter.wait(timeout=120)
+        err = lines.text()
     finally:
+        gate.touch()
         for proc in (holder, waiter):
             if proc is not None and proc.poll() is None:
                 proc.kill()
@@ -201,10 +267,10 @@ def test_a_killed_holder_loses_its_lease_and_another_takes_over(
     assert waiter.returncode == 0, err
     _restored, ran, published = summary(err)
     assert ran == 1  # the slow step, which the killed holder never published
-    assert "[slow] | waiting for another machine that runs this step" in err
+    assert WAITING in err
     assert published == 1
     assert (tmp_path / "o" / "id.txt").read_bytes().strip()
-    assert advisory_locks(shared_url) == 0
+    wait_for_no_lease(shared_url)
 
 
 @pytest.fixture
@@ -225,15 +291,19 @@ def _build_with_server_stopped_mid_step(
     step holds its lease: the exit status, stdout and stderr."""
     url = own_server.new_database()
     defn = tmp_path / "slow.py"
-    defn.write_text(SLOW_GRAPH.format(seconds=2))
-    proc = subprocess.Popen(_build_argv(defn, tmp_path / "a", url + url_suffix, out),
+    gate = tmp_path / "gate"
+    defn.write_text(GATED_GRAPH.format(gate=gate))
+    proc = subprocess.Popen(_build_argv(defn, tmp_path / "a", url + url_suffix, out, ON_HOST),
                             env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_lease(url, proc, hold=0.2)
+        # the step cannot end before the server is down: it waits for the gate
         own_server.stop("immediate")
+        gate.touch()
         stdout, stderr = proc.communicate(timeout=120)
     finally:
+        gate.touch()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -252,7 +322,7 @@ def test_server_stopped_mid_build_goes_on_locally(tmp_path: Path, own_server: Pg
     assert "(unreachable: built locally)" in err
     assert (tmp_path / "o" / "id.txt").is_file()
     # nothing local was lost: the same cache directory has every step
-    again = build(tmp_path / "slow.py", tmp_path / "a", None, None)
+    again = build(tmp_path / "slow.py", tmp_path / "a", None, None, ON_HOST)
     assert again.returncode == 0, again.stderr
     assert again.stderr.count("CACHED") == 2, again.stderr
 

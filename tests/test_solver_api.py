@@ -4,7 +4,7 @@ error surfacing, progress, the solver's lifetime, op parallelism limits."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -318,12 +318,20 @@ async def test_late_joiner_sees_earlier_progress(handle_tracker: HandleTracker) 
 
 
 class LimitedVertex(TestVertex):
-    """A vertex whose op limits how many execs run at once (``Op.acquire``)."""
+    """A vertex whose op limits how many execs run at once (``Op.acquire``); each
+    exec waits at ``together`` (a barrier) before it ends."""
 
-    def __init__(self, limiter: anyio.CapacityLimiter, running: list[int], opt: VtxOpt):
+    def __init__(
+        self,
+        limiter: anyio.CapacityLimiter,
+        running: list[int],
+        together: Callable[[], Awaitable[None]],
+        opt: VtxOpt,
+    ):
         super().__init__(opt)
         self.limiter = limiter
         self.running = running
+        self.together = together
 
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[None]:
@@ -334,6 +342,8 @@ class LimitedVertex(TestVertex):
         self.running[0] += 1
         self.running[1] = max(self.running[1], self.running[0])
         try:
+            await self.together()
+            # a moment for an exec the limit should keep out to come in
             await anyio.sleep(0.01)
         finally:
             self.running[0] -= 1
@@ -343,10 +353,15 @@ class LimitedVertex(TestVertex):
 @pytest.mark.parametrize("limit", [1, 4])
 async def test_acquire_limits_parallelism(limit: int, handle_tracker: HandleTracker) -> None:
     """BuildKit's testParallelism: Op.acquire serialises execs when the limit is 1
-    and lets independent builds run together otherwise."""
+    and lets independent builds run together otherwise. Each exec waits until
+    ``limit`` execs run (a 10 ms sleep was a bet that the four builds reached
+    their execs within it; a limit that let fewer run now times out)."""
     limiter = anyio.CapacityLimiter(limit)
     running = [0, 0]
-    verts = [LimitedVertex(limiter, running, VtxOpt(name=f"p{i}")) for i in range(4)]
+    together = blocking_function(limit)
+    verts = [
+        LimitedVertex(limiter, running, together, VtxOpt(name=f"p{i}")) for i in range(4)
+    ]
     with anyio.fail_after(10):
         async with Solver(resolve_op=resolve_op) as s:
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -25,17 +26,52 @@ from solver.worker import State, StepSlots, Worker, merge, run
 pytestmark = pytest.mark.anyio
 
 
-def step(name: str, seconds: float = 0.3) -> State:
-    code = f"import pathlib, time; time.sleep({seconds}); pathlib.Path('{name}').write_text('x')"
+def step(name: str, gate: Path | None = None, together: Path | None = None) -> State:
+    """A step that writes ``name``; with ``gate``, only once that host file exists;
+    with ``together``, it marks itself started in that host directory and ends
+    only once two steps have (it waits a minute at most)."""
+    if gate is not None:
+        until = f"os.path.exists({str(gate)!r})"
+    elif together is not None:
+        until = f"len(os.listdir({str(together)!r})) >= 2"
+    else:
+        until = "True"
+    mark = f"pathlib.Path({str(together)!r}, {name!r}).touch()\n" if together else ""
+    code = (
+        "import os, pathlib, time\n"
+        f"{mark}"
+        "deadline = time.monotonic() + 60\n"
+        f"while not ({until}) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.01)\n"
+        f"pathlib.Path('{name}').write_text('x')\n"
+    )
     return run([sys.executable, "-c", code], name=name)
 
 
-def two_steps() -> State:
-    return merge([step("one"), step("two")], name="both")
+def two_steps(gate: Path | None = None, together: Path | None = None) -> State:
+    return merge([step("one", gate, together), step("two", gate, together)], name="both")
+
+
+@pytest.fixture
+def gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A host file that appears when a step reports that it waits for a slot: the
+    gated steps end only then, so the step holding the slot is still running when
+    the other asks for it (a 0.3 s step was a bet that it asked sooner)."""
+    from solver.worker import _slots
+
+    path = tmp_path / "gate"
+    real = _slots.report_waiting
+
+    def report_and_open() -> None:
+        real()
+        path.touch()
+
+    monkeypatch.setattr(_slots, "report_waiting", report_and_open)
+    return path
 
 
 async def test_one_slot_two_steps_one_is_waiting_until_the_other_ends(
-    tmp_path: Path, handle_tracker: HandleTracker
+    tmp_path: Path, gate: Path, handle_tracker: HandleTracker
 ) -> None:
     events: list[ProgressEvent] = []
     async with (
@@ -53,7 +89,7 @@ async def test_one_slot_two_steps_one_is_waiting_until_the_other_ends(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watch)
                 try:
-                    async with await solver.solve(two_steps().definition(), job=job):
+                    async with await solver.solve(two_steps(gate).definition(), job=job):
                         pass
                 finally:
                     await job.discard()
@@ -70,6 +106,10 @@ async def test_one_slot_two_steps_one_is_waiting_until_the_other_ends(
 
 
 async def test_enough_slots_nothing_waits(tmp_path: Path, handle_tracker: HandleTracker) -> None:
+    """Two slots: the two steps run at once (each ends only once both have
+    started) and neither reports waiting."""
+    together = tmp_path / "started"
+    together.mkdir()
     events: list[str] = []
     async with (
         Worker(tmp_path / "w", sandbox="none", max_parallelism=2) as worker,
@@ -85,10 +125,13 @@ async def test_enough_slots_nothing_waits(tmp_path: Path, handle_tracker: Handle
             async with anyio.create_task_group() as tg:
                 tg.start_soon(watch)
                 try:
-                    async with await solver.solve(two_steps().definition(), job=job):
+                    async with await solver.solve(
+                        two_steps(together=together).definition(), job=job
+                    ):
                         pass
                 finally:
                     await job.discard()
+    assert sorted(os.listdir(together)) == ["one", "two"]
     assert "started" in events
     assert WAITING not in events
 
@@ -123,9 +166,11 @@ async def test_a_slot_reports_waiting_only_when_all_are_taken() -> None:
     assert said == ["waiting"]
 
 
-def cli_build(tmp_path: Path, mode: str, capsys: pytest.CaptureFixture[str]) -> list[str]:
+def cli_build(
+    tmp_path: Path, gate: Path, mode: str, capsys: pytest.CaptureFixture[str]
+) -> list[str]:
     defn = tmp_path / "defn.json"
-    data = two_steps().definition().to_json()
+    data = two_steps(gate).definition().to_json()
     defn.write_text(data if isinstance(data, str) else data.decode())
     code = main(["build", "-j", "1", "--progress", mode, "--sandbox", "none",
                  "--cache-dir", str(tmp_path / f"cache-{mode}"), str(defn)])
@@ -134,9 +179,9 @@ def cli_build(tmp_path: Path, mode: str, capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_the_plain_cli_output_shows_the_waiting_step(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, gate: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    lines = cli_build(tmp_path, "plain", capsys)
+    lines = cli_build(tmp_path, gate, "plain", capsys)
     steps = [line for line in lines if re.match(r"#\d+ \[(one|two)\] [A-Z]+", line)]
     waiting = [line for line in steps if line.endswith("WAITING")]
     assert len(waiting) == 1, lines
@@ -152,9 +197,9 @@ def test_the_plain_cli_output_shows_the_waiting_step(
 
 
 def test_the_json_progress_carries_the_waiting_event(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, gate: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    events = [json.loads(line) for line in cli_build(tmp_path, "json", capsys)
+    events = [json.loads(line) for line in cli_build(tmp_path, gate, "json", capsys)
               if line.startswith("{")]
     waiting = [ev for ev in events if ev.get("status") == "waiting"]
     assert len(waiting) == 1

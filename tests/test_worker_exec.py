@@ -8,6 +8,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -128,7 +129,7 @@ async def listing(ref: object) -> list[str]:
     return [st.path for st in await view.walk()]
 
 
-async def wait_until(predicate: Callable[[], bool], timeout: float = 5) -> None:
+async def wait_until(predicate: Callable[[], bool], timeout: float = 30) -> None:
     """Poll a condition another process makes true (no event to wait on)."""
     with anyio.fail_after(timeout):
         while not predicate():  # noqa: ASYNC110
@@ -151,6 +152,19 @@ def alive(pid: int) -> bool:
     except IndexError:
         return True
     return state not in ("Z", "X")
+
+
+def described(pid: int) -> str:
+    """What /proc says of ``pid`` (for a failed ``not alive`` assertion)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError as exc:
+        return f"pid {pid}: {exc}"
+    fields = stat.rsplit(")", 1)[1].split()
+    return f"pid {pid}: state {fields[0]}, parent {fields[1]}, command {cmdline!r}"
 
 
 # -- running ----------------------------------------------------------------------------
@@ -317,7 +331,8 @@ async def test_background_child_does_not_keep_the_op_alive(
     run = node(
         "exec",
         {
-            "args": ["/bin/sh", "-c", f'sleep 30 & echo $! > "{pidfile}"; echo started'],
+            # it would outlive wait_until's 30 s if the op left it running
+            "args": ["/bin/sh", "-c", f'sleep 300 & echo $! > "{pidfile}"; echo started'],
             "mounts": [{"input": None, "dest": "o", "output": 0}],
         },
     )
@@ -461,7 +476,7 @@ async def test_cancellation_kills_the_process_group_and_cleans_up(
                 scope.cancel()
             assert scope.cancelled_caught
             shell, child = (int(p) for p in pids.read_text().split())
-            assert not alive(shell)
+            assert not alive(shell), described(shell)
             await wait_until(lambda: not alive(child))  # an orphan: reaped by init
             assert os.listdir(store.root / "tmp") == []
             assert len(await store.usage()) == 1  # the source only
@@ -618,8 +633,56 @@ async def test_cancellation_kills_a_process_ignoring_sigterm(
                     tg.start_soon(s.solve, Definition.of(run))
                     await wait_until(pidfile.exists)
                     scope.cancel()
-            assert not alive(int(pidfile.read_text()))
+            pid = int(pidfile.read_text())
+            assert not alive(pid), described(pid)
             assert await store.usage() == []
+
+
+async def test_a_cancel_while_the_process_is_being_opened_kills_its_group(
+    tmp_path: Path, handle_tracker: HandleTracker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancellation that lands while the process is being opened (asyncio
+    awaits its pipes after the fork, and then kills only the process it forked)
+    still kills the step's whole group: here a background child (seen under
+    load: the orphan outlived the cancelled build)."""
+    pids = tmp_path / "pids"
+    run = node("exec", {
+        "args": ["/bin/sh", "-c",
+                 f'sleep 300 & echo "$$ $!" > "{pids}.tmp"; mv "{pids}.tmp" "{pids}"; wait'],
+        "mounts": [{"input": None, "dest": "o", "output": 0}],
+    })
+    real_open = anyio.open_process
+    let_go = anyio.Event()
+
+    async def slow_open(*args: Any, **kwargs: Any) -> Any:
+        process = await real_open(*args, **kwargs)
+        try:
+            await let_go.wait()  # the caller has not got the process yet
+        except BaseException:
+            # what asyncio does when the open is cancelled: kill the process only
+            process.kill()
+            with anyio.CancelScope(shield=True):
+                await process.aclose()
+            raise
+        return process
+
+    monkeypatch.setattr(anyio, "open_process", slow_open)
+    with anyio.fail_after(30):
+        async with solving(tmp_path, sandbox="none") as (store, s):  # host pid files
+            with anyio.CancelScope() as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(s.solve, Definition.of(run))
+                    await wait_until(pids.exists)
+                    scope.cancel()
+                    with anyio.CancelScope(shield=True):
+                        # the cancellation reaches every task before the open ends
+                        await anyio.wait_all_tasks_blocked()
+                        let_go.set()
+            assert scope.cancelled_caught
+            shell, child = (int(p) for p in pids.read_text().split())
+            await wait_until(lambda: not alive(shell))
+            await wait_until(lambda: not alive(child), timeout=10)  # it sleeps 300 s
+            assert os.listdir(store.root / "tmp") == []
 
 
 @pytest.mark.anyio

@@ -53,6 +53,7 @@ from ..definition import Definition
 from ..insight import BuildHistory, BuildSummary
 from ..worker import State, export_parts_to_dir, export_to_dir, export_to_tar
 from ._cacheopts import existing_imports
+from ._interrupt import run_interruptible
 from ._progress import describe_output, make_renderer, run_progress
 from ._summary import finish_build, gate_failures
 
@@ -359,7 +360,7 @@ def cmd_build_frontend(args: argparse.Namespace, open_solver: OpenSolver) -> int
             return await build_with_frontend(solver, request, progress=args.progress,
                                              output=args.output, history=args.history)
 
-    summary = anyio.run(run)
+    summary = run_interruptible(run)
     gate = gate_failures(summary, expect_cached=args.expect_cached,
                          max_executed=args.max_executed)
     if gate is not None:

@@ -104,6 +104,7 @@ from ._debug import KEEP_FAILED, add_debug_command, add_failure_arguments, after
 from ._frontends import add_frontend_arguments
 from ._graph import add_graph_command
 from ._history import add_history_command
+from ._interrupt import run_interruptible
 from ._progress import describe_output, make_renderer, one_line, run_progress
 from ._sharedopts import (
     add_shared_cache_argument,
@@ -704,7 +705,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             return await run_check(solver, defn, out, secrets=args.secrets)
 
     try:
-        return anyio.run(run)
+        return run_interruptible(run)
     except DefinitionError as exc:  # checked against the op kinds: which file
         raise CommandError(f"{args.file}: {exc}") from exc
     except SolveError:

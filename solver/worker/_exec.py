@@ -908,15 +908,21 @@ class ExecOp:
         spec = self._spec
         posix = sys.platform != "win32"
         try:
-            process = await anyio.open_process(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                cwd=cwd,
-                env=env,
-                start_new_session=posix,
-            )
+            # Shielded: a cancellation that landed while the process was being
+            # set up (asyncio awaits its pipes after the fork) would leave it to
+            # the event loop, which kills the process only, not its group: a
+            # background child of the step outlived the cancelled build (seen
+            # under load). Once opened, the kill below takes the whole group.
+            with anyio.CancelScope(shield=True):
+                process = await anyio.open_process(
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    cwd=cwd,
+                    env=env,
+                    start_new_session=posix,
+                )
         except OSError as exc:
             raise SolveError(f"cannot start {self._command()}: {exc}") from exc
         tail = bytearray()
