@@ -104,6 +104,8 @@ class ColdNode:
         "found_keys",
         "inputs",
         "loads",
+        "loads_asked",
+        "missing",
         "must_run",
         "out",
         "pending",
@@ -136,6 +138,12 @@ class ColdNode:
         self.consumers: list[ColdNode] = []
         # inputs not resolved yet (neither a hit nor a result)
         self.pending = 0
+        # inputs without a result yet (each place an input has counts), and
+        # whether the loads of the hits among them were asked for since it
+        # must run: a node with many inputs is checked once per input's
+        # answer, which must not walk all its inputs each time
+        self.missing = 0
+        self.loads_asked = False
         self.pipe: Pipe | None = None
         # whether the request on ``pipe`` is a load (else an exec)
         self.loads = False
@@ -245,11 +253,18 @@ async def run_cold(solver: Engine, order: list[ColdNode]) -> bool:
     run = _Run(solver._scheduler, order[-1])
     for node in order:
         node.run = run
-        node.pending = sum(1 for inp in node.inputs if inp.found_keys is None)
-        if node.found_keys is None and any(
-            dep.compute_digest is not None for dep in node.cache_map.deps
-        ):
-            node.slow = [_UNASKED] * len(node.inputs)
+        inputs = node.inputs
+        node.missing = len(inputs)
+        pending = 0
+        for inp in inputs:
+            if inp.found_keys is None:
+                pending += 1
+        node.pending = pending
+        if node.found_keys is None:
+            for dep in node.cache_map.deps:
+                if dep.compute_digest is not None:
+                    node.slow = [_UNASKED] * len(inputs)
+                    break
     try:
         _start(order, run)
         while True:
@@ -359,14 +374,14 @@ def _check(node: ColdNode, run: _Run) -> None:
     ):
         return
     if node.must_run:
-        # every input's result is needed: ask for the hits' loads now
-        ready = True
-        for inp in node.inputs:
-            if inp.result is None:
-                ready = False
-                if inp.found_keys is not None and inp.pipe is None:
+        # every input's result is needed: ask for the hits' loads once (an
+        # input found to hit later is loaded by _hit), then wait for the rest
+        if not node.loads_asked:
+            node.loads_asked = True
+            for inp in node.inputs:
+                if inp.result is None and inp.found_keys is not None and inp.pipe is None:
                     _load(inp, run)
-        if not ready or not _ask_content_keys(node, run):
+        if node.missing or not _ask_content_keys(node, run):
             return
         if node.requery:
             node.requery = False
@@ -454,6 +469,7 @@ def _got_result(node: ColdNode, loaded: bool, run: _Run) -> None:
     """``node`` has its result: an exec's resolves its consumers' input; a
     load's is what a consumer waited for."""
     for c in node.consumers:
+        c.missing -= 1
         if not loaded:
             c.pending -= 1
         _check(c, run)
