@@ -19,65 +19,14 @@ from solver.cache._manager import KeyedCacheManager
 from solver.cache._sqlite import SQLiteCacheStorage
 from solver.cache._storage import (
     CacheKeyStorage,
-    CacheResult,
     InMemoryCacheStorage,
     InMemoryResultStorage,
 )
 from solver.testing import HandleTracker
+from tests.cache_support import CountingStorage
 from tests.test_cache_manager import dgst, exp, key_with, key_with_deps, root, save
 
 pytestmark = pytest.mark.anyio
-
-
-class CountingStorage:
-    """Counts the calls made to a key storage's link reads."""
-
-    def __init__(self, inner: CacheKeyStorage) -> None:
-        self.inner = inner
-        self.walk_links_calls = 0
-        self.walk_links_many_calls = 0
-        self.add_link_calls = 0
-        self.add_many_calls = 0
-        self.has_link_calls = 0
-        self.exists_calls = 0
-        self.exists_many_calls = 0
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.inner, name)
-
-    async def exists(self, id: str) -> bool:
-        self.exists_calls += 1
-        return await self.inner.exists(id)
-
-    async def exists_many(self, ids: Sequence[str]) -> list[bool]:
-        self.exists_many_calls += 1
-        return await self.inner.exists_many(ids)  # type: ignore[attr-defined,no-any-return]
-
-    async def walk_links(self, id: str, link: CacheInfoLink) -> list[str]:
-        self.walk_links_calls += 1
-        return await self.inner.walk_links(id, link)
-
-    async def walk_links_many(
-        self, requests: Sequence[tuple[str, CacheInfoLink]]
-    ) -> list[list[str]]:
-        self.walk_links_many_calls += 1
-        return await self.inner.walk_links_many(requests)  # type: ignore[attr-defined,no-any-return]
-
-    async def add_link(self, id: str, link: CacheInfoLink, target: str) -> None:
-        self.add_link_calls += 1
-        await self.inner.add_link(id, link, target)
-
-    async def has_link(self, id: str, link: CacheInfoLink, target: str) -> bool:
-        self.has_link_calls += 1
-        return await self.inner.has_link(id, link, target)
-
-    async def add_many(
-        self,
-        results: Sequence[tuple[str, CacheResult]],
-        links: Sequence[tuple[str, CacheInfoLink, str]],
-    ) -> None:
-        self.add_many_calls += 1
-        await self.inner.add_many(results, links)  # type: ignore[attr-defined]
 
 
 @pytest.fixture(params=["memory", "sqlite"])
@@ -117,14 +66,13 @@ async def test_the_same_keys_and_links_as_one_query_each(
         b_id = await m.storage_id(b.key)
         link_c = CacheInfoLink(0, 0, dgst("c"), None)
         assert len(await storage.inner.walk_links(a_id, link_c)) == 1
-        storage.walk_links_calls = 0
-        storage.add_link_calls = storage.add_many_calls = 0
+        storage.calls.clear()
 
         batched = await m.query_many(requests)
-        assert storage.walk_links_many_calls == 1
-        assert storage.walk_links_calls == 0
+        assert storage.count("walk_links_many") == 1
+        assert storage.count("walk_links") == 0
         # the two links it adds (a to c-over-b, b to c-over-a) in one write
-        assert (storage.add_link_calls, storage.add_many_calls) == (0, 1)
+        assert (storage.count("add_link"), storage.count("add_many")) == (0, 1)
         assert [len(keys) for keys in batched] == [2, 1, 0, 1]
         # the alternatives now lead to both stored keys of c
         targets = {k.ids[m] for k in batched[0]}
@@ -206,10 +154,10 @@ async def test_a_save_over_found_keys_adds_only_its_own_links(
         await save(m, key_with(dgst("c"), 0, a), "c")
         (found_c,) = await m.query([CacheKeyWithSelector(a)], 0, dgst("c"), 0)
         found_c.deps = [[CacheKeyWithSelector(a)]]
-        storage.add_link_calls = storage.add_many_calls = storage.has_link_calls = 0
+        storage.calls.clear()
         await save(m, key_with(dgst("d"), 0, exp(found_c)), "d")
-        assert (storage.add_link_calls, storage.add_many_calls) == (1, 0)
-        assert storage.has_link_calls == 0
+        assert (storage.count("add_link"), storage.count("add_many")) == (1, 0)
+        assert storage.count("has_link") == 0
         assert len(await m.query([CacheKeyWithSelector(exp(found_c))], 0, dgst("d"), 0)) == 1
 
         ((c_again,),) = await m.query_many([([CacheKeyWithSelector(a)], 0, dgst("c"), 0)])
@@ -217,12 +165,12 @@ async def test_a_save_over_found_keys_adds_only_its_own_links(
         x = await save(m, root(dgst("x")), "x")
         (rec,) = await m.records(x.key)
         await m.release(rec.id)
-        storage.add_link_calls = storage.add_many_calls = storage.has_link_calls = 0
+        storage.calls.clear()
         await save(m, key_with(dgst("e"), 0, exp(c_again)), "e")
         # walked: c's link from a is read (there) and e's from c is missing,
         # then written (one call for what the walk adds)
-        assert storage.has_link_calls == 2
-        assert storage.add_link_calls + storage.add_many_calls == 1
+        assert storage.count("has_link") == 2
+        assert storage.count("add_link") + storage.count("add_many") == 1
         assert len(await m.query([CacheKeyWithSelector(exp(c_again))], 0, dgst("e"), 0)) == 1
     finally:
         await m.close()
@@ -246,14 +194,14 @@ async def test_the_root_keys_of_a_batch_are_read_in_one_call(
             ([], 0, dgst("b"), 1),
             ([], 0, dgst("b"), 0),
         ]
-        storage.exists_calls = 0
+        storage.calls.clear()
         batched = await m.query_many(requests)
-        assert storage.exists_many_calls == 1
-        assert storage.exists_calls == 0
-        assert storage.walk_links_many_calls == 1
+        assert storage.count("exists_many") == 1
+        assert storage.count("exists") == 0
+        assert storage.count("walk_links_many") == 1
         assert [len(keys) for keys in batched] == [1, 0, 1, 1, 0]
         one_each = [await m.query(*r) for r in requests]
-        assert storage.exists_calls == 4
+        assert storage.count("exists") == 4
         for got, want in zip(batched, one_each, strict=True):
             assert [(k.ids[m], k.digest, k.output) for k in got] == [
                 (k.ids[m], k.digest, k.output) for k in want
@@ -261,7 +209,7 @@ async def test_the_root_keys_of_a_batch_are_read_in_one_call(
         assert len(await m.records(batched[3][0])) == 1
         # a batch with no leaf reads no root key
         await m.query_many([([CacheKeyWithSelector(a)], 0, dgst("c"), 0)])
-        assert storage.exists_many_calls == 1
+        assert storage.count("exists_many") == 1
         assert await storage.inner.exists_many([]) == []  # type: ignore[attr-defined]
     finally:
         await m.close()

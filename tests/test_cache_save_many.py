@@ -12,7 +12,6 @@ import random
 import secrets
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -28,28 +27,10 @@ from solver.cache._storage import (
     InMemoryResultStorage,
 )
 from solver.testing import CountingResult, HandleTracker
+from tests.cache_support import CountingStorage
 from tests.test_cache_manager import dgst, exp, key_with, load_value, root, save
 
 pytestmark = pytest.mark.anyio
-
-
-class CountingStorage:
-    """Counts the calls made to a key storage, by method."""
-
-    def __init__(self, inner: CacheKeyStorage) -> None:
-        self.inner = inner
-        self.calls: dict[str, int] = {}
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.inner, name)
-        if not callable(method) or name.startswith("_"):
-            return method
-
-        async def counted(*args: Any) -> Any:
-            self.calls[name] = self.calls.get(name, 0) + 1
-            return await method(*args)
-
-        return counted
 
 
 class CountingResults(InMemoryResultStorage):
