@@ -176,6 +176,39 @@ async def test_a_save_over_found_keys_adds_only_its_own_links(
         await m.close()
 
 
+async def test_a_key_found_while_a_release_ran_is_walked_again(
+    storage: CountingStorage, handle_tracker: HandleTracker
+) -> None:
+    """A release that runs while ``query_many`` reads its links (the read is an
+    await) may cut below what it finds: the keys it returns are not marked
+    linked below, so a save over one walks its links again, as after a release
+    before the query."""
+    m = KeyedCacheManager(secrets.token_hex(8), storage, InMemoryResultStorage())  # type: ignore[arg-type]
+    try:
+        a = await save(m, root(dgst("a")), "a")
+        await save(m, key_with(dgst("c"), 0, a), "c")
+        x = await save(m, root(dgst("x")), "x")
+        (rec,) = await m.records(x.key)
+        read = storage.__getattr__("walk_links_many")
+
+        async def release_while_reading(requests: object) -> object:
+            await m.release(rec.id)
+            return await read(requests)
+
+        storage.walk_links_many = release_while_reading  # type: ignore[method-assign]
+        try:
+            ((c_found,),) = await m.query_many([([CacheKeyWithSelector(a)], 0, dgst("c"), 0)])
+        finally:
+            del storage.walk_links_many
+        c_found.deps = [[CacheKeyWithSelector(a)]]
+        storage.calls.clear()
+        await save(m, key_with(dgst("e"), 0, exp(c_found)), "e")
+        assert storage.count("has_link") == 2  # walked: c's link from a, e's from c
+        assert len(await m.query([CacheKeyWithSelector(exp(c_found))], 0, dgst("e"), 0)) == 1
+    finally:
+        await m.close()
+
+
 async def test_the_root_keys_of_a_batch_are_read_in_one_call(
     storage: CountingStorage, handle_tracker: HandleTracker
 ) -> None:

@@ -408,3 +408,37 @@ async def test_a_resolved_key_and_an_equal_new_key_in_one_batch_share_its_id(
         await v2.release()
     finally:
         await m.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+async def test_one_key_object_twice_in_a_batch_leaves_the_others_their_ids(
+    kind: str, tmp_path: Path, handle_tracker: HandleTracker
+) -> None:
+    """The same key object saved twice in one batch (its first save memoizes its
+    ID before the second is reached), then another key: each key gets the ID
+    one save after the other gives it, so x's result is a record of x, not of
+    k. (The IDs were read by position in the batch's link reads; a key whose
+    ID appeared meanwhile was skipped without its reads, and the keys after it
+    read their neighbours'.)"""
+    st = await _open(kind, tmp_path / "cache.db")
+    m = KeyedCacheManager(secrets.token_hex(8), st, InMemoryResultStorage())
+    try:
+        a = await save(m, root(dgst("a")), "a")
+        b = await save(m, root(dgst("b")), "b")
+        k = await save(m, key_with(dgst("k"), 0, a), "k")
+        x = await save(m, key_with(dgst("x"), 0, b), "x")
+        k_id, x_id = k.key.ids[m], x.key.ids[m]
+        assert k_id != x_id
+        k2 = key_with(dgst("k"), 0, a)  # equal to k, no ID yet
+        x2 = key_with(dgst("x"), 0, b)
+        values = [CountingResult(f"r{i}", f"v{i}") for i in range(3)]
+        try:
+            await m.save_many([(k2, values[0], 2.0), (k2, values[1], 3.0), (x2, values[2], 4.0)])
+            assert (k2.ids[m], x2.ids[m]) == (k_id, x_id)
+            assert len(await m.records(k2)) == 3  # k, then its two new results
+            assert len(await m.records(x2)) == 2  # x, then its new one
+        finally:
+            for v in values:
+                await v.release()
+    finally:
+        await m.close()

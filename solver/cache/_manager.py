@@ -232,6 +232,7 @@ class KeyedCacheManager:
         ``exists_many``. The same
         keys are returned and the same links added as by one :meth:`query` per
         request. O(deps x keys found) steps, the reads in one."""
+        mark = self._linked_mark  # before any await: see _mark_found
         pairs: list[tuple[str, CacheInfoLink]] = []
         for deps, input, digest, output in requests:
             for dep in deps:
@@ -244,7 +245,6 @@ class KeyedCacheManager:
             walked: list[list[str]] = await walk_many(pairs)
         else:
             walked = [await storage.walk_links(dep_id, link) for dep_id, link in pairs]
-        mark = self._linked_mark
         # the root keys of the requests without deps (a graph's leaves), read
         # together when the storage can (exists_many), else one query each
         roots = [root_key(digest, output) for deps, _, digest, output in requests if not deps]
@@ -484,8 +484,14 @@ class KeyedCacheManager:
         through the links that key's save adds) given that key's ID."""
         dep_links = plan.links
         requests: list[tuple[str, CacheInfoLink]] = []
+        # which keys' links are read: decided once, here (a key saved twice in
+        # the batch has its ID by its second entry, and the reads are taken
+        # by position below)
+        asked: list[bool] = []
         for (key, _, _), (start, end, _) in zip(saves, plan.spans, strict=True):
-            if end > start and self not in key.ids:
+            ask = end > start and self not in key.ids
+            asked.append(ask)
+            if ask:
                 requests.extend(dep_links[start:end])
         storage = self._storage
         walk_many = getattr(storage, "walk_links_many", None)
@@ -497,9 +503,11 @@ class KeyedCacheManager:
         added: dict[tuple[str, CacheInfoLink], list[str]] = {}
         out: list[str] = []
         pos = 0
-        for (key, _, _), (start, end, _) in zip(saves, plan.spans, strict=True):
+        for (key, _, _), (start, end, _), ask in zip(saves, plan.spans, asked, strict=True):
             memo = key.ids.get(self)
             if memo is not None:
+                if ask:
+                    pos += end - start  # its reads, not needed now
                 # its save links it from its deps too
                 for i in range(start, end):
                     targets = added.setdefault(dep_links[i], [])
