@@ -87,6 +87,7 @@ __all__ = ["ColdNode", "needed_nodes", "run_cold"]
 
 
 _NO_NODES: list[ColdNode] = []  # never written to
+_NO_CONSUMERS: list[tuple[ColdNode, int]] = []  # never written to
 
 # a content key not asked for yet, and one asked for (the answer is the key, or
 # None when the op's compute_digest gave none)
@@ -135,7 +136,8 @@ class ColdNode:
         # for a hit that is loaded: the record it loads
         self.record: CacheRecord | None = None
         self.inputs: list[ColdNode] = []
-        self.consumers: list[ColdNode] = []
+        # each consumer with the place it takes this node at (one pair per place)
+        self.consumers: list[tuple[ColdNode, int]] = []
         # inputs not resolved yet (neither a hit nor a result)
         self.pending = 0
         # inputs without a result yet (each place an input has counts), and
@@ -237,10 +239,10 @@ def needed_nodes(nodes: dict[tuple[str, int], ColdNode], root: ColdNode) -> list
         stack.append((node, True))
         if node.found_keys is not None:
             continue
-        for inp in node.state.vtx.inputs:
+        for place, inp in enumerate(node.state.vtx.inputs):
             child = nodes[inp.vertex.digest, inp.index]
             node.inputs.append(child)
-            child.consumers.append(node)
+            child.consumers.append((node, place))
             if id(child) not in seen:
                 seen.add(id(child))
                 stack.append((child, False))
@@ -321,7 +323,8 @@ async def run_cold(solver: Engine, order: list[ColdNode]) -> bool:
         for node in order:
             node.run = None
             node.result = None
-            node.inputs = node.consumers = _NO_NODES
+            node.inputs = _NO_NODES
+            node.consumers = _NO_CONSUMERS
         for result in run.own:
             solver.release_later(result)
     if run.error is not None:
@@ -336,9 +339,7 @@ def _start(order: list[ColdNode], run: _Run) -> None:
     its keys), so it runs; so does every consumer that takes it whole."""
     for node in order:
         if node.found_keys is not None:
-            if node is run.root:
-                _load(node, run)
-            continue
+            continue  # (the root is never found here: the cached path seeds it)
         if not node.pending and node.slow is None:
             _decide_run(node, run)
     for node in order:
@@ -354,10 +355,10 @@ def _decide_run(node: ColdNode, run: _Run) -> None:
         n = stack.pop()
         n.must_run = n.definite = True
         n.requery = False
-        for c in n.consumers:
+        for c, place in n.consumers:
             if c.definite or c.found_keys is not None:
                 continue
-            if c.cache_map.deps[c.inputs.index(n)].compute_digest is None:
+            if c.cache_map.deps[place].compute_digest is None:
                 stack.append(c)
         _check(n, run)
 
@@ -468,7 +469,7 @@ def _exec(node: ColdNode, run: _Run) -> None:
 def _got_result(node: ColdNode, loaded: bool, run: _Run) -> None:
     """``node`` has its result: an exec's resolves its consumers' input; a
     load's is what a consumer waited for."""
-    for c in node.consumers:
+    for c, _ in node.consumers:
         c.missing -= 1
         if not loaded:
             c.pending -= 1
@@ -480,7 +481,7 @@ def _hit(node: ColdNode, run: _Run) -> None:
     something needs its result."""
     if node is run.root:
         _load(node, run)
-    for c in node.consumers:
+    for c, _ in node.consumers:
         c.pending -= 1
         if c.must_run:
             _load(node, run)

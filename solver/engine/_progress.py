@@ -61,7 +61,7 @@ class JobProgress:
     __slots__ = (
         "_buffer",
         "_closed",
-                "_skips",
+        "_skips",
         "_waiters",
         "_wakeup",
         "mixed",
@@ -79,7 +79,7 @@ class JobProgress:
         self._wakeup: anyio.Event | None = None
         # the wake-ups of readers of *other* buffers that read this one as a
         # shared log and wait for a new record (None: nobody waits)
-        self._waiters: list[anyio.Event] | None = None
+        self._waiters: set[anyio.Event] | None = None
         # as a shared log: its readers that also watch some vertex themselves
         # (a member that built another graph after joining; None: none do)
         self.mixed: set[JobProgress] | None = None
@@ -210,9 +210,10 @@ class JobProgress:
             wakeup = self._wakeup
             for log in shared:
                 if log._waiters is None:
-                    log._waiters = [wakeup]
-                elif wakeup not in log._waiters:
-                    log._waiters.append(wakeup)
+                    log._waiters = {wakeup}
+                else:
+                    # a set: K readers of one log wait and leave in O(1) each
+                    log._waiters.add(wakeup)
             try:
                 await wakeup.wait()
             finally:
@@ -220,5 +221,5 @@ class JobProgress:
                     self._wakeup = None  # set by a shared log: wait anew next time
                 for log in shared:
                     waiters = log._waiters
-                    if waiters is not None and wakeup in waiters:
-                        waiters.remove(wakeup)
+                    if waiters is not None:
+                        waiters.discard(wakeup)
