@@ -96,3 +96,30 @@ async def test_host_files_are_never_linked(tmp_path: Path, handle_tracker: Handl
         view = r.ref.sys
         assert isinstance(view, SnapshotView)
         assert inode(view, "f.txt") != os.lstat(host / "f.txt").st_ino
+
+
+async def test_a_merge_keeps_its_first_inputs_root_mode(
+    tmp_path: Path, handle_tracker: HandleTracker
+) -> None:
+    """A merge lays its inputs over the first one's tree, root included: its root
+    has the first input's mode (a merge that copied the first input had it; one
+    that links every input into a new directory must set it)."""
+    first = run(["/bin/sh", "-c", "echo a > a.txt; chmod 750 ."], root=State.scratch(),
+                name="first")
+    second = State.inline({"b.txt": "b\n"}, name="second")
+    merged = merge([first, second], name="merged")
+    async with (
+        Worker(tmp_path / "w", sandbox="none") as worker,
+        Solver(worker=worker) as s,
+        await s.solve(first.definition()) as a,
+        await s.solve(merged.definition()) as c,
+    ):
+        assert a.ref is not None
+        assert c.ref is not None
+        va, vc = a.ref.sys, c.ref.sys
+        assert isinstance(va, SnapshotView)
+        assert isinstance(vc, SnapshotView)
+        mode_a = os.stat(va.path).st_mode & 0o7777
+        assert mode_a & 0o077 == 0o050  # the step's chmod, as sealed
+        assert os.stat(vc.path).st_mode & 0o7777 == mode_a
+        assert await vc.read_bytes("b.txt") == b"b\n"

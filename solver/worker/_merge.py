@@ -12,6 +12,7 @@ nothing is followed through a symlink.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping, Sequence
 
 import anyio
@@ -44,6 +45,11 @@ def _merge_into(
     for root, _ in inputs:
         copy_entries(select_tree(root, what="merge input entry"), out, links)
     carry_digests(links, out, inputs, table)
+    if inputs:
+        # the trees are laid over the first one's, root included (a walk lists
+        # no root): its mode, writable by the owner until the commit seals it
+        mode = stat.S_IMODE(os.stat(inputs[0][0]).st_mode)
+        os.chmod(out, mode | stat.S_IRWXU)
     return links
 
 
