@@ -279,7 +279,9 @@ async def test_cancelled_while_the_cold_path_asks_the_cache(
     the dispatcher's are) and finishes, the cancellation takes effect at the
     next wait and stops what runs; every handle is released once (the tracker
     checks), nothing is in use once the job is discarded, and the next build
-    runs what the edit needs, once."""
+    runs what the edit still needs and no more (not the source, saved before
+    the cancellation; a step cancelled mid-run runs again, so the two builds'
+    execs are bounded per build, not summed to exactly the edit's)."""
     with anyio.fail_after(TIMEOUT):
         content = UnitContent()
         cache = GatedQueries()
