@@ -387,3 +387,54 @@ async def test_a_failing_query_on_the_cold_path_leaves_the_build_to_the_edges(
             assert counters.exec == 6
             assert not s._actives
         await cache.close()
+
+
+class RecordlessOnce(TrackingCacheManager):
+    """Once armed, the first ``records`` call finds nothing (a hit whose record
+    went between the query and the load), then the cache answers as it is."""
+
+    def __init__(self) -> None:
+        super().__init__(InMemoryCacheManager())
+        self.armed = False
+        self.emptied = 0
+
+    async def records(self, key: Any) -> Any:
+        if self.armed:
+            self.armed = False
+            self.emptied += 1
+            return []
+        return await super().records(key)
+
+
+async def test_a_hit_found_without_a_record_leaves_the_build_to_the_edges(
+    handle_tracker: HandleTracker,
+) -> None:
+    """A hit the cold path found has no record when it is to be loaded: the
+    run stops (what it asked for is cancelled or taken, and released) and the
+    edges finish the build: the right result, nothing held afterwards, every
+    handle released once (the tracker checks)."""
+    with anyio.fail_after(TIMEOUT):
+        content = UnitContent()
+        cache = RecordlessOnce()
+        async with Solver(resolve_op=lambda v, b: v.sys, default_cache=cache) as s:
+            version = dict.fromkeys(UNITS, 1)
+            job = s.new_job()
+            res = await job.build(Edge(tree(version, content)))
+            await res.release()
+            await job.discard()
+
+            version["d"] = 2
+            cache.armed = True
+            top = tree(version, content)
+            counters = top.setup_call_counters()
+            job = s.new_job()
+            res = await job.build(Edge(top))
+            assert unwrap(res) == "result"
+            await res.release()
+            await job.discard()
+            assert cache.emptied == 1
+            # d's path ran; the hit whose record was missing may have run on the
+            # edges in its place, nothing more
+            assert 6 <= counters.exec <= 7
+            assert not s._actives
+        await cache.close()

@@ -279,8 +279,8 @@ async def run_cold(solver: Engine, order: list[ColdNode]) -> bool:
                         await _queries(run)
                         await _records(run)
                     except Exception:
-                        # a failing cache: the edges report it or work around
-                        # it, as they do
+                        # a failing cache, or a hit without a record: the
+                        # edges report it or work around it, as they do
                         await _cancel(run, order, stop_execs=False)
                 continue
             run.to_query.clear()  # (a stopped run asks nothing more)
@@ -572,10 +572,14 @@ async def _queries(run: _Run) -> None:
             _decide_run(node, run)
 
 
+class _NoRecordError(Exception):
+    """A hit found during the run has no record left to load."""
+
+
 async def _records(run: _Run) -> None:
     """Read the records of the hits found here that are to be loaded, then
-    load each from its best record; a hit without one stops the run (its edge
-    runs it)."""
+    load each from its best record; a hit without one stops the run as a
+    failing cache call does (its edge runs it)."""
     nodes, run.to_load = run.to_load, {}
     for node in nodes:
         if node.pipe is not None or node.result is not None:
@@ -586,8 +590,8 @@ async def _records(run: _Run) -> None:
             records.extend(await cache.records(k.key))
         rec = best_record(records)
         if rec is None:
-            run.failed = True
-            return
+            # the caller cancels what the run asked for, as for a failing call
+            raise _NoRecordError
         node.record = rec
         _load(node, run)
 
