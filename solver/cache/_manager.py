@@ -796,12 +796,19 @@ class InMemoryCacheManager(KeyedCacheManager):
         the most recently used, and evict the least recently used results past the
         bound. O(links added + evicted results x their cascades)."""
         saved = await super().save(key, result, created_at)
-        # Nothing awaits between the store and here, nor in the bookkeeping of an
-        # eviction (the storages never checkpoint): the new result is at the end of
-        # the order before anything else runs, so it is never the one evicted.
+        await self._used((result.id,))
+        return saved
+
+    async def _used(self, ids: Iterable[str]) -> None:
+        """Make ``ids`` the most recently used, in order, then keep the bound.
+        Nothing awaits between a store and here, nor in the bookkeeping of an
+        eviction (the storages never checkpoint): the new results are at the end
+        of the order before anything else runs, so they are not the ones evicted
+        (a batch of at most 99 % of the bound)."""
         lru = self._lru
-        lru[result.id] = None
-        lru.move_to_end(result.id)
+        for id in ids:
+            lru[id] = None
+            lru.move_to_end(id)
         bound = self._max_results
         if bound is not None and len(lru) > bound:
             # Down to 1 % under the bound, not just to it: one eviction per 1 %
@@ -810,7 +817,6 @@ class InMemoryCacheManager(KeyedCacheManager):
             # shortcut that a release turns off for the keys saved before it, see
             # _linked_mark) are not paid by every save of a full cache.
             await self._evict(len(lru) - bound + bound // _EVICT_SLACK)
-        return saved
 
     async def save_many(
         self, saves: Sequence[tuple[CacheKey, Result, float]]
@@ -821,14 +827,7 @@ class InMemoryCacheManager(KeyedCacheManager):
         of at most 99 % of the bound is never evicted by its own eviction.
         O(keys + their deps + links added + evicted results x their cascades)."""
         saved = await super().save_many(saves)
-        lru = self._lru
-        for _, result, _ in saves:
-            id = result.id
-            lru[id] = None
-            lru.move_to_end(id)
-        bound = self._max_results
-        if bound is not None and len(lru) > bound:
-            await self._evict(len(lru) - bound + bound // _EVICT_SLACK)
+        await self._used(result.id for _, result, _ in saves)
         return saved
 
     async def release(self, result_id: str) -> None:
