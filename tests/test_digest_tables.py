@@ -522,3 +522,29 @@ def test_copy_hashing_refuses_what_is_no_longer_a_regular_file(tmp_path: Path) -
     link.symlink_to(fifo)
     with pytest.raises(OSError):
         _digests.copy_hashing(os.fspath(link), os.fspath(tmp_path / "b"))
+
+
+async def test_a_discarded_mutable_takes_its_table_with_it(tmp_path: Path) -> None:
+    """A table written for a new snapshot before its commit (as a local source
+    writes its copy's) goes when the mutable is discarded instead, and a later
+    save of that table object writes nothing: no table of a snapshot that never
+    was, and none left for the next open to clean up."""
+    async with Worker(tmp_path / "store", sandbox="none") as worker:
+        store = worker.store
+        mutable = await store.new_mutable({"kind": "test"})
+        f = mutable.path / "f.txt"
+        f.write_bytes(b"f\n")
+        table = store.new_snapshot_table(mutable)
+        table.add("f.txt", os.lstat(f), hashlib.sha256(b"f\n").hexdigest())
+        table.save()
+        file = tmp_path / "store" / "meta" / f"{mutable.id}.digests"
+        assert file.exists()
+        await mutable.discard()
+        assert not file.exists()
+        assert not mutable.path.exists()
+        # whoever still holds the table object learns a digest and saves: nothing
+        g = tmp_path / "g.txt"
+        g.write_bytes(b"g\n")
+        table.add("g.txt", os.lstat(g), hashlib.sha256(b"g\n").hexdigest())
+        table.save()
+        assert not file.exists()

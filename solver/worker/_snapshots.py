@@ -742,8 +742,12 @@ class MutableSnapshot:
         self._state = _DISCARDED
         store = self._store
         store._mutables.pop(self._id, None)
+        # a table written for it before a commit that never came goes with it,
+        # and is never written again
+        store._digests.forget([self._id])
+        table = store._root / "meta" / f"{self._id}{TABLE_SUFFIX}"
         with store._busy():
-            await _in_thread(_remove_quietly, self._path)
+            await _in_thread(_remove_quietly, self._path, table)
 
     async def __aenter__(self) -> MutableSnapshot:
         return self
@@ -1356,12 +1360,13 @@ def _remove_path(path: str) -> None:
             os.unlink(path)
 
 
-def _remove_quietly(path: Path) -> None:
-    try:
-        _remove_path(os.fspath(path))
-    except OSError as exc:
-        _log.error("could not remove %s (it is removed when the store is next opened): %s",
-                   path, exc)
+def _remove_quietly(*paths: Path) -> None:
+    for path in paths:
+        try:
+            _remove_path(os.fspath(path))
+        except OSError as exc:
+            _log.error("could not remove %s (it is removed when the store is next opened): %s",
+                       path, exc)
 
 
 def _disk_free(path: Path) -> int:
